@@ -1,0 +1,55 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// Layers point down only: Env <- Bdev <- modules <- DeviceSpec <- tools.
+// C stays in the C* shim targets (module maps over system headers).
+let hotPath: [SwiftSetting] = [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
+let package = Package(
+    name: "blobfs",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "bdevperf", targets: ["bdevperf"]),
+        .library(name: "Bdev", targets: ["Bdev"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/ordo-one/malloc-interposer", from: "1.6.1"),
+    ],
+    targets: [
+        .systemLibrary(name: "CISAL", path: "Sources/CISAL"),
+        .systemLibrary(name: "CURing", path: "Sources/CURing"),
+        .systemLibrary(name: "CNuma", path: "Sources/CNuma"),
+        .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
+        .systemLibrary(name: "CFuse", path: "Sources/CFuse", pkgConfig: "fuse3"),
+
+        .target(
+            name: "Env",
+            dependencies: ["CISAL", "CNuma", "CLinux", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: hotPath),
+        .target(name: "Bdev", dependencies: ["Env"], swiftSettings: hotPath),
+        .target(name: "BdevMalloc", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
+        .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing", "CLinux"], swiftSettings: hotPath),
+        .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
+        .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault"]),
+        .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
+
+        .executableTarget(
+            name: "bdevperf",
+            dependencies: [
+                "Bdev", "Env", "DeviceSpec",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
+            ],
+            swiftSettings: hotPath),
+
+        .testTarget(name: "EnvTests", dependencies: ["Env"]),
+        .testTarget(
+            name: "BdevTests",
+            dependencies: ["Bdev", "Env", "BdevMalloc", "BdevURing", "BdevFault", "DeviceSpec", "BdevConformance"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

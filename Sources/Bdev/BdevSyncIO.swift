@@ -1,0 +1,105 @@
+import Env
+
+/// Blocking I/O over a channel whose reactor is stepped on the calling thread: for
+/// tests, offline tools and set-up paths. Never used on a running reactor's data path.
+public final class BdevSyncIO: BdevCompletionHandler {
+    public let channel: BdevChannel
+    private var outstanding = 0
+    private var firstError: BdevError?
+
+    public init(channel: BdevChannel) {
+        self.channel = channel
+    }
+
+    public convenience init(bdev: Bdev, reactor: Reactor) throws(BdevError) {
+        self.init(channel: try bdev.makeChannel(reactor: reactor))
+    }
+
+    public var geometry: BdevGeometry { channel.bdev.geometry }
+
+    public func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+        outstanding -= 1
+        if case let .failed(error) = status, firstError == nil { firstError = error }
+    }
+
+    private func wait() throws(BdevError) {
+        channel.reactor.run(until: { outstanding == 0 })
+        if let error = firstError {
+            firstError = nil
+            throw error
+        }
+    }
+
+    private func submitted(_ body: () throws(BdevError) -> Void) throws(BdevError) {
+        try body()
+        outstanding += 1
+        try wait()
+    }
+
+    public func read(into buffer: borrowing DMABuffer, bufferOffset: Int = 0, offsetBlocks: UInt64,
+                     countBlocks: UInt64) throws(BdevError) {
+        try channel.read(into: buffer, bufferOffset: bufferOffset, offsetBlocks: offsetBlocks,
+                         countBlocks: countBlocks, handler: self)
+        outstanding += 1
+        try wait()
+    }
+
+    public func write(from buffer: borrowing DMABuffer, bufferOffset: Int = 0, offsetBlocks: UInt64,
+                      countBlocks: UInt64) throws(BdevError) {
+        try channel.write(from: buffer, bufferOffset: bufferOffset, offsetBlocks: offsetBlocks,
+                          countBlocks: countBlocks, handler: self)
+        outstanding += 1
+        try wait()
+    }
+
+    public func readv(_ segments: [DMASegment], offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) {
+        try submitted { () throws(BdevError) in
+            try channel.readv(segments, offsetBlocks: offsetBlocks, countBlocks: countBlocks, handler: self)
+        }
+    }
+
+    public func writev(_ segments: [DMASegment], offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) {
+        try submitted { () throws(BdevError) in
+            try channel.writev(segments, offsetBlocks: offsetBlocks, countBlocks: countBlocks, handler: self)
+        }
+    }
+
+    public func flush() throws(BdevError) {
+        try submitted { () throws(BdevError) in try channel.flush(handler: self) }
+    }
+
+    public func writeZeroes(offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) {
+        try submitted { () throws(BdevError) in
+            try channel.writeZeroes(offsetBlocks: offsetBlocks, countBlocks: countBlocks, handler: self)
+        }
+    }
+
+    public func unmap(offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) {
+        try submitted { () throws(BdevError) in
+            try channel.unmap(offsetBlocks: offsetBlocks, countBlocks: countBlocks, handler: self)
+        }
+    }
+
+    /// Reads `countBlocks` blocks into a new array (tests and tools).
+    public func readBytes(offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) -> [UInt8] {
+        let bytes = Int(countBlocks) * geometry.blockSizeBytes
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: bytes) } catch { throw .system(error) }
+        try read(into: buffer, offsetBlocks: offsetBlocks, countBlocks: countBlocks)
+        return buffer.bytes(count: bytes)
+    }
+
+    /// Writes whole blocks from an array (tests and tools).
+    public func writeBytes(_ bytes: [UInt8], offsetBlocks: UInt64) throws(BdevError) {
+        let blockSize = geometry.blockSizeBytes
+        guard !bytes.isEmpty, bytes.count % blockSize == 0 else {
+            throw .lengthMismatch(bufferBytes: bytes.count, requestBytes: (bytes.count / blockSize + 1) * blockSize)
+        }
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: bytes.count) } catch { throw .system(error) }
+        buffer.store(bytes)
+        try write(from: buffer, offsetBlocks: offsetBlocks, countBlocks: UInt64(bytes.count / blockSize))
+    }
+
+    public func close() { channel.close() }
+}

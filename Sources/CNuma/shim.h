@@ -1,0 +1,3 @@
+// libnuma: node discovery, memory placement and CPU affinity for reactors.
+#include <numa.h>
+#include <numaif.h>

@@ -1,0 +1,272 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// What a poller found on one call.
+public enum PollStatus: Sendable {
+    /// Nothing to do.
+    case idle
+    /// Did work; the reactor keeps spinning.
+    case busy
+    /// Nothing done now, but work is in flight that no registered fd will announce
+    /// (e.g. a device polled in memory): the reactor must not go to sleep.
+    case pending
+}
+
+public struct PollerID: Hashable, Sendable {
+    fileprivate let value: Int
+}
+
+/// A reactor: one thread that runs its pollers in a loop, run-to-completion.
+///
+/// It spins while pollers find work; after `idleBeforeSleepNs` without work it sleeps
+/// in epoll on its wake eventfd, the fds that pollers registered and the next timer,
+/// so an idle reactor costs no CPU. Other threads talk to it only through `send`.
+///
+/// A reactor can also be stepped by hand (`runOnce`, `run(until:)`) on the calling
+/// thread: the deterministic mode tests and offline tools use.
+public final class Reactor: @unchecked Sendable {
+    public struct Configuration: Sendable {
+        /// CPU to pin the reactor thread to (nil: not pinned).
+        public var cpu: Int?
+        /// How long the loop spins without finding work before it sleeps.
+        public var idleBeforeSleepNs: UInt64
+        public var messageCapacity: Int
+
+        public init(cpu: Int? = nil, idleBeforeSleepNs: UInt64 = 200_000, messageCapacity: Int = 4096) {
+            self.cpu = cpu
+            self.idleBeforeSleepNs = idleBeforeSleepNs
+            self.messageCapacity = messageCapacity
+        }
+    }
+
+    public typealias Message = @Sendable () -> Void
+    public typealias Poller = () -> PollStatus
+
+    private struct TimedPoller {
+        let id: Int
+        let periodNs: UInt64
+        var deadlineNs: UInt64
+        let poll: Poller
+    }
+
+    public let name: String
+    public let configuration: Configuration
+    private let ring: MessageRing<Message>
+    private let wakeEvent: EventFD
+    private let epoll: Epoll
+    private let sleeping = Atomic<Bool>(false)
+    private let sleepCounter = Atomic<Int>(0)
+
+    // Owned by the reactor's thread.
+    private var pollers: ContiguousArray<(id: Int, poll: Poller)> = []
+    private var timers: ContiguousArray<TimedPoller> = []
+    private var nextPollerID = 0
+    private var lastWorkNs: UInt64 = 0
+    private var stopRequested = false
+    private var thread: pthread_t?
+
+    public init(name: String = "reactor", configuration: Configuration = Configuration()) throws(SystemError) {
+        self.name = name
+        self.configuration = configuration
+        ring = MessageRing(capacity: configuration.messageCapacity)
+        wakeEvent = try EventFD()
+        epoll = try Epoll()
+        try epoll.add(wakeEvent.fd)
+    }
+
+    // MARK: - Identity
+
+    private static let currentKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key, nil)
+        return key
+    }()
+
+    /// The reactor running on the calling thread, if any.
+    public static var current: Reactor? {
+        guard let raw = pthread_getspecific(currentKey) else { return nil }
+        return Unmanaged<Reactor>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    public var isCurrent: Bool { pthread_getspecific(Self.currentKey) == Unmanaged.passUnretained(self).toOpaque() }
+
+    private func becomeCurrent() {
+        pthread_setspecific(Self.currentKey, Unmanaged.passUnretained(self).toOpaque())
+    }
+
+    /// Times the reactor went to sleep (a test hook for adaptive polling).
+    public var sleepCount: Int { sleepCounter.load(ordering: .relaxed) }
+
+    // MARK: - Pollers (on the reactor's thread, or before it starts)
+
+    @discardableResult
+    public func registerPoller(_ poll: @escaping Poller) -> PollerID {
+        nextPollerID += 1
+        pollers.append((nextPollerID, poll))
+        return PollerID(value: nextPollerID)
+    }
+
+    @discardableResult
+    public func registerTimedPoller(periodNs: UInt64, _ poll: @escaping Poller) -> PollerID {
+        nextPollerID += 1
+        timers.append(TimedPoller(id: nextPollerID, periodNs: periodNs,
+                                  deadlineNs: MonotonicClock.nowNs() + periodNs, poll: poll))
+        return PollerID(value: nextPollerID)
+    }
+
+    public func unregisterPoller(_ id: PollerID) {
+        pollers.removeAll { $0.id == id.value }
+        timers.removeAll { $0.id == id.value }
+    }
+
+    /// An fd whose readiness should wake the sleeping reactor (edge-triggered).
+    public func registerWakeFD(_ fd: Int32) throws(SystemError) { try epoll.add(fd) }
+    public func unregisterWakeFD(_ fd: Int32) { epoll.remove(fd) }
+
+    // MARK: - Messages (any thread)
+
+    /// Queues a closure to run on the reactor; spins briefly while the ring is full.
+    public func send(_ message: @escaping Message) {
+        while !ring.push(message) { sched_yield() }
+        if sleeping.load(ordering: .sequentiallyConsistent) { wakeEvent.signal() }
+    }
+
+    /// Runs `body` on the reactor and waits for it (control path only; never from the reactor itself).
+    public func call<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
+        precondition(!isCurrent, "Reactor.call from its own thread would deadlock")
+        let box = CallBox<T>()
+        send { box.finish(body()) }
+        return box.wait()
+    }
+
+    // MARK: - The loop
+
+    /// One pass over messages, pollers and due timers. Returns (did work, work pending).
+    @discardableResult
+    public func runOnce() -> (busy: Bool, pending: Bool) {
+        var busy = false
+        var pending = false
+        var drained = 0
+        while drained < 128, let message = ring.pop() {
+            message()
+            drained += 1
+        }
+        if drained > 0 { busy = true }
+        var index = 0
+        while index < pollers.count {
+            switch pollers[index].poll() {
+            case .busy: busy = true
+            case .pending: pending = true
+            case .idle: break
+            }
+            index += 1
+        }
+        if !timers.isEmpty {
+            let now = MonotonicClock.nowNs()
+            index = 0
+            while index < timers.count {
+                if now >= timers[index].deadlineNs {
+                    timers[index].deadlineNs = now + timers[index].periodNs
+                    switch timers[index].poll() {
+                    case .busy: busy = true
+                    case .pending: pending = true
+                    case .idle: break
+                    }
+                }
+                index += 1
+            }
+        }
+        return (busy, pending)
+    }
+
+    /// Runs the loop on the calling thread until `done()` holds, sleeping when idle.
+    public func run(until done: () -> Bool) {
+        becomeCurrent()
+        lastWorkNs = MonotonicClock.nowNs()
+        while !done() && !stopRequested {
+            step()
+        }
+    }
+
+    private func step() {
+        let (busy, pending) = runOnce()
+        let now = MonotonicClock.nowNs()
+        if busy { lastWorkNs = now; return }
+        if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs { return }
+        sleep(now: now)
+    }
+
+    private func sleep(now: UInt64) {
+        sleeping.store(true, ordering: .sequentiallyConsistent)
+        if ring.isEmpty {
+            sleepCounter.add(1, ordering: .relaxed)
+            _ = epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now))
+        }
+        sleeping.store(false, ordering: .sequentiallyConsistent)
+        wakeEvent.drain()
+        lastWorkNs = MonotonicClock.nowNs()
+    }
+
+    private func timeoutToNextTimerMs(now: UInt64) -> Int32 {
+        guard let next = timers.map(\.deadlineNs).min() else { return -1 }
+        if next <= now { return 0 }
+        return Int32(min((next - now + 999_999) / 1_000_000, UInt64(Int32.max)))
+    }
+
+    // MARK: - Thread mode
+
+    /// Starts the reactor on a thread of its own, pinned if configured.
+    public func start() throws(SystemError) {
+        precondition(thread == nil, "reactor \(name) started twice")
+        var handle = pthread_t()
+        let context = Unmanaged.passRetained(self).toOpaque()
+        let result = pthread_create(&handle, nil, { raw in
+            let reactor = Unmanaged<Reactor>.fromOpaque(raw!).takeRetainedValue()
+            reactor.threadMain()
+            return nil
+        }, context)
+        guard result == 0 else {
+            Unmanaged<Reactor>.fromOpaque(context).release()
+            throw SystemError("pthread_create(\(name))", errno: result)
+        }
+        thread = handle
+    }
+
+    private func threadMain() {
+        if let cpu = configuration.cpu {
+            do { try NUMA.pinCurrentThread(toCPU: cpu) } catch {
+                Log.logger("env.reactor").warning("\(name): cannot pin to CPU \(cpu): \(error)")
+            }
+        }
+        run(until: { false })
+    }
+
+    /// Stops a started reactor and waits for its thread to end.
+    public func stop() {
+        guard let handle = thread else { return }
+        send { [unowned self] in self.stopRequested = true }
+        pthread_join(handle, nil)
+        thread = nil
+    }
+}
+
+/// A one-shot rendezvous between a reactor and a waiting control thread.
+private final class CallBox<T: Sendable>: @unchecked Sendable {
+    private var semaphore = sem_t()
+    private var value: T?
+
+    init() { sem_init(&semaphore, 0, 0) }
+    deinit { sem_destroy(&semaphore) }
+
+    func finish(_ value: T) {
+        self.value = value
+        sem_post(&semaphore)
+    }
+
+    func wait() -> T {
+        while sem_wait(&semaphore) != 0 {}
+        return value!
+    }
+}
