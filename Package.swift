@@ -41,6 +41,7 @@ let package = Package(
             name: "bdevperf",
             dependencies: [
                 "Bdev", "Env", "DeviceSpec",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
             ],

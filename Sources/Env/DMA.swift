@@ -194,11 +194,17 @@ public struct DMABuffer: ~Copyable {
     }
 
     public func store(_ bytes: some Collection<UInt8>, at offset: Int = 0) {
-        precondition(offset >= 0 && offset + bytes.count <= count)
-        var index = offset
-        for byte in bytes {
-            base.storeBytes(of: byte, toByteOffset: index, as: UInt8.self)
-            index += 1
+        precondition(offset >= 0 && offset + bytes.count <= count,
+                     "\(bytes.count) bytes at \(offset) outside a \(count)-byte DMA buffer")
+        let copied = bytes.withContiguousStorageIfAvailable { source in
+            (base + offset).copyMemory(from: source.baseAddress!, byteCount: source.count)
+        }
+        if copied == nil {
+            var index = offset
+            for byte in bytes {
+                base.storeBytes(of: byte, toByteOffset: index, as: UInt8.self)
+                index += 1
+            }
         }
     }
 

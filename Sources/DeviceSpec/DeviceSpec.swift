@@ -1,0 +1,82 @@
+import Bdev
+import BdevMalloc
+import BdevURing
+import Env
+
+/// A device named on a command line: `malloc:SIZE`, `file:PATH`, or a bare path (a file
+/// or block device served by the uring module).
+public enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
+    case malloc(bytes: UInt64)
+    case file(path: String)
+
+    public enum ParseError: Error, Equatable, CustomStringConvertible {
+        case empty
+        case unknownKind(String)
+        case badSize(String)
+
+        public var description: String {
+            switch self {
+            case .empty: "empty device spec"
+            case let .unknownKind(kind):
+                "unknown device kind '\(kind)' (expected malloc:SIZE, file:PATH or a path)"
+            case let .badSize(text): "bad size '\(text)' (expected a number with an optional K, M, G or T suffix)"
+            }
+        }
+    }
+
+    public init(parsing text: String) throws(ParseError) {
+        guard !text.isEmpty else { throw .empty }
+        if text.hasPrefix("/") || text.hasPrefix(".") || !text.contains(":") {
+            self = .file(path: text)
+            return
+        }
+        let colon = text.firstIndex(of: ":")!
+        let kind = String(text[..<colon])
+        let argument = String(text[text.index(after: colon)...])
+        switch kind {
+        case "malloc": self = .malloc(bytes: try Self.parseSize(argument))
+        case "file", "uring":
+            guard !argument.isEmpty else { throw .empty }
+            self = .file(path: argument)
+        default: throw .unknownKind(kind)
+        }
+    }
+
+    /// "4096", "64K", "512M", "1G", "1T" (binary units).
+    public static func parseSize(_ text: String) throws(ParseError) -> UInt64 {
+        var digits = Substring(text)
+        var multiplier: UInt64 = 1
+        if let last = digits.last?.uppercased() {
+            let units: [String: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+            if let unit = units[last] {
+                multiplier = unit
+                digits = digits.dropLast()
+                if digits.last?.uppercased() == "I" { throw .badSize(text) }
+            }
+        }
+        guard let value = UInt64(digits), value > 0 else { throw .badSize(text) }
+        let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
+        guard !overflow else { throw .badSize(text) }
+        return bytes
+    }
+
+    public var description: String {
+        switch self {
+        case let .malloc(bytes): "malloc:\(bytes)"
+        case let .file(path): "file:\(path)"
+        }
+    }
+
+    /// Opens the device. `createSizeBytes` creates a missing image file of that size.
+    public func open(blockSizeBytes: Int = 4096, createSizeBytes: UInt64? = nil) throws(BdevError) -> Bdev {
+        switch self {
+        case let .malloc(bytes):
+            guard bytes % UInt64(blockSizeBytes) == 0 else {
+                throw .invalidConfiguration("malloc size \(bytes) is not a multiple of the block size \(blockSizeBytes)")
+            }
+            return Bdev(backend: try MallocBdev(blockCount: bytes / UInt64(blockSizeBytes), blockSizeBytes: blockSizeBytes))
+        case let .file(path):
+            return Bdev(backend: try URingBdev(path: path, blockSizeBytes: blockSizeBytes, createSizeBytes: createSizeBytes))
+        }
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The bdev-layer benchmark matrix: malloc and uring (an image file on the filesystem
+# that holds bench/work), 4 KiB randread/randwrite at q1 and q32, 128 KiB sequential
+# read and write, one reactor; each malloc line also measures memcpy of the same size
+# in the same run. Writes bench/results/bdevperf-DATE.md with every command.
+#   bench/bdevperf.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-5}
+scripts/install-deps
+swift build -c release --product bdevperf 2>&1 | tail -n 1
+bin=$(swift build -c release --show-bin-path)/bdevperf
+mkdir -p bench/work bench/results
+image=bench/work/bdevperf.img
+rm -f "$image"
+out=bench/results/bdevperf-$(date +%Y-%m-%d).md
+jobs=("randread 1 4096" "randread 32 4096" "randwrite 1 4096" "randwrite 32 4096" "read 32 131072" "write 32 131072")
+{
+  echo "# bdevperf results, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB,"
+  echo "kernel $(uname -r), hugepages reserved: $(cat /proc/sys/vm/nr_hugepages). Image file on: $(df -T bench/work | awk 'NR==2{print $2}')."
+  echo "Produced by \`bench/bdevperf.sh $seconds\`; each row is one command below, run in this order in one session."
+  echo
+  echo "| device | workload | q | io | IOPS | MiB/s | p50 us | p99 us | p99.9 us | CPU s / M I/O | allocs/IO | memcpy limit (copies/s) | IOPS / memcpy |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+} > "$out.tmp"
+commands=()
+for device in malloc:1G "file:$image"; do
+  for job in "${jobs[@]}"; do
+    set -- $job
+    extra=""; [ "${device%%:*}" = malloc ] && extra="--memcpy-baseline"
+    cmd="$bin --device $device --size 1G -w $1 -q $2 -o $3 -t $seconds --warmup 1 $extra --json"
+    commands+=("${cmd/#$bin/bdevperf}")
+    json=$($cmd | tail -n 1)
+    python3 - "$json" >> "$out.tmp" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+m = r.get("memcpy")
+l = r["latencyUs"]
+limit = "%.0f" % m["copiesPerSecond"] if m else "-"
+ratio = "%.3f" % r["iopsOverMemcpyLimit"] if m else "-"
+cells = [r["device"].split(":")[0], r["workload"], r["queueDepth"], "%d KiB" % (r["ioBytes"] // 1024),
+         "%.0f" % r["iops"], "%.0f" % r["mibPerSecond"], "%.1f" % l["p50"], "%.1f" % l["p99"], "%.1f" % l["p999"],
+         "%.2f" % r["cpuSecondsPerMillionIOs"], r.get("allocationsPerIO"), limit, ratio]
+print("| " + " | ".join(str(c) for c in cells) + " |")
+PY
+  done
+done
+{
+  echo
+  echo "Commands (bdevperf = \`$(realpath --relative-to=. "$bin")\`):"
+  echo
+  echo '```'
+  printf '%s\n' "${commands[@]}"
+  echo '```'
+} >> "$out.tmp"
+mv "$out.tmp" "$out"
+rm -f "$image"
+cat "$out"
