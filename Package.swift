@@ -24,6 +24,7 @@ let package = Package(
         .systemLibrary(name: "CURing", path: "Sources/CURing"),
         .systemLibrary(name: "CNuma", path: "Sources/CNuma"),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
+        .systemLibrary(name: "CVFIO", path: "Sources/CVFIO"),
         .systemLibrary(name: "CFuse", path: "Sources/CFuse", pkgConfig: "fuse3"),
 
         .target(
@@ -31,6 +32,7 @@ let package = Package(
             dependencies: ["CISAL", "CNuma", "CLinux", .product(name: "Logging", package: "swift-log")],
             swiftSettings: hotPath),
         .target(name: "Bdev", dependencies: ["Env"], swiftSettings: hotPath),
+        .target(name: "PCI", dependencies: ["Env", "CVFIO"]),
         .target(name: "BdevMalloc", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
         .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing", "CLinux"], swiftSettings: hotPath),
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),

@@ -47,7 +47,20 @@ public final class DMAPool: @unchecked Sendable {
         var freeSlots: [[Slot]] = Array(repeating: [], count: DMAPool.sizeClassCount)
         var hugepagesAvailable: Bool? = nil
         var bytesMapped = 0
+        var chunks: [DMAChunk] = []
+        var observers: [ChunkObserver] = []
     }
+
+    /// A mapped range of the pool; devices that translate addresses (VFIO, UIO) learn of
+    /// every chunk through `observeChunks`.
+    public struct DMAChunk: @unchecked Sendable {
+        public let base: UnsafeMutableRawPointer
+        public let bytes: Int
+    }
+
+    /// Called once per chunk, for existing chunks at registration and for new ones as
+    /// they are mapped; a thrown error fails the allocation that needed the chunk.
+    public typealias ChunkObserver = @Sendable (DMAChunk) throws -> Void
 
     public init(numaNode: Int?) {
         self.numaNode = numaNode
@@ -56,6 +69,14 @@ public final class DMAPool: @unchecked Sendable {
     /// Whether memory comes from hugepages (nil until the first chunk is mapped).
     public var usesHugepages: Bool? { state.withLock { $0.hugepagesAvailable } }
     public var bytesMapped: Int { state.withLock { $0.bytesMapped } }
+
+    public func observeChunks(_ observer: @escaping ChunkObserver) throws {
+        let existing = state.withLock { state -> [DMAChunk] in
+            state.observers.append(observer)
+            return state.chunks
+        }
+        for chunk in existing { try observer(chunk) }
+    }
 
     /// A buffer of at least `bytes` bytes, aligned to 4 KiB (to its size class up to 2 MiB).
     public func allocate(bytes: Int) throws(SystemError) -> DMABuffer {
@@ -102,7 +123,10 @@ public final class DMAPool: @unchecked Sendable {
         header.pointee.generation &+= 1
         if sizeClass < 0 {
             munmap(base, -sizeClass)
-            state.withLock { $0.bytesMapped += sizeClass }
+            state.withLock { state in
+                state.bytesMapped += sizeClass
+                state.chunks.removeAll { $0.base == base }
+            }
             return  // the header stays allocated: stale segments may still check it
         }
         state.withLock { $0.freeSlots[sizeClass].append(Slot(base: base, header: header)) }
@@ -137,7 +161,17 @@ public final class DMAPool: @unchecked Sendable {
         if let numaNode, NUMA.nodeCount > 1 {
             numa_tonode_memory(base, bytes, Int32(numaNode))
         }
-        state.withLock { $0.bytesMapped += bytes }
+        let chunk = DMAChunk(base: base, bytes: bytes)
+        let observers = state.withLock { state -> [ChunkObserver] in
+            state.bytesMapped += bytes
+            state.chunks.append(chunk)
+            return state.observers
+        }
+        do {
+            for observer in observers { try observer(chunk) }
+        } catch {
+            throw SystemError("map DMA chunk for a device: \(error)", errno: EIO)
+        }
         return base
     }
 }
