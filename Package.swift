@@ -34,7 +34,7 @@ let package = Package(
         .target(name: "Bdev", dependencies: ["Env"], swiftSettings: hotPath),
         .target(name: "PCI", dependencies: ["Env", "CVFIO"]),
         .target(name: "BdevMalloc", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
-        .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing", "CLinux"], swiftSettings: hotPath),
+        .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing"], swiftSettings: hotPath),
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
         .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),

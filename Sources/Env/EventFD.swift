@@ -40,7 +40,7 @@ package struct Epoll: ~Copyable {
 
     package func add(_ watched: Int32) throws(SystemError) {
         var event = epoll_event()
-        event.events = EPOLLIN.rawValue
+        event.events = EPOLLIN.rawValue | EPOLLET.rawValue
         event.data.fd = watched
         if epoll_ctl(fd, EPOLL_CTL_ADD, watched, &event) != 0 { throw SystemError("epoll_ctl(add \(watched))") }
     }

@@ -1,0 +1,92 @@
+import XCTest
+import Bdev
+import BdevConformance
+import BdevURing
+import Env
+
+final class URingBdevTests: XCTestCase {
+    private var paths: [String] = []
+
+    private func temporaryImage(_ name: String) -> String {
+        let path = "/var/tmp/blobfs-uring-\(getpid())-\(name).img"
+        unlink(path)
+        paths.append(path)
+        return path
+    }
+
+    override func tearDown() {
+        paths.forEach { unlink($0) }
+    }
+
+    func testConformance4K() throws {
+        let path = temporaryImage("4k")
+        let reactor = try Reactor()
+        try BdevConformance(reactor: reactor) {
+            Bdev(backend: try URingBdev(path: path, blockSizeBytes: 4096, createSizeBytes: 16 << 20))
+        }.run()
+    }
+
+    func testConformance512() throws {
+        let path = temporaryImage("512")
+        let reactor = try Reactor()
+        try BdevConformance(reactor: reactor) {
+            Bdev(backend: try URingBdev(path: path, blockSizeBytes: 512, createSizeBytes: 8 << 20))
+        }.run()
+    }
+
+    func testUsesDirectIOOnAFileSystemThatHasIt() throws {
+        let path = temporaryImage("direct")
+        let bdev = try URingBdev(path: path, createSizeBytes: 1 << 20)
+        defer { bdev.close() }
+        XCTAssertTrue(bdev.usesDirectIO, "/var/tmp supports O_DIRECT here")
+    }
+
+    func testUnalignedAndAlignedRequestsSeeTheSameBytes() throws {
+        // 512-byte blocks at odd offsets take the page cache; 4 KiB-aligned ones O_DIRECT.
+        let path = temporaryImage("mixed")
+        let reactor = try Reactor()
+        let bdev = Bdev(backend: try URingBdev(path: path, blockSizeBytes: 512, createSizeBytes: 1 << 20))
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close(); bdev.close() }
+        let data = pattern(seed: 3, bytes: 16 * 512)
+        try io.writeBytes(Array(data[0..<512]), offsetBlocks: 1)             // buffered
+        try io.writeBytes(Array(data[4096..<8192]), offsetBlocks: 8)         // direct
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 1, countBlocks: 1), Array(data[0..<512]))
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 8, countBlocks: 8), Array(data[4096..<8192]))
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 0, countBlocks: 16)[512..<1024], data[0..<512])
+    }
+
+    func testMissingFileIsAClearError() {
+        XCTAssertThrowsError(try URingBdev(path: "/nonexistent/dir/image")) { error in
+            XCTAssertTrue("\(error)".contains("open(/nonexistent/dir/image)"), "\(error)")
+        }
+        let path = temporaryImage("empty")
+        close(open(path, O_CREAT | O_RDWR, 0o644))
+        XCTAssertThrowsError(try URingBdev(path: path)) { error in
+            XCTAssertTrue("\(error)".contains("smaller than one"), "\(error)")
+        }
+        XCTAssertThrowsError(try URingBdev(path: "/dev/null")) { error in
+            XCTAssertTrue("\(error)".contains("neither a regular file nor a block device"), "\(error)")
+        }
+    }
+
+    func testIdleChannelLetsTheReactorSleep() throws {
+        // After I/O, the completion eventfd must not keep waking the reactor.
+        let path = temporaryImage("idle")
+        let reactor = try Reactor(configuration: .init(idleBeforeSleepNs: 10_000))
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close(); bdev.close() }
+        try io.writeBytes(pattern(seed: 1, bytes: 4096), offsetBlocks: 0)
+        reactor.registerTimedPoller(periodNs: 20_000_000) { .idle }  // bounds each sleep
+        let before = reactor.sleepCount
+        let deadline = MonotonicClock.nowNs() + 300_000_000
+        var iterations = 0
+        reactor.run(until: {
+            iterations += 1
+            return MonotonicClock.nowNs() > deadline
+        })
+        XCTAssertGreaterThan(reactor.sleepCount, before)
+        XCTAssertLessThan(iterations, 20_000, "an idle reactor with a uring channel sleeps instead of spinning")
+    }
+}
