@@ -183,7 +183,9 @@ public final class Reactor: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `done()` holds, sleeping when idle.
     public func run(until done: () -> Bool) {
+        let previous = pthread_getspecific(Self.currentKey)
         becomeCurrent()
+        defer { pthread_setspecific(Self.currentKey, previous) }
         lastWorkNs = MonotonicClock.nowNs()
         while !done() && !stopRequested {
             step()

@@ -42,7 +42,10 @@ final class Job: BdevCompletionHandler {
     private(set) var measuredEndNs: UInt64 = 0
     private(set) var cpuStartNs: UInt64 = 0
     private(set) var cpuEndNs: UInt64 = 0
-    private(set) var finished = false
+    private(set) var finished = false {
+        didSet { if finished { onFinished() } }
+    }
+    var onFinished: () -> Void = {}
     private let onMeasureStart: () -> Void
     private let onMeasureEnd: () -> Void
 

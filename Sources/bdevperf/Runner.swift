@@ -29,6 +29,7 @@ struct Runner {
     private final class Slot: @unchecked Sendable {
         var job: Job?
         var error: String?
+        let finished = Atomic<Bool>(false)
     }
 
     func run() throws -> RunResult {
@@ -62,6 +63,7 @@ struct Runner {
                         onMeasureEnd: {
                             if measuring.subtract(1, ordering: .relaxed).newValue == 0 { counter.stop() }
                         })
+                    job.onFinished = { slot.finished.store(true, ordering: .releasing) }
                     slot.job = job
                 } catch {
                     slot.error = "\(error)"
@@ -91,7 +93,8 @@ struct Runner {
         }
         var result = RunResult()
         for (reactor, slot) in zip(reactors, slots) {
-            while !reactor.call({ slot.job!.finished }) { usleep(20_000) }
+            // Poll a flag rather than the reactor: a message would allocate mid-measurement.
+            while !slot.finished.load(ordering: .acquiring) { usleep(20_000) }
             let part: RunResult = reactor.call {
                 let job = slot.job!
                 var part = RunResult()
