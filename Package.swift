@@ -38,6 +38,7 @@ let package = Package(
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
         .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
+        .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
 
         .executableTarget(
             name: "bdevperf",
@@ -50,6 +51,7 @@ let package = Package(
             swiftSettings: hotPath),
 
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
+        .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Env"]),
         .testTarget(
             name: "BdevTests",
             dependencies: ["Bdev", "Env", "BdevMalloc", "BdevURing", "BdevFault", "DeviceSpec", "BdevConformance"]),

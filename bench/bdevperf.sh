@@ -11,6 +11,8 @@ scripts/install-deps
 swift build -c release --product bdevperf 2>&1 | tail -n 1
 bin=$(swift build -c release --show-bin-path)/bdevperf
 mkdir -p bench/work bench/results
+# DMA buffers come from 2 MiB hugepages when some are reserved (as SPDK runs).
+if [ "$(id -u)" -eq 0 ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 512 ]; then echo 512 > /proc/sys/vm/nr_hugepages; fi
 image=bench/work/bdevperf.img
 rm -f "$image"
 out=bench/results/bdevperf-$(date +%Y-%m-%d).md

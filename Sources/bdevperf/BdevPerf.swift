@@ -101,7 +101,7 @@ struct BdevPerf: ParsableCommand {
         let runner = Runner(bdev: bdev, parameters: parameters, reactorCount: reactors, idleNs: idleUs * 1000,
                             prefill: prefill && parameters.workload.reads)
         let result = try runner.run()
-        let memcpy = memcpyBaseline ? MemcpyBaseline.measure(ioBytes: ioBytes, seconds: min(time, 2)) : nil
+        let memcpy = memcpyBaseline ? MemcpyBaseline.measure(ioBytes: ioBytes, seconds: min(time, 2), random: parameters.workload.isRandom) : nil
         let report = Report(device: device, blockSize: blockSize, parameters: parameters, reactors: reactors,
                             result: result, memcpy: memcpy)
         print(json ? report.json() : report.text())

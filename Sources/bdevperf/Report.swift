@@ -1,12 +1,13 @@
 import Foundation
 
 /// The memory-copy limit of the machine for one I/O size: how many copies of `ioBytes`
-/// one core makes per second (SPDK quotes its malloc bdev against the same limit).
+/// one core makes per second from a 1 GiB region, in the workload's order (random or
+/// sequential). SPDK quotes its malloc bdev against the same limit.
 struct MemcpyBaseline: Codable {
     var copiesPerSecond: Double
     var mibPerSecond: Double
 
-    static func measure(ioBytes: Int, seconds: Double) -> MemcpyBaseline {
+    static func measure(ioBytes: Int, seconds: Double, random isRandom: Bool) -> MemcpyBaseline {
         let regionBytes = 1 << 30
         let source = UnsafeMutableRawPointer.allocate(byteCount: regionBytes, alignment: 4096)
         let target = UnsafeMutableRawPointer.allocate(byteCount: ioBytes, alignment: 4096)
@@ -15,13 +16,21 @@ struct MemcpyBaseline: Codable {
         let slots = regionBytes / ioBytes
         var random: UInt64 = 0x1234_5678_9ABC_DEF1
         var copies = 0
+        var sequential = 0
         let start = DispatchTime.now().uptimeNanoseconds
         let end = start + UInt64(seconds * 1e9)
         var now = start
         while now < end {
             for _ in 0..<64 {
-                random ^= random << 13; random ^= random >> 7; random ^= random << 17
-                target.copyMemory(from: source + Int(random % UInt64(slots)) * ioBytes, byteCount: ioBytes)
+                let slot: Int
+                if isRandom {
+                    random ^= random << 13; random ^= random >> 7; random ^= random << 17
+                    slot = Int(random % UInt64(slots))
+                } else {
+                    sequential = sequential + 1 == slots ? 0 : sequential + 1
+                    slot = sequential
+                }
+                target.copyMemory(from: source + slot * ioBytes, byteCount: ioBytes)
             }
             copies += 64
             now = DispatchTime.now().uptimeNanoseconds

@@ -1,0 +1,277 @@
+/// Blob metadata and the chain of metadata pages that holds it: FORMAT.md, sections
+/// "Metadata page" and "Descriptors".
+
+/// A run of clusters: blob clusters `[clusterIndex, clusterIndex + count)` live at
+/// device clusters `[firstCluster, firstCluster + count)`. Unmapped clusters have no
+/// extent (thin provisioning: they read as zeros).
+public struct Extent: Equatable, Hashable, Sendable {
+    public var clusterIndex: UInt64
+    public var count: UInt32
+    public var firstCluster: UInt64
+
+    public init(clusterIndex: UInt64, count: UInt32, firstCluster: UInt64) {
+        self.clusterIndex = clusterIndex
+        self.count = count
+        self.firstCluster = firstCluster
+    }
+}
+
+/// The three classes of blob flags (SPDK's): an unknown bit set in `invalid` makes the
+/// blob unopenable, in `readOnlyData` its data read-only, in `readOnlyMetadata` its
+/// metadata read-only.
+public struct BlobFlags: Equatable, Sendable {
+    public var invalid: UInt64 = 0
+    public var readOnlyData: UInt64 = 0
+    public var readOnlyMetadata: UInt64 = 0
+    public init(invalid: UInt64 = 0, readOnlyData: UInt64 = 0, readOnlyMetadata: UInt64 = 0) {
+        self.invalid = invalid
+        self.readOnlyData = readOnlyData
+        self.readOnlyMetadata = readOnlyMetadata
+    }
+}
+
+public struct BlobMetadata: Equatable, Sendable {
+    public var id: UInt64
+    public var clusterCount: UInt64
+    public var flags: BlobFlags
+    /// Sorted by clusterIndex, not overlapping.
+    public var extents: [Extent]
+    /// In insertion order; names unique per class.
+    public var xattrs: [(name: String, value: [UInt8])]
+    public var internalXattrs: [(name: String, value: [UInt8])]
+
+    public init(id: UInt64, clusterCount: UInt64 = 0, flags: BlobFlags = BlobFlags(), extents: [Extent] = [],
+                xattrs: [(name: String, value: [UInt8])] = [], internalXattrs: [(name: String, value: [UInt8])] = []) {
+        self.id = id
+        self.clusterCount = clusterCount
+        self.flags = flags
+        self.extents = extents
+        self.xattrs = xattrs
+        self.internalXattrs = internalXattrs
+    }
+
+    public static func == (lhs: BlobMetadata, rhs: BlobMetadata) -> Bool {
+        lhs.id == rhs.id && lhs.clusterCount == rhs.clusterCount && lhs.flags == rhs.flags && lhs.extents == rhs.extents
+            && lhs.xattrs.elementsEqual(rhs.xattrs, by: { $0.name == $1.name && $0.value == $1.value })
+            && lhs.internalXattrs.elementsEqual(rhs.internalXattrs, by: { $0.name == $1.name && $0.value == $1.value })
+    }
+}
+
+public enum MetadataPage {
+    public static let magic: UInt32 = 0x5044_4D42  // "BMDP"
+    public static let headerBytes = 40
+    public static let noNextPage = UInt32.max
+    static let pageBytes = SuperBlock.pageBytes
+    /// Longest xattr name and value that fit one descriptor.
+    public static let xattrNameBytesMax = 255
+    public static let xattrValueBytesMax = pageBytes - headerBytes - 4 - 4 - xattrNameBytesMax
+
+    enum DescriptorType: UInt8 {
+        case blobInfo = 1
+        case extents = 2
+        case xattr = 3
+        case internalXattr = 4
+    }
+
+    static let extentBytes = 20
+    static let extentsPerDescriptorMax = (pageBytes - headerBytes - 4 - 2) / extentBytes
+
+    /// The descriptors of `blob`, each as bytes (type, reserved, length, payload).
+    static func descriptors(of blob: BlobMetadata) -> [[UInt8]] {
+        var result: [[UInt8]] = []
+        var info = ByteWriter(count: 4 + 32)
+        info.u8(DescriptorType.blobInfo.rawValue); info.u8(0); info.u16(32)
+        info.u64(blob.clusterCount)
+        info.u64(blob.flags.invalid); info.u64(blob.flags.readOnlyData); info.u64(blob.flags.readOnlyMetadata)
+        result.append(info.bytes)
+        var start = 0
+        while start < blob.extents.count {
+            let chunk = blob.extents[start..<min(blob.extents.count, start + extentsPerDescriptorMax)]
+            let payload = 2 + chunk.count * extentBytes
+            var writer = ByteWriter(count: 4 + payload)
+            writer.u8(DescriptorType.extents.rawValue); writer.u8(0); writer.u16(UInt16(payload))
+            writer.u16(UInt16(chunk.count))
+            for extent in chunk {
+                writer.u64(extent.clusterIndex); writer.u32(extent.count); writer.u64(extent.firstCluster)
+            }
+            result.append(writer.bytes)
+            start += chunk.count
+        }
+        for (type, list) in [(DescriptorType.xattr, blob.xattrs), (.internalXattr, blob.internalXattrs)] {
+            for (name, value) in list {
+                let nameBytes = Array(name.utf8)
+                precondition(nameBytes.count <= xattrNameBytesMax && value.count <= xattrValueBytesMax,
+                             "xattr \(name) too large for a descriptor")
+                let payload = 4 + nameBytes.count + value.count
+                var writer = ByteWriter(count: 4 + payload)
+                writer.u8(type.rawValue); writer.u8(0); writer.u16(UInt16(payload))
+                writer.u16(UInt16(nameBytes.count)); writer.u16(UInt16(value.count))
+                writer.raw(nameBytes); writer.raw(value)
+                result.append(writer.bytes)
+            }
+        }
+        return result
+    }
+
+    /// Descriptors packed into pages (first-fit in order): how many pages the chain needs.
+    public static func pagesNeeded(for blob: BlobMetadata) -> Int {
+        pack(descriptors(of: blob)).count
+    }
+
+    private static func pack(_ descriptors: [[UInt8]]) -> [[[UInt8]]] {
+        var pages: [[[UInt8]]] = [[]]
+        var used = 0
+        for descriptor in descriptors {
+            if used + descriptor.count > pageBytes - headerBytes {
+                pages.append([])
+                used = 0
+            }
+            pages[pages.count - 1].append(descriptor)
+            used += descriptor.count
+        }
+        return pages
+    }
+
+    /// Encodes `blob` into a chain on the pages `pageIDs` (exactly `pagesNeeded` of them).
+    public static func encodeChain(_ blob: BlobMetadata, pageIDs: [UInt32], checkpointSequence: UInt64) -> [[UInt8]] {
+        let pages = pack(descriptors(of: blob))
+        precondition(pages.count == pageIDs.count, "chain of \(pages.count) pages given \(pageIDs.count) ids")
+        return pages.enumerated().map { index, descriptors in
+            var writer = ByteWriter(count: pageBytes)
+            writer.u32(magic)
+            writer.u32(0)  // checksum, sealed below
+            writer.u64(blob.id)
+            writer.u32(UInt32(index))
+            writer.u32(index + 1 < pageIDs.count ? pageIDs[index + 1] : noNextPage)
+            writer.u64(checkpointSequence)
+            writer.u16(UInt16(descriptors.reduce(0) { $0 + $1.count }))
+            writer.u16(UInt16(descriptors.count))
+            writer.u32(0)
+            for descriptor in descriptors { writer.raw(descriptor) }
+            writer.sealChecksum(over: 8..<pageBytes, at: 4)
+            return writer.bytes
+        }
+    }
+
+    /// One decoded page of a chain.
+    public struct Page: Sendable {
+        public var blobID: UInt64
+        public var chainIndex: UInt32
+        public var nextPage: UInt32?
+        public var checkpointSequence: UInt64
+        fileprivate var descriptors: [(type: UInt8, payload: [UInt8], offset: Int)]
+    }
+
+    /// Decodes and validates one page. `offset`: its byte offset on the device.
+    public static func decodePage(_ bytes: ArraySlice<UInt8>, offset: UInt64, pageID: UInt32) throws(FormatError) -> Page {
+        var reader = ByteReader(bytes, structure: "metadata page \(pageID)", base: offset)
+        guard bytes.count >= pageBytes else { throw reader.error(.truncated(needed: pageBytes, available: bytes.count)) }
+        let found = try reader.u32()
+        guard found == magic else { throw reader.error(.badMagic(found: UInt64(found)), at: 0) }
+        try reader.verifyChecksum(over: 8..<pageBytes, at: 4)
+        _ = try reader.u32()
+        let blobID = try reader.u64()
+        let chainIndex = try reader.u32()
+        let next = try reader.u32()
+        let checkpoint = try reader.u64()
+        let used = Int(try reader.u16())
+        let count = Int(try reader.u16())
+        try reader.requireZero(36..<40)
+        _ = try reader.u32()
+        guard used <= pageBytes - headerBytes else {
+            throw reader.error(.invalidField(name: "descriptor bytes", value: UInt64(used)), at: 32)
+        }
+        var descriptors: [(type: UInt8, payload: [UInt8], offset: Int)] = []
+        for _ in 0..<count {
+            let at = reader.position
+            guard reader.position + 4 <= headerBytes + used else {
+                throw reader.error(.invalidField(name: "descriptor count", value: UInt64(count)), at: 34)
+            }
+            let type = try reader.u8()
+            _ = try reader.u8()
+            let length = Int(try reader.u16())
+            guard reader.position + length <= headerBytes + used else {
+                throw reader.error(.invalidField(name: "descriptor length", value: UInt64(length)), at: at + 2)
+            }
+            descriptors.append((type, try reader.raw(length), at))
+        }
+        guard reader.position == headerBytes + used else {
+            throw reader.error(.invalidField(name: "descriptor bytes", value: UInt64(used)), at: 32)
+        }
+        try reader.requireZero((headerBytes + used)..<pageBytes)
+        return Page(blobID: blobID, chainIndex: chainIndex, nextPage: next == noNextPage ? nil : next,
+                    checkpointSequence: checkpoint, descriptors: descriptors)
+    }
+
+    /// Rebuilds a blob from its decoded pages, in chain order. `offsets`: each page's
+    /// device offset, for error messages.
+    public static func decodeBlob(_ pages: [Page], pageIDs: [UInt32], offsets: [UInt64]) throws(FormatError) -> BlobMetadata {
+        guard let first = pages.first else { throw FormatError("metadata chain", offset: 0, .truncated(needed: 1, available: 0)) }
+        var blob = BlobMetadata(id: first.blobID)
+        var sawInfo = false
+        for (index, page) in pages.enumerated() {
+            let name = "metadata page \(pageIDs[index])"
+            guard page.blobID == first.blobID else {
+                throw FormatError(name, offset: offsets[index] + 8, .invalidField(name: "blob id", value: page.blobID))
+            }
+            guard page.chainIndex == UInt32(index) else {
+                throw FormatError(name, offset: offsets[index] + 16,
+                                  .sequenceGap(expected: UInt64(index), found: UInt64(page.chainIndex)))
+            }
+            for descriptor in page.descriptors {
+                var reader = ByteReader(descriptor.payload[...], structure: name,
+                                        base: offsets[index] + UInt64(descriptor.offset) + 4)
+                switch DescriptorType(rawValue: descriptor.type) {
+                case .blobInfo:
+                    guard !sawInfo, descriptor.payload.count == 32 else {
+                        throw reader.error(.invalidField(name: "blob info descriptor", value: UInt64(descriptor.payload.count)))
+                    }
+                    sawInfo = true
+                    blob.clusterCount = try reader.u64()
+                    blob.flags = BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
+                                           readOnlyMetadata: try reader.u64())
+                case .extents:
+                    let count = Int(try reader.u16())
+                    guard descriptor.payload.count == 2 + count * extentBytes else {
+                        throw reader.error(.invalidField(name: "extent count", value: UInt64(count)), at: 0)
+                    }
+                    for _ in 0..<count {
+                        let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(),
+                                            firstCluster: try reader.u64())
+                        if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > extent.clusterIndex {
+                            throw reader.error(.invalidField(name: "extent order", value: extent.clusterIndex))
+                        }
+                        guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0)) }
+                        blob.extents.append(extent)
+                    }
+                case .xattr, .internalXattr:
+                    let nameLength = Int(try reader.u16())
+                    let valueLength = Int(try reader.u16())
+                    guard descriptor.payload.count == 4 + nameLength + valueLength, nameLength > 0 else {
+                        throw reader.error(.invalidField(name: "xattr lengths", value: UInt64(nameLength)), at: 0)
+                    }
+                    guard let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
+                        throw reader.error(.invalidField(name: "xattr name (not UTF-8)", value: UInt64(nameLength)), at: 4)
+                    }
+                    let value = try reader.raw(valueLength)
+                    if descriptor.type == DescriptorType.xattr.rawValue {
+                        blob.xattrs.append((name, value))
+                    } else {
+                        blob.internalXattrs.append((name, value))
+                    }
+                case nil:
+                    throw FormatError(name, offset: offsets[index] + UInt64(descriptor.offset),
+                                      .invalidField(name: "descriptor type", value: UInt64(descriptor.type)))
+                }
+            }
+        }
+        guard sawInfo else {
+            throw FormatError("metadata page \(pageIDs[0])", offset: offsets[0], .invalidField(name: "missing blob info", value: 0))
+        }
+        if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > blob.clusterCount {
+            throw FormatError("metadata page \(pageIDs[0])", offset: offsets[0],
+                              .invalidField(name: "extent beyond blob size", value: last.clusterIndex))
+        }
+        return blob
+    }
+}

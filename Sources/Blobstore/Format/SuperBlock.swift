@@ -1,0 +1,196 @@
+/// The super block: FORMAT.md, section "Super block". Two slots, pages 0 and 1; each
+/// write goes to slot `sequence % 2`, so a torn write leaves the other slot valid, and
+/// the valid slot with the higher sequence is current.
+public struct SuperBlock: Equatable, Sendable {
+    public static let magic: UInt64 = 0x524F_5453_424F_4C42  // "BLOBSTOR" little-endian
+    public static let version: UInt32 = 1
+    public static let pageBytes = 4096
+    public static let slotCount = 2
+    static let checksumOffset = 4092
+
+    /// Feature bits this code understands, per class (none yet: the classes exist so
+    /// that snapshots, clones and compression can be added without breaking old readers).
+    public static let knownIncompatible: UInt64 = 0
+    public static let knownReadOnlyData: UInt64 = 0
+    public static let knownReadOnlyMetadata: UInt64 = 0
+
+    public struct Region: Equatable, Sendable {
+        public var startPage: UInt64
+        public var pageCount: UInt64
+        public init(startPage: UInt64, pageCount: UInt64) {
+            self.startPage = startPage
+            self.pageCount = pageCount
+        }
+        public var endPage: UInt64 { startPage + pageCount }
+    }
+
+    public var incompatibleFeatures: UInt64 = 0
+    public var readOnlyDataFeatures: UInt64 = 0
+    public var readOnlyMetadataFeatures: UInt64 = 0
+    public var sequence: UInt64
+    public var storeID: (UInt64, UInt64)
+    public var blockSizeBytes: UInt32
+    public var clusterSizeBytes: UInt32
+    public var isClean: Bool
+    public var devicePages: UInt64
+    public var log: Region
+    /// One copy; the second copy follows the first.
+    public var table: Region
+    public var bitmaps: Region
+    public var metadataPages: Region
+    public var dataStartPage: UInt64
+    public var clusterCount: UInt64
+    public var blobIDLimit: UInt64
+    public var activeCopy: UInt8
+    public var checkpointLSN: UInt64
+    public var logTailSequence: UInt64
+    public var superBlobID: UInt64?
+
+    public static func == (lhs: SuperBlock, rhs: SuperBlock) -> Bool {
+        lhs.encode() == rhs.encode()
+    }
+
+    public init(sequence: UInt64, storeID: (UInt64, UInt64), blockSizeBytes: UInt32, clusterSizeBytes: UInt32,
+                isClean: Bool, devicePages: UInt64, log: Region, table: Region, bitmaps: Region,
+                metadataPages: Region, dataStartPage: UInt64, clusterCount: UInt64, blobIDLimit: UInt64,
+                activeCopy: UInt8, checkpointLSN: UInt64, logTailSequence: UInt64, superBlobID: UInt64?) {
+        self.sequence = sequence
+        self.storeID = storeID
+        self.blockSizeBytes = blockSizeBytes
+        self.clusterSizeBytes = clusterSizeBytes
+        self.isClean = isClean
+        self.devicePages = devicePages
+        self.log = log
+        self.table = table
+        self.bitmaps = bitmaps
+        self.metadataPages = metadataPages
+        self.dataStartPage = dataStartPage
+        self.clusterCount = clusterCount
+        self.blobIDLimit = blobIDLimit
+        self.activeCopy = activeCopy
+        self.checkpointLSN = checkpointLSN
+        self.logTailSequence = logTailSequence
+        self.superBlobID = superBlobID
+    }
+
+    public var slot: Int { Int(sequence % UInt64(Self.slotCount)) }
+    public var clusterPages: UInt64 { UInt64(clusterSizeBytes) / UInt64(Self.pageBytes) }
+
+    public func encode() -> [UInt8] {
+        var writer = ByteWriter(count: Self.pageBytes)
+        writer.u64(Self.magic)
+        writer.u32(Self.version)
+        writer.u32(0)  // reserved
+        writer.u64(incompatibleFeatures)
+        writer.u64(readOnlyDataFeatures)
+        writer.u64(readOnlyMetadataFeatures)
+        writer.u64(sequence)
+        writer.u64(storeID.0)
+        writer.u64(storeID.1)
+        writer.u32(blockSizeBytes)
+        writer.u32(UInt32(Self.pageBytes))
+        writer.u32(clusterSizeBytes)
+        writer.u32(isClean ? 1 : 0)
+        writer.u64(devicePages)
+        for region in [log, table, bitmaps, metadataPages] {
+            writer.u64(region.startPage)
+            writer.u64(region.pageCount)
+        }
+        writer.u64(dataStartPage)
+        writer.u64(clusterCount)
+        writer.u64(blobIDLimit)
+        writer.u8(activeCopy)
+        writer.raw([UInt8](repeating: 0, count: 7))
+        writer.u64(checkpointLSN)
+        writer.u64(logTailSequence)
+        writer.u64(superBlobID ?? UInt64.max)
+        writer.sealChecksum(over: 0..<Self.checksumOffset, at: Self.checksumOffset)
+        return writer.bytes
+    }
+
+    /// Decodes and validates one slot. `offset` is the slot's byte offset on the device.
+    public static func decode(_ bytes: ArraySlice<UInt8>, offset: UInt64) throws(FormatError) -> SuperBlock {
+        var reader = ByteReader(bytes, structure: "super block", base: offset)
+        guard bytes.count >= pageBytes else { throw reader.error(.truncated(needed: pageBytes, available: bytes.count)) }
+        let magic = try reader.u64()
+        guard magic == Self.magic else { throw reader.error(.badMagic(found: magic), at: 0) }
+        try reader.verifyChecksum(over: 0..<checksumOffset, at: checksumOffset)
+        let version = try reader.u32()
+        guard version == Self.version else { throw reader.error(.unsupportedVersion(version), at: 8) }
+        try reader.requireZero(12..<16)
+        _ = try reader.u32()
+        let incompatible = try reader.u64()
+        guard incompatible & ~knownIncompatible == 0 else {
+            throw reader.error(.unknownIncompatibleFeatures(incompatible & ~knownIncompatible), at: 16)
+        }
+        let readOnlyData = try reader.u64()
+        let readOnlyMetadata = try reader.u64()
+        let sequence = try reader.u64()
+        let storeID = (try reader.u64(), try reader.u64())
+        let blockSize = try reader.u32()
+        guard blockSize == 512 || blockSize == 4096 else {
+            throw reader.error(.invalidField(name: "block size", value: UInt64(blockSize)), at: 64)
+        }
+        let pageSize = try reader.u32()
+        guard pageSize == UInt32(pageBytes) else {
+            throw reader.error(.invalidField(name: "page size", value: UInt64(pageSize)), at: 68)
+        }
+        let clusterSize = try reader.u32()
+        guard clusterSize >= UInt32(pageBytes), clusterSize <= 1 << 20, clusterSize & (clusterSize - 1) == 0 else {
+            throw reader.error(.invalidField(name: "cluster size", value: UInt64(clusterSize)), at: 72)
+        }
+        let flags = try reader.u32()
+        guard flags & ~1 == 0 else { throw reader.error(.invalidField(name: "state flags", value: UInt64(flags)), at: 76) }
+        let devicePages = try reader.u64()
+        var regions: [Region] = []
+        for _ in 0..<4 { regions.append(Region(startPage: try reader.u64(), pageCount: try reader.u64())) }
+        let dataStart = try reader.u64()
+        let clusterCount = try reader.u64()
+        let blobIDLimit = try reader.u64()
+        let activeCopy = try reader.u8()
+        guard activeCopy <= 1 else { throw reader.error(.invalidField(name: "active copy", value: UInt64(activeCopy)), at: 176) }
+        try reader.requireZero(177..<184)
+        _ = try reader.raw(7)
+        let checkpointLSN = try reader.u64()
+        let logTail = try reader.u64()
+        let superBlob = try reader.u64()
+        try reader.requireZero(208..<checksumOffset)
+        let block = SuperBlock(
+            sequence: sequence, storeID: storeID, blockSizeBytes: blockSize, clusterSizeBytes: clusterSize,
+            isClean: flags & 1 == 1, devicePages: devicePages, log: regions[0], table: regions[1], bitmaps: regions[2],
+            metadataPages: regions[3], dataStartPage: dataStart, clusterCount: clusterCount, blobIDLimit: blobIDLimit,
+            activeCopy: activeCopy, checkpointLSN: checkpointLSN, logTailSequence: logTail,
+            superBlobID: superBlob == UInt64.max ? nil : superBlob)
+        var copy = block
+        copy.readOnlyDataFeatures = readOnlyData
+        copy.readOnlyMetadataFeatures = readOnlyMetadata
+        try copy.validateGeometry(reader)
+        return copy
+    }
+
+    /// Regions in order, inside the device, not overlapping; the data region holds the clusters.
+    private func validateGeometry(_ reader: ByteReader) throws(FormatError) {
+        let ordered: [(String, Region, Int)] = [
+            ("log region", log, 88), ("blob table region", Region(startPage: table.startPage, pageCount: table.pageCount * 2), 104),
+            ("bitmap region", Region(startPage: bitmaps.startPage, pageCount: bitmaps.pageCount * 2), 120),
+            ("metadata page region", metadataPages, 136),
+        ]
+        var next = UInt64(Self.slotCount)
+        for (name, region, at) in ordered {
+            guard region.startPage >= next, region.pageCount > 0,
+                  region.startPage.addingReportingOverflow(region.pageCount).overflow == false,
+                  region.endPage <= devicePages else {
+                throw reader.error(.invalidField(name: name + " start", value: region.startPage), at: at)
+            }
+            next = region.endPage
+        }
+        let (dataPages, overflow) = clusterCount.multipliedReportingOverflow(by: clusterPages)
+        guard dataStartPage >= next, !overflow, dataStartPage.addingReportingOverflow(dataPages).overflow == false,
+              dataStartPage + dataPages <= devicePages else {
+            throw reader.error(.invalidField(name: "cluster count", value: clusterCount), at: 160)
+        }
+        guard blobIDLimit > 0, blobIDLimit <= UInt64(table.pageCount) * UInt64(TablePage.entriesPerPage) else {
+            throw reader.error(.invalidField(name: "blob id limit", value: blobIDLimit), at: 168)
+        }
+    }
+}

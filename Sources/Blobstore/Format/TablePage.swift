@@ -1,0 +1,1 @@
+struct TablePage { static let entriesPerPage = 1018 }
