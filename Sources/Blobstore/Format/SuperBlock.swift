@@ -170,26 +170,32 @@ public struct SuperBlock: Equatable, Sendable {
 
     /// Regions in order, inside the device, not overlapping; the data region holds the clusters.
     private func validateGeometry(_ reader: ByteReader) throws(FormatError) {
+        func doubled(_ region: Region, _ name: String, _ at: Int) throws(FormatError) -> Region {
+            let (pages, overflow) = region.pageCount.multipliedReportingOverflow(by: 2)
+            guard !overflow else { throw reader.error(.invalidField(name: name + " pages", value: region.pageCount), at: at + 8) }
+            return Region(startPage: region.startPage, pageCount: pages)
+        }
         let ordered: [(String, Region, Int)] = [
-            ("log region", log, 88), ("blob table region", Region(startPage: table.startPage, pageCount: table.pageCount * 2), 104),
-            ("bitmap region", Region(startPage: bitmaps.startPage, pageCount: bitmaps.pageCount * 2), 120),
+            ("log region", log, 88),
+            ("blob table region", try doubled(table, "blob table region", 104), 104),
+            ("bitmap region", try doubled(bitmaps, "bitmap region", 120), 120),
             ("metadata page region", metadataPages, 136),
         ]
         var next = UInt64(Self.slotCount)
         for (name, region, at) in ordered {
-            guard region.startPage >= next, region.pageCount > 0,
-                  region.startPage.addingReportingOverflow(region.pageCount).overflow == false,
-                  region.endPage <= devicePages else {
+            let (end, overflow) = region.startPage.addingReportingOverflow(region.pageCount)
+            guard region.startPage >= next, region.pageCount > 0, !overflow, end <= devicePages else {
                 throw reader.error(.invalidField(name: name + " start", value: region.startPage), at: at)
             }
-            next = region.endPage
+            next = end
         }
         let (dataPages, overflow) = clusterCount.multipliedReportingOverflow(by: clusterPages)
-        guard dataStartPage >= next, !overflow, dataStartPage.addingReportingOverflow(dataPages).overflow == false,
-              dataStartPage + dataPages <= devicePages else {
+        let (dataEnd, endOverflow) = dataStartPage.addingReportingOverflow(dataPages)
+        guard dataStartPage >= next, !overflow, !endOverflow, dataEnd <= devicePages else {
             throw reader.error(.invalidField(name: "cluster count", value: clusterCount), at: 160)
         }
-        guard blobIDLimit > 0, blobIDLimit <= UInt64(table.pageCount) * UInt64(TablePage.entriesPerPage) else {
+        let (entries, entriesOverflow) = table.pageCount.multipliedReportingOverflow(by: UInt64(TablePage.entriesPerPage))
+        guard blobIDLimit > 0, !entriesOverflow, blobIDLimit <= entries else {
             throw reader.error(.invalidField(name: "blob id limit", value: blobIDLimit), at: 168)
         }
     }

@@ -1,0 +1,227 @@
+/// The metadata log: FORMAT.md, sections "Log page" and "Log records". Pages are only
+/// ever appended (a commit never rewrites a page that holds committed records), so a
+/// torn write can only damage records whose transaction was never acknowledged.
+
+/// One metadata change. Records are redo records: replaying a committed transaction on
+/// the state of the checkpoint it follows yields the state after it.
+public enum LogRecord: Equatable, Sendable {
+    case createBlob(id: UInt64)
+    case deleteBlob(id: UInt64)
+    case resizeBlob(id: UInt64, clusterCount: UInt64)
+    case mapExtent(id: UInt64, extent: Extent)
+    case unmapClusters(id: UInt64, clusterIndex: UInt64, count: UInt32)
+    case setXattr(id: UInt64, internal: Bool, name: String, value: [UInt8])
+    case removeXattr(id: UInt64, internal: Bool, name: String)
+    case setFlags(id: UInt64, flags: BlobFlags)
+    case setSuperBlob(id: UInt64?)
+    /// Ends a transaction of `recordCount` records (the commit included).
+    case commit(recordCount: UInt32)
+
+    var typeCode: UInt8 {
+        switch self {
+        case .createBlob: 1
+        case .deleteBlob: 2
+        case .resizeBlob: 3
+        case .mapExtent: 4
+        case .unmapClusters: 5
+        case .setXattr: 6
+        case .removeXattr: 7
+        case .setFlags: 8
+        case .setSuperBlob: 9
+        case .commit: 0xFF
+        }
+    }
+
+    /// The blob a record changes (nil for store-wide records).
+    public var blobID: UInt64? {
+        switch self {
+        case let .createBlob(id), let .deleteBlob(id), let .resizeBlob(id, _), let .mapExtent(id, _),
+             let .unmapClusters(id, _, _), let .setXattr(id, _, _, _), let .removeXattr(id, _, _), let .setFlags(id, _):
+            id
+        case .setSuperBlob, .commit: nil
+        }
+    }
+
+    func encodePayload() -> [UInt8] {
+        var writer = ByteWriter(count: LogPage.recordPayloadBytesMax)
+        switch self {
+        case let .createBlob(id), let .deleteBlob(id):
+            writer.u64(id)
+        case let .resizeBlob(id, count):
+            writer.u64(id); writer.u64(count)
+        case let .mapExtent(id, extent):
+            writer.u64(id); writer.u64(extent.clusterIndex); writer.u32(extent.count); writer.u64(extent.firstCluster)
+        case let .unmapClusters(id, index, count):
+            writer.u64(id); writer.u64(index); writer.u32(count)
+        case let .setXattr(id, isInternal, name, value):
+            let nameBytes = Array(name.utf8)
+            writer.u64(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.u16(UInt16(value.count))
+            writer.raw(nameBytes); writer.raw(value)
+        case let .removeXattr(id, isInternal, name):
+            let nameBytes = Array(name.utf8)
+            writer.u64(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.raw(nameBytes)
+        case let .setFlags(id, flags):
+            writer.u64(id); writer.u64(flags.invalid); writer.u64(flags.readOnlyData); writer.u64(flags.readOnlyMetadata)
+        case let .setSuperBlob(id):
+            writer.u64(id ?? UInt64.max)
+        case let .commit(count):
+            writer.u32(count)
+        }
+        return Array(writer.bytes[0..<writer.position])
+    }
+
+    static func decode(type: UInt8, payload: [UInt8], structure: String, offset: UInt64) throws(FormatError) -> LogRecord {
+        var reader = ByteReader(payload[...], structure: structure, base: offset)
+        let record: LogRecord
+        switch type {
+        case 1: record = .createBlob(id: try reader.u64())
+        case 2: record = .deleteBlob(id: try reader.u64())
+        case 3: record = .resizeBlob(id: try reader.u64(), clusterCount: try reader.u64())
+        case 4:
+            let id = try reader.u64()
+            let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(), firstCluster: try reader.u64())
+            guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0)) }
+            record = .mapExtent(id: id, extent: extent)
+        case 5:
+            record = .unmapClusters(id: try reader.u64(), clusterIndex: try reader.u64(), count: try reader.u32())
+        case 6, 7:
+            let id = try reader.u64()
+            let isInternal = try reader.u8()
+            guard isInternal <= 1 else { throw reader.error(.invalidField(name: "xattr class", value: UInt64(isInternal))) }
+            let nameLength = Int(try reader.u16())
+            let valueLength = type == 6 ? Int(try reader.u16()) : 0
+            guard nameLength > 0, let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
+                throw reader.error(.invalidField(name: "xattr name", value: UInt64(nameLength)))
+            }
+            record = type == 6
+                ? .setXattr(id: id, internal: isInternal == 1, name: name, value: try reader.raw(valueLength))
+                : .removeXattr(id: id, internal: isInternal == 1, name: name)
+        case 8:
+            record = .setFlags(id: try reader.u64(), flags: BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
+                                                                      readOnlyMetadata: try reader.u64()))
+        case 9:
+            let id = try reader.u64()
+            record = .setSuperBlob(id: id == UInt64.max ? nil : id)
+        case 0xFF:
+            let count = try reader.u32()
+            guard count > 0 else { throw reader.error(.invalidField(name: "commit record count", value: 0)) }
+            record = .commit(recordCount: count)
+        default:
+            throw reader.error(.invalidField(name: "record type", value: UInt64(type)))
+        }
+        guard reader.remaining == 0 else {
+            throw reader.error(.invalidField(name: "record length", value: UInt64(payload.count)))
+        }
+        return record
+    }
+}
+
+/// A record as stored: its log sequence number and transaction.
+public struct LoggedRecord: Equatable, Sendable {
+    public var lsn: UInt64
+    public var transaction: UInt64
+    public var record: LogRecord
+
+    public init(lsn: UInt64, transaction: UInt64, record: LogRecord) {
+        self.lsn = lsn
+        self.transaction = transaction
+        self.record = record
+    }
+}
+
+public enum LogPage {
+    public static let magic: UInt32 = 0x474F_4C42  // "BLOG"
+    public static let headerBytes = 32
+    public static let recordHeaderBytes = 24
+    static let pageBytes = SuperBlock.pageBytes
+    public static let recordPayloadBytesMax = pageBytes - headerBytes - recordHeaderBytes
+
+    /// Encoded size of a record.
+    public static func encodedBytes(_ record: LogRecord) -> Int {
+        recordHeaderBytes + record.encodePayload().count
+    }
+
+    /// One page holding `records` (which must fit: see `encodedBytes`).
+    public static func encode(sequence: UInt64, storeTag: UInt64, records: [LoggedRecord]) -> [UInt8] {
+        var writer = ByteWriter(count: pageBytes)
+        writer.u32(magic)
+        writer.u32(0)  // checksum
+        writer.u64(sequence)
+        writer.u64(storeTag)
+        writer.u16(0)  // used bytes, set below
+        writer.u16(UInt16(records.count))
+        writer.u32(0)
+        for logged in records {
+            let payload = logged.record.encodePayload()
+            let start = writer.position
+            writer.u32(0)
+            writer.u16(UInt16(payload.count))
+            writer.u8(logged.record.typeCode)
+            writer.u8(0)
+            writer.u64(logged.lsn)
+            writer.u64(logged.transaction)
+            writer.raw(payload)
+            writer.sealChecksum(over: (start + 4)..<writer.position, at: start)
+        }
+        let used = writer.position - headerBytes
+        writer.seek(24)
+        writer.u16(UInt16(used))
+        writer.sealChecksum(over: 8..<pageBytes, at: 4)
+        return writer.bytes
+    }
+
+    public struct Decoded: Equatable, Sendable {
+        public var sequence: UInt64
+        public var storeTag: UInt64
+        public var records: [LoggedRecord]
+    }
+
+    /// Decodes and validates one page; `offset` is its device byte offset.
+    public static func decode(_ bytes: ArraySlice<UInt8>, offset: UInt64) throws(FormatError) -> Decoded {
+        var reader = ByteReader(bytes, structure: "log page", base: offset)
+        guard bytes.count >= pageBytes else { throw reader.error(.truncated(needed: pageBytes, available: bytes.count)) }
+        let found = try reader.u32()
+        guard found == magic else { throw reader.error(.badMagic(found: UInt64(found)), at: 0) }
+        try reader.verifyChecksum(over: 8..<pageBytes, at: 4)
+        _ = try reader.u32()
+        let sequence = try reader.u64()
+        let storeTag = try reader.u64()
+        let used = Int(try reader.u16())
+        let count = Int(try reader.u16())
+        try reader.requireZero(28..<32)
+        _ = try reader.u32()
+        guard used <= pageBytes - headerBytes else {
+            throw reader.error(.invalidField(name: "used bytes", value: UInt64(used)), at: 24)
+        }
+        var records: [LoggedRecord] = []
+        for index in 0..<count {
+            let start = reader.position
+            guard start + recordHeaderBytes <= headerBytes + used else {
+                throw reader.error(.invalidField(name: "record count", value: UInt64(count)), at: 26)
+            }
+            let structure = "log page \(sequence) record \(index)"
+            var header = ByteReader(bytes, structure: structure, base: offset)
+            try header.seek(start)
+            _ = try header.u32()
+            let length = Int(try header.u16())
+            guard start + recordHeaderBytes + length <= headerBytes + used else {
+                throw header.error(.invalidField(name: "record length", value: UInt64(length)), at: start + 4)
+            }
+            try header.verifyChecksum(over: (start + 4)..<(start + recordHeaderBytes + length), at: start)
+            let type = try header.u8()
+            _ = try header.u8()
+            let lsn = try header.u64()
+            let transaction = try header.u64()
+            let payload = try header.raw(length)
+            let record = try LogRecord.decode(type: type, payload: payload, structure: structure,
+                                              offset: offset + UInt64(start + recordHeaderBytes))
+            records.append(LoggedRecord(lsn: lsn, transaction: transaction, record: record))
+            try reader.seek(start + recordHeaderBytes + length)
+        }
+        guard reader.position == headerBytes + used else {
+            throw reader.error(.invalidField(name: "used bytes", value: UInt64(used)), at: 24)
+        }
+        try reader.requireZero((headerBytes + used)..<pageBytes)
+        return Decoded(sequence: sequence, storeTag: storeTag, records: records)
+    }
+}

@@ -1,0 +1,316 @@
+import XCTest
+import Env
+@testable import Blobstore
+
+/// Boundary cases of the on-disk format, with bytes edited on purpose (LevelDB's
+/// log_test style): every bad input is a typed FormatError naming the structure and
+/// offset, never a crash.
+final class FormatTests: XCTestCase {
+    static func sampleSuperBlock() -> SuperBlock {
+        SuperBlock(sequence: 7, storeID: (0x1122, 0x3344), blockSizeBytes: 4096, clusterSizeBytes: 4096, isClean: true,
+                   devicePages: 1 << 18, log: .init(startPage: 2, pageCount: 256),
+                   table: .init(startPage: 258, pageCount: 4), bitmaps: .init(startPage: 266, pageCount: 4),
+                   metadataPages: .init(startPage: 274, pageCount: 4096), dataStartPage: 4370,
+                   clusterCount: (1 << 18) - 4370, blobIDLimit: 4 * UInt64(TablePage.entriesPerPage), activeCopy: 1,
+                   checkpointLSN: 99, logTailSequence: 12, superBlobID: 3)
+    }
+
+    static func sampleBlob(extents: Int = 3) -> BlobMetadata {
+        BlobMetadata(
+            id: 42, clusterCount: UInt64(extents) * 10 + 5, flags: BlobFlags(readOnlyMetadata: 2),
+            extents: (0..<extents).map { Extent(clusterIndex: UInt64($0) * 10, count: 7, firstCluster: 1000 + UInt64($0) * 64) },
+            xattrs: [("name", Array("file.txt".utf8)), ("empty", [])],
+            internalXattrs: [("fs.inode", [1, 2, 3, 4])])
+    }
+
+    /// Recomputes a structure's CRC after an edit, so the edit reaches field validation.
+    static func reseal(_ bytes: inout [UInt8], over range: Range<Int>, at: Int) {
+        let crc = bytes[range].withUnsafeBytes { CRC32C.checksum($0) }
+        for index in 0..<4 { bytes[at + index] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(index))) }
+    }
+
+    private func expectProblem<T>(_ expected: FormatError.Problem, structure: String? = nil, offset: UInt64? = nil,
+                                  _ body: () throws -> T, file: StaticString = #filePath, line: UInt = #line) {
+        do {
+            _ = try body()
+            XCTFail("decoded; expected \(expected)", file: file, line: line)
+        } catch let error as FormatError {
+            XCTAssertEqual(error.problem, expected, "\(error)", file: file, line: line)
+            if let structure { XCTAssertEqual(error.structure, structure, file: file, line: line) }
+            if let offset { XCTAssertEqual(error.offset, offset, "\(error)", file: file, line: line) }
+        } catch {
+            XCTFail("unexpected \(error)", file: file, line: line)
+        }
+    }
+
+    // MARK: - Super block
+
+    func testSuperBlockRoundTrip() throws {
+        let block = Self.sampleSuperBlock()
+        let bytes = block.encode()
+        XCTAssertEqual(bytes.count, 4096)
+        XCTAssertEqual(Array(bytes[0..<8]), Array("BLOBSTOR".utf8))
+        XCTAssertEqual(try SuperBlock.decode(bytes[...], offset: 4096), block)
+        XCTAssertEqual(block.slot, 1)
+    }
+
+    func testSuperBlockBadMagic() {
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[0] = UInt8(ascii: "X")
+        expectProblem(.badMagic(found: 0x524F_5453_424F_4C58), structure: "super block", offset: 4096) {
+            try SuperBlock.decode(bytes[...], offset: 4096)
+        }
+    }
+
+    func testSuperBlockBadChecksum() {
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[200] ^= 1
+        do {
+            _ = try SuperBlock.decode(bytes[...], offset: 0)
+            XCTFail("decoded a corrupt super block")
+        } catch let error as FormatError {
+            guard case .badChecksum = error.problem else { return XCTFail("\(error)") }
+            XCTAssertEqual(error.offset, 4092)
+        } catch { XCTFail("\(error)") }
+    }
+
+    func testSuperBlockTruncated() {
+        let bytes = Self.sampleSuperBlock().encode()
+        expectProblem(.truncated(needed: 4096, available: 4000), offset: 0) { try SuperBlock.decode(bytes[0..<4000], offset: 0) }
+    }
+
+    func testSuperBlockUnknownIncompatibleFeature() {
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[16 + 5] = 0x80  // bit 47 of the incompatible set
+        Self.reseal(&bytes, over: 0..<4092, at: 4092)
+        expectProblem(.unknownIncompatibleFeatures(1 << 47), offset: 16) { try SuperBlock.decode(bytes[...], offset: 0) }
+    }
+
+    func testSuperBlockUnknownReadOnlyFeaturesAreKept() throws {
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[24] = 0x01
+        bytes[32] = 0x02
+        Self.reseal(&bytes, over: 0..<4092, at: 4092)
+        let block = try SuperBlock.decode(bytes[...], offset: 0)
+        XCTAssertEqual(block.readOnlyDataFeatures, 1)
+        XCTAssertEqual(block.readOnlyMetadataFeatures, 2)
+    }
+
+    func testSuperBlockUnsupportedVersionAndReservedBytes() {
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[8] = 2
+        Self.reseal(&bytes, over: 0..<4092, at: 4092)
+        expectProblem(.unsupportedVersion(2), offset: 8) { try SuperBlock.decode(bytes[...], offset: 0) }
+        bytes = Self.sampleSuperBlock().encode()
+        bytes[3000] = 1
+        Self.reseal(&bytes, over: 0..<4092, at: 4092)
+        expectProblem(.reservedNotZero, offset: 3000) { try SuperBlock.decode(bytes[...], offset: 0) }
+    }
+
+    func testSuperBlockOverlappingRegions() {
+        var block = Self.sampleSuperBlock()
+        block.table.startPage = 100  // inside the log
+        expectProblem(.invalidField(name: "blob table region start", value: 100), offset: 104) {
+            try SuperBlock.decode(block.encode()[...], offset: 0)
+        }
+        block = Self.sampleSuperBlock()
+        block.clusterCount += 1  // one cluster past the device's end
+        expectProblem(.invalidField(name: "cluster count", value: block.clusterCount), offset: 160) {
+            try SuperBlock.decode(block.encode()[...], offset: 0)
+        }
+    }
+
+    // MARK: - Metadata pages
+
+    func testMetadataChainRoundTrip() throws {
+        for extents in [0, 3, 250, 600] {
+            let blob = Self.sampleBlob(extents: extents)
+            let count = MetadataPage.pagesNeeded(for: blob)
+            let ids = (0..<count).map { UInt32(500 + $0 * 3) }
+            let pages = MetadataPage.encodeChain(blob, pageIDs: ids, checkpointSequence: 9)
+            XCTAssertEqual(pages.count, count)
+            let decoded = try pages.enumerated().map { try MetadataPage.decodePage($1[...], offset: UInt64(ids[$0]) * 4096, pageID: ids[$0]) }
+            for (index, page) in decoded.enumerated() {
+                XCTAssertEqual(page.nextPage, index + 1 < ids.count ? ids[index + 1] : nil)
+                XCTAssertEqual(page.checkpointSequence, 9)
+            }
+            XCTAssertEqual(try MetadataPage.decodeBlob(decoded, pageIDs: ids, offsets: ids.map { UInt64($0) * 4096 }), blob,
+                           "\(extents) extents over \(count) pages")
+        }
+        XCTAssertGreaterThan(MetadataPage.pagesNeeded(for: Self.sampleBlob(extents: 600)), 2)
+    }
+
+    func testMetadataPageBadChecksumAndMagic() {
+        var page = MetadataPage.encodeChain(Self.sampleBlob(), pageIDs: [7], checkpointSequence: 1)[0]
+        page[100] ^= 0x40
+        do {
+            _ = try MetadataPage.decodePage(page[...], offset: 7 * 4096, pageID: 7)
+            XCTFail("decoded")
+        } catch let error as FormatError {
+            XCTAssertEqual(error.structure, "metadata page 7")
+            XCTAssertEqual(error.offset, 7 * 4096 + 4)
+            guard case .badChecksum = error.problem else { return XCTFail("\(error)") }
+        } catch { XCTFail("\(error)") }
+        page = MetadataPage.encodeChain(Self.sampleBlob(), pageIDs: [7], checkpointSequence: 1)[0]
+        page[0] = 0
+        expectProblem(.badMagic(found: 0x5044_4D00), structure: "metadata page 7", offset: 7 * 4096) {
+            try MetadataPage.decodePage(page[...], offset: 7 * 4096, pageID: 7)
+        }
+    }
+
+    func testTruncatedChainIsASequenceGap() throws {
+        let blob = Self.sampleBlob(extents: 600)
+        let ids = (0..<MetadataPage.pagesNeeded(for: blob)).map { UInt32(10 + $0) }
+        let pages = MetadataPage.encodeChain(blob, pageIDs: ids, checkpointSequence: 1)
+        // The chain's second page is lost: the third follows the first.
+        let kept = [0, 2].map { try! MetadataPage.decodePage(pages[$0][...], offset: UInt64(ids[$0]) * 4096, pageID: ids[$0]) }
+        expectProblem(.sequenceGap(expected: 1, found: 2), structure: "metadata page 12", offset: 12 * 4096 + 16) {
+            try MetadataPage.decodeBlob(kept, pageIDs: [ids[0], ids[2]], offsets: [UInt64(ids[0]) * 4096, UInt64(ids[2]) * 4096])
+        }
+        // A chain cut after its first page loses extents and no longer covers the blob's clusters.
+        let first = try MetadataPage.decodePage(pages[0][...], offset: 0, pageID: ids[0])
+        XCTAssertNotNil(first.nextPage)
+        XCTAssertNotEqual(try? MetadataPage.decodeBlob([first], pageIDs: [ids[0]], offsets: [0]), blob)
+    }
+
+    func testUnknownDescriptorType() {
+        var page = MetadataPage.encodeChain(Self.sampleBlob(), pageIDs: [3], checkpointSequence: 1)[0]
+        page[MetadataPage.headerBytes] = 77  // the first descriptor's type
+        Self.reseal(&page, over: 8..<4096, at: 4)
+        expectProblem(.invalidField(name: "descriptor type", value: 77), structure: "metadata page 3",
+                      offset: 3 * 4096 + UInt64(MetadataPage.headerBytes)) {
+            let decoded = try MetadataPage.decodePage(page[...], offset: 3 * 4096, pageID: 3)
+            return try MetadataPage.decodeBlob([decoded], pageIDs: [3], offsets: [3 * 4096])
+        }
+    }
+
+    // MARK: - Log
+
+    static func transaction(_ id: UInt64, firstLSN: UInt64, _ records: [LogRecord]) -> [LoggedRecord] {
+        let all = records + [.commit(recordCount: UInt32(records.count + 1))]
+        return all.enumerated().map { LoggedRecord(lsn: firstLSN + UInt64($0), transaction: id, record: $1) }
+    }
+
+    static let everyRecordKind: [LogRecord] = [
+        .createBlob(id: 5), .resizeBlob(id: 5, clusterCount: 100),
+        .mapExtent(id: 5, extent: Extent(clusterIndex: 3, count: 4, firstCluster: 99)),
+        .unmapClusters(id: 5, clusterIndex: 3, count: 1),
+        .setXattr(id: 5, internal: false, name: "user.x", value: [9, 8, 7]),
+        .setXattr(id: 5, internal: true, name: "mode", value: []),
+        .removeXattr(id: 5, internal: false, name: "user.x"),
+        .setFlags(id: 5, flags: BlobFlags(invalid: 1, readOnlyData: 2, readOnlyMetadata: 3)),
+        .setSuperBlob(id: 5), .setSuperBlob(id: nil), .deleteBlob(id: 5),
+    ]
+
+    func testLogPageRoundTripWithEveryRecordKind() throws {
+        let records = Self.transaction(3, firstLSN: 40, Self.everyRecordKind)
+        let page = LogPage.encode(sequence: 17, storeTag: 0xABCD, records: records)
+        let decoded = try LogPage.decode(page[...], offset: 8192)
+        XCTAssertEqual(decoded.sequence, 17)
+        XCTAssertEqual(decoded.storeTag, 0xABCD)
+        XCTAssertEqual(decoded.records, records)
+    }
+
+    /// A log over `pages` pages holding `transactions`, for the scanner tests.
+    private func logImage(pages: UInt64, tag: UInt64 = 1, content: [(sequence: UInt64, records: [LoggedRecord])])
+        -> [UInt64: [UInt8]] {
+        var image: [UInt64: [UInt8]] = [:]
+        for (sequence, records) in content {
+            image[sequence % pages] = LogPage.encode(sequence: sequence, storeTag: tag, records: records)
+        }
+        return image
+    }
+
+    private func scan(_ image: [UInt64: [UInt8]], pages: UInt64, tail: UInt64, lsn: UInt64, transaction: UInt64) -> LogScan {
+        LogScanner.scan(tailSequence: tail, logPages: pages, storeTag: 1, firstLSN: lsn, firstTransaction: transaction) {
+            (image[$0 % pages] ?? [UInt8](repeating: 0, count: 4096), ($0 % pages) * 4096)
+        }
+    }
+
+    func testRecordTornAtEveryByteOffset() throws {
+        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1), .resizeBlob(id: 1, clusterCount: 8)])
+        let second = Self.transaction(2, firstLSN: 4, Self.everyRecordKind)
+        // A 4-page log on its second lap: sequence 5 at index 1, sequence 6 at index 2,
+        // over the first lap's page 2.
+        let goodPage = LogPage.encode(sequence: 5, storeTag: 1, records: first)
+        let lastPage = LogPage.encode(sequence: 6, storeTag: 1, records: second)
+        let stale = LogPage.encode(sequence: 2, storeTag: 1, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: 7)]))
+        let used = LogPage.headerBytes + second.reduce(0) { $0 + LogPage.encodedBytes($1.record) }
+        for tear in 0..<used {
+            // The device wrote the first `tear` bytes of the page; the rest is what was there.
+            let torn = Array(lastPage[0..<tear]) + Array(stale[tear...])
+            if torn == lastPage { continue }  // the bytes not written happen to match
+            if let decoded = try? LogPage.decode(torn[...], offset: 0) {
+                XCTAssertEqual(decoded.sequence, 2, "tear at \(tear): only the stale page itself decodes")
+            }
+            let result = scan([1: goodPage, 2: torn], pages: 4, tail: 5, lsn: 1, transaction: 1)
+            XCTAssertEqual(result.transactions.count, 1, "tear at \(tear)")
+            XCTAssertEqual(result.transactions.first, Array(first.dropLast()))
+            XCTAssertEqual(result.endSequence, 6)
+            XCTAssertNotNil(result.stop)
+        }
+        let whole = scan([1: goodPage, 2: lastPage], pages: 4, tail: 5, lsn: 1, transaction: 1)
+        XCTAssertEqual(whole.transactions.count, 2)
+        XCTAssertEqual(whole.nextLSN, 4 + UInt64(second.count))
+    }
+
+    func testLogWrapStopsAtAStalePage() {
+        let pages: UInt64 = 4
+        var lsn: UInt64 = 10
+        // Sequence 4 was written at index 0 before the checkpoint moved the tail to 5.
+        var content: [(UInt64, [LoggedRecord])] = [(4, Self.transaction(4, firstLSN: 7, [.createBlob(id: 9)]))]
+        for sequence in UInt64(5)...7 {
+            let records = Self.transaction(sequence, firstLSN: lsn, [.createBlob(id: sequence)])
+            content.append((sequence, records))
+            lsn += UInt64(records.count)
+        }
+        let image = logImage(pages: pages, content: content)
+        let result = scan(image, pages: pages, tail: 5, lsn: 10, transaction: 5)
+        XCTAssertEqual(result.transactions.map { $0.map(\.record) }, [[.createBlob(id: 5)], [.createBlob(id: 6)], [.createBlob(id: 7)]])
+        XCTAssertEqual(result.endSequence, 8)
+        XCTAssertEqual(result.stop?.problem, .sequenceGap(expected: 8, found: 4))
+        XCTAssertEqual(result.stop?.offset, 0 * 4096 + 8, "page 8 lives at index 0; its sequence field is at byte 8")
+    }
+
+    func testLSNGapStopsReplay() {
+        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)])
+        let skipped = Self.transaction(2, firstLSN: 5, [.createBlob(id: 2)])  // LSNs 3 and 4 are missing
+        let image = logImage(pages: 8, content: [(0, first), (1, skipped)])
+        let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
+        XCTAssertEqual(result.transactions.count, 1)
+        XCTAssertEqual(result.stop?.problem, .sequenceGap(expected: 3, found: 5))
+        XCTAssertEqual(result.stop?.structure, "log page 1 record 0")
+    }
+
+    func testUncommittedTailIsDiscarded() {
+        let committed = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)])
+        let open = [LoggedRecord(lsn: 3, transaction: 2, record: .createBlob(id: 2))]
+        let image = logImage(pages: 8, content: [(0, committed), (1, open)])
+        let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
+        XCTAssertEqual(result.transactions.count, 1)
+        XCTAssertEqual(result.uncommittedRecords, 1)
+        XCTAssertEqual(result.endSequence, 1, "appending resumes over the uncommitted page")
+        XCTAssertEqual(result.nextLSN, 3)
+    }
+
+    func testAnotherStoresLogPageEndsTheLog() {
+        let image: [UInt64: [UInt8]] = [0: LogPage.encode(sequence: 0, storeTag: 2, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)]))]
+        let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
+        XCTAssertEqual(result.transactions.count, 0)
+        XCTAssertEqual(result.stop?.problem, .invalidField(name: "store tag", value: 2))
+    }
+
+    func testTableAndBitmapPages() throws {
+        let payload = ArraySlice((0..<ArrayPage.payloadBytes).map { UInt8(truncatingIfNeeded: $0) })
+        let page = ArrayPage.encode(kind: .bitmap, checkpointSequence: 4, pageIndex: 2, payload: payload)
+        let decoded = try ArrayPage.decode(page[...], kind: .bitmap, pageIndex: 2, offset: 0)
+        XCTAssertEqual(decoded.checkpointSequence, 4)
+        XCTAssertEqual(Array(decoded.payload), Array(payload))
+        expectProblem(.badMagic(found: UInt64(ArrayPageKind.bitmap.rawValue)), structure: "blob table page 2") {
+            try ArrayPage.decode(page[...], kind: .table, pageIndex: 2, offset: 0)
+        }
+        expectProblem(.invalidField(name: "page index", value: 2), structure: "bitmap page 3", offset: 16) {
+            try ArrayPage.decode(page[...], kind: .bitmap, pageIndex: 3, offset: 0)
+        }
+    }
+}
