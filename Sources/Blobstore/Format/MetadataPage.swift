@@ -62,9 +62,9 @@ public enum MetadataPage {
     public static let headerBytes = 40
     public static let noNextPage = UInt32.max
     static let pageBytes = SuperBlock.pageBytes
-    /// Longest xattr name and value that fit one descriptor.
+    /// Longest xattr name and value: they must fit one descriptor and one log record.
     public static let xattrNameBytesMax = 255
-    public static let xattrValueBytesMax = pageBytes - headerBytes - 4 - 4 - xattrNameBytesMax
+    public static let xattrValueBytesMax = LogPage.recordPayloadBytesMax - 13 - xattrNameBytesMax
 
     enum DescriptorType: UInt8 {
         case blobInfo = 1
