@@ -70,7 +70,7 @@ final class FormatFuzzTests: XCTestCase {
                                   records: FormatTests.transaction(1, firstLSN: 1, FormatTests.everyRecordKind))
         fuzz("log page", seed: page, checksum: (8..<4096, 4)) { bytes in
             _ = try LogPage.decode(bytes[...], offset: 0)
-            let scan = LogScanner.scan(tailSequence: 0, logPages: 2, storeTag: 1, firstLSN: 1, firstTransaction: 1) {
+            let scan = LogScanner.scan(tailSequence: 0, logPages: 2, storeTag: 1, firstLSN: 1) {
                 ($0 == 0 ? bytes : [UInt8](repeating: 0, count: 4096), $0 * 4096)
             }
             XCTAssertLessThanOrEqual(scan.transactions.count, 1)

@@ -188,7 +188,7 @@ final class FormatTests: XCTestCase {
 
     static func transaction(_ id: UInt64, firstLSN: UInt64, _ records: [LogRecord]) -> [LoggedRecord] {
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
-        return all.enumerated().map { LoggedRecord(lsn: firstLSN + UInt64($0), transaction: id, record: $1) }
+        return all.enumerated().map { LoggedRecord(lsn: firstLSN + UInt64($0), transaction: firstLSN, record: $1) }
     }
 
     static let everyRecordKind: [LogRecord] = [
@@ -222,7 +222,7 @@ final class FormatTests: XCTestCase {
     }
 
     private func scan(_ image: [UInt64: [UInt8]], pages: UInt64, tail: UInt64, lsn: UInt64, transaction: UInt64) -> LogScan {
-        LogScanner.scan(tailSequence: tail, logPages: pages, storeTag: 1, firstLSN: lsn, firstTransaction: transaction) {
+        LogScanner.scan(tailSequence: tail, logPages: pages, storeTag: 1, firstLSN: lsn) {
             (image[$0 % pages] ?? [UInt8](repeating: 0, count: 4096), ($0 % pages) * 4096)
         }
     }
@@ -284,7 +284,7 @@ final class FormatTests: XCTestCase {
 
     func testUncommittedTailIsDiscarded() {
         let committed = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)])
-        let open = [LoggedRecord(lsn: 3, transaction: 2, record: .createBlob(id: 2))]
+        let open = [LoggedRecord(lsn: 3, transaction: 3, record: .createBlob(id: 2))]
         let image = logImage(pages: 8, content: [(0, committed), (1, open)])
         let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
         XCTAssertEqual(result.transactions.count, 1)

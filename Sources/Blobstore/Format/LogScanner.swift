@@ -8,8 +8,6 @@ public struct LogScan: Sendable {
     public var endSequence: UInt64
     /// The LSN the next record gets.
     public var nextLSN: UInt64
-    /// The transaction id the next transaction gets.
-    public var nextTransaction: UInt64
     /// Why the scan stopped (nil when it read the whole region).
     public var stop: FormatError?
     /// Records of a transaction without its commit record at the end of the log.
@@ -20,14 +18,14 @@ public enum LogScanner {
     /// - Parameters:
     ///   - tailSequence: sequence of the first page to read (from the super block).
     ///   - logPages: size of the circular region; page `s` lives at index `s % logPages`.
-    ///   - firstLSN / firstTransaction: what the first record must carry (from the checkpoint).
+    ///   - firstLSN: the LSN the first record must carry (checkpoint LSN + 1). A transaction's
+    ///     id is the LSN of its first record.
     ///   - read: returns the page with sequence `s` and its device byte offset.
     public static func scan(tailSequence: UInt64, logPages: UInt64, storeTag: UInt64, firstLSN: UInt64,
-                            firstTransaction: UInt64,
                             read: (UInt64) throws -> (bytes: [UInt8], offset: UInt64)) -> LogScan {
-        var scan = LogScan(endSequence: tailSequence, nextLSN: firstLSN, nextTransaction: firstTransaction)
+        var scan = LogScan(endSequence: tailSequence, nextLSN: firstLSN)
         var open: [LoggedRecord] = []
-        var validEnd = (sequence: tailSequence, lsn: firstLSN, transaction: firstTransaction)
+        var validEnd = (sequence: tailSequence, lsn: firstLSN)
         pages: for sequence in tailSequence..<(tailSequence + logPages) {
             let page: LogPage.Decoded
             let offset: UInt64
@@ -57,7 +55,7 @@ public enum LogScanner {
                     scan.stop = FormatError(recordName, offset: offset, .sequenceGap(expected: scan.nextLSN, found: logged.lsn))
                     break pages
                 }
-                let expectedTransaction = open.first?.transaction ?? scan.nextTransaction
+                let expectedTransaction = open.first?.transaction ?? logged.lsn
                 guard logged.transaction == expectedTransaction else {
                     scan.stop = FormatError(recordName, offset: offset,
                                             .sequenceGap(expected: expectedTransaction, found: logged.transaction))
@@ -71,20 +69,18 @@ public enum LogScanner {
                     }
                     scan.transactions.append(open)
                     open = []
-                    scan.nextTransaction = logged.transaction + 1
-                    validEnd = (sequence + 1, scan.nextLSN, scan.nextTransaction)
+                    validEnd = (sequence + 1, scan.nextLSN)
                 } else {
                     open.append(logged)
                 }
             }
-            if open.isEmpty { validEnd = (sequence + 1, scan.nextLSN, scan.nextTransaction) }
+            if open.isEmpty { validEnd = (sequence + 1, scan.nextLSN) }
         }
         // Appending resumes after the last page that ended a transaction: an uncommitted
         // tail is discarded and its pages overwritten.
         scan.uncommittedRecords = open.count
         scan.endSequence = validEnd.sequence
         scan.nextLSN = validEnd.lsn
-        scan.nextTransaction = validEnd.transaction
         return scan
     }
 }
