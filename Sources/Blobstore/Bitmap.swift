@@ -1,0 +1,71 @@
+/// An in-memory bit set with a next-free search; the allocation bitmaps of a loaded store.
+public struct Bitmap: Equatable, Sendable {
+    public private(set) var count: UInt64
+    private var words: [UInt64]
+    public private(set) var setCount: UInt64 = 0
+
+    public init(count: UInt64) {
+        self.count = count
+        words = [UInt64](repeating: 0, count: Int((count + 63) / 64))
+    }
+
+    public subscript(index: UInt64) -> Bool {
+        precondition(index < count, "bit \(index) of \(count)")
+        return words[Int(index / 64)] & (1 << (index % 64)) != 0
+    }
+
+    public mutating func set(_ index: UInt64) {
+        precondition(!self[index], "bit \(index) set twice")
+        words[Int(index / 64)] |= 1 << (index % 64)
+        setCount += 1
+    }
+
+    public mutating func clear(_ index: UInt64) {
+        precondition(self[index], "bit \(index) cleared twice")
+        words[Int(index / 64)] &= ~(1 << (index % 64))
+        setCount -= 1
+    }
+
+    /// First clear bit at or after `start`, wrapping around; nil when all are set.
+    public func firstClear(from start: UInt64 = 0) -> UInt64? {
+        guard setCount < count else { return nil }
+        var index = start % max(count, 1)
+        for _ in 0..<2 {
+            while index < count {
+                let word = words[Int(index / 64)] | ((1 << (index % 64)) &- 1)
+                if word != UInt64.max {
+                    let bit = (index / 64) * 64 + UInt64((~word).trailingZeroBitCount)
+                    if bit < count { return bit }
+                    break
+                }
+                index = (index / 64 + 1) * 64
+            }
+            index = 0
+        }
+        return nil
+    }
+
+    /// Length of the run of clear bits starting at `start`, up to `limit`.
+    public func clearRun(from start: UInt64, limit: UInt64) -> UInt64 {
+        var length: UInt64 = 0
+        while length < limit, start + length < count, !self[start + length] { length += 1 }
+        return length
+    }
+
+    /// The bytes of the on-disk form: bit i in byte i/8, bit i%8.
+    public func bytes() -> [UInt8] {
+        var result = [UInt8](repeating: 0, count: Int((count + 7) / 8))
+        for index in result.indices {
+            result[index] = UInt8(truncatingIfNeeded: words[index / 8] >> (8 * UInt64(index % 8)))
+        }
+        return result
+    }
+
+    public init(count: UInt64, bytes: ArraySlice<UInt8>) {
+        self.init(count: count)
+        for index in 0..<count where bytes[bytes.startIndex + Int(index / 8)] & (1 << (index % 8)) != 0 {
+            words[Int(index / 64)] |= 1 << (index % 64)
+            setCount += 1
+        }
+    }
+}

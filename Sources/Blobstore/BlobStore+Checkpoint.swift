@@ -1,0 +1,231 @@
+import Bdev
+
+extension BlobStore {
+    /// Writes changed blobs to fresh metadata pages, the table and bitmaps to the
+    /// inactive copy, flushes, then switches the super block and flushes again. The log
+    /// before `logHead` is no longer needed afterwards.
+    public func checkpoint(clean: Bool = false) throws(BlobStoreError) {
+        var chains = durableChains
+        var superseded: [UInt32] = []
+        let sequence = superBlock.sequence + 1
+        for id in dirtyBlobs.sorted() {
+            if let old = chains[id] { superseded.append(contentsOf: old) }
+            chains[id] = nil
+            guard let blob = blobs[id] else { continue }
+            let count = MetadataPage.pagesNeeded(for: blob)
+            var pages: [UInt32] = []
+            var cursor: UInt64 = 0
+            for _ in 0..<count {
+                guard let free = metadataPageBits.firstClear(from: cursor) else {
+                    pages.forEach { metadataPageBits.clear(UInt64($0)) }
+                    throw .noSpace("no free metadata page for blob \(id) (\(superBlock.metadataPages.pageCount) in the store)")
+                }
+                metadataPageBits.set(free)
+                pages.append(UInt32(free))
+                cursor = free + 1
+            }
+            let encoded = MetadataPage.encodeChain(blob, pageIDs: pages, checkpointSequence: sequence)
+            for (page, bytes) in zip(pages, encoded) {
+                try writePages(at: superBlock.metadataPages.startPage + UInt64(page), bytes)
+            }
+            chains[id] = pages
+        }
+        let copy = 1 - superBlock.activeCopy
+        // The persisted metadata-page bitmap is the one after this checkpoint: superseded
+        // chains are free in it (they stay allocated in memory until the switch).
+        var persisted = metadataPageBits
+        superseded.forEach { persisted.clear(UInt64($0)) }
+        try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted, checkpointSequence: sequence)
+        try flush()
+        var next = superBlock
+        next.sequence = sequence
+        next.activeCopy = copy
+        next.checkpointLSN = nextLSN - 1
+        next.logTailSequence = logHead
+        next.isClean = clean
+        try writePages(at: UInt64(next.slot), next.encode())
+        try flush()
+        superBlock = next
+        durableChains = chains
+        metadataPageBits = persisted
+        dirtyBlobs = []
+    }
+
+    func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
+                              checkpointSequence: UInt64) throws(BlobStoreError) {
+        let block = superBlock
+        var table = [UInt8](repeating: 0, count: Int(block.table.pageCount) * ArrayPage.payloadBytes)
+        for (id, pages) in chains {
+            let at = Int(id) * TablePage.entryBytes
+            let value = pages[0] + 1
+            for index in 0..<4 { table[at + index] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(index))) }
+        }
+        try writeArray(table, kind: .table, pageCount: block.table.pageCount,
+                       at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
+        var bits: [UInt8] = []
+        for (bitmap, count) in [(clusters, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
+                                (blobIDs, block.blobIDLimit)] {
+            var section = bitmap.bytes()
+            section += [UInt8](repeating: 0, count: Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes - section.count)
+            bits += section
+        }
+        bits += [UInt8](repeating: 0, count: Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes - bits.count)
+        try writeArray(bits, kind: .bitmap, pageCount: block.bitmaps.pageCount,
+                       at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount, sequence: checkpointSequence)
+    }
+
+    private func writeArray(_ payload: [UInt8], kind: ArrayPageKind, pageCount: UInt64, at start: UInt64,
+                            sequence: UInt64) throws(BlobStoreError) {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(Int(pageCount) * Self.pageBytes)
+        for index in 0..<Int(pageCount) {
+            let slice = payload[(index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)]
+            bytes += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: slice)
+        }
+        try writePages(at: start, bytes)
+    }
+
+    // MARK: - Log
+
+    /// Makes `records` one durable transaction: log pages written after the head, then
+    /// a flush. A log without room for them forces a checkpoint first.
+    func commit(_ records: [LogRecord]) throws(BlobStoreError) {
+        let first = nextLSN
+        let all = records + [.commit(recordCount: UInt32(records.count + 1))]
+        let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }
+        var pages: [[LoggedRecord]] = [[]]
+        var used = 0
+        for record in logged {
+            let size = LogPage.encodedBytes(record.record)
+            if used + size > Self.pageBytes - LogPage.headerBytes {
+                pages.append([])
+                used = 0
+            }
+            pages[pages.count - 1].append(record)
+            used += size
+        }
+        let logPages = superBlock.log.pageCount
+        guard UInt64(pages.count) < logPages else { throw .noSpace("a transaction of \(pages.count) pages exceeds the log") }
+        if logHead + UInt64(pages.count) - superBlock.logTailSequence > logPages { try checkpoint() }
+        for (index, content) in pages.enumerated() {
+            let sequence = logHead + UInt64(index)
+            let bytes = LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
+            try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
+        }
+        try flush()
+        logHead += UInt64(pages.count)
+        nextLSN += UInt64(logged.count)
+        for record in records { try apply(record, replaying: false) }
+    }
+
+    // MARK: - Applying records
+
+    /// Applies one record to the in-memory state. Live operations validate before they
+    /// commit, so a failure here while replaying means the log contradicts the checkpoint.
+    func apply(_ record: LogRecord, replaying: Bool) throws(BlobStoreError) {
+        func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
+        switch record {
+        case let .createBlob(id):
+            guard id < superBlock.blobIDLimit, blobs[id] == nil else { throw fail("blob id in use or out of range") }
+            blobs[id] = BlobMetadata(id: id)
+            blobIDs.set(id)
+        case let .deleteBlob(id):
+            guard let blob = blobs[id] else { throw fail("no such blob") }
+            for extent in blob.extents { release(extent) }
+            blobs[id] = nil
+            blobIDs.clear(id)
+            if superBlock.superBlobID == id { superBlock.superBlobID = nil }
+        case let .resizeBlob(id, count):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            if count < blob.clusterCount { unmap(&blob, from: count, count: blob.clusterCount - count) }
+            blob.clusterCount = count
+            blobs[id] = blob
+        case let .mapExtent(id, extent):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            guard extent.clusterIndex + UInt64(extent.count) <= blob.clusterCount,
+                  extent.firstCluster + UInt64(extent.count) <= superBlock.clusterCount else { throw fail("extent out of range") }
+            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                guard !clusters[cluster] else { throw fail("cluster \(cluster) already owned") }
+            }
+            guard !blob.extents.contains(where: {
+                $0.clusterIndex < extent.clusterIndex + UInt64(extent.count) && extent.clusterIndex < $0.clusterIndex + UInt64($0.count)
+            }) else { throw fail("blob clusters already mapped") }
+            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.set(cluster) }
+            blob.extents.append(extent)
+            blob.extents.sort { $0.clusterIndex < $1.clusterIndex }
+            blob.extents = Self.merged(blob.extents)
+            blobs[id] = blob
+        case let .unmapClusters(id, index, count):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            unmap(&blob, from: index, count: UInt64(count))
+            blobs[id] = blob
+        case let .setXattr(id, isInternal, name, value):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            if isInternal {
+                blob.internalXattrs.removeAll { $0.name == name }
+                blob.internalXattrs.append((name, value))
+            } else {
+                blob.xattrs.removeAll { $0.name == name }
+                blob.xattrs.append((name, value))
+            }
+            blobs[id] = blob
+        case let .removeXattr(id, isInternal, name):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            if isInternal { blob.internalXattrs.removeAll { $0.name == name } } else { blob.xattrs.removeAll { $0.name == name } }
+            blobs[id] = blob
+        case let .setFlags(id, flags):
+            guard var blob = blobs[id] else { throw fail("no such blob") }
+            blob.flags = flags
+            blobs[id] = blob
+        case let .setSuperBlob(id):
+            if let id, blobs[id] == nil { throw fail("no such blob") }
+            superBlock.superBlobID = id
+        case .commit:
+            break
+        }
+        if let id = record.blobID { dirtyBlobs.insert(id) }
+    }
+
+    private func release(_ extent: Extent) {
+        for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
+    }
+
+    /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.
+    private func unmap(_ blob: inout BlobMetadata, from: UInt64, count: UInt64) {
+        let end = from + count
+        var kept: [Extent] = []
+        for extent in blob.extents {
+            let extentEnd = extent.clusterIndex + UInt64(extent.count)
+            if extentEnd <= from || extent.clusterIndex >= end {
+                kept.append(extent)
+                continue
+            }
+            let cutStart = max(from, extent.clusterIndex)
+            let cutEnd = min(end, extentEnd)
+            release(Extent(clusterIndex: cutStart, count: UInt32(cutEnd - cutStart),
+                           firstCluster: extent.firstCluster + (cutStart - extent.clusterIndex)))
+            if extent.clusterIndex < cutStart {
+                kept.append(Extent(clusterIndex: extent.clusterIndex, count: UInt32(cutStart - extent.clusterIndex),
+                                   firstCluster: extent.firstCluster))
+            }
+            if cutEnd < extentEnd {
+                kept.append(Extent(clusterIndex: cutEnd, count: UInt32(extentEnd - cutEnd),
+                                   firstCluster: extent.firstCluster + (cutEnd - extent.clusterIndex)))
+            }
+        }
+        blob.extents = kept
+    }
+
+    static func merged(_ extents: [Extent]) -> [Extent] {
+        var result: [Extent] = []
+        for extent in extents {
+            if let last = result.last, last.clusterIndex + UInt64(last.count) == extent.clusterIndex,
+               last.firstCluster + UInt64(last.count) == extent.firstCluster, UInt64(last.count) + UInt64(extent.count) <= UInt64(UInt32.max) {
+                result[result.count - 1].count += extent.count
+            } else {
+                result.append(extent)
+            }
+        }
+        return result
+    }
+}

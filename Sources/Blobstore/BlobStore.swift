@@ -1,0 +1,257 @@
+import Bdev
+import Env
+
+/// A blob store on a block device: FORMAT.md gives the layout.
+///
+/// Every metadata operation is one transaction of redo records, written to the log and
+/// flushed before the call returns and before the in-memory state changes. Checkpoints
+/// write the metadata of changed blobs to fresh metadata pages (copy-on-write), the
+/// blob table and bitmaps to the inactive copy, flush, and only then switch the super
+/// block (alternating slots) — so a crash at any point leaves a valid checkpoint and the
+/// log that follows it. Loading replays the committed transactions after the checkpoint.
+///
+/// This version drives the device synchronously (`BdevSyncIO` on a reactor stepped by
+/// the calling thread): it is the metadata engine, owned by one thread. The
+/// asynchronous data path from many reactors is not built yet.
+public final class BlobStore {
+    public struct Options: Sendable {
+        public var clusterSizeBytes = 4096
+        public var logPages: UInt64?
+        public var metadataPages: UInt64?
+        public var blobIDLimit: UInt64?
+        public init(clusterSizeBytes: Int = 4096, logPages: UInt64? = nil, metadataPages: UInt64? = nil,
+                    blobIDLimit: UInt64? = nil) {
+            self.clusterSizeBytes = clusterSizeBytes
+            self.logPages = logPages
+            self.metadataPages = metadataPages
+            self.blobIDLimit = blobIDLimit
+        }
+    }
+
+    /// What loading found.
+    public struct LoadReport: Sendable {
+        public var superBlockSlot: Int
+        public var wasClean: Bool
+        public var replayedTransactions: Int
+        public var discardedRecords: Int
+        public var logStop: FormatError?
+    }
+
+    static let pageBytes = SuperBlock.pageBytes
+    let io: BdevSyncIO
+    public internal(set) var superBlock: SuperBlock
+    var blobs: [UInt64: BlobMetadata] = [:]
+    var durableChains: [UInt64: [UInt32]] = [:]
+    var dirtyBlobs: Set<UInt64> = []
+    var clusters: Bitmap
+    var metadataPageBits: Bitmap
+    var blobIDs: Bitmap
+    var logHead: UInt64
+    var nextLSN: UInt64
+    private let blocksPerPage: UInt64
+
+    private init(io: BdevSyncIO, superBlock: SuperBlock) {
+        self.io = io
+        self.superBlock = superBlock
+        clusters = Bitmap(count: superBlock.clusterCount)
+        metadataPageBits = Bitmap(count: superBlock.metadataPages.pageCount)
+        blobIDs = Bitmap(count: superBlock.blobIDLimit)
+        logHead = superBlock.logTailSequence
+        nextLSN = superBlock.checkpointLSN + 1
+        blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
+    }
+
+    // MARK: - Format
+
+    /// Lays out and writes an empty store on the whole device, and returns it loaded;
+    /// `unload()` marks it clean (what mkfs does).
+    public static func format(_ io: BdevSyncIO, options: Options = Options()) throws(BlobStoreError) -> BlobStore {
+        let geometry = io.geometry
+        let devicePages = geometry.capacityBytes / UInt64(pageBytes)
+        let cluster = options.clusterSizeBytes
+        guard cluster >= pageBytes, cluster <= 1 << 20, cluster & (cluster - 1) == 0 else {
+            throw .invalidArgument("cluster size \(cluster): a power of two from 4 KiB to 1 MiB")
+        }
+        let clusterPages = UInt64(cluster / pageBytes)
+        let logPages = options.logPages ?? min(max(devicePages / 64, 64), 16384)
+        let metadataPages = options.metadataPages ?? max(devicePages / 8, 64)
+        let idLimit = options.blobIDLimit ?? metadataPages
+        let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
+        let clusterBound = devicePages / clusterPages
+        let bitmapPages = BitmapPage.pages(forBits: clusterBound) + BitmapPage.pages(forBits: metadataPages)
+            + BitmapPage.pages(forBits: idLimit)
+        let log = SuperBlock.Region(startPage: 2, pageCount: logPages)
+        let table = SuperBlock.Region(startPage: log.endPage, pageCount: tablePages)
+        let bitmaps = SuperBlock.Region(startPage: table.startPage + 2 * tablePages, pageCount: bitmapPages)
+        let metadata = SuperBlock.Region(startPage: bitmaps.startPage + 2 * bitmapPages, pageCount: metadataPages)
+        let dataStart = (metadata.endPage + clusterPages - 1) / clusterPages * clusterPages
+        guard dataStart < devicePages, (devicePages - dataStart) / clusterPages > 0 else {
+            throw .noSpace("a \(geometry.capacityBytes)-byte device holds the metadata regions but no cluster")
+        }
+        var generator = SystemRandomNumberGenerator()
+        var block = SuperBlock(
+            sequence: 1, storeID: (generator.next(), generator.next()), blockSizeBytes: UInt32(geometry.blockSizeBytes),
+            clusterSizeBytes: UInt32(cluster), isClean: true, devicePages: devicePages, log: log, table: table,
+            bitmaps: bitmaps, metadataPages: metadata, dataStartPage: dataStart,
+            clusterCount: (devicePages - dataStart) / clusterPages, blobIDLimit: idLimit, activeCopy: 0,
+            checkpointLSN: 0, logTailSequence: 0, superBlobID: nil)
+        let store = BlobStore(io: io, superBlock: block)
+        try store.writeTableAndBitmaps(copy: 0, chains: [:], checkpointSequence: 1)
+        try store.flush()
+        // Both slots: an older store's super block must not outlive the format.
+        for sequence in [UInt64(1), 2] {
+            block.sequence = sequence
+            try store.writePages(at: UInt64(block.slot), block.encode())
+        }
+        try store.flush()
+        store.superBlock = block
+        // The returned store is in use: a crash from here on must read as unclean.
+        try store.checkpoint(clean: false)
+        return store
+    }
+
+    // MARK: - Load
+
+    public static func load(_ io: BdevSyncIO) throws(BlobStoreError) -> (BlobStore, LoadReport) {
+        let raw = try readPages(io, at: 0, count: 2)
+        var decoded: [Result<SuperBlock, FormatError>] = []
+        for slot in 0..<2 {
+            do throws(FormatError) {
+                decoded.append(.success(try SuperBlock.decode(raw[(slot * pageBytes)..<((slot + 1) * pageBytes)],
+                                                              offset: UInt64(slot * pageBytes))))
+            } catch { decoded.append(.failure(error)) }
+        }
+        let candidates = decoded.compactMap { try? $0.get() }
+        guard let block = candidates.max(by: { $0.sequence < $1.sequence }) else {
+            guard case let .failure(first) = decoded[0], case let .failure(second) = decoded[1] else { fatalError() }
+            throw .noSuperBlock(slot0: first, slot1: second)
+        }
+        guard Int(block.blockSizeBytes) == io.geometry.blockSizeBytes else {
+            throw .geometry("store formatted with \(block.blockSizeBytes)-byte blocks; the device has \(io.geometry.blockSizeBytes)")
+        }
+        guard block.devicePages * UInt64(pageBytes) <= io.geometry.capacityBytes else {
+            throw .geometry("store of \(block.devicePages) pages on a device of \(io.geometry.capacityBytes) bytes (truncated image?)")
+        }
+        let store = BlobStore(io: io, superBlock: block)
+        try store.loadCheckpoint()
+        let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
+                                   storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
+            let page = block.log.startPage + sequence % block.log.pageCount
+            return (try store.readPages(at: page, count: 1), page * UInt64(pageBytes))
+        }
+        for transaction in scan.transactions {
+            for logged in transaction { try store.apply(logged.record, replaying: true) }
+        }
+        store.logHead = scan.endSequence
+        store.nextLSN = scan.nextLSN
+        // A checkpoint now makes the replayed state the durable one and marks the store in use.
+        try store.checkpoint(clean: false)
+        return (store, LoadReport(superBlockSlot: block.slot, wasClean: block.isClean,
+                                  replayedTransactions: scan.transactions.count,
+                                  discardedRecords: scan.uncommittedRecords, logStop: scan.stop))
+    }
+
+    /// Reads the active table and every chain it names; derives the bitmaps.
+    private func loadCheckpoint() throws(BlobStoreError) {
+        let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
+        let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
+        for pageIndex in 0..<Int(superBlock.table.pageCount) {
+            let page: ArraySlice<UInt8>
+            do {
+                page = try ArrayPage.decode(tableBytes[(pageIndex * Self.pageBytes)..<((pageIndex + 1) * Self.pageBytes)],
+                                            kind: .table, pageIndex: UInt32(pageIndex),
+                                            offset: (copyStart + UInt64(pageIndex)) * UInt64(Self.pageBytes)).payload
+            } catch { throw .format(error) }
+            for entry in 0..<TablePage.entriesPerPage {
+                let id = UInt64(pageIndex * TablePage.entriesPerPage + entry)
+                guard id < superBlock.blobIDLimit else { break }
+                let at = page.startIndex + entry * 4
+                let value = UInt32(page[at]) | UInt32(page[at + 1]) << 8 | UInt32(page[at + 2]) << 16 | UInt32(page[at + 3]) << 24
+                guard value != 0 else { continue }
+                let (blob, chain) = try readChain(root: value - 1, expectedID: id)
+                blobs[id] = blob
+                durableChains[id] = chain
+                blobIDs.set(id)
+                for page in chain {
+                    guard !metadataPageBits[UInt64(page)] else { throw .corrupt("metadata page \(page) is in two chains") }
+                    metadataPageBits.set(UInt64(page))
+                }
+                for extent in blob.extents {
+                    for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                        guard cluster < superBlock.clusterCount else { throw .corrupt("blob \(id) maps cluster \(cluster) beyond the device") }
+                        guard !clusters[cluster] else { throw .corrupt("cluster \(cluster) is owned twice (blob \(id) and another)") }
+                        clusters.set(cluster)
+                    }
+                }
+            }
+        }
+    }
+
+    func readChain(root: UInt32, expectedID: UInt64) throws(BlobStoreError) -> (BlobMetadata, [UInt32]) {
+        var pages: [MetadataPage.Page] = []
+        var ids: [UInt32] = []
+        var next: UInt32? = root
+        while let pageID = next {
+            guard UInt64(pageID) < superBlock.metadataPages.pageCount, ids.count < Int(superBlock.metadataPages.pageCount) else {
+                throw .corrupt("blob \(expectedID): metadata chain points at page \(pageID), outside the region or looping")
+            }
+            let page = superBlock.metadataPages.startPage + UInt64(pageID)
+            do {
+                let decoded = try MetadataPage.decodePage(try readPages(at: page, count: 1)[...],
+                                                          offset: page * UInt64(Self.pageBytes), pageID: pageID)
+                pages.append(decoded)
+                ids.append(pageID)
+                next = decoded.nextPage
+            } catch let error as FormatError { throw .format(error) } catch let error as BlobStoreError { throw error } catch {
+                throw .corrupt("\(error)")
+            }
+        }
+        let blob: BlobMetadata
+        do {
+            blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
+                (superBlock.metadataPages.startPage + UInt64($0)) * UInt64(Self.pageBytes)
+            })
+        } catch { throw .format(error) }
+        guard blob.id == expectedID else { throw .corrupt("blob table entry \(expectedID) names the chain of blob \(blob.id)") }
+        return (blob, ids)
+    }
+
+    /// Writes a clean checkpoint; the store object must not be used afterwards.
+    public func unload() throws(BlobStoreError) {
+        try checkpoint(clean: true)
+    }
+
+    // MARK: - Queries
+
+    public var blobIDList: [UInt64] { blobs.keys.sorted() }
+    public func blob(_ id: UInt64) -> BlobMetadata? { blobs[id] }
+    public var superBlobID: UInt64? { superBlock.superBlobID }
+    public var clusterCount: UInt64 { superBlock.clusterCount }
+    public var freeClusterCount: UInt64 { clusters.count - clusters.setCount }
+    public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
+    /// The unit of blob reads and writes: the device block.
+    public var ioUnitBytes: Int { io.geometry.blockSizeBytes }
+    public var logPagesInUse: UInt64 { logHead - superBlock.logTailSequence }
+
+    // MARK: - Device helpers
+
+    static func readPages(_ io: BdevSyncIO, at page: UInt64, count: UInt64) throws(BlobStoreError) -> [UInt8] {
+        let blocksPerPage = UInt64(pageBytes / io.geometry.blockSizeBytes)
+        do { return try io.readBytes(offsetBlocks: page * blocksPerPage, countBlocks: count * blocksPerPage) } catch {
+            throw .device(error)
+        }
+    }
+
+    func readPages(at page: UInt64, count: UInt64) throws(BlobStoreError) -> [UInt8] {
+        try Self.readPages(io, at: page, count: count)
+    }
+
+    func writePages(at page: UInt64, _ bytes: [UInt8]) throws(BlobStoreError) {
+        precondition(bytes.count % Self.pageBytes == 0)
+        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw .device(error) }
+    }
+
+    func flush() throws(BlobStoreError) {
+        do { try io.flush() } catch { throw .device(error) }
+    }
+}

@@ -1,0 +1,29 @@
+import Bdev
+
+public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// A structure on the device is damaged or inconsistent.
+    case format(FormatError)
+    /// Neither super block slot holds a valid super block.
+    case noSuperBlock(slot0: FormatError, slot1: FormatError)
+    /// The metadata is internally inconsistent (what, and where).
+    case corrupt(String)
+    case device(BdevError)
+    case noSpace(String)
+    case noSuchBlob(UInt64)
+    case invalidArgument(String)
+    /// The store was made for another geometry (block size, device size).
+    case geometry(String)
+
+    public var description: String {
+        switch self {
+        case let .format(error): "\(error)"
+        case let .noSuperBlock(first, second): "no valid super block: slot 0: \(first); slot 1: \(second)"
+        case let .corrupt(what): "inconsistent metadata: \(what)"
+        case let .device(error): "device error: \(error)"
+        case let .noSpace(what): "no space: \(what)"
+        case let .noSuchBlob(id): "no blob \(id)"
+        case let .invalidArgument(what): what
+        case let .geometry(what): what
+        }
+    }
+}

@@ -1,0 +1,159 @@
+import Bdev
+
+/// The blob store's consistency check (fsck logic, shared with blobcli later). It reads
+/// the device as it is — both super block slots, the active table and bitmap copy, every
+/// metadata chain — and reports every damaged structure, every cluster or metadata page
+/// owned twice, and every difference between the bitmaps and what the metadata says.
+/// Committed log transactions after the checkpoint are counted, not applied.
+public struct VerifyReport: Sendable {
+    public var problems: [String] = []
+    public var blobCount = 0
+    public var clustersInUse: UInt64 = 0
+    public var metadataPagesInUse: UInt64 = 0
+    public var pendingTransactions = 0
+    public var isConsistent: Bool { problems.isEmpty }
+}
+
+public enum Verifier {
+    public static func verify(_ io: BdevSyncIO) -> VerifyReport {
+        var report = VerifyReport()
+        let pageBytes = SuperBlock.pageBytes
+        func read(_ page: UInt64, _ count: UInt64) -> [UInt8]? {
+            do { return try BlobStore.readPages(io, at: page, count: count) } catch {
+                report.problems.append("cannot read pages \(page)+\(count): \(error)")
+                return nil
+            }
+        }
+        guard let slots = read(0, 2) else { return report }
+        var blocks: [SuperBlock] = []
+        for slot in 0..<2 {
+            do {
+                blocks.append(try SuperBlock.decode(slots[(slot * pageBytes)..<((slot + 1) * pageBytes)],
+                                                    offset: UInt64(slot * pageBytes)))
+            } catch { report.problems.append("\(error)") }
+        }
+        guard let block = blocks.max(by: { $0.sequence < $1.sequence }) else { return report }
+
+        // The active table: blob id -> first metadata page.
+        let tableStart = block.table.startPage + UInt64(block.activeCopy) * block.table.pageCount
+        var roots: [UInt64: UInt32] = [:]
+        if let table = read(tableStart, block.table.pageCount) {
+            for index in 0..<Int(block.table.pageCount) {
+                do {
+                    let payload = try ArrayPage.decode(table[(index * pageBytes)..<((index + 1) * pageBytes)], kind: .table,
+                                                       pageIndex: UInt32(index),
+                                                       offset: (tableStart + UInt64(index)) * UInt64(pageBytes)).payload
+                    for entry in 0..<TablePage.entriesPerPage {
+                        let id = UInt64(index * TablePage.entriesPerPage + entry)
+                        guard id < block.blobIDLimit else { break }
+                        let at = payload.startIndex + entry * 4
+                        let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16
+                            | UInt32(payload[at + 3]) << 24
+                        if value != 0 { roots[id] = value - 1 }
+                    }
+                } catch { report.problems.append("\(error)") }
+            }
+        }
+
+        // Chains and what they own.
+        var clusterOwner: [UInt64: UInt64] = [:]
+        var pageOwner: [UInt32: UInt64] = [:]
+        for (id, root) in roots.sorted(by: { $0.key < $1.key }) {
+            var next: UInt32? = root
+            var pages: [MetadataPage.Page] = []
+            var ids: [UInt32] = []
+            while let pageID = next {
+                guard UInt64(pageID) < block.metadataPages.pageCount, ids.count <= Int(block.metadataPages.pageCount) else {
+                    report.problems.append("blob \(id): chain points at metadata page \(pageID), outside the region or looping")
+                    break
+                }
+                if let other = pageOwner[pageID] {
+                    report.problems.append("metadata page \(pageID) is in the chains of blobs \(other) and \(id)")
+                    break
+                }
+                pageOwner[pageID] = id
+                let page = block.metadataPages.startPage + UInt64(pageID)
+                guard let bytes = read(page, 1) else { break }
+                do {
+                    let decoded = try MetadataPage.decodePage(bytes[...], offset: page * UInt64(pageBytes), pageID: pageID)
+                    pages.append(decoded)
+                    ids.append(pageID)
+                    next = decoded.nextPage
+                } catch {
+                    report.problems.append("blob \(id): \(error)")
+                    next = nil
+                }
+            }
+            guard !pages.isEmpty else { continue }
+            do {
+                let blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
+                    (block.metadataPages.startPage + UInt64($0)) * UInt64(pageBytes)
+                })
+                if blob.id != id { report.problems.append("blob table entry \(id) names the chain of blob \(blob.id)") }
+                report.blobCount += 1
+                for extent in blob.extents {
+                    for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                        if cluster >= block.clusterCount {
+                            report.problems.append("blob \(id) maps cluster \(cluster), beyond the \(block.clusterCount) clusters")
+                        } else if let other = clusterOwner[cluster] {
+                            report.problems.append("cluster \(cluster) is owned by blobs \(other) and \(id)")
+                        } else {
+                            clusterOwner[cluster] = id
+                        }
+                    }
+                }
+            } catch { report.problems.append("blob \(id): \(error)") }
+        }
+        report.clustersInUse = UInt64(clusterOwner.count)
+        report.metadataPagesInUse = UInt64(pageOwner.count)
+
+        // The persisted bitmaps against what the metadata says.
+        let bitmapStart = block.bitmaps.startPage + UInt64(block.activeCopy) * block.bitmaps.pageCount
+        if let raw = read(bitmapStart, block.bitmaps.pageCount) {
+            var payload: [UInt8] = []
+            var intact = true
+            for index in 0..<Int(block.bitmaps.pageCount) {
+                do {
+                    payload += try ArrayPage.decode(raw[(index * pageBytes)..<((index + 1) * pageBytes)], kind: .bitmap,
+                                                    pageIndex: UInt32(index),
+                                                    offset: (bitmapStart + UInt64(index)) * UInt64(pageBytes)).payload
+                } catch {
+                    report.problems.append("\(error)")
+                    intact = false
+                }
+            }
+            if intact {
+                var offset = 0
+                let sections: [(String, UInt64, (UInt64) -> Bool)] = [
+                    ("cluster", block.clusterCount, { clusterOwner[$0] != nil }),
+                    ("metadata page", block.metadataPages.pageCount, { pageOwner[UInt32($0)] != nil }),
+                    ("blob id", block.blobIDLimit, { roots[$0] != nil }),
+                ]
+                for (name, count, used) in sections {
+                    let bitmap = Bitmap(count: count, bytes: payload[offset...])
+                    var leaked: [UInt64] = []
+                    var unmarked: [UInt64] = []
+                    for index in 0..<count {
+                        if bitmap[index] && !used(index) { leaked.append(index) }
+                        if !bitmap[index] && used(index) { unmarked.append(index) }
+                    }
+                    if !leaked.isEmpty {
+                        report.problems.append("\(leaked.count) \(name)s marked used but owned by nothing (first: \(leaked.prefix(5)))")
+                    }
+                    if !unmarked.isEmpty {
+                        report.problems.append("\(unmarked.count) \(name)s in use but free in the bitmap (first: \(unmarked.prefix(5)))")
+                    }
+                    offset += Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes
+                }
+            }
+        }
+
+        let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
+                                   storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
+            let page = block.log.startPage + sequence % block.log.pageCount
+            return (try BlobStore.readPages(io, at: page, count: 1), page * UInt64(pageBytes))
+        }
+        report.pendingTransactions = scan.transactions.count
+        return report
+    }
+}

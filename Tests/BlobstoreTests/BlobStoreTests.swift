@@ -1,0 +1,168 @@
+import XCTest
+import Bdev
+import BdevFault
+import BdevMalloc
+import Env
+@testable import Blobstore
+
+final class BlobStoreTests: XCTestCase {
+    static let options = BlobStore.Options(clusterSizeBytes: 4096, logPages: 16, metadataPages: 128, blobIDLimit: 128)
+
+    private func makeDevice(megabytes: UInt64 = 8, blockSize: Int = 4096) throws -> (Bdev, Reactor) {
+        let bdev = Bdev(backend: try MallocBdev(blockCount: (megabytes << 20) / UInt64(blockSize), blockSizeBytes: blockSize))
+        return (bdev, try Reactor())
+    }
+
+    private func bytes(_ seed: UInt64, _ count: Int) -> [UInt8] {
+        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        return (0..<count).map { _ in
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            return UInt8(truncatingIfNeeded: state)
+        }
+    }
+
+    func testFormatLoadAndPersistence() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: Self.options)
+        XCTAssertEqual(store.blobIDList, [])
+        let total = store.freeClusterCount
+        let a = try store.createBlob(clusterCount: 4, xattrs: [("name", Array("a".utf8))])
+        let b = try store.createBlob()
+        try store.resizeBlob(b, clusterCount: 2)
+        let data = bytes(1, 8192)
+        try store.write(blob: a, offsetUnits: 1, data: Array(data[0..<8192]))
+        try store.setXattr(b, name: "fs.mode", value: [0xA4, 0x01], isInternal: true)
+        try store.setSuperBlob(b)
+        XCTAssertEqual(store.freeClusterCount, total - 2, "8 KiB at a 4 KiB offset fills blob clusters 1 and 2")
+        try store.unload()
+        io.close()
+
+        let again = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let (loaded, report) = try BlobStore.load(again)
+        XCTAssertTrue(report.wasClean)
+        XCTAssertEqual(report.replayedTransactions, 0)
+        XCTAssertEqual(loaded.blobIDList, [a, b])
+        XCTAssertEqual(loaded.superBlobID, b)
+        XCTAssertEqual(loaded.xattr(a, name: "name"), Array("a".utf8))
+        XCTAssertEqual(loaded.xattr(b, name: "fs.mode", isInternal: true), [0xA4, 0x01])
+        XCTAssertEqual(loaded.blob(b)?.clusterCount, 2)
+        XCTAssertEqual(try loaded.read(blob: a, offsetUnits: 1, countUnits: 2), Array(data[0..<8192]))
+        XCTAssertEqual(try loaded.read(blob: a, offsetUnits: 0, countUnits: 1), [UInt8](repeating: 0, count: 4096), "thin: reads zeros")
+        XCTAssertEqual(loaded.freeClusterCount, total - 2)
+        XCTAssertTrue(Verifier.verify(again).isConsistent, "\(Verifier.verify(again).problems)")
+        again.close()
+    }
+
+    func testNoStaleDataInANewCluster() throws {
+        let (bdev, reactor) = try makeDevice(blockSize: 512)
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        // The device held someone else's bytes.
+        try io.writeBytes([UInt8](repeating: 0xAA, count: 8 << 20), offsetBlocks: 0)
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: 1)
+        try store.write(blob: id, offsetUnits: 3, data: [UInt8](repeating: 0x11, count: 512))
+        let cluster = try store.read(blob: id, offsetUnits: 0, countUnits: 8)
+        XCTAssertEqual(Array(cluster[0..<1536]), [UInt8](repeating: 0, count: 1536))
+        XCTAssertEqual(Array(cluster[1536..<2048]), [UInt8](repeating: 0x11, count: 512))
+        XCTAssertEqual(Array(cluster[2048...]), [UInt8](repeating: 0, count: 2048))
+        io.close()
+    }
+
+    func testDirtyLoadReplaysTheLog() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: 3)
+        try store.write(blob: id, offsetUnits: 0, data: bytes(2, 8192))
+        try store.setXattr(id, name: "k", value: [1, 2])
+        let gone = try store.createBlob(clusterCount: 1)
+        try store.write(blob: gone, offsetUnits: 0, data: bytes(3, 4096))
+        try store.deleteBlob(gone)
+        // No unload: the process "died". Everything is in the log, nothing in a checkpoint.
+        io.close()
+        let again = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let (loaded, report) = try BlobStore.load(again)
+        XCTAssertFalse(report.wasClean)
+        XCTAssertGreaterThanOrEqual(report.replayedTransactions, 5)
+        XCTAssertEqual(loaded.blobIDList, [id])
+        XCTAssertEqual(try loaded.read(blob: id, offsetUnits: 0, countUnits: 2), bytes(2, 8192))
+        XCTAssertEqual(loaded.xattr(id, name: "k"), [1, 2])
+        XCTAssertTrue(Verifier.verify(again).isConsistent, "\(Verifier.verify(again).problems)")
+        again.close()
+    }
+
+    func testFullLogForcesACheckpointNotAnError() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: 1)
+        let before = store.superBlock.sequence
+        for round in 0..<100 { try store.setXattr(id, name: "round", value: [UInt8(round)]) }
+        XCTAssertGreaterThan(store.superBlock.sequence, before + 4, "the 16-page log wrapped several times")
+        XCTAssertLessThanOrEqual(store.logPagesInUse, 16)
+        io.close()
+        let again = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let (loaded, _) = try BlobStore.load(again)
+        XCTAssertEqual(loaded.xattr(id, name: "round"), [99])
+        XCTAssertTrue(Verifier.verify(again).isConsistent)
+        again.close()
+    }
+
+    func testBadArgumentsAreRefusedAndChangeNothing() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: 1)
+        XCTAssertThrowsError(try store.write(blob: id, offsetUnits: 1, data: bytes(1, 4096))) {
+            guard case .invalidArgument = $0 as? BlobStoreError else { return XCTFail("\($0)") }
+        }
+        XCTAssertThrowsError(try store.write(blob: id, offsetUnits: 0, data: bytes(1, 100)))
+        XCTAssertThrowsError(try store.deleteBlob(999)) { XCTAssertEqual($0 as? BlobStoreError, .noSuchBlob(999)) }
+        XCTAssertThrowsError(try store.setXattr(id, name: "", value: []))
+        XCTAssertThrowsError(try store.setXattr(id, name: "v", value: [UInt8](repeating: 0, count: 5000)))
+        XCTAssertEqual(store.freeClusterCount, store.clusterCount)
+    }
+
+    func testRunningOutOfClustersIsAnErrorNotCorruption() throws {
+        let (bdev, reactor) = try makeDevice(megabytes: 2)
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: store.clusterCount + 10)
+        var written = 0
+        do {
+            for index in 0..<(store.clusterCount + 10) {
+                try store.write(blob: id, offsetUnits: index, data: bytes(index, 4096))
+                written += 1
+            }
+            XCTFail("wrote more clusters than the store has")
+        } catch BlobStoreError.noSpace {}
+        XCTAssertEqual(store.freeClusterCount, 0)
+        io.close()
+        let again = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let (loaded, _) = try BlobStore.load(again)
+        XCTAssertEqual(try loaded.read(blob: id, offsetUnits: UInt64(written - 1), countUnits: 1), bytes(UInt64(written - 1), 4096))
+        XCTAssertTrue(Verifier.verify(again).isConsistent)
+        again.close()
+    }
+
+    func testRepeatedDirtyLoads() throws {
+        let (bdev, reactor) = try makeDevice()
+        var io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        _ = try BlobStore.format(io, options: Self.options)
+        io.close()
+        var ids: [UInt64] = []
+        for round in 0..<6 {
+            io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+            let (store, _) = try BlobStore.load(io)
+            XCTAssertEqual(store.blobIDList, ids.sorted(), "round \(round)")
+            for id in ids { XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 1), bytes(id, 4096)) }
+            let id = try store.createBlob(clusterCount: 1)
+            try store.write(blob: id, offsetUnits: 0, data: bytes(id, 4096))
+            ids.append(id)
+            XCTAssertTrue(Verifier.verify(io).isConsistent, "round \(round): \(Verifier.verify(io).problems)")
+            io.close()  // no unload
+        }
+    }
+}
