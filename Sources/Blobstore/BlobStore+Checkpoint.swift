@@ -60,7 +60,7 @@ extension BlobStore {
             let value = pages[0] + 1
             for index in 0..<4 { table[at + index] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(index))) }
         }
-        try writeArray(table, kind: .table, pageCount: block.table.pageCount,
+        try writeArray(table, kind: .table, copy: copy, pageCount: block.table.pageCount,
                        at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
         var bits: [UInt8] = []
         for (bitmap, count) in [(clusters, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
@@ -70,19 +70,33 @@ extension BlobStore {
             bits += section
         }
         bits += [UInt8](repeating: 0, count: Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes - bits.count)
-        try writeArray(bits, kind: .bitmap, pageCount: block.bitmaps.pageCount,
+        try writeArray(bits, kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
                        at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount, sequence: checkpointSequence)
     }
 
-    private func writeArray(_ payload: [UInt8], kind: ArrayPageKind, pageCount: UInt64, at start: UInt64,
+    /// Writes the pages of one copy whose payload differs from what that copy last
+    /// received (all of them when that is unknown), in runs of consecutive pages.
+    private func writeArray(_ payload: [UInt8], kind: ArrayPageKind, copy: UInt8, pageCount: UInt64, at start: UInt64,
                             sequence: UInt64) throws(BlobStoreError) {
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(Int(pageCount) * Self.pageBytes)
-        for index in 0..<Int(pageCount) {
-            let slice = payload[(index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)]
-            bytes += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: slice)
+        let key = ArrayCopyKey(kind: kind, copy: copy)
+        var known = writtenPayloads[key] ?? [UInt8]()
+        writtenPayloads[key] = nil  // unknown until every write below succeeded
+        let knownComplete = known.count == payload.count
+        var run: [UInt8] = []
+        var runStart = 0
+        for index in 0...Int(pageCount) {
+            let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
+            let changed = index < Int(pageCount) && (!knownComplete || known[range] != payload[range])
+            if changed {
+                if run.isEmpty { runStart = index }
+                run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: payload[range])
+            } else if !run.isEmpty {
+                try writePages(at: start + UInt64(runStart), run)
+                run = []
+            }
         }
-        try writePages(at: start, bytes)
+        known = payload
+        writtenPayloads[key] = known
     }
 
     // MARK: - Log

@@ -13,6 +13,11 @@ import Env
 /// This version drives the device synchronously (`BdevSyncIO` on a reactor stepped by
 /// the calling thread): it is the metadata engine, owned by one thread. The
 /// asynchronous data path from many reactors is not built yet.
+struct ArrayCopyKey: Hashable {
+    let kind: ArrayPageKind
+    let copy: UInt8
+}
+
 public final class BlobStore {
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
@@ -48,6 +53,9 @@ public final class BlobStore {
     var blobIDs: Bitmap
     var logHead: UInt64
     var nextLSN: UInt64
+    /// What each copy of the table and bitmaps holds, when known: checkpoints write only
+    /// the pages that differ.
+    var writtenPayloads: [ArrayCopyKey: [UInt8]] = [:]
     private let blocksPerPage: UInt64
 
     private init(io: BdevSyncIO, superBlock: SuperBlock) {
@@ -155,6 +163,9 @@ public final class BlobStore {
     private func loadCheckpoint() throws(BlobStoreError) {
         let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
         let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
+        var tablePayload: [UInt8] = []
+        tablePayload.reserveCapacity(Int(superBlock.table.pageCount) * ArrayPage.payloadBytes)
+        defer { writtenPayloads[ArrayCopyKey(kind: .table, copy: superBlock.activeCopy)] = tablePayload }
         for pageIndex in 0..<Int(superBlock.table.pageCount) {
             let page: ArraySlice<UInt8>
             do {
@@ -162,6 +173,7 @@ public final class BlobStore {
                                             kind: .table, pageIndex: UInt32(pageIndex),
                                             offset: (copyStart + UInt64(pageIndex)) * UInt64(Self.pageBytes)).payload
             } catch { throw .format(error) }
+            tablePayload += page
             for entry in 0..<TablePage.entriesPerPage {
                 let id = UInt64(pageIndex * TablePage.entriesPerPage + entry)
                 guard id < superBlock.blobIDLimit else { break }
