@@ -75,7 +75,7 @@ public final class URingBdev: BdevBackend, @unchecked Sendable {
                                         + (createSizeBytes == nil && !isBlock ? " (give a size to create it)" : ""))
         }
         bufferedFD = fd
-        directFD = open(path, O_RDWR | O_CLOEXEC | O_DIRECT)
+        directFD = open(path, O_RDWR | O_CLOEXEC | blobfs_O_DIRECT)
         directAlignmentBytes = directAlignment
         isBlockDevice = isBlock
         self.path = path

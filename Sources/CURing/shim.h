@@ -25,3 +25,5 @@
 // Block-device ioctls are function-like macros, which Swift cannot import.
 static const unsigned long blobfs_BLKGETSIZE64 = BLKGETSIZE64;
 static const unsigned long blobfs_BLKSSZGET = BLKSSZGET;
+// O_DIRECT is declared only under _GNU_SOURCE; glibc's __O_DIRECT is always there.
+static const int blobfs_O_DIRECT = __O_DIRECT;
