@@ -50,6 +50,14 @@ let package = Package(
             ],
             swiftSettings: hotPath),
 
+        .executableTarget(
+            name: "blobbench",
+            dependencies: [
+                "Blobstore", "Bdev", "Env", "DeviceSpec",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Env"]),
         .testTarget(

@@ -103,7 +103,7 @@ extension BlobStore {
 
     /// Makes `records` one durable transaction: log pages written after the head, then
     /// a flush. A log without room for them forces a checkpoint first.
-    func commit(_ records: [LogRecord]) throws(BlobStoreError) {
+    package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
         let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }

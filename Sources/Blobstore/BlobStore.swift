@@ -19,6 +19,10 @@ struct ArrayCopyKey: Hashable {
 }
 
 public final class BlobStore {
+    /// Format parameters. A blob costs at least one metadata page (its chain) plus its
+    /// clusters; a store for many small blobs wants 4 KiB clusters and about as many
+    /// metadata pages as blobs (100,000 blobs of 4 KiB fit a 1 GiB store formatted with
+    /// `metadataPages: 110_000, blobIDLimit: 100_000`).
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
         public var logPages: UInt64?
@@ -82,8 +86,10 @@ public final class BlobStore {
         }
         let clusterPages = UInt64(cluster / pageBytes)
         let logPages = options.logPages ?? min(max(devicePages / 64, 64), 16384)
-        let metadataPages = options.metadataPages ?? max(devicePages / 8, 64)
-        let idLimit = options.blobIDLimit ?? metadataPages
+        // Defaults: an eighth of the device for metadata pages up to 4 Mi pages (16 GiB),
+        // as many blob ids up to 1 Mi. Many small blobs need more: see Options.
+        let metadataPages = options.metadataPages ?? min(max(devicePages / 8, 64), 1 << 22)
+        let idLimit = options.blobIDLimit ?? min(metadataPages, 1 << 20)
         let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
         let clusterBound = devicePages / clusterPages
         let bitmapPages = BitmapPage.pages(forBits: clusterBound) + BitmapPage.pages(forBits: metadataPages)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Blob-store measurements: format time and recovery time (against the length of log
+# since the checkpoint) on a 1 TiB sparse image file, and how many 4 KiB blobs a 1 GiB
+# store holds. Writes bench/results/blobstore-DATE.md with every command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps
+swift build -c release --product blobbench 2>&1 | tail -n 1
+bin=$(swift build -c release --show-bin-path)/blobbench
+mkdir -p bench/work bench/results
+image=bench/work/blobstore-1t.img
+out=bench/results/blobstore-$(date +%Y-%m-%d).md
+run() { echo "\$ blobbench ${*}" >> "$out.tmp"; echo '```' >> "$out.tmp"; "$bin" "$@" 2>/dev/null >> "$out.tmp"; echo '```' >> "$out.tmp"; echo >> "$out.tmp"; }
+{
+  echo "# Blob store measurements, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r); image files on $(df -T bench/work | awk 'NR==2{print $2}') (virtio disk)."
+  echo "Produced by \`bench/blobstore.sh\`. The store is driven synchronously from one thread (the engine as it is today)."
+  echo
+} > "$out.tmp"
+run format-time --device "file:$image" --size 1T
+run recovery-time --device "file:$image" --size 1T --log-mib 1,16,60
+run small-objects --device malloc:1G --count 100000
+run small-objects --device malloc:1G --count 100000 --metadata-pages 110000 --blob-ids 100000
+rm -f "$image"
+mv "$out.tmp" "$out"
+cat "$out"
