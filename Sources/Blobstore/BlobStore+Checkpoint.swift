@@ -197,7 +197,12 @@ extension BlobStore {
         case .commit:
             break
         }
-        if let id = record.blobID { dirtyBlobs.insert(id) }
+        if let id = record.blobID {
+            dirtyBlobs.insert(id)
+            if let handle = openHandles[id] {
+                if let blob = blobs[id] { handle.refresh(blob) } else { handle.refresh(BlobMetadata(id: id)) }
+            }
+        }
     }
 
     private func release(_ extent: Extent) {

@@ -13,6 +13,9 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     case invalidArgument(String)
     /// The store was made for another geometry (block size, device size).
     case geometry(String)
+    /// A data-path write reached a cluster not yet allocated (allocation belongs to the
+    /// metadata owner: `BlobStore.write`).
+    case unallocated(blob: UInt64, cluster: UInt64)
 
     public var description: String {
         switch self {
@@ -24,6 +27,7 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .noSuchBlob(id): "no blob \(id)"
         case let .invalidArgument(what): what
         case let .geometry(what): what
+        case let .unallocated(blob, cluster): "blob \(blob): cluster \(cluster) is not allocated"
         }
     }
 }

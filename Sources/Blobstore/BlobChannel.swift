@@ -1,0 +1,236 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Bdev
+import Env
+
+/// An open blob as the data path sees it: its extent map, kept current by the store
+/// while the handle is open.
+public final class BlobHandle {
+    public let id: UInt64
+    public internal(set) var clusterCount: UInt64
+    /// Sorted by cluster index.
+    var extents: ContiguousArray<Extent>
+
+    init(_ blob: BlobMetadata) {
+        id = blob.id
+        clusterCount = blob.clusterCount
+        extents = ContiguousArray(blob.extents)
+    }
+
+    func refresh(_ blob: BlobMetadata) {
+        clusterCount = blob.clusterCount
+        extents = ContiguousArray(blob.extents)
+    }
+
+    /// Device cluster of blob cluster `index`, if allocated (binary search).
+    @inline(__always)
+    func physicalCluster(_ index: UInt64) -> UInt64? {
+        var low = 0
+        var high = extents.count
+        while low < high {
+            let middle = (low + high) / 2
+            let extent = extents[middle]
+            if index < extent.clusterIndex {
+                high = middle
+            } else if index >= extent.clusterIndex + UInt64(extent.count) {
+                low = middle + 1
+            } else {
+                return extent.firstCluster + (index - extent.clusterIndex)
+            }
+        }
+        return nil
+    }
+}
+
+extension BlobStore {
+    /// Opens a blob for the data path; the handle follows the blob's metadata changes.
+    public func openBlob(_ id: UInt64) throws(BlobStoreError) -> BlobHandle {
+        guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        if let handle = openHandles[id] { return handle }
+        let handle = BlobHandle(blob)
+        openHandles[id] = handle
+        return handle
+    }
+
+    public func closeBlob(_ handle: BlobHandle) {
+        openHandles[handle.id] = nil
+    }
+
+    /// A data channel for the calling reactor over `bdevChannel` (same device).
+    public func makeChannel(_ bdevChannel: BdevChannel, queueDepth: Int = BdevLimits.queueDepthDefault) -> BlobChannel {
+        BlobChannel(bdevChannel: bdevChannel, dataStartBytes: superBlock.dataStartPage * UInt64(Self.pageBytes),
+                    clusterBytes: UInt64(clusterSizeBytes), queueDepth: queueDepth)
+    }
+}
+
+/// Reads and writes of allocated blob data from one reactor, asynchronously, without
+/// allocating: a blob request becomes one device request per run of physically
+/// contiguous clusters, and completes (exactly once, from the channel's poller or the
+/// device's) when they all have. Unallocated clusters read as zeros; a write that would
+/// need clusters allocated is refused with `.unallocated`, for the metadata owner's
+/// `BlobStore.write`.
+public final class BlobChannel: BdevCompletionHandler {
+    private final class Request {
+        unowned(unsafe) var handler: (any BdevCompletionHandler)?
+        var tag: UInt64 = 0
+        var remaining = 0
+        var status: BdevStatus = .success
+        var nextReady = -1
+    }
+
+    public let bdevChannel: BdevChannel
+    private let dataStartBytes: UInt64
+    private let clusterBytes: UInt64
+    private let unitBytes: UInt64
+    private var requests: ContiguousArray<Request> = []
+    private var free: ContiguousArray<Int> = []
+    private var readyHead = -1
+    private var readyTail = -1
+    private var pollerID: PollerID?
+
+    init(bdevChannel: BdevChannel, dataStartBytes: UInt64, clusterBytes: UInt64, queueDepth: Int) {
+        self.bdevChannel = bdevChannel
+        self.dataStartBytes = dataStartBytes
+        self.clusterBytes = clusterBytes
+        unitBytes = UInt64(bdevChannel.bdev.geometry.blockSizeBytes)
+        for index in 0..<queueDepth {
+            requests.append(Request())
+            free.append(queueDepth - 1 - index)
+        }
+        pollerID = bdevChannel.reactor.registerPoller { [unowned self] in self.deliverReady() }
+    }
+
+    public func close() {
+        if let pollerID { bdevChannel.reactor.unregisterPoller(pollerID) }
+        pollerID = nil
+    }
+
+    public var inFlight: Int { requests.count - free.count }
+
+    public func read(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, into buffer: borrowing DMABuffer,
+                     bufferOffset: Int = 0, handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: true, blob, offsetUnits, countUnits, buffer, bufferOffset, handler, tag)
+    }
+
+    public func write(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, from buffer: borrowing DMABuffer,
+                      bufferOffset: Int = 0, handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: false, blob, offsetUnits, countUnits, buffer, bufferOffset, handler, tag)
+    }
+
+    private func submit(isRead: Bool, _ blob: BlobHandle, _ offsetUnits: UInt64, _ countUnits: UInt64,
+                        _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ handler: any BdevCompletionHandler,
+                        _ tag: UInt64) throws(BlobStoreError) {
+        let start = offsetUnits * unitBytes
+        let end = start + countUnits * unitBytes
+        guard countUnits > 0, end <= blob.clusterCount * clusterBytes else {
+            throw .invalidArgument("units \(offsetUnits)+\(countUnits) outside blob \(blob.id)")
+        }
+        guard bufferOffset >= 0, bufferOffset + Int(end - start) <= buffer.count else {
+            throw .invalidArgument("buffer of \(buffer.count) bytes too small")
+        }
+        // Pass 1: count device requests and refuse what this path cannot do.
+        var parts = 0
+        var runEnd: UInt64 = .max  // device byte where the current run would continue
+        var cursor = start
+        while cursor < end {
+            let index = cursor / clusterBytes
+            let next = min(end, (index + 1) * clusterBytes)
+            if let cluster = blob.physicalCluster(index) {
+                let device = dataStartBytes + cluster * clusterBytes + (cursor - index * clusterBytes)
+                if device != runEnd { parts += 1 }
+                runEnd = device + (next - cursor)
+            } else {
+                guard isRead else { throw .unallocated(blob: blob.id, cluster: index) }
+                runEnd = .max
+            }
+            cursor = next
+        }
+        guard let slot = free.last else { throw .device(.queueFull) }
+        guard bdevChannel.queueDepth - bdevChannel.inFlight >= parts else { throw .device(.queueFull) }
+        free.removeLast()
+        let request = requests[slot]
+        request.handler = handler
+        request.tag = tag
+        request.status = .success
+        request.remaining = parts
+        // Pass 2: submit the runs; zero the holes.
+        var runStart: UInt64 = 0
+        var runBuffer = 0
+        var runBytes: UInt64 = 0
+        cursor = start
+        while cursor <= end {
+            let index = cursor / clusterBytes
+            let next = cursor == end ? end : min(end, (index + 1) * clusterBytes)
+            let cluster = cursor == end ? nil : blob.physicalCluster(index)
+            let device = cluster.map { dataStartBytes + $0 * clusterBytes + (cursor - index * clusterBytes) }
+            if runBytes > 0 && device != runStart + runBytes {
+                submitRun(isRead, buffer, runBuffer, runStart, runBytes, slot)
+                runBytes = 0
+            }
+            if cursor == end { break }
+            let bufferAt = bufferOffset + Int(cursor - start)
+            if let device {
+                if runBytes == 0 {
+                    runStart = device
+                    runBuffer = bufferAt
+                }
+                runBytes += next - cursor
+            } else {
+                buffer.withUnsafeMutableBytes { memset($0.baseAddress! + bufferAt, 0, Int(next - cursor)) }
+            }
+            cursor = next
+        }
+        if parts == 0 { makeReady(slot) }
+    }
+
+    @inline(__always)
+    private func submitRun(_ isRead: Bool, _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ device: UInt64,
+                           _ bytes: UInt64, _ slot: Int) {
+        do {
+            if isRead {
+                try bdevChannel.read(into: buffer, bufferOffset: bufferOffset, offsetBlocks: device / unitBytes,
+                                     countBlocks: bytes / unitBytes, handler: self, tag: UInt64(slot))
+            } else {
+                try bdevChannel.write(from: buffer, bufferOffset: bufferOffset, offsetBlocks: device / unitBytes,
+                                      countBlocks: bytes / unitBytes, handler: self, tag: UInt64(slot))
+            }
+        } catch {
+            // Room was checked; a refusal here is a device-level argument error.
+            bdevIOCompleted(tag: UInt64(slot), status: .failed(error))
+        }
+    }
+
+    public func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+        let request = requests[Int(tag)]
+        if case .failed = status, request.status == .success { request.status = status }
+        request.remaining -= 1
+        if request.remaining == 0 { finish(Int(tag)) }
+    }
+
+    private func finish(_ slot: Int) {
+        let request = requests[slot]
+        let handler = request.handler!
+        request.handler = nil
+        free.append(slot)
+        handler.bdevIOCompleted(tag: request.tag, status: request.status)
+    }
+
+    private func makeReady(_ slot: Int) {
+        requests[slot].nextReady = -1
+        if readyTail >= 0 { requests[readyTail].nextReady = slot } else { readyHead = slot }
+        readyTail = slot
+    }
+
+    /// Completes requests that needed no device I/O (all holes), outside their submit call.
+    private func deliverReady() -> PollStatus {
+        guard readyHead >= 0 else { return .idle }
+        while readyHead >= 0 {
+            let slot = readyHead
+            readyHead = requests[slot].nextReady
+            if readyHead < 0 { readyTail = -1 }
+            finish(slot)
+        }
+        return .busy
+    }
+}
