@@ -43,7 +43,7 @@ let package = Package(
         .executableTarget(
             name: "bdevperf",
             dependencies: [
-                "Bdev", "Env", "DeviceSpec",
+                "Bdev", "Env", "DeviceSpec", "Blobstore",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),

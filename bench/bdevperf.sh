@@ -49,6 +49,26 @@ print("| " + " | ".join(str(c) for c in cells) + " |")
 PY
   done
 done
+# The blob store's data path against the raw device, alternating, same jobs.
+{
+  echo
+  echo "Blob store overhead: the same jobs on one blob spanning a blob store on malloc:1G (\`--blob\`), run alternately with the raw device."
+  echo
+  echo "| workload | q | raw IOPS | blob IOPS | blob / raw | raw p99 us | blob p99 us | blob allocs/IO |"
+  echo "|---|---|---|---|---|---|---|---|"
+} >> "$out.tmp"
+for job in "randread 1" "randread 32" "randwrite 1" "randwrite 32"; do
+  set -- $job
+  raw="$bin --device malloc:1G -w $1 -q $2 -o 4096 -t $seconds --warmup 1 --json"
+  blob="$raw --blob"
+  commands+=("${raw/#$bin/bdevperf}" "${blob/#$bin/bdevperf}")
+  python3 - "$($raw | tail -n 1)" "$($blob | tail -n 1)" >> "$out.tmp" <<'PY'
+import json, sys
+r, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print("| %s | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %s |" % (r["workload"], r["queueDepth"], r["iops"], b["iops"],
+      b["iops"] / r["iops"], r["latencyUs"]["p99"], b["latencyUs"]["p99"], b.get("allocationsPerIO")))
+PY
+done
 {
   echo
   echo "Commands (bdevperf = \`$(realpath --relative-to=. "$bin")\`):"

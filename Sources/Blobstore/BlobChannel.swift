@@ -57,6 +57,9 @@ extension BlobStore {
         openHandles[handle.id] = nil
     }
 
+    /// The device the store lives on (for data channels on other reactors).
+    public var bdevChannelDevice: Bdev { io.channel.bdev }
+
     /// A data channel for the calling reactor over `bdevChannel` (same device).
     public func makeChannel(_ bdevChannel: BdevChannel, queueDepth: Int = BdevLimits.queueDepthDefault) -> BlobChannel {
         BlobChannel(bdevChannel: bdevChannel, dataStartBytes: superBlock.dataStartPage * UInt64(Self.pageBytes),

@@ -53,6 +53,9 @@ struct BdevPerf: ParsableCommand {
     @Flag(name: .long, help: "Also measure a plain memcpy of the same I/O size (the machine's memory limit).")
     var memcpyBaseline = false
 
+    @Flag(name: .long, help: "Run the jobs on one blob spanning a freshly formatted blob store on the device (its data path), instead of the raw device.")
+    var blob = false
+
     @Flag(name: .long, help: "Print one JSON object instead of text.")
     var json = false
 
@@ -98,11 +101,15 @@ struct BdevPerf: ParsableCommand {
         let parameters = JobParameters(
             workload: Workload(rawValue: workload)!, readPercent: mix, queueDepth: queueDepth, ioBytes: ioBytes,
             durationNs: UInt64(time * 1e9), warmupNs: UInt64(warmup * 1e9), seed: 0x2545_F491_4F6C_DD1D)
+        let blobSetup: BlobSetup?
+        do { blobSetup = blob ? try BlobSetup(bdev: bdev) : nil } catch {
+            throw ValidationError("cannot set up a blob store on \(device): \(error)")
+        }
         let runner = Runner(bdev: bdev, parameters: parameters, reactorCount: reactors, idleNs: idleUs * 1000,
-                            prefill: prefill && parameters.workload.reads)
+                            prefill: prefill && parameters.workload.reads, blob: blobSetup)
         let result = try runner.run()
         let memcpy = memcpyBaseline ? MemcpyBaseline.measure(ioBytes: ioBytes, seconds: min(time, 2), random: parameters.workload.isRandom) : nil
-        let report = Report(device: device, blockSize: blockSize, parameters: parameters, reactors: reactors,
+        let report = Report(device: blob ? "blob:" + device : device, blockSize: blockSize, parameters: parameters, reactors: reactors,
                             result: result, memcpy: memcpy)
         print(json ? report.json() : report.text())
         if result.errors > 0 { throw ExitCode(1) }

@@ -23,7 +23,7 @@ struct JobParameters: Sendable {
 /// each slot resubmitting from its completion. The measured phase allocates nothing.
 final class Job: BdevCompletionHandler {
     let parameters: JobParameters
-    let channel: BdevChannel
+    let channel: any PerfTarget
     private let buffer: DMABuffer
     private let ioBlocks: UInt64
     private let regionCount: UInt64  // ioBlocks-sized regions on the device
@@ -35,7 +35,7 @@ final class Job: BdevCompletionHandler {
     private(set) var completedReads: UInt64 = 0
     private(set) var completedWrites: UInt64 = 0
     private(set) var errors: UInt64 = 0
-    private(set) var firstError: BdevError?
+    private(set) var firstError: String?
     private var measuring = false
     private var phaseEndNs: UInt64 = 0
     private(set) var measuredStartNs: UInt64 = 0
@@ -49,22 +49,21 @@ final class Job: BdevCompletionHandler {
     private let onMeasureStart: () -> Void
     private let onMeasureEnd: () -> Void
 
-    init(parameters: JobParameters, channel: BdevChannel, onMeasureStart: @escaping () -> Void,
+    init(parameters: JobParameters, channel: any PerfTarget, onMeasureStart: @escaping () -> Void,
          onMeasureEnd: @escaping () -> Void) throws {
         self.parameters = parameters
         self.channel = channel
         self.onMeasureStart = onMeasureStart
         self.onMeasureEnd = onMeasureEnd
-        let geometry = channel.bdev.geometry
-        ioBlocks = UInt64(parameters.ioBytes / geometry.blockSizeBytes)
-        regionCount = geometry.blockCount / ioBlocks
+        ioBlocks = UInt64(parameters.ioBytes / channel.unitBytes)
+        regionCount = channel.unitCount / ioBlocks
         buffer = try DMABuffer.allocate(bytes: parameters.ioBytes * parameters.queueDepth)
         buffer.fill(0x5A)
         startNs = [UInt64](repeating: 0, count: parameters.queueDepth)
         random = parameters.seed | 1
     }
 
-    func start() throws(BdevError) {
+    func start() throws {
         let now = MonotonicClock.nowNs()
         if parameters.warmupNs > 0 {
             phaseEndNs = now + parameters.warmupNs
@@ -94,7 +93,7 @@ final class Job: BdevCompletionHandler {
     }
 
     @inline(__always)
-    private func submit(slot: Int, now: UInt64) throws(BdevError) {
+    private func submit(slot: Int, now: UInt64) throws {
         let region: UInt64
         if parameters.workload.isRandom {
             region = nextRandom() % regionCount
@@ -111,11 +110,11 @@ final class Job: BdevCompletionHandler {
         startNs[slot] = now
         let tag = UInt64(slot) << 1 | (isRead ? 1 : 0)
         if isRead {
-            try channel.read(into: buffer, bufferOffset: slot * parameters.ioBytes, offsetBlocks: region * ioBlocks,
-                             countBlocks: ioBlocks, handler: self, tag: tag)
+            try channel.read(into: buffer, bufferOffset: slot * parameters.ioBytes, offsetUnits: region * ioBlocks,
+                             countUnits: ioBlocks, handler: self, tag: tag)
         } else {
-            try channel.write(from: buffer, bufferOffset: slot * parameters.ioBytes, offsetBlocks: region * ioBlocks,
-                              countBlocks: ioBlocks, handler: self, tag: tag)
+            try channel.write(from: buffer, bufferOffset: slot * parameters.ioBytes, offsetUnits: region * ioBlocks,
+                              countUnits: ioBlocks, handler: self, tag: tag)
         }
     }
 
@@ -124,7 +123,7 @@ final class Job: BdevCompletionHandler {
         let slot = Int(tag >> 1)
         if case let .failed(error) = status {
             errors += 1
-            if firstError == nil { firstError = error }
+            if firstError == nil { firstError = "\(error)" }
         } else if measuring {
             histogram.record(now &- startNs[slot])
             if tag & 1 == 1 { completedReads += 1 } else { completedWrites += 1 }
@@ -146,7 +145,7 @@ final class Job: BdevCompletionHandler {
         }
         do { try submit(slot: slot, now: now) } catch {
             errors += 1
-            if firstError == nil { firstError = error }
+            if firstError == nil { firstError = "\(error)" }
             stopping = true
             if channel.inFlight == 0 { finished = true }
         }

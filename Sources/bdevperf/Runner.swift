@@ -25,6 +25,7 @@ struct Runner {
     let reactorCount: Int
     let idleNs: UInt64
     let prefill: Bool
+    let blob: BlobSetup?
 
     private final class Slot: @unchecked Sendable {
         var job: Job?
@@ -48,11 +49,13 @@ struct Runner {
             let slot = Slot()
             slots.append(slot)
             let bdev = self.bdev
+            let blob = self.blob
             let parameters = self.parameters
             let total = reactorCount
             reactor.call {
                 do {
-                    let channel = try bdev.makeChannel(reactor: Reactor.current!, queueDepth: parameters.queueDepth)
+                    let channel: any PerfTarget = try blob?.makeTarget(reactor: Reactor.current!, queueDepth: parameters.queueDepth)
+                        ?? BdevTarget(try bdev.makeChannel(reactor: Reactor.current!, queueDepth: parameters.queueDepth))
                     var seeded = parameters
                     seeded.seed &+= UInt64(index) &* 0x9E37_79B9_7F4A_7C15
                     let job = try Job(
@@ -71,7 +74,7 @@ struct Runner {
             }
             if let error = slot.error { throw BdevPerfError.setup(error) }
         }
-        if prefill, let reactor = reactors.first {
+        if prefill, blob == nil, let reactor = reactors.first {
             let error: String? = reactor.call {
                 do {
                     let channel = try bdev.makeChannel(reactor: Reactor.current!, queueDepth: 8)
@@ -102,7 +105,7 @@ struct Runner {
                 part.reads = job.completedReads
                 part.writes = job.completedWrites
                 part.errors = job.errors
-                part.firstError = job.firstError.map { "\($0)" }
+                part.firstError = job.firstError
                 part.seconds = Double(job.measuredEndNs &- job.measuredStartNs) / 1e9
                 part.cpuSeconds = Double(job.cpuEndNs &- job.cpuStartNs) / 1e9
                 job.channel.close()
