@@ -33,10 +33,11 @@ let package = Package(
             swiftSettings: hotPath),
         .target(name: "Bdev", dependencies: ["Env"], swiftSettings: hotPath),
         .target(name: "PCI", dependencies: ["Env", "CVFIO"]),
+        .target(name: "NVMe", dependencies: ["Bdev", "Env", "PCI", "CVFIO"], swiftSettings: hotPath),
         .target(name: "BdevMalloc", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
         .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing"], swiftSettings: hotPath),
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
-        .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault"]),
+        .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault", "NVMe", "PCI"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
 
@@ -59,6 +60,7 @@ let package = Package(
             ]),
 
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
+        .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Env"]),
         .testTarget(
             name: "BdevTests",

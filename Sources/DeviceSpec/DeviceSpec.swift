@@ -1,25 +1,34 @@
 import Bdev
 import BdevMalloc
 import BdevURing
+import NVMe
+import PCI
 import Env
 
 /// A device named on a command line: `malloc:SIZE`, `file:PATH`, or a bare path (a file
 /// or block device served by the uring module).
-public enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
+public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
     case malloc(bytes: UInt64)
     case file(path: String)
+    /// The NVMe driver over the in-process software controller, whose namespace is the
+    /// inner device (`nvme-emu:malloc:SIZE`, `nvme-emu:PATH`).
+    case nvmeEmulated(namespace: DeviceSpec)
+    /// The NVMe driver over a PCIe controller bound to vfio-pci or uio_pci_generic.
+    case pcie(address: String)
 
     public enum ParseError: Error, Equatable, CustomStringConvertible {
         case empty
         case unknownKind(String)
         case badSize(String)
+        case badAddress(String)
 
         public var description: String {
             switch self {
             case .empty: "empty device spec"
             case let .unknownKind(kind):
-                "unknown device kind '\(kind)' (expected malloc:SIZE, file:PATH or a path)"
+                "unknown device kind '\(kind)' (expected malloc:SIZE, file:PATH, nvme-emu:SPEC, pcie:BDF or a path)"
             case let .badSize(text): "bad size '\(text)' (expected a number with an optional K, M, G or T suffix)"
+            case let .badAddress(text): "bad PCI address '\(text)' (expected DDDD:BB:DD.F)"
             }
         }
     }
@@ -38,6 +47,14 @@ public enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
         case "file", "uring":
             guard !argument.isEmpty else { throw .empty }
             self = .file(path: argument)
+        case "nvme-emu":
+            let inner = try DeviceSpec(parsing: argument)
+            if case .nvmeEmulated = inner { throw .unknownKind("nvme-emu inside nvme-emu") }
+            if case .pcie = inner { throw .unknownKind("pcie inside nvme-emu") }
+            self = .nvmeEmulated(namespace: inner)
+        case "pcie":
+            guard PCIAddress(argument) != nil else { throw .badAddress(argument) }
+            self = .pcie(address: argument)
         default: throw .unknownKind(kind)
         }
     }
@@ -64,6 +81,8 @@ public enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
         switch self {
         case let .malloc(bytes): "malloc:\(bytes)"
         case let .file(path): "file:\(path)"
+        case let .nvmeEmulated(namespace): "nvme-emu:\(namespace)"
+        case let .pcie(address): "pcie:\(address)"
         }
     }
 
@@ -77,6 +96,16 @@ public enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
             return Bdev(backend: try MallocBdev(blockCount: bytes / UInt64(blockSizeBytes), blockSizeBytes: blockSizeBytes))
         case let .file(path):
             return Bdev(backend: try URingBdev(path: path, blockSizeBytes: blockSizeBytes, createSizeBytes: createSizeBytes))
+        case let .nvmeEmulated(namespace):
+            let inner = try namespace.open(blockSizeBytes: blockSizeBytes, createSizeBytes: createSizeBytes)
+            do { return Bdev(backend: try NVMeBdev.emulated(namespace: inner)) } catch {
+                inner.close()
+                throw .invalidConfiguration("nvme-emu: \(error)")
+            }
+        case let .pcie(address):
+            do { return Bdev(backend: try NVMeBdev.pcie(PCIAddress(address)!)) } catch {
+                throw .invalidConfiguration("pcie:\(address): \(error)")
+            }
         }
     }
 }

@@ -1,0 +1,493 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Bdev
+import Env
+import Synchronization
+
+/// A software NVMe controller in this process: the controller side of the registers,
+/// admin and I/O queues of the NVMe base specification, serving one namespace backed by
+/// any bdev. It runs on a reactor of its own and notices the host only by polling its
+/// register memory (doorbells, CC), reading submission entries from host memory and
+/// writing completion entries there, as a device would over PCIe.
+public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendable {
+    public struct Configuration: Sendable {
+        public var maxQueueEntries = 1024
+        public var queueCount = 16           // I/O queue pairs offered
+        public var maxTransferShift: UInt8 = 5  // MDTS: 2^5 pages = 128 KiB
+        public var timeoutUnits = 20         // CAP.TO: 10 s
+        public var serialNumber = "BLOBFS-EMU-0001"
+        public var modelNumber = "blobfs software NVMe controller"
+        public init() {}
+    }
+
+    /// Test hooks: faults a real controller can show.
+    public struct Faults: Sendable {
+        /// Post each poll's completions in reverse order.
+        public var reverseCompletions = false
+        /// Never complete commands whose starting LBA is this one (a lost command).
+        public var dropLBA: UInt64?
+        /// Complete commands whose starting LBA is this one with this status.
+        public var failLBA: (lba: UInt64, status: NVMeStatus)?
+        /// Report the namespace as not ready.
+        public var namespaceNotReady = false
+        public init() {}
+    }
+
+    public let configuration: Configuration
+    public let namespace: Bdev
+    let bar: UnsafeMutableRawPointer
+    static let barBytes = 0x4000
+    private let reactor: Reactor
+    private var channel: BdevChannel?
+    private let faultState = Mutex(Faults())
+
+    // Controller state: owned by the controller's reactor thread.
+    private var lastCC = ControllerConfiguration(raw: 0)
+    private var submissionQueues: [Int: SubmissionQueue] = [:]
+    private var completionQueues: [Int: CompletionQueue] = [:]
+    private var commands: [UInt64: InFlight] = [:]
+    private var nextTag: UInt64 = 1
+    private var ready: [(cq: Int, entry: CompletionEntry)] = []
+
+    private final class SubmissionQueue {
+        let id: Int
+        let base: UnsafeMutableRawPointer
+        let entries: Int
+        let completionQueue: Int
+        var head = 0
+        init(id: Int, base: UnsafeMutableRawPointer, entries: Int, completionQueue: Int) {
+            self.id = id
+            self.base = base
+            self.entries = entries
+            self.completionQueue = completionQueue
+        }
+    }
+
+    private final class CompletionQueue {
+        let base: UnsafeMutableRawPointer
+        let entries: Int
+        var tail = 0
+        var phase = true
+        init(base: UnsafeMutableRawPointer, entries: Int) {
+            self.base = base
+            self.entries = entries
+        }
+    }
+
+    private struct InFlight {
+        var queue: Int
+        var commandID: UInt16
+        var opcode: UInt8
+        var dsmRanges: UnsafeMutableRawPointer?
+    }
+
+    public init(namespace: Bdev, configuration: Configuration = Configuration()) throws {
+        self.namespace = namespace
+        self.configuration = configuration
+        bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
+        bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
+        reactor = try Reactor(name: "nvme-emu", configuration: .init(idleBeforeSleepNs: 1_000_000))
+        let cap = ControllerCapabilities.make(maxQueueEntries: configuration.maxQueueEntries,
+                                              timeoutUnits: configuration.timeoutUnits, strideShift: 0)
+        MMIO.write64(bar, NVMeRegister.cap, cap.raw)
+        MMIO.write32(bar, NVMeRegister.vs, 0x0002_0000)  // 2.0
+        // The device's own pollers: registers and queues; and its path to the medium.
+        reactor.registerPoller { [unowned self] in self.poll() }
+        // A sleeping device would miss doorbells: wake it periodically while idle.
+        reactor.registerTimedPoller(periodNs: 1_000_000) { .idle }
+        try reactor.start()
+        let made: String? = reactor.call { [unowned self] in
+            do {
+                self.channel = try namespace.makeChannel(reactor: Reactor.current!, queueDepth: BdevLimits.queueDepthMax)
+                return nil
+            } catch { return "\(error)" }
+        }
+        if let made { throw BdevError.invalidConfiguration("software NVMe controller: \(made)") }
+    }
+
+    /// Stops the device thread. The driver must be detached first.
+    public func shutdown() {
+        reactor.call { [unowned self] in
+            self.channel?.close()
+            self.channel = nil
+        }
+        reactor.stop()
+        bar.deallocate()
+    }
+
+    public func setFaults(_ faults: Faults) { faultState.withLock { $0 = faults } }
+
+    /// Sets CSTS.CFS, as a controller that hit a fatal internal error.
+    public func raiseFatalStatus() {
+        reactor.call { [unowned self] in
+            let status = MMIO.read32(self.bar, NVMeRegister.csts)
+            MMIO.write32(self.bar, NVMeRegister.csts, status | 2)
+        }
+    }
+
+    /// A transport for the driver: this controller's registers, identity bus addresses.
+    public func makeTransport() -> NVMeTransport { EmulatedTransport(controller: self) }
+
+    // MARK: - The device loop
+
+    private func poll() -> PollStatus {
+        var busy = false
+        let cc = ControllerConfiguration(raw: MMIO.read32(bar, NVMeRegister.cc))
+        if cc != lastCC {
+            handleConfiguration(cc)
+            busy = true
+        }
+        let status = ControllerStatus(raw: MMIO.read32(bar, NVMeRegister.csts))
+        guard cc.enabled, status.ready, !status.fatal else { return busy ? .busy : .idle }
+        for queue in submissionQueues.values.sorted(by: { $0.id < $1.id }) {
+            let tail = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queue.id, completion: false, strideShift: 0)))
+            guard tail < queue.entries else {
+                fatal("submission queue \(queue.id) tail doorbell \(tail) beyond \(queue.entries) entries")
+                return .busy
+            }
+            while queue.head != tail {
+                let entry = SubmissionEntry(loadingFrom: queue.base + queue.head * SubmissionEntry.bytes)
+                queue.head = (queue.head + 1) % queue.entries
+                if queue.id == 0 { executeAdmin(entry) } else { executeIO(entry, queue: queue) }
+                busy = true
+            }
+        }
+        if !ready.isEmpty {
+            postReady()
+            busy = true
+        }
+        if busy { return .busy }
+        return commands.isEmpty ? .idle : .pending
+    }
+
+    private func fatal(_ why: String) {
+        Log.logger("nvme.emu").error("controller fatal status: \(why)")
+        MMIO.write32(bar, NVMeRegister.csts, MMIO.read32(bar, NVMeRegister.csts) | 2)
+    }
+
+    private func handleConfiguration(_ cc: ControllerConfiguration) {
+        defer { lastCC = cc }
+        if cc.enabled && !lastCC.enabled {
+            let aqa = MMIO.read32(bar, NVMeRegister.aqa)
+            let submissionEntries = Int(aqa & 0xFFF) + 1
+            let completionEntries = Int(aqa >> 16 & 0xFFF) + 1
+            guard cc.submissionEntrySizeShift == 6, cc.completionEntrySizeShift == 4, cc.memoryPageSizeShift == 12,
+                  submissionEntries >= 2, completionEntries >= 2,
+                  let sq = hostMemory(MMIO.read64(bar, NVMeRegister.asq)),
+                  let cq = hostMemory(MMIO.read64(bar, NVMeRegister.acq)) else {
+                fatal("enable with an unsupported configuration (CC 0x\(String(cc.raw, radix: 16)), AQA 0x\(String(aqa, radix: 16)))")
+                return
+            }
+            completionQueues[0] = CompletionQueue(base: cq, entries: completionEntries)
+            submissionQueues[0] = SubmissionQueue(id: 0, base: sq, entries: submissionEntries, completionQueue: 0)
+            MMIO.write32(bar, NVMeRegister.csts, 1)
+        } else if !cc.enabled && lastCC.enabled {
+            // Controller reset: queues gone, doorbells zero, not ready.
+            submissionQueues = [:]
+            completionQueues = [:]
+            ready = []
+            for offset in stride(from: NVMeRegister.doorbellBase, to: Self.barBytes, by: 4) { MMIO.write32(bar, offset, 0) }
+            MMIO.write32(bar, NVMeRegister.csts, 0)
+        }
+        if cc.shutdownNotification != 0 {
+            let status = MMIO.read32(bar, NVMeRegister.csts) & ~UInt32(0xC)
+            MMIO.write32(bar, NVMeRegister.csts, status | 2 << 2)  // shutdown complete
+        }
+    }
+
+    /// Host memory at a bus address (identity mapping in this process).
+    private func hostMemory(_ address: UInt64) -> UnsafeMutableRawPointer? {
+        guard address != 0, address & 0x3 == 0 else { return nil }
+        return UnsafeMutableRawPointer(bitPattern: UInt(address))
+    }
+
+    private func complete(queue: Int, commandID: UInt16, status: NVMeStatus, result: UInt32 = 0) {
+        guard let sq = submissionQueues[queue] else { return }  // queue deleted meanwhile
+        var entry = CompletionEntry()
+        entry.commandSpecific = result
+        entry.submissionQueueHead = UInt16(sq.head)
+        entry.submissionQueueID = UInt16(queue)
+        entry.commandID = commandID
+        entry.status = status
+        ready.append((sq.completionQueue, entry))
+    }
+
+    private func postReady() {
+        let batch = faultState.withLock { $0.reverseCompletions } ? ready.reversed() : ready
+        var kept: [(cq: Int, entry: CompletionEntry)] = []
+        for (queueID, entry) in batch {
+            guard let cq = completionQueues[queueID] else { continue }
+            let head = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: 0)))
+            if (cq.tail + 1) % cq.entries == head {  // full: the host has not consumed yet
+                kept.append((queueID, entry))
+                continue
+            }
+            var posted = entry
+            posted.phase = cq.phase
+            let slot = cq.base + cq.tail * CompletionEntry.bytes
+            // Everything but the phase dword first, then the phase: the host polls it.
+            var staging = [UInt8](repeating: 0, count: 16)
+            staging.withUnsafeMutableBytes { posted.store(to: $0.baseAddress!) }
+            staging.withUnsafeBytes { bytes in
+                slot.copyMemory(from: bytes.baseAddress!, byteCount: 12)
+                atomicMemoryFence(ordering: .releasing)
+                MMIO.write32(slot, 12, bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+            }
+            cq.tail += 1
+            if cq.tail == cq.entries {
+                cq.tail = 0
+                cq.phase.toggle()
+            }
+        }
+        ready = kept
+    }
+
+    // MARK: - Admin commands
+
+    private func executeAdmin(_ command: SubmissionEntry) {
+        let id = command.commandID
+        guard let opcode = AdminOpcode(rawValue: command.opcode) else {
+            return complete(queue: 0, commandID: id, status: .invalidOpcode)
+        }
+        switch opcode {
+        case .identify:
+            guard let target = hostMemory(command.prp1) else { return complete(queue: 0, commandID: id, status: .invalidField) }
+            let data: [UInt8]
+            switch IdentifyCNS(rawValue: command.cdw10 & 0xFF) {
+            case .controller: data = identifyController().encode()
+            case .namespace:
+                guard command.namespaceID == 1 else { return complete(queue: 0, commandID: id, status: .invalidNamespace) }
+                data = identifyNamespace().encode()
+            case .activeNamespaces:
+                var list = [UInt8](repeating: 0, count: 4096)
+                if command.namespaceID < 1 { list[0] = 1 }
+                data = list
+            case nil: return complete(queue: 0, commandID: id, status: .invalidField)
+            }
+            data.withUnsafeBytes { target.copyMemory(from: $0.baseAddress!, byteCount: 4096) }
+            complete(queue: 0, commandID: id, status: .success)
+        case .setFeatures, .getFeatures:
+            guard command.cdw10 & 0xFF == UInt32(FeatureID.numberOfQueues.rawValue) else {
+                return complete(queue: 0, commandID: id, status: .invalidField)
+            }
+            let offered = UInt32(configuration.queueCount - 1)
+            complete(queue: 0, commandID: id, status: .success, result: offered | offered << 16)
+        case .createIOCompletionQueue:
+            let queueID = Int(command.cdw10 & 0xFFFF)
+            let entries = Int(command.cdw10 >> 16) + 1
+            guard queueID >= 1, queueID <= configuration.queueCount, completionQueues[queueID] == nil else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
+            }
+            guard entries >= 2, entries <= configuration.maxQueueEntries else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueSize)
+            }
+            guard command.cdw11 & 1 == 1, let base = hostMemory(command.prp1) else {
+                return complete(queue: 0, commandID: id, status: .invalidField)
+            }
+            completionQueues[queueID] = CompletionQueue(base: base, entries: entries)
+            complete(queue: 0, commandID: id, status: .success)
+        case .createIOSubmissionQueue:
+            let queueID = Int(command.cdw10 & 0xFFFF)
+            let entries = Int(command.cdw10 >> 16) + 1
+            let cqID = Int(command.cdw11 >> 16)
+            guard queueID >= 1, queueID <= configuration.queueCount, submissionQueues[queueID] == nil else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
+            }
+            guard completionQueues[cqID] != nil, cqID != 0 else {
+                return complete(queue: 0, commandID: id, status: .completionQueueInvalid)
+            }
+            guard entries >= 2, entries <= configuration.maxQueueEntries else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueSize)
+            }
+            guard command.cdw11 & 1 == 1, let base = hostMemory(command.prp1) else {
+                return complete(queue: 0, commandID: id, status: .invalidField)
+            }
+            submissionQueues[queueID] = SubmissionQueue(id: queueID, base: base, entries: entries, completionQueue: cqID)
+            complete(queue: 0, commandID: id, status: .success)
+        case .deleteIOSubmissionQueue:
+            let queueID = Int(command.cdw10 & 0xFFFF)
+            guard queueID >= 1, submissionQueues.removeValue(forKey: queueID) != nil else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
+            }
+            MMIO.write32(bar, NVMeRegister.doorbell(queue: queueID, completion: false, strideShift: 0), 0)
+            complete(queue: 0, commandID: id, status: .success)
+        case .deleteIOCompletionQueue:
+            let queueID = Int(command.cdw10 & 0xFFFF)
+            guard queueID >= 1, completionQueues.removeValue(forKey: queueID) != nil else {
+                return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
+            }
+            MMIO.write32(bar, NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: 0), 0)
+            complete(queue: 0, commandID: id, status: .success)
+        case .abort:
+            // Commands here are either done or in the medium's hands; DW0 bit 0 set: not aborted.
+            complete(queue: 0, commandID: id, status: .success, result: 1)
+        case .getLogPage:
+            complete(queue: 0, commandID: id, status: .invalidField)
+        }
+    }
+
+    private func identifyController() -> IdentifyController {
+        var data = IdentifyController()
+        data.vendorID = 0x1B36  // the vendor id QEMU's emulated devices use; no real vendor's
+        data.subsystemVendorID = 0x1B36
+        data.serialNumber = configuration.serialNumber
+        data.modelNumber = configuration.modelNumber
+        data.firmwareRevision = "1.0"
+        data.maxDataTransferShift = configuration.maxTransferShift
+        data.controllerID = 1
+        data.version = 0x0002_0000
+        data.namespaceCount = 1
+        data.optionalCommands = 1 << 2 | 1 << 3  // dataset management, write zeroes
+        data.volatileWriteCache = namespace.geometry.isPersistent ? 1 : 0
+        return data
+    }
+
+    private func identifyNamespace() -> IdentifyNamespace {
+        var data = IdentifyNamespace()
+        let geometry = namespace.geometry
+        data.size = geometry.blockCount
+        data.capacity = geometry.blockCount
+        data.utilization = geometry.blockCount
+        data.lbaDataSizeShifts = [UInt8(geometry.blockSizeBytes.trailingZeroBitCount)]
+        return data
+    }
+
+    // MARK: - I/O commands
+
+    private func executeIO(_ command: SubmissionEntry, queue: SubmissionQueue) {
+        let id = command.commandID
+        guard let opcode = NVMOpcode(rawValue: command.opcode) else {
+            return complete(queue: queue.id, commandID: id, status: .invalidOpcode)
+        }
+        guard command.namespaceID == 1 else { return complete(queue: queue.id, commandID: id, status: .invalidNamespace) }
+        let faults = faultState.withLock { $0 }
+        if faults.namespaceNotReady { return complete(queue: queue.id, commandID: id, status: .namespaceNotReady) }
+        guard let channel else { return complete(queue: queue.id, commandID: id, status: .internalError) }
+        let geometry = namespace.geometry
+        let lba = command.startingLBA
+        if opcode != .flush && opcode != .datasetManagement {
+            let count = UInt64(command.blockCount)
+            guard lba < geometry.blockCount, count <= geometry.blockCount - lba else {
+                return complete(queue: queue.id, commandID: id, status: .lbaOutOfRange)
+            }
+            if faults.dropLBA == lba { return }
+            if let fail = faults.failLBA, fail.lba == lba { return complete(queue: queue.id, commandID: id, status: fail.status) }
+        }
+        let tag = nextTag
+        nextTag += 1
+        var inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+        do throws(BdevError) {
+            switch opcode {
+            case .read, .write:
+                let bytes = command.blockCount * geometry.blockSizeBytes
+                guard bytes <= (4096 << Int(configuration.maxTransferShift)) else {
+                    return complete(queue: queue.id, commandID: id, status: .invalidField)
+                }
+                guard let segments = prpSegments(command, bytes: bytes) else {
+                    return complete(queue: queue.id, commandID: id, status: .dataTransferError)
+                }
+                commands[tag] = inFlight
+                if opcode == .read {
+                    try channel.readv(segments, offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+                } else {
+                    try channel.writev(segments, offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+                }
+            case .flush:
+                commands[tag] = inFlight
+                try channel.flush(handler: self, tag: tag)
+            case .writeZeroes:
+                commands[tag] = inFlight
+                try channel.writeZeroes(offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+            case .datasetManagement:
+                // Deallocate each range; the command completes when all have.
+                guard command.cdw11 >> 2 & 1 == 1 else { return complete(queue: queue.id, commandID: id, status: .success) }
+                let ranges = Int(command.cdw10 & 0xFF) + 1
+                guard let list = hostMemory(command.prp1) else {
+                    return complete(queue: queue.id, commandID: id, status: .dataTransferError)
+                }
+                var pending = 0
+                for index in 0..<ranges {
+                    let length = UInt64(UInt32(littleEndian: list.loadUnaligned(fromByteOffset: index * 16 + 4, as: UInt32.self)))
+                    let start = UInt64(littleEndian: list.loadUnaligned(fromByteOffset: index * 16 + 8, as: UInt64.self))
+                    guard length > 0 else { continue }
+                    guard start < geometry.blockCount, length <= geometry.blockCount - start else {
+                        if pending == 0 { return complete(queue: queue.id, commandID: id, status: .lbaOutOfRange) }
+                        break
+                    }
+                    let rangeTag = nextTag
+                    nextTag += 1
+                    inFlight.dsmRanges = nil
+                    commands[rangeTag] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+                    dsmRemaining[id, default: 0] += 1
+                    try channel.unmap(offsetBlocks: start, countBlocks: length, handler: self, tag: rangeTag)
+                    pending += 1
+                }
+                if pending == 0 { complete(queue: queue.id, commandID: id, status: .success) }
+            }
+        } catch {
+            commands[tag] = nil
+            complete(queue: queue.id, commandID: id, status: error == .queueFull ? .namespaceNotReady : .internalError)
+        }
+    }
+
+    private var dsmRemaining: [UInt16: Int] = [:]
+
+    /// The host pages a command's PRPs name, as segments (merged where contiguous).
+    private func prpSegments(_ command: SubmissionEntry, bytes: Int) -> [DMASegment]? {
+        let page = 4096
+        guard let first = hostMemory(command.prp1) else { return nil }
+        var segments: [DMASegment] = []
+        func add(_ pointer: UnsafeMutableRawPointer, _ count: Int) {
+            if let last = segments.last, last.base + last.count == pointer {
+                segments[segments.count - 1] = DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: last.base, count: last.count + count))
+            } else {
+                segments.append(DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: pointer, count: count)))
+            }
+        }
+        let firstBytes = min(bytes, page - Int(command.prp1 % UInt64(page)))
+        add(first, firstBytes)
+        var remaining = bytes - firstBytes
+        if remaining == 0 { return segments }
+        if remaining <= page {
+            guard command.prp2 % UInt64(page) == 0, let second = hostMemory(command.prp2) else { return nil }
+            add(second, remaining)
+            return segments
+        }
+        // PRP2 points at a list of page addresses (the last entry of a full list page
+        // would chain to the next list; transfers here fit one list page).
+        guard let list = hostMemory(command.prp2) else { return nil }
+        var index = 0
+        while remaining > 0 {
+            guard index < page / 8 else { return nil }
+            let address = UInt64(littleEndian: list.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))
+            guard address % UInt64(page) == 0, let pointer = hostMemory(address) else { return nil }
+            add(pointer, min(page, remaining))
+            remaining -= min(page, remaining)
+            index += 1
+        }
+        guard segments.count <= BdevLimits.segmentCountMax else { return nil }
+        return segments
+    }
+
+    public func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+        guard let inFlight = commands.removeValue(forKey: tag) else { return }
+        let nvmeStatus: NVMeStatus = status == .success ? .success : .dataTransferError
+        if inFlight.opcode == NVMOpcode.datasetManagement.rawValue {
+            dsmRemaining[inFlight.commandID, default: 1] -= 1
+            guard dsmRemaining[inFlight.commandID] == 0 else { return }
+            dsmRemaining[inFlight.commandID] = nil
+        }
+        complete(queue: inFlight.queue, commandID: inFlight.commandID, status: nvmeStatus)
+    }
+}
+
+/// The driver's view of a software controller.
+final class EmulatedTransport: NVMeTransport, @unchecked Sendable {
+    let controller: NVMeSoftController
+    init(controller: NVMeSoftController) { self.controller = controller }
+    var registers: UnsafeMutableRawPointer { controller.bar }
+    var name: String { "nvme-emu(\(controller.namespace.name))" }
+    func busAddress(of pointer: UnsafeRawPointer) -> UInt64? { UInt64(UInt(bitPattern: pointer)) }
+    func close() {}
+}
