@@ -1,0 +1,143 @@
+import XCTest
+import Bdev
+import BdevConformance
+import BdevMalloc
+import BdevURing
+import Env
+@testable import NVMe
+
+final class NVMeDriverTests: XCTestCase {
+    final class Collector: BdevCompletionHandler {
+        var results: [UInt64: BdevStatus] = [:]
+        func bdevIOCompleted(tag: UInt64, status: BdevStatus) { results[tag] = status }
+    }
+
+    private func emulated(blocks: UInt64 = 4096, blockSize: Int = 4096, queueEntries: Int = 256,
+                          timeoutNs: UInt64 = 10_000_000_000) throws -> (NVMeBdev, Bdev) {
+        let backend = try NVMeBdev.emulated(namespace: Bdev(backend: try MallocBdev(blockCount: blocks, blockSizeBytes: blockSize)),
+                                            queueEntries: queueEntries, timeoutNs: timeoutNs)
+        return (backend, Bdev(backend: backend))
+    }
+
+    func testConformanceOverAFileWith512ByteBlocks() throws {
+        let path = "/var/tmp/blobfs-nvme-\(getpid()).img"
+        unlink(path)
+        defer { unlink(path) }
+        let reactor = try Reactor()
+        try BdevConformance(reactor: reactor) {
+            let file = Bdev(backend: try URingBdev(path: path, blockSizeBytes: 512, createSizeBytes: 8 << 20))
+            return Bdev(backend: try NVMeBdev.emulated(namespace: file))
+        }.run()
+    }
+
+    func testIdentifyReportsTheNamespace() throws {
+        let (backend, bdev) = try emulated(blocks: 1000, blockSize: 512)
+        defer { bdev.close() }
+        XCTAssertEqual(backend.controller.namespaceData.size, 1000)
+        XCTAssertEqual(backend.controller.namespaceData.blockSizeBytes, 512)
+        XCTAssertEqual(backend.controller.controllerData.modelNumber, "blobfs software NVMe controller")
+        XCTAssertTrue(backend.controller.controllerData.supportsWriteZeroes)
+        XCTAssertEqual(backend.controller.maxTransferBytes, 128 << 10)
+        XCTAssertGreaterThanOrEqual(backend.controller.ioQueuesGranted, 1)
+    }
+
+    /// A 4-entry queue (3 commands at once) wraps and flips its phase many times, and
+    /// the requests beyond it wait in the driver until slots free.
+    func testQueueWrapPhaseFlipAndFullQueue() throws {
+        let (_, bdev) = try emulated(queueEntries: 4)
+        defer { bdev.close() }
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let collector = Collector()
+        let buffer = try DMABuffer.allocate(bytes: 64 * 4096)
+        buffer.store(pattern(seed: 5, bytes: 64 * 4096))
+        for round in 0..<5 {
+            for index in 0..<64 {
+                try io.channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index + round * 64),
+                                     countBlocks: 1, handler: collector, tag: UInt64(round * 64 + index))
+            }
+            XCTAssertEqual(io.channel.inFlight, 64, "all accepted; 61 wait for queue slots")
+            reactor.run(until: { collector.results.count == (round + 1) * 64 })
+        }
+        XCTAssertTrue(collector.results.values.allSatisfy { $0 == .success })
+        for round in 0..<5 {
+            XCTAssertEqual(try io.readBytes(offsetBlocks: UInt64(round * 64), countBlocks: 64), buffer.bytes())
+        }
+    }
+
+    func testCompletionsOutOfOrder() throws {
+        let (backend, bdev) = try emulated()
+        defer { bdev.close() }
+        var faults = NVMeSoftController.Faults()
+        faults.reverseCompletions = true
+        backend.emulator!.setFaults(faults)
+        let reactor = try Reactor()
+        let channel = try bdev.makeChannel(reactor: reactor)
+        defer { channel.close() }
+        final class Order: BdevCompletionHandler {
+            var tags: [UInt64] = []
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) { tags.append(tag) }
+        }
+        let order = Order()
+        let buffer = try DMABuffer.allocate(bytes: 32 * 4096)
+        for index in 0..<32 {
+            try channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index), countBlocks: 1,
+                              handler: order, tag: UInt64(index))
+        }
+        reactor.run(until: { order.tags.count == 32 })
+        XCTAssertEqual(Set(order.tags), Set(0..<32))
+        XCTAssertNotEqual(order.tags, Array(0..<32), "the controller answered out of order")
+    }
+
+    func testErrorStatusIsATypedFailure() throws {
+        let (backend, bdev) = try emulated()
+        defer { bdev.close() }
+        var faults = NVMeSoftController.Faults()
+        faults.failLBA = (lba: 7, status: .lbaOutOfRange)
+        backend.emulator!.setFaults(faults)
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 7, countBlocks: 1)) {
+            XCTAssertEqual($0 as? BdevError, .io(errno: EIO))
+        }
+        XCTAssertNoThrow(try io.readBytes(offsetBlocks: 8, countBlocks: 1))
+        faults = NVMeSoftController.Faults()
+        faults.namespaceNotReady = true
+        backend.emulator!.setFaults(faults)
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 8, countBlocks: 1))
+    }
+
+    func testLostCommandTimesOut() throws {
+        let (backend, bdev) = try emulated(timeoutNs: 200_000_000)
+        defer { bdev.close() }
+        var faults = NVMeSoftController.Faults()
+        faults.dropLBA = 3
+        backend.emulator!.setFaults(faults)
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let start = MonotonicClock.nowNs()
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 3, countBlocks: 1)) {
+            XCTAssertEqual($0 as? BdevError, .io(errno: ETIMEDOUT))
+        }
+        XCTAssertLessThan(MonotonicClock.nowNs() - start, 2_000_000_000)
+        XCTAssertNoThrow(try io.readBytes(offsetBlocks: 4, countBlocks: 1), "the queue still works")
+        backend.emulator!.setFaults(NVMeSoftController.Faults())
+    }
+
+    func testFatalStatusFailsRequestsCleanly() throws {
+        let (backend, bdev) = try emulated()
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        XCTAssertNoThrow(try io.readBytes(offsetBlocks: 0, countBlocks: 1))
+        backend.emulator!.raiseFatalStatus()
+        XCTAssertTrue(backend.controller.isFatal)
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 0, countBlocks: 1)) {
+            XCTAssertEqual($0 as? BdevError, .io(errno: EIO))
+        }
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 1, countBlocks: 1), "a failed controller fails at once")
+        io.close()
+        bdev.close()
+    }
+}
