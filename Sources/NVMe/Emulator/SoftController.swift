@@ -44,11 +44,18 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
 
     // Controller state: owned by the controller's reactor thread.
     private var lastCC = ControllerConfiguration(raw: 0)
-    private var submissionQueues: [Int: SubmissionQueue] = [:]
+    private var submissionQueues: [Int: SubmissionQueue] = [:] {
+        didSet { queueList = ContiguousArray(submissionQueues.values.sorted { $0.id < $1.id }) }
+    }
+    /// The submission queues in id order, for the poll loop (rebuilt only when queues change).
+    private var queueList: ContiguousArray<SubmissionQueue> = []
     private var completionQueues: [Int: CompletionQueue] = [:]
-    private var commands: [UInt64: InFlight] = [:]
-    private var nextTag: UInt64 = 1
-    private var ready: [(cq: Int, entry: CompletionEntry)] = []
+    /// Commands in the medium's hands, by tag (a slot index); allocated once.
+    private var commands: ContiguousArray<InFlight?> = ContiguousArray(repeating: nil, count: BdevLimits.queueDepthMax)
+    private var freeTags: ContiguousArray<Int> = ContiguousArray((0..<BdevLimits.queueDepthMax).reversed())
+    private var ready: ContiguousArray<(cq: Int, entry: CompletionEntry)> = []
+    /// Scratch for the segments of one command (copied by the bdev layer at submission).
+    private let segmentScratch = UnsafeMutablePointer<DMASegment>.allocate(capacity: BdevLimits.segmentCountMax)
 
     private final class SubmissionQueue {
         let id: Int
@@ -85,6 +92,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     public init(namespace: Bdev, configuration: Configuration = Configuration()) throws {
         self.namespace = namespace
         self.configuration = configuration
+        ready.reserveCapacity(BdevLimits.queueDepthMax * 2)
         bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
         bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
         reactor = try Reactor(name: "nvme-emu", configuration: .init(idleBeforeSleepNs: 1_000_000))
@@ -114,6 +122,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         }
         reactor.stop()
         bar.deallocate()
+        segmentScratch.deallocate()
     }
 
     public func setFaults(_ faults: Faults) { faultState.withLock { $0 = faults } }
@@ -140,7 +149,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         }
         let status = ControllerStatus(raw: MMIO.read32(bar, NVMeRegister.csts))
         guard cc.enabled, status.ready, !status.fatal else { return busy ? .busy : .idle }
-        for queue in submissionQueues.values.sorted(by: { $0.id < $1.id }) {
+        for queue in queueList {
             let tail = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queue.id, completion: false, strideShift: 0)))
             guard tail < queue.entries else {
                 fatal("submission queue \(queue.id) tail doorbell \(tail) beyond \(queue.entries) entries")
@@ -158,7 +167,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             busy = true
         }
         if busy { return .busy }
-        return commands.isEmpty ? .idle : .pending
+        return freeTags.count == commands.count ? .idle : .pending
     }
 
     private func fatal(_ why: String) {
@@ -214,33 +223,29 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     }
 
     private func postReady() {
-        let batch = faultState.withLock { $0.reverseCompletions } ? ready.reversed() : ready
-        var kept: [(cq: Int, entry: CompletionEntry)] = []
-        for (queueID, entry) in batch {
+        let reverse = faultState.withLock { $0.reverseCompletions }
+        var kept = 0
+        let count = ready.count
+        for position in 0..<count {
+            let (queueID, entry) = ready[reverse ? count - 1 - position : position]
             guard let cq = completionQueues[queueID] else { continue }
             let head = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: 0)))
             if (cq.tail + 1) % cq.entries == head {  // full: the host has not consumed yet
-                kept.append((queueID, entry))
+                ready[kept] = (queueID, entry)
+                kept += 1
                 continue
             }
             var posted = entry
             posted.phase = cq.phase
-            let slot = cq.base + cq.tail * CompletionEntry.bytes
-            // Everything but the phase dword first, then the phase: the host polls it.
-            var staging = [UInt8](repeating: 0, count: 16)
-            staging.withUnsafeMutableBytes { posted.store(to: $0.baseAddress!) }
-            staging.withUnsafeBytes { bytes in
-                slot.copyMemory(from: bytes.baseAddress!, byteCount: 12)
-                atomicMemoryFence(ordering: .releasing)
-                MMIO.write32(slot, 12, bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-            }
+            // The phase dword goes last, after a release fence: the host polls it.
+            posted.store(to: cq.base + cq.tail * CompletionEntry.bytes)
             cq.tail += 1
             if cq.tail == cq.entries {
                 cq.tail = 0
                 cq.phase.toggle()
             }
         }
-        ready = kept
+        ready.removeLast(count - kept)
     }
 
     // MARK: - Admin commands
@@ -374,9 +379,11 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             if faults.dropLBA == lba { return }
             if let fail = faults.failLBA, fail.lba == lba { return complete(queue: queue.id, commandID: id, status: fail.status) }
         }
-        let tag = nextTag
-        nextTag += 1
-        var inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+        guard let slot = freeTags.popLast() else {
+            return complete(queue: queue.id, commandID: id, status: .namespaceNotReady)
+        }
+        let tag = UInt64(slot)
+        let inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
         do throws(BdevError) {
             switch opcode {
             case .read, .write:
@@ -384,23 +391,26 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 guard bytes <= (4096 << Int(configuration.maxTransferShift)) else {
                     return complete(queue: queue.id, commandID: id, status: .invalidField)
                 }
-                guard let segments = prpSegments(command, bytes: bytes) else {
+                guard let count = prpSegments(command, bytes: bytes) else {
+                    freeTags.append(slot)
                     return complete(queue: queue.id, commandID: id, status: .dataTransferError)
                 }
-                commands[tag] = inFlight
+                let segments = UnsafeBufferPointer(start: segmentScratch, count: count)
+                commands[slot] = inFlight
                 if opcode == .read {
                     try channel.readv(segments, offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
                 } else {
                     try channel.writev(segments, offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
                 }
             case .flush:
-                commands[tag] = inFlight
+                commands[slot] = inFlight
                 try channel.flush(handler: self, tag: tag)
             case .writeZeroes:
-                commands[tag] = inFlight
+                commands[slot] = inFlight
                 try channel.writeZeroes(offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
             case .datasetManagement:
                 // Deallocate each range; the command completes when all have.
+                freeTags.append(slot)
                 guard command.cdw11 >> 2 & 1 == 1 else { return complete(queue: queue.id, commandID: id, status: .success) }
                 let ranges = Int(command.cdw10 & 0xFF) + 1
                 guard let list = hostMemory(command.prp1) else {
@@ -415,63 +425,75 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                         if pending == 0 { return complete(queue: queue.id, commandID: id, status: .lbaOutOfRange) }
                         break
                     }
-                    let rangeTag = nextTag
-                    nextTag += 1
-                    inFlight.dsmRanges = nil
-                    commands[rangeTag] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+                    guard let rangeSlot = freeTags.popLast() else { break }
+                    commands[rangeSlot] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
                     dsmRemaining[id, default: 0] += 1
-                    try channel.unmap(offsetBlocks: start, countBlocks: length, handler: self, tag: rangeTag)
+                    do { try channel.unmap(offsetBlocks: start, countBlocks: length, handler: self, tag: UInt64(rangeSlot)) } catch {
+                        commands[rangeSlot] = nil
+                        freeTags.append(rangeSlot)
+                        dsmRemaining[id, default: 1] -= 1
+                        throw error
+                    }
                     pending += 1
                 }
                 if pending == 0 { complete(queue: queue.id, commandID: id, status: .success) }
             }
         } catch {
-            commands[tag] = nil
+            if commands[slot] != nil {
+                commands[slot] = nil
+                freeTags.append(slot)
+            }
             complete(queue: queue.id, commandID: id, status: error == .queueFull ? .namespaceNotReady : .internalError)
         }
     }
 
     private var dsmRemaining: [UInt16: Int] = [:]
 
-    /// The host pages a command's PRPs name, as segments (merged where contiguous).
-    private func prpSegments(_ command: SubmissionEntry, bytes: Int) -> [DMASegment]? {
+    /// Writes the host pages a command's PRPs name into `segmentScratch` (merged where
+    /// contiguous); returns how many, or nil when the PRPs are invalid.
+    private func prpSegments(_ command: SubmissionEntry, bytes: Int) -> Int? {
         let page = 4096
         guard let first = hostMemory(command.prp1) else { return nil }
-        var segments: [DMASegment] = []
-        func add(_ pointer: UnsafeMutableRawPointer, _ count: Int) {
-            if let last = segments.last, last.base + last.count == pointer {
-                segments[segments.count - 1] = DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: last.base, count: last.count + count))
-            } else {
-                segments.append(DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: pointer, count: count)))
+        var count = 0
+        func add(_ pointer: UnsafeMutableRawPointer, _ length: Int) -> Bool {
+            if count > 0, segmentScratch[count - 1].base + segmentScratch[count - 1].count == pointer {
+                let last = segmentScratch[count - 1]
+                segmentScratch[count - 1] = DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: last.base, count: last.count + length))
+                return true
             }
+            guard count < BdevLimits.segmentCountMax else { return false }
+            (segmentScratch + count).initialize(to: DMASegment(unsafeExternal: UnsafeMutableRawBufferPointer(start: pointer, count: length)))
+            count += 1
+            return true
         }
         let firstBytes = min(bytes, page - Int(command.prp1 % UInt64(page)))
-        add(first, firstBytes)
+        _ = add(first, firstBytes)
         var remaining = bytes - firstBytes
-        if remaining == 0 { return segments }
+        if remaining == 0 { return count }
         if remaining <= page {
             guard command.prp2 % UInt64(page) == 0, let second = hostMemory(command.prp2) else { return nil }
-            add(second, remaining)
-            return segments
+            _ = add(second, remaining)
+            return count
         }
-        // PRP2 points at a list of page addresses (the last entry of a full list page
-        // would chain to the next list; transfers here fit one list page).
+        // PRP2 points at a list of page addresses (transfers here fit one list page).
         guard let list = hostMemory(command.prp2) else { return nil }
         var index = 0
         while remaining > 0 {
             guard index < page / 8 else { return nil }
             let address = UInt64(littleEndian: list.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self))
-            guard address % UInt64(page) == 0, let pointer = hostMemory(address) else { return nil }
-            add(pointer, min(page, remaining))
+            guard address % UInt64(page) == 0, let pointer = hostMemory(address), add(pointer, min(page, remaining)) else {
+                return nil
+            }
             remaining -= min(page, remaining)
             index += 1
         }
-        guard segments.count <= BdevLimits.segmentCountMax else { return nil }
-        return segments
+        return count
     }
 
     public func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
-        guard let inFlight = commands.removeValue(forKey: tag) else { return }
+        guard let inFlight = commands[Int(tag)] else { return }
+        commands[Int(tag)] = nil
+        freeTags.append(Int(tag))
         let nvmeStatus: NVMeStatus = status == .success ? .success : .dataTransferError
         if inFlight.opcode == NVMOpcode.datasetManagement.rawValue {
             dsmRemaining[inFlight.commandID, default: 1] -= 1

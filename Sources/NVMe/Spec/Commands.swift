@@ -1,3 +1,5 @@
+import Synchronization
+
 // Submission and completion queue entries (NVMe base spec 2.0, sections 4.2 and 4.6),
 // read and written field by field in queue memory.
 
@@ -111,8 +113,9 @@ public struct CompletionEntry: Equatable, Sendable {
         memory.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
         memory.storeBytes(of: (UInt32(submissionQueueHead) | UInt32(submissionQueueID) << 16).littleEndian,
                           toByteOffset: 8, as: UInt32.self)
-        // The dword holding the phase bit goes last: the host polls it.
+        // The dword holding the phase bit goes last, after a release fence: the host polls it.
         let dword3 = UInt32(commandID) | (phase ? 1 << 16 : 0) | UInt32(status.raw) << 17
+        atomicMemoryFence(ordering: .releasing)
         memory.storeBytes(of: dword3.littleEndian, toByteOffset: 12, as: UInt32.self)
     }
 
