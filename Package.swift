@@ -59,6 +59,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
 
+        .executableTarget(
+            name: "nvme-qemu-check",
+            dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env"]),
+
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Env"]),

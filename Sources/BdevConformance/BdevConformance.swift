@@ -27,7 +27,18 @@ public struct BdevConformance {
     @discardableResult
     public func run() throws -> [String] {
         let bdev = try open()
-        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let io: BdevSyncIO
+        do { io = try BdevSyncIO(bdev: bdev, reactor: reactor) } catch {
+            bdev.close()
+            throw error
+        }
+        var closed = false
+        defer {
+            if !closed {  // a failed check still releases the device
+                io.close()
+                bdev.close()
+            }
+        }
         var passed: [String] = []
         func check(_ name: String, _ body: () throws -> Void) throws {
             do { try body() } catch let failure as Failure { throw failure } catch {
@@ -44,6 +55,7 @@ public struct BdevConformance {
         try check("flush-ordering") { try flushOrdering(io) }
         let persistent = bdev.geometry.isPersistent
         let marker = try writeMarker(io)
+        closed = true
         io.close()
         bdev.close()
         if persistent {

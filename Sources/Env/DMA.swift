@@ -48,7 +48,8 @@ public final class DMAPool: @unchecked Sendable {
         var hugepagesAvailable: Bool? = nil
         var bytesMapped = 0
         var chunks: [DMAChunk] = []
-        var observers: [ChunkObserver] = []
+        var observers: [(id: Int, observe: ChunkObserver)] = []
+        var nextObserverID = 0
     }
 
     /// A mapped range of the pool; devices that translate addresses (VFIO, UIO) learn of
@@ -70,12 +71,26 @@ public final class DMAPool: @unchecked Sendable {
     public var usesHugepages: Bool? { state.withLock { $0.hugepagesAvailable } }
     public var bytesMapped: Int { state.withLock { $0.bytesMapped } }
 
-    public func observeChunks(_ observer: @escaping ChunkObserver) throws {
-        let existing = state.withLock { state -> [DMAChunk] in
-            state.observers.append(observer)
-            return state.chunks
+    /// Registers `observer`; returns a token for `stopObserving`. If the observer fails
+    /// on an existing chunk it is not kept.
+    @discardableResult
+    public func observeChunks(_ observer: @escaping ChunkObserver) throws -> Int {
+        let (id, existing) = state.withLock { state -> (Int, [DMAChunk]) in
+            state.nextObserverID += 1
+            state.observers.append((state.nextObserverID, observer))
+            return (state.nextObserverID, state.chunks)
         }
-        for chunk in existing { try observer(chunk) }
+        do {
+            for chunk in existing { try observer(chunk) }
+        } catch {
+            stopObserving(id)
+            throw error
+        }
+        return id
+    }
+
+    public func stopObserving(_ id: Int) {
+        state.withLock { $0.observers.removeAll { $0.id == id } }
     }
 
     /// A buffer of at least `bytes` bytes, aligned to 4 KiB (to its size class up to 2 MiB).
@@ -165,7 +180,7 @@ public final class DMAPool: @unchecked Sendable {
         let observers = state.withLock { state -> [ChunkObserver] in
             state.bytesMapped += bytes
             state.chunks.append(chunk)
-            return state.observers
+            return state.observers.map(\.observe)
         }
         do {
             for observer in observers { try observer(chunk) }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Env
+import Synchronization
 
 /// A PCI function address, "DDDD:BB:DD.F".
 public struct PCIAddress: Equatable, Sendable, CustomStringConvertible {
@@ -77,4 +78,37 @@ func preadAll(_ fd: Int32, count: Int, offset: Int) throws -> [UInt8] {
 func pwriteAll(_ fd: Int32, _ bytes: [UInt8], offset: Int) throws {
     let result = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, bytes.count, off_t(offset)) }
     guard result == bytes.count else { throw PCIError("pwrite of \(bytes.count) bytes at \(offset): errno \(errno)") }
+}
+
+/// Virtual-to-bus address ranges of DMA memory, for devices whose bus addresses are not
+/// the virtual ones (UIO: physical; VFIO: IOVAs handed out from `reserve`).
+final class TranslationTable: Sendable {
+    private struct Range {
+        var virtual: UInt
+        var bus: UInt64
+        var bytes: Int
+    }
+    private let ranges = Mutex<(list: [Range], nextIOVA: UInt64)>(([], 1 << 32))
+
+    /// The next free IOVA range of `bytes` (2 MiB aligned), starting at 4 GiB.
+    func reserve(bytes: Int) -> UInt64 {
+        ranges.withLock { state in
+            let iova = state.nextIOVA
+            state.nextIOVA += UInt64((bytes + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+            return iova
+        }
+    }
+
+    func add(virtual: UInt, bus: UInt64, bytes: Int) {
+        ranges.withLock { $0.list.append(Range(virtual: virtual, bus: bus, bytes: bytes)) }
+    }
+
+    func lookup(_ virtual: UInt) -> UInt64? {
+        ranges.withLock { state in
+            for range in state.list where virtual >= range.virtual && virtual < range.virtual + UInt(range.bytes) {
+                return range.bus + UInt64(virtual - range.virtual)
+            }
+            return nil
+        }
+    }
 }

@@ -13,13 +13,12 @@ public final class UIOPCIDevice: PCIDevice, @unchecked Sendable {
     public let bar0: UnsafeMutableRawPointer
     public let bar0Length: Int
     private let translations = TranslationTable()
-
-    private final class TranslationTable: Sendable {
-        let entries = Mutex<[(virtual: UInt, physical: UInt64, bytes: Int)]>([])
-    }
+    private let pool: DMAPool
+    private var observerID: Int?
 
     init(address: PCIAddress, pool: DMAPool) throws {
         self.address = address
+        self.pool = pool
         let resource = open(address.sysfsPath + "/resource0", O_RDWR | O_CLOEXEC | O_SYNC)
         guard resource >= 0 else { throw PCIError("open \(address.sysfsPath)/resource0: errno \(errno)") }
         defer { Glibc.close(resource) }
@@ -39,17 +38,25 @@ public final class UIOPCIDevice: PCIDevice, @unchecked Sendable {
         // Make the pool map a chunk now, so that its page kind is known.
         _ = try pool.allocate(bytes: 4096)
         guard pool.usesHugepages == true else {
+            munmap(bar0, bar0Length)
             throw PCIError("uio_pci_generic needs hugepages for DMA: reserve some (echo 64 > /proc/sys/vm/nr_hugepages)")
         }
-        try pool.observeChunks { [translations] chunk in
-            let pageBytes = DMAPool.chunkBytes
-            var offset = 0
-            while offset < chunk.bytes {
-                let virtual = UInt(bitPattern: chunk.base) + UInt(offset)
-                let physical = try Self.physicalAddress(of: virtual)
-                translations.entries.withLock { $0.append((virtual, physical, pageBytes)) }
-                offset += pageBytes
+        let bar = bar0
+        let barLength = bar0Length
+        do {
+            observerID = try pool.observeChunks { [translations] chunk in
+                let pageBytes = DMAPool.chunkBytes
+                var offset = 0
+                while offset < chunk.bytes {
+                    let virtual = UInt(bitPattern: chunk.base) + UInt(offset)
+                    let physical = try Self.physicalAddress(of: virtual)
+                    translations.add(virtual: virtual, bus: physical, bytes: pageBytes)
+                    offset += pageBytes
+                }
             }
+        } catch {
+            munmap(bar, barLength)
+            throw error
         }
     }
 
@@ -68,16 +75,11 @@ public final class UIOPCIDevice: PCIDevice, @unchecked Sendable {
     }
 
     public func busAddress(of pointer: UnsafeRawPointer) -> UInt64? {
-        let virtual = UInt(bitPattern: pointer)
-        return translations.entries.withLock { table in
-            for entry in table where virtual >= entry.virtual && virtual < entry.virtual + UInt(entry.bytes) {
-                return entry.physical + UInt64(virtual - entry.virtual)
-            }
-            return nil
-        }
+        translations.lookup(UInt(bitPattern: pointer))
     }
 
     public func close() {
+        if let observerID { pool.stopObserving(observerID) }
         munmap(bar0, bar0Length)
     }
 }

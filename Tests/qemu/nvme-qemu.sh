@@ -101,9 +101,9 @@ for mode in "${modes[@]}"; do
     -drive file="$image",if=none,id=nvm,format=raw -device nvme,serial=blobfs0001,drive=nvm \
     > "$log" 2>&1 || true
   if grep -q "BLOBFS-QEMU-RESULT: PASS" "$log"; then
-    echo "PASS nvme-qemu $mode"
+    echo "PASS nvme-qemu $mode"; grep -E "^check" "$log" | sed 's/^/  /' | cut -c1-160
   else
-    echo "FAIL nvme-qemu $mode (serial log: $log)"; grep -E "guest:|BLOBFS|FAIL|error" "$log" | tail -n 20 || true
+    echo "FAIL nvme-qemu $mode (serial log: $log)"; grep -E "guest:|check|BLOBFS|FAIL|error|panic" "$log" | tail -n 20 || true
     status=1
   fi
 done

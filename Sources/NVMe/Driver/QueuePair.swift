@@ -60,6 +60,7 @@ final class NVMeQueuePair: BdevBackendChannel {
     private var timerID: PollerID?
     private(set) var lastError: NVMeStatus?
     private var inFlightCommands = 0
+    private let unmapByDeallocate: Bool
 
     init(controller: NVMeController, reactor: Reactor, entries requested: Int, timeoutNs: UInt64) throws {
         self.controller = controller
@@ -69,6 +70,11 @@ final class NVMeQueuePair: BdevBackendChannel {
         blockBytes = controller.namespaceData.blockSizeBytes
         maxTransferBytes = min(controller.maxTransferBytes, 65536 * blockBytes) / blockBytes * blockBytes
         self.timeoutNs = timeoutNs
+        // Write Zeroes (with the deallocate hint) guarantees zeros; a dataset-management
+        // deallocate only where write zeroes is missing and the namespace promises zeros
+        // (QEMU's, for one, can promise and not deliver on a backend opened without discard).
+        unmapByDeallocate = !controller.controllerData.supportsWriteZeroes
+            && controller.namespaceData.deallocatedReadsZeros && controller.controllerData.supportsDatasetManagement
         submissionQueue = try DMABuffer.allocate(bytes: entries * SubmissionEntry.bytes)
         completionQueue = try DMABuffer.allocate(bytes: entries * CompletionEntry.bytes)
         submissionQueue.fill(0)
@@ -120,15 +126,22 @@ final class NVMeQueuePair: BdevBackendChannel {
             progress[io.index] = 1
             return true
         case .writeZeroes, .unmap:
+            // Unmap must read back as zeros (see unmapByDeallocate).
+            let deallocate = io.type == .unmap && unmapByDeallocate
+            if !deallocate && !controller.controllerData.supportsWriteZeroes {
+                if progress[io.index] == 0 && outstanding[io.index] == 0 { io.complete(.failed(.unsupported("write zeroes"))) }
+                return true
+            }
             while UInt64(progress[io.index]) < io.countBlocks {
                 guard let slot = freeSlots.popLast() else { return false }
                 let done = UInt64(progress[io.index])
-                let count = min(io.countBlocks - done, io.type == .writeZeroes ? 65536 : UInt64(UInt32.max))
+                let count = min(io.countBlocks - done, deallocate ? UInt64(UInt32.max) : 65536)
                 var command = SubmissionEntry()
-                if io.type == .writeZeroes {
+                if !deallocate {
                     command.opcode = NVMOpcode.writeZeroes.rawValue
                     command.startingLBA = io.offsetBlocks + done
                     command.blockCount = Int(count)
+                    if io.type == .unmap { command.cdw12 |= 1 << 25 }  // DEAC: deallocate if it can
                 } else {
                     command.opcode = NVMOpcode.datasetManagement.rawValue
                     command.cdw10 = 0         // one range

@@ -355,6 +355,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         data.capacity = geometry.blockCount
         data.utilization = geometry.blockCount
         data.lbaDataSizeShifts = [UInt8(geometry.blockSizeBytes.trailingZeroBitCount)]
+        data.deallocatedReadsZeros = true  // every bdev module here reads unmapped blocks as zeros
         return data
     }
 

@@ -64,6 +64,8 @@ public struct IdentifyNamespace: Equatable, Sendable {
     public var formatIndex: Int = 0
     /// Per format: log2 of the LBA data size (LBADS).
     public var lbaDataSizeShifts: [UInt8] = [12]
+    /// DLFEAT bits 2:0 = 001b: deallocated blocks read as zeros.
+    public var deallocatedReadsZeros = false
 
     public init() {}
 
@@ -74,6 +76,7 @@ public struct IdentifyNamespace: Equatable, Sendable {
         put64(&bytes, 0, size); put64(&bytes, 8, capacity); put64(&bytes, 16, utilization)
         bytes[25] = UInt8(formatCount - 1)
         bytes[26] = UInt8(formatIndex & 0xF)
+        bytes[33] = deallocatedReadsZeros ? 1 : 0
         for (index, shift) in lbaDataSizeShifts.enumerated() { bytes[128 + index * 4 + 2] = shift }
         return bytes
     }
@@ -82,6 +85,7 @@ public struct IdentifyNamespace: Equatable, Sendable {
         size = get64(bytes, 0); capacity = get64(bytes, 8); utilization = get64(bytes, 16)
         formatCount = Int(bytes[25]) + 1
         formatIndex = Int(bytes[26] & 0xF)
+        deallocatedReadsZeros = bytes[33] & 0x7 == 1
         lbaDataSizeShifts = (0..<min(formatCount, 64)).map { bytes[128 + $0 * 4 + 2] }
         if formatIndex >= lbaDataSizeShifts.count { formatIndex = 0 }
     }
