@@ -44,7 +44,7 @@ let package = Package(
         .executableTarget(
             name: "bdevperf",
             dependencies: [
-                "Bdev", "Env", "DeviceSpec", "Blobstore",
+                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),

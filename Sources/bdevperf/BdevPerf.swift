@@ -5,6 +5,7 @@ import Env
 import Foundation
 import Logging
 import MallocInterposerSwift
+import NVMe
 import Synchronization
 
 /// An in-process I/O benchmark of the bdev layer, after SPDK's tool of the same name.
@@ -56,6 +57,9 @@ struct BdevPerf: ParsableCommand {
     @Flag(name: .long, help: "Run the jobs on one blob spanning a freshly formatted blob store on the device (its data path), instead of the raw device.")
     var blob = false
 
+    @Flag(name: .long, help: "Print the NVMe controller's and namespace's identify data (nvme-emu: and pcie: devices) and exit.")
+    var identify = false
+
     @Flag(name: .long, help: "Print one JSON object instead of text.")
     var json = false
 
@@ -94,6 +98,11 @@ struct BdevPerf: ParsableCommand {
             throw ValidationError("cannot open \(device): \(error)")
         }
         defer { bdev.close() }
+        if identify {
+            guard let nvme = bdev.backend as? NVMeBdev else { throw ValidationError("--identify needs an nvme-emu: or pcie: device") }
+            print(identifyText(nvme.controller))
+            return
+        }
         let ioBytes = Int(try parseSize(ioSize, "-o"))
         guard UInt64(ioBytes / blockSize) <= bdev.geometry.blockCount else {
             throw ValidationError("-o \(ioSize) is larger than the device")
@@ -114,4 +123,24 @@ struct BdevPerf: ParsableCommand {
         print(json ? report.json() : report.text())
         if result.errors > 0 { throw ExitCode(1) }
     }
+}
+
+func identifyText(_ controller: NVMeController) -> String {
+    let c = controller.controllerData
+    let n = controller.namespaceData
+    let cap = controller.capabilities
+    return """
+    controller \(controller.transport.name)
+      vendor 0x\(String(c.vendorID, radix: 16)) subsystem vendor 0x\(String(c.subsystemVendorID, radix: 16))
+      model '\(c.modelNumber)' serial '\(c.serialNumber)' firmware '\(c.firmwareRevision)'
+      version \(c.version >> 16).\(c.version >> 8 & 0xFF) controller id \(c.controllerID) namespaces \(c.namespaceCount)
+      MDTS \(c.maxDataTransferShift) (max transfer \(controller.maxTransferBytes) B) volatile write cache \(c.volatileWriteCache & 1 == 1)
+      optional commands: dataset management \(c.supportsDatasetManagement), write zeroes \(c.supportsWriteZeroes)
+      CAP: max queue entries \(cap.maxQueueEntries), timeout \(cap.timeoutMs) ms, doorbell stride \(4 << cap.doorbellStrideShift) B
+      I/O queue pairs granted \(controller.ioQueuesGranted)
+    namespace 1
+      size \(n.size) blocks, capacity \(n.capacity), utilization \(n.utilization)
+      formats \(n.formatCount), in use \(n.formatIndex): \(n.blockSizeBytes)-byte blocks
+      deallocated blocks read as zeros: \(n.deallocatedReadsZeros)
+    """
 }
