@@ -65,7 +65,7 @@ let package = Package(
 
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
-        .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Env"]),
+        .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
         .testTarget(
             name: "BdevTests",
             dependencies: ["Bdev", "Env", "BdevMalloc", "BdevURing", "BdevFault", "DeviceSpec", "BdevConformance"]),

@@ -69,6 +69,27 @@ print("| %s | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %s |" % (r["workload"], r[
       b["iops"] / r["iops"], r["latencyUs"]["p99"], b["latencyUs"]["p99"], b.get("allocationsPerIO")))
 PY
 done
+# The NVMe protocol path: the driver over the in-process software controller, whose
+# namespace is a malloc bdev, against the malloc bdev itself, alternating.
+{
+  echo
+  echo "NVMe protocol path: \`nvme-emu:malloc:1G\` (driver, queues and PRPs, software controller on its own reactor thread) against \`malloc:1G\`, run alternately."
+  echo
+  echo "| workload | q | malloc IOPS | nvme-emu IOPS | nvme-emu / malloc | malloc p99 us | nvme-emu p99 us | nvme-emu allocs/IO | nvme-emu CPU s / M I/O |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+} >> "$out.tmp"
+for job in "randread 1" "randread 32" "randwrite 32"; do
+  set -- $job
+  raw="$bin --device malloc:1G -w $1 -q $2 -o 4096 -t $seconds --warmup 1 --json"
+  nvme="$bin --device nvme-emu:malloc:1G -w $1 -q $2 -o 4096 -t $seconds --warmup 1 --json"
+  commands+=("${raw/#$bin/bdevperf}" "${nvme/#$bin/bdevperf}")
+  python3 - "$($raw | tail -n 1)" "$($nvme | tail -n 1)" >> "$out.tmp" <<'PY'
+import json, sys
+r, n = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print("| %s | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %s | %.2f |" % (r["workload"], r["queueDepth"], r["iops"], n["iops"],
+      n["iops"] / r["iops"], r["latencyUs"]["p99"], n["latencyUs"]["p99"], n.get("allocationsPerIO"), n["cpuSecondsPerMillionIOs"]))
+PY
+done
 {
   echo
   echo "Commands (bdevperf = \`$(realpath --relative-to=. "$bin")\`):"
