@@ -219,6 +219,17 @@ public final class NVMeController: @unchecked Sendable {
         adminLock.withLock { _ in freeQueueIDs.append(queueID) }
     }
 
+    /// Asks the controller to abort command `commandID` of submission queue `queueID`;
+    /// true when it reports the command aborted (DW0 bit 0 clear).
+    @discardableResult
+    func abort(queueID: Int, commandID: UInt16) -> Bool {
+        var command = SubmissionEntry()
+        command.opcode = AdminOpcode.abort.rawValue
+        command.cdw10 = UInt32(queueID) | UInt32(commandID) << 16
+        guard let done = try? admin(command) else { return false }
+        return done.commandSpecific & 1 == 0
+    }
+
     /// Normal shutdown notification, then disable.
     public func shutdown() {
         let cc = ControllerConfiguration(raw: transport.read32(NVMeRegister.cc))

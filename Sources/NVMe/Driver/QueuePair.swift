@@ -11,8 +11,9 @@ import Synchronization
 /// PRPs cannot describe (a segment boundary off a page boundary) goes through a bounce
 /// buffer. The SQ tail doorbell is rung once per poll, the CQ head doorbell once per
 /// batch of completions. A full queue parks requests in a preallocated list. Commands
-/// older than the timeout fail their request with ETIMEDOUT (their slot stays reserved
-/// until the controller answers); a controller fatal status fails everything with EIO.
+/// older than the timeout are aborted (Abort admin command) and fail their request with
+/// ETIMEDOUT (the slot stays reserved until the controller answers); a controller fatal
+/// status fails everything with EIO.
 final class NVMeQueuePair: BdevBackendChannel {
     private final class Slot {
         unowned(unsafe) var io: BdevIO?
@@ -60,6 +61,7 @@ final class NVMeQueuePair: BdevBackendChannel {
     private var timerID: PollerID?
     private(set) var lastError: NVMeStatus?
     private var inFlightCommands = 0
+    private(set) var timeouts = 0
     private let unmapByDeallocate: Bool
 
     init(controller: NVMeController, reactor: Reactor, entries requested: Int, timeoutNs: UInt64) throws {
@@ -370,8 +372,16 @@ final class NVMeQueuePair: BdevBackendChannel {
             return .busy
         }
         let now = MonotonicClock.nowNs()
-        for slot in slots where slot.io != nil && !slot.timedOut && now &- slot.submittedNs > timeoutNs {
+        var index = 0
+        for slot in slots {
+            defer { index += 1 }
+            guard slot.io != nil, !slot.timedOut, now &- slot.submittedNs > timeoutNs else { continue }
             slot.timedOut = true
+            timeouts += 1
+            // Ask the controller to abort it (an exceptional, synchronous admin command);
+            // whatever it answers, the request fails now and the slot stays reserved
+            // until the controller completes or aborts the command.
+            controller.abort(queueID: queueID, commandID: UInt16(index))
             let io = slot.io!
             if failure[io.index] == .success { failure[io.index] = .failed(.io(errno: ETIMEDOUT)) }
             partDone(io)
