@@ -39,12 +39,15 @@ let package = Package(
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
         .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault", "NVMe", "PCI"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
+        .target(
+            name: "CommandLineSupport",
+            dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
 
         .executableTarget(
             name: "bdevperf",
             dependencies: [
-                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe",
+                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe", "CommandLineSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
@@ -54,7 +57,7 @@ let package = Package(
         .executableTarget(
             name: "blobbench",
             dependencies: [
-                "Blobstore", "Bdev", "Env", "DeviceSpec",
+                "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -90,7 +90,7 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
             return state.records.values.sorted { $0.id < $1.id }
         }
         var report = CrashReport()
-        var random = SplitMix(seed: {
+        var random = SplitMix64(seed: {
             if case let .random(seed) = policy { return seed } else { return 0 }
         }())
         for index in records.indices {
@@ -183,18 +183,5 @@ struct FaultState {
         nextRecordID += 1
         records[id] = WriteRecord(id: id, offsetBlocks: offsetBlocks, data: data)
         for block in 0..<UInt64(data.count / blockBytes) { latest[offsetBlocks + block] = id }
-    }
-}
-
-/// SplitMix64: the seeded generator behind crash decisions.
-struct SplitMix {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

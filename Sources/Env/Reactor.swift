@@ -212,7 +212,9 @@ public final class Reactor: @unchecked Sendable {
     }
 
     private func timeoutToNextTimerMs(now: UInt64) -> Int32 {
-        guard let next = timers.map(\.deadlineNs).min() else { return -1 }
+        guard !timers.isEmpty else { return -1 }
+        var next = UInt64.max
+        for timer in timers { next = min(next, timer.deadlineNs) }  // no temporary array: this runs per sleep
         if next <= now { return 0 }
         return Int32(min((next - now + 999_999) / 1_000_000, UInt64(Int32.max)))
     }

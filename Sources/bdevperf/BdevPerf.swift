@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import Bdev
 import DeviceSpec
 import Env
@@ -10,7 +11,7 @@ import Synchronization
 
 /// An in-process I/O benchmark of the bdev layer, after SPDK's tool of the same name.
 @main
-struct BdevPerf: ParsableCommand {
+struct BdevPerf: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(
         commandName: "bdevperf",
         abstract: "Measure a block device through the bdev layer: IOPS, bandwidth, latency, CPU, allocations per I/O.")

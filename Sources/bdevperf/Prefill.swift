@@ -18,7 +18,7 @@ final class Prefill: BdevCompletionHandler {
         let geometry = channel.bdev.geometry
         chunkBlocks = UInt64((1 << 20) / geometry.blockSizeBytes)
         buffer = try DMABuffer.allocate(bytes: depth << 20)
-        var random = SplitMixBytes(seed: 7)
+        var random = SplitMix64(seed: 7)  // random bytes: compressible or zero data flatters nothing
         buffer.withUnsafeMutableBytes { random.fill($0) }
     }
 
@@ -42,23 +42,5 @@ final class Prefill: BdevCompletionHandler {
         if case let .failed(error) = status { failure = failure ?? error }
         submit(slot: Int(tag))
         if channel.inFlight == 0 { done = true }
-    }
-}
-
-/// Fills memory with pseudo-random bytes (so compressible or zero data flatters nothing).
-struct SplitMixBytes {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-
-    mutating func fill(_ bytes: UnsafeMutableRawBufferPointer) {
-        var offset = 0
-        while offset + 8 <= bytes.count {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            bytes.storeBytes(of: z ^ (z >> 31), toByteOffset: offset, as: UInt64.self)
-            offset += 8
-        }
     }
 }

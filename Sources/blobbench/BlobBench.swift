@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandLineSupport
 import Bdev
 import Blobstore
 import DeviceSpec
@@ -9,7 +10,7 @@ import Logging
 /// Blob-store measurements: format time, recovery time against the log tail, and how
 /// many small blobs a store holds.
 @main
-struct BlobBench: ParsableCommand {
+struct BlobBench: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(
         commandName: "blobbench", abstract: "Blob store benchmarks.",
         subcommands: [FormatTime.self, RecoveryTime.self, SmallObjects.self])

@@ -11,32 +11,22 @@ final class FormatFuzzTests: XCTestCase {
         ProcessInfo.processInfo.environment["BLOBFS_FUZZ_ITERATIONS"].flatMap(Int.init) ?? 20000
     }
 
-    private struct Generator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
-    }
+    private func below(_ random: inout SplitMix64, _ bound: Int) -> Int { Int(random.next() % UInt64(bound)) }
 
     private func fuzz(_ name: String, seed: [UInt8], checksum: (range: Range<Int>, at: Int),
                       decode: ([UInt8]) throws -> Void) {
-        var random = Generator(state: name.utf8.reduce(UInt64(0)) { $0 &* 31 &+ UInt64($1) })
+        var random = SplitMix64(seed: name.utf8.reduce(UInt64(0)) { $0 &* 31 &+ UInt64($1) })
         var decodedCount = 0
         var rejected = 0
         for _ in 0..<iterations {
             var bytes = seed
             // Edits cluster in the header and first records, where the parsing is.
-            for _ in 0..<(1 + random.below(6)) {
-                let position = random.below(4) == 0 ? random.below(bytes.count) : random.below(min(bytes.count, 256))
-                bytes[position] = random.below(3) == 0 ? 0xFF : UInt8(truncatingIfNeeded: random.next())
+            for _ in 0..<(1 + below(&random, 6)) {
+                let position = below(&random, 4) == 0 ? below(&random, bytes.count) : below(&random, min(bytes.count, 256))
+                bytes[position] = below(&random, 3) == 0 ? 0xFF : UInt8(truncatingIfNeeded: random.next())
             }
-            if random.below(2) == 0 { FormatTests.reseal(&bytes, over: checksum.range, at: checksum.at) }
-            if random.below(16) == 0 { bytes = Array(bytes[0..<random.below(bytes.count)]) }
+            if below(&random, 2) == 0 { FormatTests.reseal(&bytes, over: checksum.range, at: checksum.at) }
+            if below(&random, 16) == 0 { bytes = Array(bytes[0..<below(&random, bytes.count)]) }
             do {
                 try decode(bytes)
                 decodedCount += 1

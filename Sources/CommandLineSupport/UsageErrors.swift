@@ -3,10 +3,13 @@ import Glibc
 #endif
 import ArgumentParser
 
-extension BlobBench {
-    /// Bad flags and bad device specs exit with status 2 (the project's usage status),
-    /// after the parser's message.
-    static func main() {
+/// A command whose usage errors (bad flags, bad device specs: ValidationError) exit with
+/// status 2, the project's usage status, after the parser's message. Other errors keep
+/// ArgumentParser's handling.
+public protocol UsageErrorsExitTwo: ParsableCommand {}
+
+extension UsageErrorsExitTwo {
+    public static func main() {
         do {
             var command = try parseAsRoot()
             try command.run()
