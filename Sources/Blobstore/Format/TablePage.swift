@@ -1,4 +1,4 @@
-/// Pages of the blob table and of the allocation bitmaps: FORMAT.md, section "Table and
+/// Pages of the blob table and of the allocation bitmaps: FORMAT.md, section "Blob table and
 /// bitmap pages". Both are arrays split over checksummed pages; each checkpoint writes
 /// the changed pages into the copy that is not active, then switches copies in the
 /// super block.
