@@ -58,6 +58,9 @@ public enum BdevError: Error, Equatable, Sendable, CustomStringConvertible {
     case queueFull
     /// The device failed the request (errno-style code).
     case io(errno: Int32)
+    /// The device failed the request with a status of its own protocol (e.g. an NVMe
+    /// status field: code, type, retry bits), with its meaning.
+    case deviceStatus(code: UInt32, meaning: String)
     case unsupported(String)
     case invalidConfiguration(String)
     case system(SystemError)
@@ -74,6 +77,7 @@ public enum BdevError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .tooManySegments(count, max): "\(count) segments; at most \(max)"
         case .queueFull: "no free request in the channel (queue full)"
         case let .io(code): "I/O error (errno \(code))"
+        case let .deviceStatus(code, meaning): "device status 0x\(String(code, radix: 16)): \(meaning)"
         case let .unsupported(what): "unsupported: \(what)"
         case let .invalidConfiguration(what): what
         case let .system(error): error.description

@@ -100,13 +100,17 @@ final class NVMeDriverTests: XCTestCase {
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
         defer { io.close() }
         XCTAssertThrowsError(try io.readBytes(offsetBlocks: 7, countBlocks: 1)) {
-            XCTAssertEqual($0 as? BdevError, .io(errno: EIO))
+            XCTAssertEqual($0 as? BdevError, .deviceStatus(code: UInt32(NVMeStatus.lbaOutOfRange.raw),
+                                                            meaning: "LBA out of range (SCT 0, SC 0x80)"))
         }
         XCTAssertNoThrow(try io.readBytes(offsetBlocks: 8, countBlocks: 1))
         faults = NVMeSoftController.Faults()
         faults.namespaceNotReady = true
         backend.emulator!.setFaults(faults)
-        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 8, countBlocks: 1))
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 8, countBlocks: 1)) {
+            guard case let .deviceStatus(_, meaning) = $0 as? BdevError else { return XCTFail("\($0)") }
+            XCTAssertTrue(meaning.hasPrefix("namespace not ready"), meaning)
+        }
     }
 
     func testLostCommandTimesOut() throws {

@@ -352,7 +352,9 @@ final class NVMeQueuePair: BdevBackendChannel {
         if slot.timedOut { return }  // its request already failed
         if !status.isSuccess {
             lastError = status
-            if failure[io.index] == .success { failure[io.index] = .failed(.io(errno: EIO)) }
+            if failure[io.index] == .success {
+                failure[io.index] = .failed(.deviceStatus(code: UInt32(status.raw), meaning: status.description))
+            }
         }
         partDone(io)
     }
