@@ -165,6 +165,23 @@ extension BlobStore {
         try commit([.unmapClusters(id: id, clusterIndex: clusterIndex, count: count)])
     }
 
+    /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
+    /// per contiguous run); unallocated ones already read as zeros and stay unallocated.
+    public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
+        guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
+        let clusterBytes = UInt64(clusterSizeBytes)
+        for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
+            guard let cluster = physicalCluster(blob, index) else { continue }
+            let sliceStart = max(start, index * clusterBytes)
+            let sliceEnd = min(end, (index + 1) * clusterBytes)
+            do {
+                try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: sliceStart - index * clusterBytes),
+                                   countBlocks: (sliceEnd - sliceStart) / UInt64(ioUnitBytes))
+            } catch { throw .device(error) }
+        }
+    }
+
     /// Makes completed overwrites durable (a device flush).
     public func sync() throws(BlobStoreError) { try flush() }
 

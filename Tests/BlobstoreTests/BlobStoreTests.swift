@@ -109,6 +109,20 @@ final class BlobStoreTests: XCTestCase {
         again.close()
     }
 
+    func testWriteZeroesKeepsHolesAndZeroesData() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: 3)
+        try store.write(blob: id, offsetUnits: 0, data: bytes(9, 4096))
+        try store.write(blob: id, offsetUnits: 2, data: bytes(10, 4096))
+        let free = store.freeClusterCount
+        try store.writeZeroes(blob: id, offsetUnits: 0, countUnits: 3)
+        XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 3), [UInt8](repeating: 0, count: 3 * 4096))
+        XCTAssertEqual(store.freeClusterCount, free, "holes stay holes, allocated clusters stay allocated")
+    }
+
     func testBadArgumentsAreRefusedAndChangeNothing() throws {
         let (bdev, reactor) = try makeDevice()
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
