@@ -86,7 +86,6 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         var queue: Int
         var commandID: UInt16
         var opcode: UInt8
-        var dsmRanges: UnsafeMutableRawPointer?
     }
 
     public init(namespace: Bdev, configuration: Configuration = Configuration()) throws {
@@ -384,7 +383,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             return complete(queue: queue.id, commandID: id, status: .namespaceNotReady)
         }
         let tag = UInt64(slot)
-        let inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+        let inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode)
         do throws(BdevError) {
             switch opcode {
             case .read, .write:
@@ -427,7 +426,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                         break
                     }
                     guard let rangeSlot = freeTags.popLast() else { break }
-                    commands[rangeSlot] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode, dsmRanges: nil)
+                    commands[rangeSlot] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode)
                     dsmRemaining[id, default: 0] += 1
                     do { try channel.unmap(offsetBlocks: start, countBlocks: length, handler: self, tag: UInt64(rangeSlot)) } catch {
                         commands[rangeSlot] = nil
