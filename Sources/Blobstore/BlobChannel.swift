@@ -5,15 +5,19 @@ import Bdev
 import Env
 
 /// An open blob as the data path sees it: its extent map, kept current by the store
-/// while the handle is open.
-public final class BlobHandle {
+/// while the handle is open. A handle belongs to one reactor (its `owner`; nil: the
+/// store's own thread) and is only read and updated there: changes made on the
+/// metadata thread reach it as a message.
+public final class BlobHandle: @unchecked Sendable {
     public let id: UInt64
+    public let owner: Reactor?
     public internal(set) var clusterCount: UInt64
     /// Sorted by cluster index.
     var extents: ContiguousArray<Extent>
 
-    init(_ blob: BlobMetadata) {
+    init(_ blob: BlobMetadata, owner: Reactor?) {
         id = blob.id
+        self.owner = owner
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
     }
@@ -21,6 +25,12 @@ public final class BlobHandle {
     func refresh(_ blob: BlobMetadata) {
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
+    }
+
+    /// Applies a new snapshot on the owner's thread.
+    func update(_ blob: BlobMetadata) {
+        guard let owner, !owner.isCurrent else { return refresh(blob) }
+        owner.send { [self] in self.refresh(blob) }
     }
 
     /// Device cluster of blob cluster `index`, if allocated (binary search).
@@ -44,35 +54,39 @@ public final class BlobHandle {
 }
 
 extension BlobStore {
-    /// Opens a blob for the data path; the handle follows the blob's metadata changes.
-    public func openBlob(_ id: UInt64) throws(BlobStoreError) -> BlobHandle {
+    /// Opens a blob for the data path of `owner` (nil: this thread); the handle follows
+    /// the blob's metadata changes. Call on the store's thread.
+    public func openBlob(_ id: UInt64, owner: Reactor? = nil) throws(BlobStoreError) -> BlobHandle {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
-        if let handle = openHandles[id] { return handle }
-        let handle = BlobHandle(blob)
-        openHandles[id] = handle
+        let handle = BlobHandle(blob, owner: owner)
+        openHandles[id, default: []].append(handle)
         return handle
     }
 
     public func closeBlob(_ handle: BlobHandle) {
-        openHandles[handle.id] = nil
+        openHandles[handle.id]?.removeAll { $0 === handle }
+        if openHandles[handle.id]?.isEmpty == true { openHandles[handle.id] = nil }
     }
 
     /// The device the store lives on (for data channels on other reactors).
     public var bdevChannelDevice: Bdev { io.channel.bdev }
 
-    /// A data channel for the calling reactor over `bdevChannel` (same device).
+    /// A data channel over `bdevChannel` (same device) for use on this store's thread;
+    /// writes to unallocated clusters are refused. `BlobStoreService.makeChannel` gives
+    /// channels for other reactors, whose allocating writes go to the metadata reactor.
     public func makeChannel(_ bdevChannel: BdevChannel, queueDepth: Int = BdevLimits.queueDepthDefault) -> BlobChannel {
         BlobChannel(bdevChannel: bdevChannel, dataStartBytes: superBlock.dataStartPage * UInt64(Self.pageBytes),
-                    clusterBytes: UInt64(clusterSizeBytes), queueDepth: queueDepth)
+                    clusterBytes: UInt64(clusterSizeBytes), queueDepth: queueDepth, service: nil)
     }
 }
 
 /// Reads and writes of allocated blob data from one reactor, asynchronously, without
 /// allocating: a blob request becomes one device request per run of physically
 /// contiguous clusters, and completes (exactly once, from the channel's poller or the
-/// device's) when they all have. Unallocated clusters read as zeros; a write that would
-/// need clusters allocated is refused with `.unallocated`, for the metadata owner's
-/// `BlobStore.write`.
+/// device's) when they all have. Unallocated clusters read as zeros. A write that needs
+/// clusters allocated goes, with a copy of its data, to the metadata reactor
+/// (`BlobStoreService`), which allocates, writes, flushes and commits, updates the open
+/// handles and answers by message; without a service it is refused with `.unallocated`.
 public final class BlobChannel: BdevCompletionHandler {
     private final class Request {
         unowned(unsafe) var handler: (any BdevCompletionHandler)?
@@ -83,6 +97,7 @@ public final class BlobChannel: BdevCompletionHandler {
     }
 
     public let bdevChannel: BdevChannel
+    private let service: BlobStoreService?
     private let dataStartBytes: UInt64
     private let clusterBytes: UInt64
     private let unitBytes: UInt64
@@ -92,8 +107,10 @@ public final class BlobChannel: BdevCompletionHandler {
     private var readyTail = -1
     private var pollerID: PollerID?
 
-    init(bdevChannel: BdevChannel, dataStartBytes: UInt64, clusterBytes: UInt64, queueDepth: Int) {
+    init(bdevChannel: BdevChannel, dataStartBytes: UInt64, clusterBytes: UInt64, queueDepth: Int,
+         service: BlobStoreService?) {
         self.bdevChannel = bdevChannel
+        self.service = service
         self.dataStartBytes = dataStartBytes
         self.clusterBytes = clusterBytes
         unitBytes = UInt64(bdevChannel.bdev.geometry.blockSizeBytes)
@@ -144,7 +161,10 @@ public final class BlobChannel: BdevCompletionHandler {
                 if device != runEnd { parts += 1 }
                 runEnd = device + (next - cursor)
             } else {
-                guard isRead else { throw .unallocated(blob: blob.id, cluster: index) }
+                guard isRead else {
+                    guard let service else { throw .unallocated(blob: blob.id, cluster: index) }
+                    return try forward(service, blob, offsetUnits, buffer, bufferOffset, Int(end - start), handler, tag)
+                }
                 runEnd = .max
             }
             cursor = next
@@ -185,6 +205,38 @@ public final class BlobChannel: BdevCompletionHandler {
             cursor = next
         }
         if parts == 0 { makeReady(slot) }
+    }
+
+    /// Hands a write that needs allocation to the metadata reactor; the answer comes
+    /// back to this reactor as a message, after the handle's update.
+    private func forward(_ service: BlobStoreService, _ blob: BlobHandle, _ offsetUnits: UInt64,
+                         _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ bytes: Int,
+                         _ handler: any BdevCompletionHandler, _ tag: UInt64) throws(BlobStoreError) {
+        guard let slot = free.popLast() else { throw .device(.queueFull) }
+        let request = requests[slot]
+        request.handler = handler
+        request.tag = tag
+        request.status = .success
+        request.remaining = 1
+        let data = buffer.bytes(at: bufferOffset, count: bytes)  // the allocating path copies
+        let id = blob.id
+        let home = bdevChannel.reactor
+        let channel = UnsafeSendable(self)
+        service.submit { store in
+            let status: BdevStatus
+            do {
+                try store.write(blob: id, offsetUnits: offsetUnits, data: data)
+                status = .success
+            } catch let BlobStoreError.device(error) {
+                status = .failed(error)
+            } catch BlobStoreError.noSpace {
+                status = .failed(.io(errno: ENOSPC))
+            } catch {
+                status = .failed(.io(errno: EINVAL))
+            }
+            // Handle updates were sent before this message: the channel sees them first.
+            home.send { channel.value.bdevIOCompleted(tag: UInt64(slot), status: status) }
+        }
     }
 
     @inline(__always)
@@ -236,4 +288,10 @@ public final class BlobChannel: BdevCompletionHandler {
         }
         return .busy
     }
+}
+
+/// A reference handed between reactors that only its home reactor dereferences.
+struct UnsafeSendable<T: AnyObject>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
 }

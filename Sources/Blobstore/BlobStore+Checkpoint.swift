@@ -199,8 +199,9 @@ extension BlobStore {
         }
         if let id = record.blobID {
             dirtyBlobs.insert(id)
-            if let handle = openHandles[id] {
-                if let blob = blobs[id] { handle.refresh(blob) } else { handle.refresh(BlobMetadata(id: id)) }
+            if let handles = openHandles[id] {
+                let snapshot = blobs[id] ?? BlobMetadata(id: id)
+                for handle in handles { handle.update(snapshot) }
             }
         }
     }

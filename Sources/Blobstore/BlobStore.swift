@@ -60,8 +60,9 @@ public final class BlobStore {
     /// What each copy of the table and bitmaps holds, when known: checkpoints write only
     /// the pages that differ.
     var writtenPayloads: [ArrayCopyKey: [UInt8]] = [:]
-    /// Blobs open for the data path; their handles follow metadata changes.
-    var openHandles: [UInt64: BlobHandle] = [:]
+    /// Blobs open for the data path; their handles follow metadata changes (each on the
+    /// reactor that owns it).
+    var openHandles: [UInt64: [BlobHandle]] = [:]
     private let blocksPerPage: UInt64
 
     private init(io: BdevSyncIO, superBlock: SuperBlock) {

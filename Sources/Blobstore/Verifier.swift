@@ -157,3 +157,8 @@ public enum Verifier {
         return report
     }
 }
+
+extension BlobStore {
+    /// The verifier over this store's device (its last checkpoint and the log after it).
+    public func verify() -> VerifyReport { Verifier.verify(io) }
+}
