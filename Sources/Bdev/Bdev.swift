@@ -76,6 +76,11 @@ public final class BdevChannel {
         pollerID = reactor.registerPoller { [unowned self] in self.poll() }
     }
 
+    /// A channel dropped without `close()` closes itself, so its poller never outlives it.
+    deinit {
+        if pollerID != nil { close() }
+    }
+
     /// Closes the channel; every request must have completed.
     public func close() {
         precondition(inFlight == 0, "bdev channel closed with \(inFlight) requests in flight")

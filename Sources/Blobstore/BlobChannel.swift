@@ -126,6 +126,10 @@ public final class BlobChannel: BdevCompletionHandler {
         pollerID = nil
     }
 
+    deinit {
+        if pollerID != nil { close() }
+    }
+
     public var inFlight: Int { requests.count - free.count }
 
     public func read(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, into buffer: borrowing DMABuffer,

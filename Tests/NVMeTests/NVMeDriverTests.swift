@@ -128,6 +128,7 @@ final class NVMeDriverTests: XCTestCase {
         XCTAssertLessThan(MonotonicClock.nowNs() - start, 2_000_000_000)
         XCTAssertNoThrow(try io.readBytes(offsetBlocks: 4, countBlocks: 1), "the queue still works")
         backend.emulator!.setFaults(NVMeSoftController.Faults())
+        io.close()  // with the lost command still outstanding: deleting the queue ends it
     }
 
     func testFatalStatusFailsRequestsCleanly() throws {

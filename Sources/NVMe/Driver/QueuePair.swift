@@ -62,6 +62,8 @@ final class NVMeQueuePair: BdevBackendChannel {
     private(set) var lastError: NVMeStatus?
     private var inFlightCommands = 0
     private(set) var timeouts = 0
+    /// Commands whose requests already failed (timeout, fatal status), slots still held.
+    private var quarantined = 0
     private let unmapByDeallocate: Bool
 
     init(controller: NVMeController, reactor: Reactor, entries requested: Int, timeoutNs: UInt64) throws {
@@ -100,7 +102,8 @@ final class NVMeQueuePair: BdevBackendChannel {
     }
 
     func close() {
-        precondition(inFlightCommands == 0 || failed, "NVMe queue pair closed with commands in flight")
+        // Timed-out commands may never come back; deleting the queue ends them.
+        precondition(inFlightCommands == quarantined || failed, "NVMe queue pair closed with commands in flight")
         if let timerID { reactor.unregisterPoller(timerID) }
         timerID = nil
         if !failed { controller.deleteQueuePair(queueID) }
@@ -349,7 +352,10 @@ final class NVMeQueuePair: BdevBackendChannel {
             slot.bounce = -1
         }
         freeSlots.append(index)
-        if slot.timedOut { return }  // its request already failed
+        if slot.timedOut {  // its request already failed
+            quarantined -= 1
+            return
+        }
         if !status.isSuccess {
             lastError = status
             if failure[io.index] == .success {
@@ -380,6 +386,7 @@ final class NVMeQueuePair: BdevBackendChannel {
             guard slot.io != nil, !slot.timedOut, now &- slot.submittedNs > timeoutNs else { continue }
             slot.timedOut = true
             timeouts += 1
+            quarantined += 1
             // Ask the controller to abort it (an exceptional, synchronous admin command);
             // whatever it answers, the request fails now and the slot stays reserved
             // until the controller completes or aborts the command.
@@ -395,6 +402,7 @@ final class NVMeQueuePair: BdevBackendChannel {
         failed = true
         for slot in slots where slot.io != nil && !slot.timedOut {
             slot.timedOut = true
+            quarantined += 1
             let io = slot.io!
             if failure[io.index] == .success { failure[io.index] = .failed(.io(errno: EIO)) }
             partDone(io)
