@@ -106,6 +106,8 @@ public final class BlobChannel: BdevCompletionHandler {
     private var readyHead = -1
     private var readyTail = -1
     private var pollerID: PollerID?
+    /// Segments of one device request, built per run (copied by the bdev layer at submission).
+    private let scratch = UnsafeMutablePointer<DMASegment>.allocate(capacity: BdevLimits.segmentCountMax)
 
     init(bdevChannel: BdevChannel, dataStartBytes: UInt64, clusterBytes: UInt64, queueDepth: Int,
          service: BlobStoreService?) {
@@ -128,30 +130,55 @@ public final class BlobChannel: BdevCompletionHandler {
 
     deinit {
         if pollerID != nil { close() }
+        scratch.deallocate()
     }
 
     public var inFlight: Int { requests.count - free.count }
 
     public func read(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, into buffer: borrowing DMABuffer,
                      bufferOffset: Int = 0, handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
-        try submit(isRead: true, blob, offsetUnits, countUnits, buffer, bufferOffset, handler, tag)
+        let bytes = Int(countUnits * unitBytes)
+        guard bufferOffset >= 0, bufferOffset + bytes <= buffer.count else {
+            throw .invalidArgument("buffer of \(buffer.count) bytes too small")
+        }
+        try submit(isRead: true, blob, offsetUnits, countUnits, CollectionOfOne(buffer.segment(offset: bufferOffset, count: bytes)),
+                   handler, tag)
     }
 
     public func write(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, from buffer: borrowing DMABuffer,
                       bufferOffset: Int = 0, handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
-        try submit(isRead: false, blob, offsetUnits, countUnits, buffer, bufferOffset, handler, tag)
+        let bytes = Int(countUnits * unitBytes)
+        guard bufferOffset >= 0, bufferOffset + bytes <= buffer.count else {
+            throw .invalidArgument("buffer of \(buffer.count) bytes too small")
+        }
+        try submit(isRead: false, blob, offsetUnits, countUnits, CollectionOfOne(buffer.segment(offset: bufferOffset, count: bytes)),
+                   handler, tag)
     }
 
-    private func submit(isRead: Bool, _ blob: BlobHandle, _ offsetUnits: UInt64, _ countUnits: UInt64,
-                        _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ handler: any BdevCompletionHandler,
-                        _ tag: UInt64) throws(BlobStoreError) {
+    /// Vectored read: the blob range lands in `segments`, in order.
+    public func readv<S: Collection<DMASegment>>(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, _ segments: S,
+                                                 handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: true, blob, offsetUnits, countUnits, segments, handler, tag)
+    }
+
+    /// Vectored write: `segments`, in order, go to the blob range.
+    public func writev<S: Collection<DMASegment>>(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, _ segments: S,
+                                                  handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: false, blob, offsetUnits, countUnits, segments, handler, tag)
+    }
+
+    private func submit<S: Collection<DMASegment>>(isRead: Bool, _ blob: BlobHandle, _ offsetUnits: UInt64,
+                                                   _ countUnits: UInt64, _ segments: S,
+                                                   _ handler: any BdevCompletionHandler, _ tag: UInt64) throws(BlobStoreError) {
         let start = offsetUnits * unitBytes
         let end = start + countUnits * unitBytes
         guard countUnits > 0, end <= blob.clusterCount * clusterBytes else {
             throw .invalidArgument("units \(offsetUnits)+\(countUnits) outside blob \(blob.id)")
         }
-        guard bufferOffset >= 0, bufferOffset + Int(end - start) <= buffer.count else {
-            throw .invalidArgument("buffer of \(buffer.count) bytes too small")
+        var total = 0
+        for segment in segments { total += segment.count }
+        guard total == Int(end - start) else {
+            throw .invalidArgument("segments of \(total) bytes for a request of \(end - start)")
         }
         // Pass 1: count device requests and refuse what this path cannot do.
         var parts = 0
@@ -167,7 +194,7 @@ public final class BlobChannel: BdevCompletionHandler {
             } else {
                 guard isRead else {
                     guard let service else { throw .unallocated(blob: blob.id, cluster: index) }
-                    return try forward(service, blob, offsetUnits, buffer, bufferOffset, Int(end - start), handler, tag)
+                    return try forward(service, blob, offsetUnits, segments, handler, tag)
                 }
                 runEnd = .max
             }
@@ -181,10 +208,12 @@ public final class BlobChannel: BdevCompletionHandler {
         request.tag = tag
         request.status = .success
         request.remaining = parts
-        // Pass 2: submit the runs; zero the holes.
+        // Pass 2: walk the blob range and the segments together; one device request per
+        // physically contiguous run, zeros into the holes.
+        var walker = SegmentWalker(segments)
         var runStart: UInt64 = 0
-        var runBuffer = 0
         var runBytes: UInt64 = 0
+        var runSegments = 0
         cursor = start
         while cursor <= end {
             let index = cursor / clusterBytes
@@ -192,19 +221,17 @@ public final class BlobChannel: BdevCompletionHandler {
             let cluster = cursor == end ? nil : blob.physicalCluster(index)
             let device = cluster.map { dataStartBytes + $0 * clusterBytes + (cursor - index * clusterBytes) }
             if runBytes > 0 && device != runStart + runBytes {
-                submitRun(isRead, buffer, runBuffer, runStart, runBytes, slot)
+                submitRun(isRead, runSegments, runStart, runBytes, slot)
                 runBytes = 0
+                runSegments = 0
             }
             if cursor == end { break }
-            let bufferAt = bufferOffset + Int(cursor - start)
             if let device {
-                if runBytes == 0 {
-                    runStart = device
-                    runBuffer = bufferAt
-                }
+                if runBytes == 0 { runStart = device }
+                runSegments = walker.take(Int(next - cursor), into: scratch, at: runSegments)
                 runBytes += next - cursor
             } else {
-                buffer.withUnsafeMutableBytes { memset($0.baseAddress! + bufferAt, 0, Int(next - cursor)) }
+                walker.zero(Int(next - cursor))
             }
             cursor = next
         }
@@ -213,23 +240,25 @@ public final class BlobChannel: BdevCompletionHandler {
 
     /// Hands a write that needs allocation to the metadata reactor; the answer comes
     /// back to this reactor as a message, after the handle's update.
-    private func forward(_ service: BlobStoreService, _ blob: BlobHandle, _ offsetUnits: UInt64,
-                         _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ bytes: Int,
-                         _ handler: any BdevCompletionHandler, _ tag: UInt64) throws(BlobStoreError) {
+    private func forward<S: Collection<DMASegment>>(_ service: BlobStoreService, _ blob: BlobHandle, _ offsetUnits: UInt64,
+                                                    _ segments: S, _ handler: any BdevCompletionHandler,
+                                                    _ tag: UInt64) throws(BlobStoreError) {
         guard let slot = free.popLast() else { throw .device(.queueFull) }
         let request = requests[slot]
         request.handler = handler
         request.tag = tag
         request.status = .success
         request.remaining = 1
-        let data = buffer.bytes(at: bufferOffset, count: bytes)  // the allocating path copies
+        var data: [UInt8] = []  // the allocating path copies
+        for segment in segments { data += UnsafeRawBufferPointer(start: segment.base, count: segment.count) }
+        let payload = data
         let id = blob.id
         let home = bdevChannel.reactor
         let channel = UnsafeSendable(self)
         service.submit { store in
             let status: BdevStatus
             do {
-                try store.write(blob: id, offsetUnits: offsetUnits, data: data)
+                try store.write(blob: id, offsetUnits: offsetUnits, data: payload)
                 status = .success
             } catch let BlobStoreError.device(error) {
                 status = .failed(error)
@@ -244,18 +273,21 @@ public final class BlobChannel: BdevCompletionHandler {
     }
 
     @inline(__always)
-    private func submitRun(_ isRead: Bool, _ buffer: borrowing DMABuffer, _ bufferOffset: Int, _ device: UInt64,
-                           _ bytes: UInt64, _ slot: Int) {
+    private func submitRun(_ isRead: Bool, _ count: Int, _ device: UInt64, _ bytes: UInt64, _ slot: Int) {
+        guard count <= BdevLimits.segmentCountMax else {
+            return bdevIOCompleted(tag: UInt64(slot), status: .failed(.tooManySegments(count: count, max: BdevLimits.segmentCountMax)))
+        }
+        let segments = UnsafeBufferPointer(start: scratch, count: count)
         do {
             if isRead {
-                try bdevChannel.read(into: buffer, bufferOffset: bufferOffset, offsetBlocks: device / unitBytes,
-                                     countBlocks: bytes / unitBytes, handler: self, tag: UInt64(slot))
+                try bdevChannel.readv(segments, offsetBlocks: device / unitBytes, countBlocks: bytes / unitBytes,
+                                      handler: self, tag: UInt64(slot))
             } else {
-                try bdevChannel.write(from: buffer, bufferOffset: bufferOffset, offsetBlocks: device / unitBytes,
-                                      countBlocks: bytes / unitBytes, handler: self, tag: UInt64(slot))
+                try bdevChannel.writev(segments, offsetBlocks: device / unitBytes, countBlocks: bytes / unitBytes,
+                                       handler: self, tag: UInt64(slot))
             }
         } catch {
-            // Room was checked; a refusal here is a device-level argument error.
+            // Room was checked; a refusal here is an argument error (e.g. more than 64 segments in one run).
             bdevIOCompleted(tag: UInt64(slot), status: .failed(error))
         }
     }
@@ -298,4 +330,54 @@ public final class BlobChannel: BdevCompletionHandler {
 struct UnsafeSendable<T: AnyObject>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
+}
+
+/// Walks a request's segments alongside the blob range.
+struct SegmentWalker<S: Collection<DMASegment>> {
+    private let segments: S
+    private var index: S.Index
+    private var offset = 0
+
+    init(_ segments: S) {
+        self.segments = segments
+        index = segments.startIndex
+    }
+
+    /// Appends slices covering the next `bytes` to `scratch` from position `at` (up to
+    /// the segment limit; past it the run is refused by the bdev layer); returns the new count.
+    mutating func take(_ bytes: Int, into scratch: UnsafeMutablePointer<DMASegment>, at: Int) -> Int {
+        var remaining = bytes
+        var count = at
+        while remaining > 0 {
+            let segment = segments[index]
+            let length = min(segment.count - offset, remaining)
+            if count < BdevLimits.segmentCountMax {
+                (scratch + count).initialize(to: segment.slice(from: offset, count: length))
+            }
+            count += 1
+            advance(length)
+            remaining -= length
+        }
+        return min(count, BdevLimits.segmentCountMax + 1)
+    }
+
+    /// Zeroes the next `bytes` (a hole read).
+    mutating func zero(_ bytes: Int) {
+        var remaining = bytes
+        while remaining > 0 {
+            let segment = segments[index]
+            let length = min(segment.count - offset, remaining)
+            (segment.base + offset).initializeMemory(as: UInt8.self, repeating: 0, count: length)
+            advance(length)
+            remaining -= length
+        }
+    }
+
+    private mutating func advance(_ length: Int) {
+        offset += length
+        if offset == segments[index].count {
+            index = segments.index(after: index)
+            offset = 0
+        }
+    }
 }

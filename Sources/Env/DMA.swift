@@ -280,6 +280,13 @@ public struct DMASegment {
         self.generation = generation
     }
 
+    /// `count` bytes of this segment from `offset`: the same buffer, checked the same way.
+    public func slice(from offset: Int, count length: Int) -> DMASegment {
+        precondition(offset >= 0 && length >= 0 && offset + length <= count,
+                     "slice \(offset)+\(length) outside a \(count)-byte segment")
+        return DMASegment(base: base + offset, count: length, header: header, generation: generation)
+    }
+
     /// Memory that the caller owns and keeps alive until the I/O completes (e.g. a FUSE
     /// request buffer). Not checked: the caller answers for its lifetime.
     public init(unsafeExternal bytes: UnsafeMutableRawBufferPointer) {

@@ -64,3 +64,43 @@ final class BlobChannelTests: XCTestCase {
         channel.bdevChannel.close()
     }
 }
+
+extension BlobChannelTests {
+    func testVectoredReadsAndWritesAcrossClustersAndHoles() throws {
+        let reactor = try Reactor()
+        let bdev = Bdev(backend: try MallocBdev(blockCount: 2048, blockSizeBytes: 512))
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let store = try BlobStore.format(io, options: BlobStoreTests.options)
+        let id = try store.createBlob(clusterCount: 4)
+        try store.write(blob: id, offsetUnits: 0, data: BlobStoreCrashTests.data(1, 8192))   // clusters 0-1
+        try store.write(blob: id, offsetUnits: 24, data: BlobStoreCrashTests.data(2, 4096))  // cluster 3; 2 is a hole
+        let handle = try store.openBlob(id)
+        let channel = store.makeChannel(try bdev.makeChannel(reactor: reactor))
+        let waiter = Waiter()
+        // Three buffers of odd sizes covering units 4..<28 (clusters 0-3, across the hole).
+        let a = try DMABuffer.allocate(bytes: 1536)
+        let b = try DMABuffer.allocate(bytes: 7680)
+        let c = try DMABuffer.allocate(bytes: 3072)
+        a.fill(0xCC); b.fill(0xCC); c.fill(0xCC)
+        try channel.readv(handle, offsetUnits: 4, countUnits: 24, [a.segment(), b.segment(), c.segment()], handler: waiter)
+        reactor.run(until: { waiter.done == 1 })
+        XCTAssertEqual(waiter.statuses, [.success])
+        XCTAssertEqual(a.bytes() + b.bytes() + c.bytes(), try store.read(blob: id, offsetUnits: 4, countUnits: 24))
+        // A vectored overwrite of allocated clusters, split unevenly across the segments.
+        a.store(BlobStoreCrashTests.data(5, 1536)); b.store(BlobStoreCrashTests.data(6, 7680))
+        try channel.writev(handle, offsetUnits: 0, countUnits: 16, [a.segment(), b.segment(count: 6656)], handler: waiter)
+        reactor.run(until: { waiter.done == 2 })
+        XCTAssertEqual(waiter.statuses.last, .success)
+        XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 16), a.bytes() + b.bytes(count: 6656))
+        // Past the allocated clusters the data path refuses (no metadata reactor here).
+        XCTAssertThrowsError(try channel.writev(handle, offsetUnits: 0, countUnits: 18, [a.segment(), b.segment()],
+                                                handler: waiter)) {
+            XCTAssertEqual($0 as? BlobStoreError, .unallocated(blob: id, cluster: 2))
+        }
+        // Segments must add up to the request.
+        XCTAssertThrowsError(try channel.readv(handle, offsetUnits: 0, countUnits: 2, [a.segment()], handler: waiter))
+        channel.close()
+        channel.bdevChannel.close()
+    }
+}
