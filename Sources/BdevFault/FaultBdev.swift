@@ -44,8 +44,14 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
     /// Fails every request from the `n`-th on with EIO.
     public func failIO(from n: UInt64) { state.withLock { $0.failFrom = n } }
     /// After the `n`-th write (write, write-zeroes or unmap) is accepted, every later
-    /// request fails with EIO until `crash`.
-    public func powerCut(afterWrites n: UInt64) { state.withLock { $0.powerCutAfterWrites = n } }
+    /// request fails with EIO until `crash`. When `n` writes were already accepted, the
+    /// power is off at once.
+    public func powerCut(afterWrites n: UInt64) {
+        state.withLock { state in
+            state.powerCutAfterWrites = n
+            if state.writeCount >= n { state.poweredOff = true }
+        }
+    }
     /// Reads of `block` return flipped bits; the medium keeps its bytes.
     public func corruptReads(block: UInt64) { state.withLock { _ = $0.corruptBlocks.insert(block) } }
     public func clearFaults() { state.withLock { $0.clearTriggers() } }
@@ -77,16 +83,17 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
         }
     }
 
-    public func crash(seed: UInt64, reactor: Reactor) throws -> CrashReport {
-        try crash(policy: .random(seed: seed), reactor: reactor)
+    public func crash(seed: UInt64, reactor: Reactor, keepingFaults: Bool = false) throws -> CrashReport {
+        try crash(policy: .random(seed: seed), reactor: reactor, keepingFaults: keepingFaults)
     }
 
     /// Power loss. Call with no request in flight, from the thread that steps `reactor`
     /// (the medium is written through a channel on it). Afterwards the overlay is empty,
-    /// the triggers and counters are cleared, and the device works again.
-    public func crash(policy: CrashPolicy, reactor: Reactor) throws -> CrashReport {
+    /// the counters are zero, the power is on and the device works again; the triggers
+    /// are cleared unless `keepingFaults` (their request numbers then count afresh).
+    public func crash(policy: CrashPolicy, reactor: Reactor, keepingFaults: Bool = false) throws -> CrashReport {
         let records = state.withLock { state -> [WriteRecord] in
-            precondition(state.inFlight == 0, "crash with \(state.inFlight) requests in flight")
+            precondition(state.inFlight == 0 && !state.flushing, "crash with \(state.inFlight) requests in flight")
             return state.records.values.sorted { $0.id < $1.id }
         }
         var report = CrashReport()
@@ -106,7 +113,10 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
             let victim = report.kept[Int(random.next() % UInt64(report.kept.count))]
             let sectorCount = records[victim].data.count / Self.sectorBytes
             var applied = (0..<sectorCount).filter { _ in random.next() & 1 == 1 }
-            if applied.count == sectorCount && sectorCount > 1 { applied.removeLast() }  // a tear, not a full write
+            if sectorCount > 1 {  // a tear: some sectors old, some new
+                if applied.isEmpty { applied = [Int(random.next() % UInt64(sectorCount))] }
+                if applied.count == sectorCount { applied.remove(at: Int(random.next() % UInt64(sectorCount))) }
+            }
             report.torn = (victim, applied)
         }
         let io = try BdevSyncIO(bdev: inner, reactor: reactor)
@@ -131,11 +141,18 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
         state.withLock { state in
             state.records.removeAll()
             state.latest.removeAll()
-            state.clearTriggers()
+            if !keepingFaults { state.clearTriggers() }
+            state.poweredOff = false
             state.ioCount = 0
             state.writeCount = 0
         }
         return report
+    }
+
+    /// What `corruptReads` does to a block's bytes: every 97th byte XOR 0x5A, so every
+    /// 512-byte sector of it differs from what the medium holds.
+    static func corrupt(_ block: UnsafeMutableRawBufferPointer) {
+        for offset in stride(from: 0, to: block.count, by: 97) { block[offset] ^= 0x5A }
     }
 }
 
@@ -157,6 +174,8 @@ struct FaultState {
     var failFrom: UInt64?
     var powerCutAfterWrites: UInt64?
     var poweredOff = false
+    /// A channel is writing the overlay through: one flush at a time per device.
+    var flushing = false
     var corruptBlocks: Set<UInt64> = []
 
     mutating func clearTriggers() {
@@ -176,6 +195,11 @@ struct FaultState {
             if let cut = powerCutAfterWrites, writeCount >= cut { poweredOff = true }
         }
         return false
+    }
+
+    mutating func removeRecords(through cutRecordID: UInt64) {
+        records = records.filter { $0.key > cutRecordID }
+        latest = latest.filter { $0.value > cutRecordID }
     }
 
     mutating func record(offsetBlocks: UInt64, data: [UInt8], blockBytes: Int) {

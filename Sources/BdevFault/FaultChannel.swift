@@ -5,26 +5,47 @@ import Bdev
 import Env
 
 /// The per-reactor path of a FaultBdev. Writes complete into the overlay; reads come
-/// from the medium, patched with the overlay; a flush writes the overlay through
-/// (one flush at a time, so overlapping writes reach the medium in order) and then
-/// flushes the medium.
+/// from the medium, patched with the overlay as it stood when the read was submitted;
+/// a flush writes the overlay through and then flushes the medium.
+///
+/// Ordering on the medium: one flush at a time per device (the flush token in
+/// `FaultState`), so two flushes never write different versions of a block
+/// concurrently. Inner requests refused with `queueFull` wait in a backlog and go out,
+/// in order, as inner requests complete: a flush of many scattered runs never fails for
+/// lack of inner queue slots.
 final class FaultChannel: BdevBackendChannel, BdevCompletionHandler {
     private let bdev: FaultBdev
     private let innerChannel: BdevChannel
     private let blockBytes: Int
     private var nextTag: UInt64 = 1
     private var pending: [UInt64: Pending] = [:]
+    private var backlog: [UInt64] = []
+    private var backlogHead = 0
+    private var draining = false
     private var queuedFlushes: [BdevIO] = []
     private var flushing: FlushState?
 
+    /// Blocks written through per inner write of a flush.
+    static let flushRunBlocksMax = 256
+
     private final class Bounce {
         let buffer: DMABuffer
-        init(bytes: Int) throws { buffer = try DMABuffer.allocate(bytes: bytes) }
+        init(bytes: Int) throws(BdevError) {
+            do { buffer = try DMABuffer.allocate(bytes: bytes) } catch { throw .system(error) }
+        }
+    }
+
+    /// An overlay block captured for a read: the record's bytes (shared, copy-on-write)
+    /// and where the block starts in them.
+    private struct Patch {
+        let blockInRequest: Int
+        let data: [UInt8]
+        let startBytes: Int
     }
 
     private enum Pending {
-        case read(BdevIO, Bounce)
-        case flushWrite(Bounce)
+        case read(BdevIO, Bounce, [Patch])
+        case flushWrite(Bounce, offsetBlocks: UInt64, countBlocks: UInt64)
         case flushMedium
     }
 
@@ -41,8 +62,19 @@ final class FaultChannel: BdevBackendChannel, BdevCompletionHandler {
         blockBytes = bdev.geometry.blockSizeBytes
     }
 
-    func close() { innerChannel.close() }
-    func poll() -> PollStatus { .idle }  // the inner channel has its own poller
+    func close() {
+        precondition(pending.isEmpty && queuedFlushes.isEmpty && flushing == nil,
+                     "fault channel closed with requests in flight")
+        innerChannel.close()
+    }
+
+    /// Inner completions arrive through the inner channel's own poller; this one only
+    /// retries a flush that waits for another channel's flush to end.
+    func poll() -> PollStatus {
+        guard flushing == nil, !queuedFlushes.isEmpty else { return .idle }
+        startNextFlush()
+        return flushing == nil ? .pending : .busy
+    }
 
     func submit(_ io: BdevIO) {
         let isWrite = io.type == .write || io.type == .writeZeroes || io.type == .unmap
@@ -70,49 +102,95 @@ final class FaultChannel: BdevBackendChannel, BdevCompletionHandler {
         io.complete(status)
     }
 
-    private func tag(_ entry: Pending) -> UInt64 {
+    // MARK: - Inner requests
+
+    private func submitInner(_ entry: Pending) {
         let tag = nextTag
         nextTag += 1
         pending[tag] = entry
-        return tag
+        if backlogHead < backlog.count || !trySubmit(tag) { backlog.append(tag) }
+    }
+
+    /// False when the inner queue is full; any other refusal completes the request.
+    private func trySubmit(_ tag: UInt64) -> Bool {
+        do throws(BdevError) {
+            switch pending[tag]! {
+            case let .read(io, bounce, _):
+                try innerChannel.read(into: bounce.buffer, offsetBlocks: io.offsetBlocks,
+                                      countBlocks: io.countBlocks, handler: self, tag: tag)
+            case let .flushWrite(bounce, offsetBlocks, countBlocks):
+                try innerChannel.write(from: bounce.buffer, offsetBlocks: offsetBlocks,
+                                       countBlocks: countBlocks, handler: self, tag: tag)
+            case .flushMedium:
+                try innerChannel.flush(handler: self, tag: tag)
+            }
+        } catch .queueFull {
+            return false
+        } catch {
+            bdevIOCompleted(tag: tag, status: .failed(error))
+        }
+        return true
+    }
+
+    private func drainBacklog() {
+        guard !draining else { return }
+        draining = true
+        defer { draining = false }
+        while backlogHead < backlog.count, trySubmit(backlog[backlogHead]) { backlogHead += 1 }
+        if backlogHead == backlog.count {
+            backlog.removeAll(keepingCapacity: true)
+            backlogHead = 0
+        }
+    }
+
+    func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+        guard let entry = pending.removeValue(forKey: tag) else { preconditionFailure("unknown inner tag \(tag)") }
+        switch entry {
+        case let .read(io, bounce, patches):
+            finishRead(io, bounce, patches, status)
+        case .flushWrite:
+            if case let .failed(error) = status { flushing!.error = flushing!.error ?? error }
+            flushing!.outstanding -= 1
+            if flushing!.outstanding == 0 { flushMedium() }
+        case .flushMedium:
+            if case let .failed(error) = status { flushing!.error = flushing!.error ?? error }
+            endFlush()
+        }
+        drainBacklog()
     }
 
     // MARK: - Reads
 
     private func startRead(_ io: BdevIO) {
-        do {
-            let bounce = try Bounce(bytes: io.byteCount)
-            let tag = tag(.read(io, bounce))
-            do {
-                try innerChannel.read(into: bounce.buffer, offsetBlocks: io.offsetBlocks, countBlocks: io.countBlocks,
-                                      handler: self, tag: tag)
-            } catch {
-                pending[tag] = nil
-                finish(io, .failed(error))
+        let bounce: Bounce
+        do { bounce = try Bounce(bytes: io.byteCount) } catch { return finish(io, .failed(error)) }
+        // The overlay as of submission: a flush that ends before the inner read completes
+        // removes its records, and the medium read may predate the flush's writes.
+        let patches = bdev.state.withLock { state -> [Patch] in
+            var patches: [Patch] = []
+            for block in 0..<io.countBlocks {
+                let address = io.offsetBlocks + block
+                guard let id = state.latest[address], let record = state.records[id] else { continue }
+                patches.append(Patch(blockInRequest: Int(block), data: record.data,
+                                     startBytes: Int(address - record.offsetBlocks) * blockBytes))
             }
-        } catch {
-            finish(io, .failed(.io(errno: ENOMEM)))
+            return patches
         }
+        submitInner(.read(io, bounce, patches))
     }
 
-    private func finishRead(_ io: BdevIO, _ bounce: Bounce, _ status: BdevStatus) {
+    private func finishRead(_ io: BdevIO, _ bounce: Bounce, _ patches: [Patch], _ status: BdevStatus) {
         guard status == .success else { return finish(io, status) }
+        let corrupt = bdev.state.withLock { $0.corruptBlocks }
         bounce.buffer.withUnsafeMutableBytes { bytes in
-            bdev.state.withLock { state in
-                for block in 0..<io.countBlocks {
-                    let target = bytes.baseAddress! + Int(block) * blockBytes
-                    let address = io.offsetBlocks + block
-                    if let id = state.latest[address], let record = state.records[id] {
-                        let start = Int(address - record.offsetBlocks) * blockBytes
-                        record.data.withUnsafeBytes { target.copyMemory(from: $0.baseAddress! + start, byteCount: blockBytes) }
-                    }
-                    if state.corruptBlocks.contains(address) {
-                        for offset in stride(from: 0, to: blockBytes, by: 97) {
-                            target.storeBytes(of: target.load(fromByteOffset: offset, as: UInt8.self) ^ 0x5A,
-                                              toByteOffset: offset, as: UInt8.self)
-                        }
-                    }
+            for patch in patches {
+                patch.data.withUnsafeBytes {
+                    (bytes.baseAddress! + patch.blockInRequest * blockBytes)
+                        .copyMemory(from: $0.baseAddress! + patch.startBytes, byteCount: blockBytes)
                 }
+            }
+            for block in 0..<Int(io.countBlocks) where corrupt.contains(io.offsetBlocks + UInt64(block)) {
+                FaultBdev.corrupt(UnsafeMutableRawBufferPointer(rebasing: bytes[(block * blockBytes)..<((block + 1) * blockBytes)]))
             }
             io.scatter(from: bytes.baseAddress!)
         }
@@ -123,81 +201,56 @@ final class FaultChannel: BdevBackendChannel, BdevCompletionHandler {
 
     private func startNextFlush() {
         guard flushing == nil, !queuedFlushes.isEmpty else { return }
-        let io = queuedFlushes.removeFirst()
         // Write through the newest bytes of every unflushed block, in runs.
-        let (cut, runs) = bdev.state.withLock { state -> (UInt64, [(UInt64, [UInt8])]) in
-            let cut = state.nextRecordID - 1
+        let snapshot = bdev.state.withLock { state -> (UInt64, [(UInt64, [UInt8])])? in
+            guard !state.flushing else { return nil }  // another channel's flush: poll retries
+            state.flushing = true
             var runs: [(UInt64, [UInt8])] = []
             for address in state.latest.keys.sorted() {
                 let record = state.records[state.latest[address]!]!
                 let start = Int(address - record.offsetBlocks) * blockBytes
                 let bytes = record.data[start..<(start + blockBytes)]
                 if let last = runs.last, last.0 + UInt64(last.1.count / blockBytes) == address,
-                   last.1.count < 256 * blockBytes {
+                   last.1.count < Self.flushRunBlocksMax * blockBytes {
                     runs[runs.count - 1].1.append(contentsOf: bytes)
                 } else {
                     runs.append((address, Array(bytes)))
                 }
             }
-            return (cut, runs)
+            return (state.nextRecordID - 1, runs)
         }
-        flushing = FlushState(io: io, cutRecordID: cut, outstanding: 0, error: nil)
-        for (offset, bytes) in runs {
+        guard let (cut, runs) = snapshot else { return }
+        let io = queuedFlushes.removeFirst()
+        flushing = FlushState(io: io, cutRecordID: cut, outstanding: runs.count, error: nil)
+        if runs.isEmpty { return flushMedium() }
+        for (offsetBlocks, bytes) in runs {
             do {
                 let bounce = try Bounce(bytes: bytes.count)
                 bounce.buffer.store(bytes)
-                let tag = tag(.flushWrite(bounce))
-                try innerChannel.write(from: bounce.buffer, offsetBlocks: offset,
-                                       countBlocks: UInt64(bytes.count / blockBytes), handler: self, tag: tag)
-                flushing!.outstanding += 1
-            } catch let error as BdevError {
-                flushing!.error = flushing!.error ?? error
+                submitInner(.flushWrite(bounce, offsetBlocks: offsetBlocks, countBlocks: UInt64(bytes.count / blockBytes)))
             } catch {
-                flushing!.error = flushing!.error ?? .io(errno: ENOMEM)
+                flushing!.error = flushing!.error ?? error
+                flushing!.outstanding -= 1
+                if flushing!.outstanding == 0 { flushMedium() }
             }
         }
-        if flushing!.outstanding == 0 { flushMedium() }
     }
 
     private func flushMedium() {
         if flushing!.error != nil { return endFlush() }
-        do {
-            try innerChannel.flush(handler: self, tag: tag(.flushMedium))
-            flushing!.outstanding = 1
-        } catch {
-            flushing!.error = error
-            endFlush()
-        }
+        flushing!.outstanding = 1
+        submitInner(.flushMedium)
     }
 
     private func endFlush() {
         let done = flushing!
         flushing = nil
-        if done.error == nil {
+        bdev.state.withLock { state in
+            state.flushing = false
             // The medium now holds every record up to the cut: drop them from the overlay.
-            bdev.state.withLock { state in
-                state.records = state.records.filter { $0.key > done.cutRecordID }
-                state.latest = state.latest.filter { $0.value > done.cutRecordID }
-            }
+            if done.error == nil { state.removeRecords(through: done.cutRecordID) }
         }
         finish(done.io, done.error.map { .failed($0) } ?? .success)
         startNextFlush()
-    }
-
-    // MARK: - Inner completions
-
-    func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
-        guard let entry = pending.removeValue(forKey: tag) else { preconditionFailure("unknown inner tag \(tag)") }
-        switch entry {
-        case let .read(io, bounce):
-            finishRead(io, bounce, status)
-        case .flushWrite:
-            if case let .failed(error) = status { flushing!.error = flushing!.error ?? error }
-            flushing!.outstanding -= 1
-            if flushing!.outstanding == 0 { flushMedium() }
-        case .flushMedium:
-            if case let .failed(error) = status { flushing!.error = flushing!.error ?? error }
-            endFlush()
-        }
     }
 }
