@@ -12,6 +12,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "bdevperf", targets: ["bdevperf"]),
+        .executable(name: "blobfs", targets: ["blobfs"]),
+        .executable(name: "blobcli", targets: ["blobcli"]),
         .library(name: "Bdev", targets: ["Bdev"]),
     ],
     dependencies: [
@@ -44,6 +46,22 @@ let package = Package(
             dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
 
+        .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"]),
+        .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Env", "CFuse"]),
+        .executableTarget(
+            name: "blobfs",
+            dependencies: [
+                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "blobcli",
+            dependencies: [
+                "Blobstore", "BlobFileSystem", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+
         .executableTarget(
             name: "bdevperf",
             dependencies: [
@@ -66,6 +84,8 @@ let package = Package(
             name: "nvme-qemu-check",
             dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env"]),
 
+        .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
+        .testTarget(name: "BlobcliTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "Env"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),

@@ -174,19 +174,12 @@ extension BlobStore {
             unmap(&blob, from: index, count: UInt64(count))
             blobs[id] = blob
         case let .setXattr(id, isInternal, name, value):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            if isInternal {
-                blob.internalXattrs.removeAll { $0.name == name }
-                blob.internalXattrs.append((name, value))
-            } else {
-                blob.xattrs.removeAll { $0.name == name }
-                blob.xattrs.append((name, value))
-            }
-            blobs[id] = blob
+            guard blobs[id] != nil else { throw fail("no such blob") }
+            // In place: a directory's blob holds up to 100,000 entries.
+            if isInternal { blobs[id]!.internalXattrs.set(name, value) } else { blobs[id]!.xattrs.set(name, value) }
         case let .removeXattr(id, isInternal, name):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            if isInternal { blob.internalXattrs.removeAll { $0.name == name } } else { blob.xattrs.removeAll { $0.name == name } }
-            blobs[id] = blob
+            guard blobs[id] != nil else { throw fail("no such blob") }
+            if isInternal { blobs[id]!.internalXattrs.remove(name) } else { blobs[id]!.xattrs.remove(name) }
         case let .setFlags(id, flags):
             guard var blob = blobs[id] else { throw fail("no such blob") }
             blob.flags = flags

@@ -7,7 +7,7 @@ extension BlobStore {
     @discardableResult
     public func createBlob(clusterCount: UInt64 = 0, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> UInt64 {
         guard let id = blobIDs.firstClear() else { throw .noSpace("all \(superBlock.blobIDLimit) blob ids are in use") }
-        for (name, value) in xattrs { try validateXattr(name, value) }
+        for (name, value) in xattrs { try Self.validateXattr(name, value) }
         var records: [LogRecord] = [.createBlob(id: id)]
         if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
         records += xattrs.map { .setXattr(id: id, internal: false, name: $0.name, value: $0.value) }
@@ -29,7 +29,7 @@ extension BlobStore {
 
     public func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
-        try validateXattr(name, value)
+        try Self.validateXattr(name, value)
         try commit([.setXattr(id: id, internal: isInternal, name: name, value: value)])
     }
 
@@ -37,14 +37,14 @@ extension BlobStore {
     @discardableResult
     public func removeXattr(_ id: UInt64, name: String, isInternal: Bool = false) throws(BlobStoreError) -> Bool {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
-        guard (isInternal ? blob.internalXattrs : blob.xattrs).contains(where: { $0.name == name }) else { return false }
+        guard (isInternal ? blob.internalXattrs : blob.xattrs).contains(name: name) else { return false }
         try commit([.removeXattr(id: id, internal: isInternal, name: name)])
         return true
     }
 
     public func xattr(_ id: UInt64, name: String, isInternal: Bool = false) -> [UInt8]? {
         guard let blob = blobs[id] else { return nil }
-        return (isInternal ? blob.internalXattrs : blob.xattrs).first { $0.name == name }?.value
+        return (isInternal ? blob.internalXattrs : blob.xattrs)[name]
     }
 
     public func setSuperBlob(_ id: UInt64?) throws(BlobStoreError) {
@@ -52,13 +52,13 @@ extension BlobStore {
         try commit([.setSuperBlob(id: id)])
     }
 
-    private func validateXattr(_ name: String, _ value: [UInt8]) throws(BlobStoreError) {
+    static func validateXattr(_ name: String, _ value: [UInt8]) throws(BlobStoreError) {
         let nameBytes = name.utf8.count
         guard nameBytes > 0, nameBytes <= MetadataPage.xattrNameBytesMax else {
             throw .invalidArgument("xattr name of \(nameBytes) bytes (1...\(MetadataPage.xattrNameBytesMax))")
         }
-        guard value.count <= MetadataPage.xattrValueBytesMax else {
-            throw .invalidArgument("xattr value of \(value.count) bytes (at most \(MetadataPage.xattrValueBytesMax))")
+        guard nameBytes + value.count <= MetadataPage.xattrBytesMax else {
+            throw .invalidArgument("xattr of \(nameBytes + value.count) bytes, name and value (at most \(MetadataPage.xattrBytesMax))")
         }
     }
 

@@ -36,12 +36,12 @@ public struct BlobMetadata: Equatable, Sendable {
     public var flags: BlobFlags
     /// Sorted by clusterIndex, not overlapping.
     public var extents: [Extent]
-    /// In insertion order; names unique per class.
-    public var xattrs: [(name: String, value: [UInt8])]
-    public var internalXattrs: [(name: String, value: [UInt8])]
+    /// Names unique per class.
+    public var xattrs: XattrList
+    public var internalXattrs: XattrList
 
     public init(id: UInt64, clusterCount: UInt64 = 0, flags: BlobFlags = BlobFlags(), extents: [Extent] = [],
-                xattrs: [(name: String, value: [UInt8])] = [], internalXattrs: [(name: String, value: [UInt8])] = []) {
+                xattrs: XattrList = [], internalXattrs: XattrList = []) {
         self.id = id
         self.clusterCount = clusterCount
         self.flags = flags
@@ -52,8 +52,7 @@ public struct BlobMetadata: Equatable, Sendable {
 
     public static func == (lhs: BlobMetadata, rhs: BlobMetadata) -> Bool {
         lhs.id == rhs.id && lhs.clusterCount == rhs.clusterCount && lhs.flags == rhs.flags && lhs.extents == rhs.extents
-            && lhs.xattrs.elementsEqual(rhs.xattrs, by: { $0.name == $1.name && $0.value == $1.value })
-            && lhs.internalXattrs.elementsEqual(rhs.internalXattrs, by: { $0.name == $1.name && $0.value == $1.value })
+            && lhs.xattrs.sameContents(as: rhs.xattrs) && lhs.internalXattrs.sameContents(as: rhs.internalXattrs)
     }
 }
 
@@ -62,9 +61,12 @@ public enum MetadataPage {
     public static let headerBytes = 40
     public static let noNextPage = UInt32.max
     static let pageBytes = SuperBlock.pageBytes
-    /// Longest xattr name and value: they must fit one descriptor and one log record.
-    public static let xattrNameBytesMax = 255
-    public static let xattrValueBytesMax = LogPage.recordPayloadBytesMax - 13 - xattrNameBytesMax
+    /// Longest xattr name, and longest name and value together: they must fit one
+    /// descriptor and one log record. (Names reach 511 bytes so that the file system can
+    /// key a directory entry by any 255-byte file name, hex-encoded when not UTF-8.)
+    public static let xattrNameBytesMax = 511
+    public static let xattrBytesMax = LogPage.recordPayloadBytesMax - 13
+    public static let xattrValueBytesMax = xattrBytesMax - 1
 
     enum DescriptorType: UInt8 {
         case blobInfo = 1
@@ -100,7 +102,7 @@ public enum MetadataPage {
         for (type, list) in [(DescriptorType.xattr, blob.xattrs), (.internalXattr, blob.internalXattrs)] {
             for (name, value) in list {
                 let nameBytes = Array(name.utf8)
-                precondition(nameBytes.count <= xattrNameBytesMax && value.count <= xattrValueBytesMax,
+                precondition(nameBytes.count <= xattrNameBytesMax && nameBytes.count + value.count <= xattrBytesMax,
                              "xattr \(name) too large for a descriptor")
                 let payload = 4 + nameBytes.count + value.count
                 var writer = ByteWriter(count: 4 + payload)
@@ -254,10 +256,10 @@ public enum MetadataPage {
                         throw reader.error(.invalidField(name: "xattr name (not UTF-8)", value: UInt64(nameLength)), at: 4)
                     }
                     let value = try reader.raw(valueLength)
-                    if descriptor.type == DescriptorType.xattr.rawValue {
-                        blob.xattrs.append((name, value))
-                    } else {
-                        blob.internalXattrs.append((name, value))
+                    let unique = descriptor.type == DescriptorType.xattr.rawValue
+                        ? blob.xattrs.appendUnique(name, value) : blob.internalXattrs.appendUnique(name, value)
+                    guard unique else {
+                        throw reader.error(.invalidField(name: "xattr name repeated", value: UInt64(nameLength)), at: 4)
                     }
                 case nil:
                     throw FormatError(name, offset: offsets[index] + UInt64(descriptor.offset),

@@ -1,0 +1,100 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Blobstore
+
+/// What the file-system check found on top of the blob store's verifier.
+public struct FileSystemCheckReport: Sendable {
+    public var problems: [String] = []
+    public var directories = 0
+    public var files = 0
+    public var orphans = 0
+    public var isConsistent: Bool { problems.isEmpty }
+}
+
+extension FileSystem {
+    /// Walks the tree from the root: every entry names a live inode of the type it
+    /// records, link counts equal the entries naming each inode (directories: 2 + their
+    /// subdirectories), each directory's parent is the one that names it, and every blob
+    /// is reachable or an orphan (unlinked while open).
+    public static func check(_ store: BlobStore) -> FileSystemCheckReport {
+        var report = FileSystemCheckReport()
+        guard store.superBlobID == 0, store.xattr(0, name: Key.superInfo, isInternal: true) == magic else {
+            report.problems.append("super blob: not a blobfs root (no \"\(Key.superInfo)\" marker on blob 0)")
+            return report
+        }
+        var links: [UInt64: UInt32] = [:]
+        var subdirectories: [UInt64: UInt32] = [:]
+        var attributes: [UInt64: InodeAttributes] = [:]
+        var parents: [UInt64: UInt64] = [:]
+        var queue: [UInt64] = [0]
+        var visited: Set<UInt64> = [0]
+        func load(_ id: UInt64) -> InodeAttributes? {
+            if let known = attributes[id] { return known }
+            guard let value = store.xattr(id, name: Key.inode, isInternal: true) else { return nil }
+            let decoded = InodeAttributes.decode(value)
+            attributes[id] = decoded
+            return decoded
+        }
+        guard load(0)?.isDirectory == true else {
+            report.problems.append("root (blob 0): attributes missing or not a directory")
+            return report
+        }
+        while let directory = queue.popLast() {
+            report.directories += 1
+            guard let blob = store.blob(directory) else { continue }
+            for (key, value) in blob.internalXattrs {
+                guard let name = Key.entryName(key) else { continue }
+                let shown = String(decoding: name, as: UTF8.self)
+                guard let entry = Key.decodeEntry(value) else {
+                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": value of \(value.count) bytes, not 9")
+                    continue
+                }
+                guard store.blob(entry.id) != nil, let child = load(entry.id) else {
+                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": inode \(ino(entry.id)) does not exist")
+                    continue
+                }
+                if child.type != entry.type {
+                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": type \(entry.type >> 12) but inode \(ino(entry.id)) is \(child.type >> 12)")
+                }
+                links[entry.id, default: 0] += 1
+                if child.isDirectory {
+                    subdirectories[directory, default: 0] += 1
+                    if let previous = parents[entry.id] {
+                        report.problems.append("directory inode \(ino(entry.id)) is named in \(ino(previous)) and \(ino(directory))")
+                    }
+                    parents[entry.id] = directory
+                    if child.parent != directory {
+                        report.problems.append("directory inode \(ino(entry.id)): parent \(ino(child.parent)), but it is named in \(ino(directory))")
+                    }
+                    if visited.insert(entry.id).inserted { queue.append(entry.id) }
+                } else {
+                    report.files += 1
+                }
+            }
+        }
+        let orphans = Set(store.blob(0)?.internalXattrs.compactMap { entry -> UInt64? in
+            guard entry.name.hasPrefix(Key.orphanPrefix) else { return nil }
+            return UInt64(entry.name.dropFirst(Key.orphanPrefix.count))
+        } ?? [])
+        report.orphans = orphans.count
+        for id in store.blobIDList {
+            guard let inode = load(id) else {
+                report.problems.append("blob \(id): no inode attributes")
+                continue
+            }
+            if inode.isDirectory {
+                let expected = id == 0 || links[id] != nil ? 2 + (subdirectories[id] ?? 0) : 0
+                if inode.nlink != expected {
+                    report.problems.append("directory inode \(ino(id)): link count \(inode.nlink), expected \(expected)")
+                }
+            } else if inode.nlink != links[id] ?? 0 {
+                report.problems.append("inode \(ino(id)): link count \(inode.nlink), named \(links[id] ?? 0) times")
+            }
+            if id != 0, links[id] == nil, !orphans.contains(id) {
+                report.problems.append("inode \(ino(id)): not named in any directory and not an orphan (leaked)")
+            }
+        }
+        return report
+    }
+}

@@ -1,0 +1,313 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Blobstore
+
+/// File data: the blob's clusters hold the file's bytes at the same offsets. Bytes past
+/// the size are never trusted: whenever a file grows, what lies between the old size and
+/// the new bytes is zeroed first (`expose`), so neither a crash between a data write and
+/// its size update nor an earlier truncate can make old bytes reappear.
+extension FileSystem {
+    /// The largest file: what a blob's cluster count can describe.
+    public var fileBytesMax: UInt64 { UInt64(UInt32.max) * 16 * clusterBytes }
+
+    public func open(ino: UInt64, truncate: Bool = false) throws(FSError) {
+        let id = Self.blobID(ino)
+        let inode = try inode(ino: ino)
+        if inode.attributes.isDirectory { throw FSError(EISDIR) }
+        if truncate, inode.attributes.isRegular, inode.attributes.size > 0 {
+            try self.truncate(id, inode, to: 0)
+            inode.attributes.mtimeNs = realtimeNs()
+            inode.attributes.ctimeNs = inode.attributes.mtimeNs
+            inode.dirty = true
+        }
+        inode.opens += 1
+    }
+
+    /// Creates a regular file and opens it.
+    public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
+        let attributes = try make(parent: parent, name: name, mode: UInt32(S_IFREG) | (mode & 0o7777), caller: caller)
+        inodes[Self.blobID(attributes.ino)]?.opens += 1
+        return attributes
+    }
+
+    public func release(ino: UInt64) {
+        let id = Self.blobID(ino)
+        guard let inode = inodes[id] else { return }
+        inode.opens -= min(inode.opens, 1)
+        releaseIfUnused(id, inode)
+    }
+
+    private func regular(_ ino: UInt64) throws(FSError) -> (UInt64, Inode) {
+        let inode = try inode(ino: ino)
+        guard inode.attributes.isRegular else {
+            throw FSError(inode.attributes.isDirectory ? EISDIR : EINVAL, "not a regular file")
+        }
+        return (Self.blobID(ino), inode)
+    }
+
+    // MARK: - Read and write
+
+    public func read(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
+        let (id, inode) = try regular(ino)
+        let size = inode.attributes.size
+        guard offset < size, count > 0 else { return [] }
+        let end = min(size, offset + UInt64(count))
+        let start = offset / unitBytes * unitBytes
+        let alignedEnd = (end + unitBytes - 1) / unitBytes * unitBytes
+        let capacityBytes = (store.blob(id)?.clusterCount ?? 0) * clusterBytes
+        var bytes: [UInt8]
+        if start >= capacityBytes {
+            bytes = [UInt8](repeating: 0, count: Int(alignedEnd - start))
+        } else {
+            let readEnd = min(alignedEnd, capacityBytes)
+            bytes = try storeCall { try store.read(blob: id, offsetUnits: start / unitBytes, countUnits: (readEnd - start) / unitBytes) }
+            if readEnd < alignedEnd { bytes += [UInt8](repeating: 0, count: Int(alignedEnd - readEnd)) }
+        }
+        touchAccess(inode)
+        if start == offset, alignedEnd == end { return bytes }
+        return Array(bytes[Int(offset - start)..<Int(end - start)])
+    }
+
+    /// relatime: the access time moves when it is older than the modification or a day old.
+    private func touchAccess(_ inode: Inode) {
+        let attributes = inode.attributes
+        let now = realtimeNs()
+        if attributes.atimeNs <= attributes.mtimeNs || attributes.atimeNs <= attributes.ctimeNs
+            || now - attributes.atimeNs > 86_400_000_000_000 {
+            inode.attributes.atimeNs = now
+            inode.dirty = true
+        }
+    }
+
+    /// Writes `data` at `offset` (any alignment); returns the bytes written.
+    @discardableResult
+    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool = false) throws(FSError) -> Int {
+        let (id, inode) = try regular(ino)
+        guard !data.isEmpty else { return 0 }
+        let offset = append ? inode.attributes.size : offset
+        let end = offset + UInt64(data.count)
+        guard end <= fileBytesMax else { throw FSError(EFBIG) }
+        if offset > inode.attributes.size { try expose(id, inode, from: inode.attributes.size, to: offset) }
+        try ensureCapacity(id, bytes: end)
+        let start = offset / unitBytes * unitBytes
+        let alignedEnd = (end + unitBytes - 1) / unitBytes * unitBytes
+        var buffer: [UInt8]
+        if start == offset && alignedEnd == end {
+            buffer = data
+        } else {
+            // Read-modify-write of the partial io units at either end.
+            buffer = [UInt8](repeating: 0, count: Int(alignedEnd - start))
+            if start != offset {
+                let head = try storeCall { try store.read(blob: id, offsetUnits: start / unitBytes, countUnits: 1) }
+                buffer.replaceSubrange(0..<Int(unitBytes), with: head)
+            }
+            if alignedEnd != end, alignedEnd - unitBytes >= start + (start != offset ? unitBytes : 0) {
+                let tail = try storeCall { try store.read(blob: id, offsetUnits: (alignedEnd - unitBytes) / unitBytes, countUnits: 1) }
+                buffer.replaceSubrange((buffer.count - Int(unitBytes))..<buffer.count, with: tail)
+            }
+            buffer.replaceSubrange(Int(offset - start)..<Int(end - start), with: data)
+        }
+        try storeCall { try store.write(blob: id, offsetUnits: start / unitBytes, data: buffer) }
+        let now = realtimeNs()
+        inode.attributes.size = max(inode.attributes.size, end)
+        inode.attributes.mtimeNs = now
+        inode.attributes.ctimeNs = now
+        inode.attributes.mode &= ~UInt32(S_ISUID)
+        inode.dirty = true
+        return data.count
+    }
+
+    /// The blob covers at least `bytes`: grown (thinly, nothing allocated) by doubling.
+    private func ensureCapacity(_ id: UInt64, bytes: UInt64) throws(FSError) {
+        let needed = (bytes + clusterBytes - 1) / clusterBytes
+        guard let current = store.blob(id)?.clusterCount, current < needed else { return }
+        let grown = min(max(needed, current * 2, 16), UInt64(UInt32.max) * 16)
+        try storeCall { try store.resizeBlob(id, clusterCount: grown) }
+    }
+
+    /// Before a file grows from `from` to `to`: zeroes the bytes past `from` in its last
+    /// cluster and releases any whole cluster in between that still holds old bytes.
+    private func expose(_ id: UInt64, _ inode: Inode, from: UInt64, to: UInt64) throws(FSError) {
+        guard to > from, let blob = store.blob(id) else { return }
+        let capacityBytes = blob.clusterCount * clusterBytes
+        guard from < capacityBytes else { return }
+        let limit = min(to, capacityBytes)
+        let firstWhole = (from + clusterBytes - 1) / clusterBytes
+        if from % clusterBytes != 0 {
+            try zero(id, from: from, to: min(limit, firstWhole * clusterBytes))
+        }
+        let lastWhole = limit / clusterBytes  // clusters [firstWhole, lastWhole) lie wholly inside
+        if lastWhole > firstWhole, allocated(blob, from: firstWhole, to: lastWhole) {
+            try unmapClusters(id, from: firstWhole, to: lastWhole)
+        }
+        if limit % clusterBytes != 0, lastWhole >= firstWhole, limit > lastWhole * clusterBytes {
+            try zero(id, from: max(from, lastWhole * clusterBytes), to: limit)
+        }
+    }
+
+    private func allocated(_ blob: BlobMetadata, from: UInt64, to: UInt64) -> Bool {
+        blob.extents.contains { $0.clusterIndex < to && from < $0.clusterIndex + UInt64($0.count) }
+    }
+
+    private func unmapClusters(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+        var index = from
+        while index < to {
+            let count = UInt32(min(to - index, UInt64(UInt32.max)))
+            try storeCall { try store.unmap(blob: id, clusterIndex: index, count: count) }
+            index += UInt64(count)
+        }
+    }
+
+    /// Zeroes bytes [from, to) of the blob (within its capacity): whole io units with the
+    /// device's write-zeroes, partial ones by read-modify-write; unallocated clusters
+    /// already read as zeros.
+    func zero(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+        guard to > from else { return }
+        let firstUnit = from / unitBytes
+        let endUnit = (to + unitBytes - 1) / unitBytes
+        for unit in Set([firstUnit, endUnit - 1]) where unit * unitBytes < from || (unit + 1) * unitBytes > to {
+            var bytes = try storeCall { try store.read(blob: id, offsetUnits: unit, countUnits: 1) }
+            guard bytes.contains(where: { $0 != 0 }) else { continue }
+            let lower = Int(max(from, unit * unitBytes) - unit * unitBytes)
+            let upper = Int(min(to, (unit + 1) * unitBytes) - unit * unitBytes)
+            for index in lower..<upper { bytes[index] = 0 }
+            try storeCall { try store.write(blob: id, offsetUnits: unit, data: bytes) }
+        }
+        let wholeStart = (from + unitBytes - 1) / unitBytes
+        let wholeEnd = to / unitBytes
+        if wholeEnd > wholeStart {
+            try storeCall { try store.writeZeroes(blob: id, offsetUnits: wholeStart, countUnits: wholeEnd - wholeStart) }
+        }
+    }
+
+    // MARK: - Size
+
+    func truncate(_ id: UInt64, _ inode: Inode, to size: UInt64) throws(FSError) {
+        guard size <= fileBytesMax else { throw FSError(EFBIG) }
+        let old = inode.attributes.size
+        if size > old {
+            try expose(id, inode, from: old, to: size)
+            try ensureCapacity(id, bytes: size)
+        } else if size < old, let blob = store.blob(id) {
+            let keep = (size + clusterBytes - 1) / clusterBytes
+            if keep < blob.clusterCount, allocated(blob, from: keep, to: blob.clusterCount) {
+                try unmapClusters(id, from: keep, to: blob.clusterCount)
+            }
+        }
+        var attributes = inode.attributes
+        attributes.size = size
+        let now = realtimeNs()
+        attributes.mtimeNs = now
+        attributes.ctimeNs = now
+        try storeCall {
+            try store.transaction { tx throws(BlobStoreError) in
+                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
+            }
+        }
+        inode.attributes = attributes
+        inode.dirty = false
+    }
+
+    // MARK: - fallocate
+
+    public struct AllocateMode: OptionSet, Sendable {
+        public let rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        public static let keepSize = AllocateMode(rawValue: 0x01)
+        public static let punchHole = AllocateMode(rawValue: 0x02)
+        public static let zeroRange = AllocateMode(rawValue: 0x10)
+    }
+
+    public func allocate(ino: UInt64, mode: AllocateMode, offset: UInt64, length: UInt64) throws(FSError) {
+        let (id, inode) = try regular(ino)
+        guard length > 0 else { throw FSError(EINVAL, "fallocate of 0 bytes") }
+        let end = offset + length
+        guard end <= fileBytesMax else { throw FSError(EFBIG) }
+        guard mode.rawValue & ~(AllocateMode.keepSize.rawValue | AllocateMode.punchHole.rawValue | AllocateMode.zeroRange.rawValue) == 0 else {
+            throw FSError(EOPNOTSUPP, "fallocate mode \(mode.rawValue)")
+        }
+        let size = inode.attributes.size
+        if mode.contains(.punchHole) {
+            guard mode.contains(.keepSize), !mode.contains(.zeroRange) else { throw FSError(EOPNOTSUPP, "punch hole without keep size") }
+            try punch(id, from: offset, to: min(end, size))
+        } else {
+            if offset > size || end > size { try expose(id, inode, from: size, to: max(offset, min(end, size))) }
+            try ensureCapacity(id, bytes: end)
+            if mode.contains(.zeroRange) { try punch(id, from: offset, to: end) }
+            try reserve(id, from: offset, to: end)
+            if !mode.contains(.keepSize), end > size { inode.attributes.size = end }
+        }
+        let now = realtimeNs()
+        inode.attributes.mtimeNs = now
+        inode.attributes.ctimeNs = now
+        inode.dirty = true
+        try writeBack()
+    }
+
+    /// Bytes [from, to) read as zeros after; whole clusters inside are released.
+    private func punch(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+        guard to > from, let blob = store.blob(id) else { return }
+        let limit = min(to, blob.clusterCount * clusterBytes)
+        guard limit > from else { return }
+        let firstWhole = (from + clusterBytes - 1) / clusterBytes
+        let lastWhole = limit / clusterBytes
+        if lastWhole > firstWhole {
+            try zero(id, from: from, to: firstWhole * clusterBytes)
+            if allocated(blob, from: firstWhole, to: lastWhole) { try unmapClusters(id, from: firstWhole, to: lastWhole) }
+            try zero(id, from: lastWhole * clusterBytes, to: limit)
+        } else {
+            try zero(id, from: from, to: limit)
+        }
+    }
+
+    /// Allocates every cluster of [from, to) that is not (zero-filled, so nothing stale shows).
+    private func reserve(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+        guard let blob = store.blob(id) else { return }
+        let first = from / clusterBytes
+        let last = (to + clusterBytes - 1) / clusterBytes
+        guard UInt64(store.freeClusterCount) >= missingClusters(blob, first, last) else {
+            throw FSError(ENOSPC, "fallocate needs more clusters than are free")
+        }
+        var index = first
+        while index < last {
+            if isAllocated(blob, index) { index += 1; continue }
+            var runEnd = index + 1
+            while runEnd < last, runEnd - index < 4096, !isAllocated(blob, runEnd) { runEnd += 1 }
+            let zeros = [UInt8](repeating: 0, count: Int((runEnd - index) * clusterBytes))
+            try storeCall { try store.write(blob: id, offsetUnits: index * clusterBytes / unitBytes, data: zeros) }
+            index = runEnd
+        }
+    }
+
+    private func isAllocated(_ blob: BlobMetadata, _ index: UInt64) -> Bool {
+        blob.extents.contains { index >= $0.clusterIndex && index < $0.clusterIndex + UInt64($0.count) }
+    }
+
+    private func missingClusters(_ blob: BlobMetadata, _ first: UInt64, _ last: UInt64) -> UInt64 {
+        var present: UInt64 = 0
+        for extent in blob.extents {
+            let lower = max(first, extent.clusterIndex)
+            let upper = min(last, extent.clusterIndex + UInt64(extent.count))
+            if upper > lower { present += upper - lower }
+        }
+        return (last - first) - present
+    }
+
+    // MARK: - Durability
+
+    /// fsync/fdatasync: the file's data flushed, then its attributes committed.
+    public func fsync(ino: UInt64, dataOnly: Bool = false) throws(FSError) {
+        let id = Self.blobID(ino)
+        let inode = try inode(ino: ino)
+        try storeCall { try store.sync() }
+        guard inode.dirty, store.blob(id) != nil else { return }
+        let attributes = inode.attributes
+        try storeCall {
+            try store.transaction { tx throws(BlobStoreError) in
+                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
+            }
+        }
+        inode.dirty = false
+    }
+}

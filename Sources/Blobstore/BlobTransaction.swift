@@ -1,0 +1,96 @@
+/// Several metadata changes committed as one transaction of the metadata log: after a
+/// crash either all of them are present or none. The file system builds each namespace
+/// change (create, link, rename, unlink...) as one.
+///
+/// Records are checked as they are added, against the store as the earlier records of
+/// the same transaction leave it, so that applying them after the commit cannot fail.
+public struct BlobTransaction {
+    private unowned let store: BlobStore
+    var records: [LogRecord] = []
+    private var created: Set<UInt64> = []
+    private var deleted: Set<UInt64> = []
+
+    init(store: BlobStore) { self.store = store }
+
+    public var isEmpty: Bool { records.isEmpty }
+
+    private func exists(_ id: UInt64) -> Bool {
+        !deleted.contains(id) && (created.contains(id) || store.blobs[id] != nil)
+    }
+
+    private func require(_ id: UInt64) throws(BlobStoreError) {
+        guard exists(id) else { throw .noSuchBlob(id) }
+    }
+
+    /// A new, empty blob of `clusterCount` thin clusters; its id is usable in later records.
+    public mutating func createBlob(clusterCount: UInt64 = 0) throws(BlobStoreError) -> UInt64 {
+        var candidate = store.blobIDs.firstClear(from: 0)
+        while let id = candidate, created.contains(id) || deleted.contains(id) {
+            candidate = store.blobIDs.firstClear(from: id + 1)
+        }
+        guard let id = candidate else { throw .noSpace("all \(store.superBlock.blobIDLimit) blob ids are in use") }
+        created.insert(id)
+        records.append(.createBlob(id: id))
+        if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
+        return id
+    }
+
+    public mutating func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
+        try require(id)
+        created.remove(id)
+        deleted.insert(id)
+        records.append(.deleteBlob(id: id))
+    }
+
+    public mutating func resizeBlob(_ id: UInt64, clusterCount: UInt64) throws(BlobStoreError) {
+        try require(id)
+        guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
+        records.append(.resizeBlob(id: id, clusterCount: clusterCount))
+    }
+
+    /// Releases blob clusters [clusterIndex, clusterIndex + count) (they read as zeros).
+    public mutating func unmap(_ id: UInt64, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
+        try require(id)
+        guard count > 0 else { return }
+        records.append(.unmapClusters(id: id, clusterIndex: clusterIndex, count: count))
+    }
+
+    public mutating func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
+        try require(id)
+        try BlobStore.validateXattr(name, value)
+        records.append(.setXattr(id: id, internal: isInternal, name: name, value: value))
+    }
+
+    public mutating func removeXattr(_ id: UInt64, name: String, isInternal: Bool = false) throws(BlobStoreError) {
+        try require(id)
+        records.append(.removeXattr(id: id, internal: isInternal, name: name))
+    }
+
+    public mutating func setSuperBlob(_ id: UInt64?) throws(BlobStoreError) {
+        if let id { try require(id) }
+        records.append(.setSuperBlob(id: id))
+    }
+}
+
+extension BlobStore {
+    /// Builds a transaction with `body` and commits it (one log write and flush); nothing
+    /// is committed when `body` throws.
+    @discardableResult
+    public func transaction<T>(_ body: (inout BlobTransaction) throws(BlobStoreError) -> T) throws(BlobStoreError) -> T {
+        var transaction = BlobTransaction(store: self)
+        let result = try body(&transaction)
+        if !transaction.records.isEmpty { try commit(transaction.records) }
+        return result
+    }
+
+    public var metadataPageCount: UInt64 { superBlock.metadataPages.pageCount }
+    public var freeMetadataPageCount: UInt64 { metadataPageBits.count - metadataPageBits.setCount }
+    public var blobCount: Int { blobs.count }
+    public var blobIDLimit: UInt64 { superBlock.blobIDLimit }
+}
+
+extension BlobStore {
+    /// The sequence number the next log record will get: grows for the store's lifetime
+    /// (the file system draws inode generations from it).
+    public var logSequence: UInt64 { nextLSN }
+}

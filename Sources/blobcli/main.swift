@@ -1,0 +1,1 @@
+print("blobcli: not built yet")

@@ -1,0 +1,1 @@
+print("blobfs: not built yet")
