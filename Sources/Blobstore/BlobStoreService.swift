@@ -48,6 +48,10 @@ public final class BlobStoreService: @unchecked Sendable {
         return try result.get()
     }
 
+    /// The store, for code already running on the metadata reactor (nil elsewhere and
+    /// after `stop`).
+    public var storeOnReactor: BlobStore? { reactor.isCurrent ? store : nil }
+
     /// Runs `body` on the metadata reactor without waiting.
     public func submit(_ body: @escaping @Sendable (BlobStore) -> Void) {
         reactor.send { [self] in body(store!) }

@@ -1,1 +1,307 @@
-print("blobfs: not built yet")
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Bdev
+import BlobFileSystem
+import Blobstore
+import CommandLineSupport
+import DeviceSpec
+import Env
+import FuseFrontend
+import Logging
+
+/// The blobfs command: make, mount, check and unmount a file system on a device.
+struct Blobfs: UsageErrorsExitTwo {
+    static let configuration = CommandConfiguration(
+        commandName: "blobfs",
+        abstract: "A POSIX file system on a blob store, mounted through FUSE.",
+        discussion: """
+            DEVICE is an image file path (served by the in-process software NVMe controller), \
+            file:PATH (the io_uring module directly), malloc:SIZE (RAM, formatted at mount), \
+            nvme-emu:SPEC or pcie:DDDD:BB:DD.F.
+            """,
+        subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self])
+}
+
+/// Exit statuses: 0 done, 1 failed or inconsistent, 2 usage or unreadable input.
+struct Failure: Error, CustomStringConvertible {
+    let message: String
+    let status: Int32
+    init(_ message: String, status: Int32 = 1) {
+        self.message = message
+        self.status = status
+    }
+    var description: String { message }
+}
+
+func fail(_ error: Error) -> Never {
+    let (message, status): (String, Int32) = if let failure = error as? Failure { (failure.message, failure.status) } else {
+        ("\(error)", 1)
+    }
+    let line = "blobfs: \(message)\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+    exit(status)
+}
+
+/// A device named on the command line, and how blobfs opens it.
+struct Device {
+    let text: String
+    let spec: DeviceSpec
+    /// The file the lock is taken on (image files), nil for RAM and PCIe.
+    let lockPath: String?
+
+    init(_ text: String) throws {
+        self.text = text
+        let parsed: DeviceSpec
+        do { parsed = try DeviceSpec(parsing: text) } catch { throw ValidationError("DEVICE \(text): \(error)") }
+        switch parsed {
+        case let .file(path) where !text.hasPrefix("file:") && !text.hasPrefix("uring:"):
+            // A bare path: the software NVMe controller serves the image.
+            spec = .nvmeEmulated(namespace: .file(path: Device.absolute(path)))
+            lockPath = Device.absolute(path)
+        case let .file(path):
+            spec = .file(path: Device.absolute(path))
+            lockPath = Device.absolute(path)
+        case let .nvmeEmulated(.file(path)):
+            spec = .nvmeEmulated(namespace: .file(path: Device.absolute(path)))
+            lockPath = Device.absolute(path)
+        default:
+            spec = parsed
+            lockPath = nil
+        }
+    }
+
+    var isRAM: Bool {
+        if case .malloc = spec { return true }
+        if case .nvmeEmulated(.malloc) = spec { return true }
+        return false
+    }
+
+    static func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+        guard getcwd(&buffer, buffer.count) != nil else { return path }
+        return String(cString: buffer) + "/" + path
+    }
+
+    /// Takes the exclusive lock every writer of the device holds (blobfs mount, mkfs,
+    /// fsck, blobcli's writing commands): a mounted store is never written by another.
+    func lock() throws -> Int32? {
+        guard let lockPath else { return nil }
+        let fd = Glibc.open(lockPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }  // missing: mkfs creates it
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw Failure("\(lockPath) is in use (mounted, or held by another blobfs or blobcli)")
+        }
+        return fd
+    }
+
+    func open(createSizeBytes: UInt64? = nil, blockSize: Int = 4096) throws -> Bdev {
+        do { return try spec.open(blockSizeBytes: blockSize, createSizeBytes: createSizeBytes) } catch {
+            throw Failure("cannot open \(text): \(error)", status: 2)
+        }
+    }
+}
+
+func parseSize(_ text: String, _ what: String) throws -> UInt64 {
+    do { return try DeviceSpec.parseSize(text) } catch { throw ValidationError("\(what): \(error)") }
+}
+
+// MARK: - mkfs
+
+struct Mkfs: UsageErrorsExitTwo {
+    static let configuration = CommandConfiguration(abstract: "Make an empty file system on DEVICE.")
+    @Argument(help: "Image path or device spec.") var device: String
+    @Option(help: "Size of the image to create (e.g. 4G); an existing image keeps its size unless --force.") var size: String?
+    @Option(help: "Cluster size in bytes (a power of two, 4096 to 1048576).") var clusterSize: Int = 4096
+    @Option(help: "Block size in bytes: 512 or 4096.") var blockSize: Int = 4096
+    @Flag(help: "Overwrite an existing blob store, or resize an existing image to --size.") var force = false
+
+    func validate() throws {
+        guard blockSize == 512 || blockSize == 4096 else { throw ValidationError("--block-size must be 512 or 4096") }
+        guard clusterSize >= 4096, clusterSize <= 1 << 20, clusterSize & (clusterSize - 1) == 0 else {
+            throw ValidationError("--cluster-size must be a power of two from 4096 to 1048576")
+        }
+    }
+
+    func run() throws {
+        do { try make() } catch { fail(error) }
+    }
+
+    private func make() throws {
+        let device = try Device(device)
+        let bytes = try size.map { try parseSize($0, "--size") }
+        if device.isRAM { throw Failure("a RAM device lives only in its process: use `blobfs mount \(device.text) DIR`", status: 2) }
+        var createSize: UInt64?
+        if let path = device.lockPath {
+            var info = stat()
+            if stat(path, &info) != 0 {
+                guard let bytes else { throw Failure("\(path) does not exist; give --size to create an image", status: 2) }
+                createSize = bytes
+            } else if let bytes, (info.st_mode & S_IFMT) == S_IFREG, UInt64(info.st_size) != bytes {
+                guard force else {
+                    throw Failure("\(path) is \(info.st_size) bytes, not \(bytes): add --force to resize it", status: 2)
+                }
+                guard truncate(path, off_t(bytes)) == 0 else { throw Failure("resize \(path): \(String(cString: strerror(errno)))") }
+            }
+        }
+        let lock = try device.lock()
+        defer { if let lock { close(lock) } }
+        let bdev = try device.open(createSizeBytes: createSize, blockSize: blockSize)
+        defer { bdev.close() }
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        if !force, let (existing, _) = try? BlobStore.load(io) {
+            try? existing.unload()
+            throw Failure("\(device.text) already holds a blob store: add --force to overwrite it")
+        }
+        let start = MonotonicClock.nowNs()
+        let store: BlobStore
+        do { store = try BlobStore.format(io, options: .init(clusterSizeBytes: clusterSize)) } catch {
+            throw Failure("format \(device.text): \(error)")
+        }
+        let fs = try FileSystem.format(store, owner: Caller(uid: getuid(), gid: getgid()))
+        try fs.unmount()
+        try store.unload()
+        let statistics = fs.statistics()
+        let elapsed = Double(MonotonicClock.nowNs() - start) / 1e9
+        print("blobfs: made a file system on \(device.text): \(formatBytes(bdev.geometry.capacityBytes)), "
+              + "\(statistics.blocks) clusters of \(clusterSize) B, up to \(statistics.files) inodes, in \(fixed(elapsed, 2)) s")
+    }
+}
+
+func formatBytes(_ bytes: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024, unit < units.count - 1 { value /= 1024; unit += 1 }
+    return unit == 0 ? "\(bytes) B" : "\(fixed(value, 1)) \(units[unit])"
+}
+
+func fixed(_ value: Double, _ digits: Int) -> String {
+    var buffer = [CChar](repeating: 0, count: 64)
+    _ = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%.\(digits)f", $0) }
+    return String(cString: buffer)
+}
+
+// MARK: - fsck
+
+struct Fsck: UsageErrorsExitTwo {
+    static let configuration = CommandConfiguration(
+        abstract: "Check the blob store and the file system on DEVICE (replays the log as a mount would).",
+        discussion: "Exit status: 0 clean, 1 inconsistencies found, 2 unreadable device or usage error.")
+    @Argument(help: "Image path or device spec.") var device: String
+
+    func run() throws {
+        do { try check() } catch { fail(error) }
+    }
+
+    private func check() throws {
+        let device = try Device(device)
+        let lock = try device.lock()
+        defer { if let lock { close(lock) } }
+        let bdev = try device.open()
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        defer { io.close() }
+        let store: BlobStore
+        let report: BlobStore.LoadReport
+        do { (store, report) = try BlobStore.load(io) } catch { throw Failure("\(device.text): \(error)", status: 2) }
+        if !report.wasClean {
+            print("blob store: not cleanly unmounted; replayed \(report.replayedTransactions) transactions"
+                  + (report.discardedRecords > 0 ? ", discarded \(report.discardedRecords) uncommitted records" : ""))
+        }
+        let blobReport = store.verify()
+        let fsReport = FileSystem.check(store)
+        try? store.unload()
+        for problem in blobReport.problems { print("blob store: \(problem)") }
+        for problem in fsReport.problems { print("file system: \(problem)") }
+        print("blobfs fsck: \(fsReport.directories) directories, \(fsReport.files) files, \(fsReport.orphans) orphans, "
+              + "\(blobReport.clustersInUse) clusters in use; "
+              + (blobReport.isConsistent && fsReport.isConsistent ? "clean" : "\(blobReport.problems.count + fsReport.problems.count) problems"))
+        if !(blobReport.isConsistent && fsReport.isConsistent) { Glibc.exit(1) }
+    }
+}
+
+// MARK: - unmount
+
+struct Unmount: UsageErrorsExitTwo {
+    static let configuration = CommandConfiguration(abstract: "Unmount a blobfs mount and wait until its store is clean.")
+    @Argument(help: "The mountpoint.") var mountpoint: String
+    @Option(help: "Seconds to wait for the daemon to finish.") var timeout: Double = 60
+
+    func run() throws {
+        let path = Device.absolute(mountpoint)
+        guard let source = mountSource(path) else { fail(Failure("\(path) is not a blobfs mount", status: 2)) }
+        let status = runProgram(["fusermount3", "-u", path])
+        guard status == 0 else { fail(Failure("fusermount3 -u \(path) failed (status \(status))")) }
+        // The daemon unloads the store cleanly, then exits and drops its lock.
+        guard source.hasPrefix("/") else { return }
+        let deadline = MonotonicClock.nowNs() + UInt64(timeout * 1e9)
+        let fd = open(source, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            guard MonotonicClock.nowNs() < deadline else { fail(Failure("the blobfs daemon for \(source) did not finish in \(timeout) s")) }
+            usleep(20_000)
+        }
+        flock(fd, LOCK_UN)
+    }
+}
+
+/// The source of a blobfs mount at `path` (from /proc/self/mountinfo).
+func mountSource(_ path: String) -> String? {
+    guard let file = fopen("/proc/self/mountinfo", "r") else { return nil }
+    defer { fclose(file) }
+    var line: UnsafeMutablePointer<CChar>?
+    var capacity = 0
+    defer { free(line) }
+    while getline(&line, &capacity, file) > 0 {
+        let fields = String(cString: line!).split(separator: " ")
+        guard fields.count > 9, let dash = fields.firstIndex(of: "-"), dash + 2 < fields.count else { continue }
+        let point = String(fields[4]).replacingOccurrences(of: "\\040", with: " ")
+        guard point == path, fields[dash + 1].hasPrefix("fuse.blobfs") || fields[dash + 1] == "fuse" else { continue }
+        return String(fields[dash + 2])
+    }
+    return nil
+}
+
+extension String {
+    func replacingOccurrences(of target: String, with replacement: String) -> String {
+        guard !target.isEmpty else { return self }
+        var result = ""
+        var rest = self[...]
+        while let range = rest.range(of: target) {
+            result += rest[..<range.lowerBound] + replacement
+            rest = rest[range.upperBound...]
+        }
+        return result + rest
+    }
+}
+
+extension Substring {
+    func range(of target: String) -> Range<Substring.Index>? {
+        var index = startIndex
+        while index < endIndex {
+            if self[index...].hasPrefix(target) { return index..<self.index(index, offsetBy: target.count) }
+            index = self.index(after: index)
+        }
+        return nil
+    }
+}
+
+/// Runs a program found on PATH and returns its exit status.
+func runProgram(_ arguments: [String]) -> Int32 {
+    var pid: pid_t = 0
+    var cArguments = arguments.map { strdup($0) } + [nil]
+    defer { cArguments.forEach { free($0) } }
+    guard posix_spawnp(&pid, arguments[0], nil, nil, &cArguments, environ) == 0 else { return 127 }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    return (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+}
+
+Blobfs.main()
