@@ -133,6 +133,13 @@ public final class Reactor: @unchecked Sendable {
         if sleeping.load(ordering: .sequentiallyConsistent) { wakeEvent.signal() }
     }
 
+    /// Wakes the reactor if it sleeps: for producers that hand it work through shared
+    /// memory its pollers watch (an emulated device's doorbells), not through `send`.
+    @inline(__always)
+    public func wake() {
+        if sleeping.load(ordering: .sequentiallyConsistent) { wakeEvent.signal() }
+    }
+
     /// Runs `body` on the reactor and waits for it (control path only; never from the reactor itself).
     public func call<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
         precondition(!isCurrent, "Reactor.call from its own thread would deadlock")
@@ -202,13 +209,17 @@ public final class Reactor: @unchecked Sendable {
 
     private func sleep(now: UInt64) {
         sleeping.store(true, ordering: .sequentiallyConsistent)
-        if ring.isEmpty {
+        // One more pass after announcing the sleep: work that arrived just before the
+        // announcement (a doorbell written by a producer that saw us awake) is not missed.
+        let (busy, pending) = runOnce()
+        if !busy && !pending && ring.isEmpty {
             sleepCounter.add(1, ordering: .relaxed)
             _ = epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now))
         }
         sleeping.store(false, ordering: .sequentiallyConsistent)
         wakeEvent.drain()
-        lastWorkNs = MonotonicClock.nowNs()
+        // lastWorkNs stays: a wake-up that finds no work (a timer) sleeps again at once
+        // instead of spinning for another idle period.
     }
 
     private func timeoutToNextTimerMs(now: UInt64) -> Int32 {

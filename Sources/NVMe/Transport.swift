@@ -11,13 +11,22 @@ public protocol NVMeTransport: AnyObject, Sendable {
     func busAddress(of pointer: UnsafeRawPointer) -> UInt64?
     var name: String { get }
     func close()
+    /// Called after each register write: a software controller wakes up to look.
+    func registersWritten()
 }
 
 extension NVMeTransport {
     @inline(__always) public func read32(_ offset: Int) -> UInt32 { blobfs_mmio_read32(registers + offset) }
-    @inline(__always) public func write32(_ offset: Int, _ value: UInt32) { blobfs_mmio_write32(registers + offset, value) }
+    public func registersWritten() {}
+    @inline(__always) public func write32(_ offset: Int, _ value: UInt32) {
+        blobfs_mmio_write32(registers + offset, value)
+        registersWritten()
+    }
     @inline(__always) public func read64(_ offset: Int) -> UInt64 { blobfs_mmio_read64(registers + offset) }
-    @inline(__always) public func write64(_ offset: Int, _ value: UInt64) { blobfs_mmio_write64(registers + offset, value) }
+    @inline(__always) public func write64(_ offset: Int, _ value: UInt64) {
+        blobfs_mmio_write64(registers + offset, value)
+        registersWritten()
+    }
 }
 
 /// Register memory shared by the driver and the software controller (volatile access

@@ -38,7 +38,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     public let namespace: Bdev
     let bar: UnsafeMutableRawPointer
     static let barBytes = 0x4000
-    private let reactor: Reactor
+    let reactor: Reactor
     private var channel: BdevChannel?
     private let faultState = Mutex(Faults())
 
@@ -101,8 +101,9 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         MMIO.write32(bar, NVMeRegister.vs, 0x0002_0000)  // 2.0
         // The device's own pollers: registers and queues; and its path to the medium.
         reactor.registerPoller { [unowned self] in self.poll() }
-        // A sleeping device would miss doorbells: wake it periodically while idle.
-        reactor.registerTimedPoller(periodNs: 1_000_000) { .idle }
+        // The driver's register writes wake the device (EmulatedTransport); a slow timer
+        // stays as a safety net.
+        reactor.registerTimedPoller(periodNs: 100_000_000) { .idle }
         try reactor.start()
         let made: String? = reactor.call { [unowned self] in
             do {
@@ -512,4 +513,5 @@ final class EmulatedTransport: NVMeTransport, @unchecked Sendable {
     var name: String { "nvme-emu(\(controller.namespace.name))" }
     func busAddress(of pointer: UnsafeRawPointer) -> UInt64? { UInt64(UInt(bitPattern: pointer)) }
     func close() {}
+    func registersWritten() { controller.reactor.wake() }
 }
