@@ -186,22 +186,31 @@ extension FileSystem {
     func truncate(_ id: UInt64, _ inode: Inode, to size: UInt64) throws(FSError) {
         guard size <= fileBytesMax else { throw FSError(EFBIG) }
         let old = inode.attributes.size
+        var release: Range<UInt64>?
         if size > old {
             try expose(id, inode, from: old, to: size)
             try ensureCapacity(id, bytes: size)
         } else if size < old, let blob = store.blob(id) {
             let keep = (size + clusterBytes - 1) / clusterBytes
-            if keep < blob.clusterCount, allocated(blob, from: keep, to: blob.clusterCount) {
-                try unmapClusters(id, from: keep, to: blob.clusterCount)
-            }
+            if keep < blob.clusterCount, allocated(blob, from: keep, to: blob.clusterCount) { release = keep..<blob.clusterCount }
         }
         var attributes = inode.attributes
         attributes.size = size
         let now = realtimeNs()
         attributes.mtimeNs = now
         attributes.ctimeNs = now
+        // The new size and the release of the clusters past it: one transaction, so a
+        // crash never leaves the old size over released (zero) clusters.
         try storeCall {
             try store.transaction { tx throws(BlobStoreError) in
+                if let release {
+                    var index = release.lowerBound
+                    while index < release.upperBound {
+                        let count = UInt32(min(release.upperBound - index, UInt64(UInt32.max)))
+                        try tx.unmap(id, clusterIndex: index, count: count)
+                        index += UInt64(count)
+                    }
+                }
                 try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
             }
         }
