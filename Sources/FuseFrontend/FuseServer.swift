@@ -21,7 +21,7 @@ public struct FuseOptions: Sendable {
 
     /// Splits a comma-separated `-o` list into ours and the kernel's.
     public mutating func parse(_ list: String) throws(FSError) {
-        for option in list.split(separator: ",").map(String.init) where !option.isEmpty {
+        for option in list.split(separator: ",").map(String.init) where !option.isEmpty && !option.hasPrefix("x-") {
             let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
             let value = parts.count == 2 ? parts[1] : nil
             func number() throws(FSError) -> Double {
