@@ -64,10 +64,21 @@ extension BlobStore {
 
     // MARK: - Data
 
-    /// Device cluster holding blob cluster `index`, if allocated.
+    /// Device cluster holding blob cluster `index`, if allocated (binary search: the
+    /// extents are sorted by cluster index).
     func physicalCluster(_ blob: BlobMetadata, _ index: UInt64) -> UInt64? {
-        for extent in blob.extents where index >= extent.clusterIndex && index < extent.clusterIndex + UInt64(extent.count) {
-            return extent.firstCluster + (index - extent.clusterIndex)
+        var low = 0
+        var high = blob.extents.count
+        while low < high {
+            let middle = (low + high) / 2
+            let extent = blob.extents[middle]
+            if index < extent.clusterIndex {
+                high = middle
+            } else if index >= extent.clusterIndex + UInt64(extent.count) {
+                low = middle + 1
+            } else {
+                return extent.firstCluster + (index - extent.clusterIndex)
+            }
         }
         return nil
     }
@@ -75,6 +86,33 @@ extension BlobStore {
     private func deviceBlock(cluster: UInt64, byteInCluster: UInt64) -> UInt64 {
         (superBlock.dataStartPage * UInt64(Self.pageBytes) + cluster * UInt64(clusterSizeBytes) + byteInCluster)
             / UInt64(ioUnitBytes)
+    }
+
+    /// Blob bytes [start, end) cut into runs that are one device range each: physically
+    /// contiguous allocated clusters (`cluster` the first one's device cluster), or
+    /// unallocated ones (`cluster` nil).
+    func runs(_ blob: BlobMetadata, _ start: UInt64, _ end: UInt64) -> [(start: UInt64, end: UInt64, cluster: UInt64?)] {
+        let clusterBytes = UInt64(clusterSizeBytes)
+        var result: [(start: UInt64, end: UInt64, cluster: UInt64?)] = []
+        for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
+            let sliceStart = max(start, index * clusterBytes)
+            let sliceEnd = min(end, (index + 1) * clusterBytes)
+            let cluster = physicalCluster(blob, index)
+            if let last = result.last, last.end == sliceStart {
+                let lastClusters = (last.end - 1) / clusterBytes - last.start / clusterBytes
+                let contiguous: Bool = switch (last.cluster, cluster) {
+                case (nil, nil): true
+                case let (first?, next?): first + lastClusters + 1 == next
+                default: false
+                }
+                if contiguous {
+                    result[result.count - 1].end = sliceEnd
+                    continue
+                }
+            }
+            result.append((sliceStart, sliceEnd, cluster))
+        }
+        return result
     }
 
     private func checkRange(_ blob: BlobMetadata, _ offsetUnits: UInt64, _ bytes: Int) throws(BlobStoreError) -> (UInt64, UInt64) {
@@ -92,7 +130,8 @@ extension BlobStore {
     /// Writes whole io units. Clusters not yet allocated are allocated, written whole
     /// (zeros around the data, so no stale bytes are ever readable), flushed, and only
     /// then mapped by a committed transaction. Overwrites of allocated clusters are in
-    /// place and durable after `sync()`.
+    /// place and durable after `sync()`. Physically contiguous clusters go to the device
+    /// as one write.
     public func write(blob id: UInt64, offsetUnits: UInt64, data: [UInt8]) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, data.count)
@@ -100,12 +139,11 @@ extension BlobStore {
         var reserved: Set<UInt64> = []
         var mapped: [Extent] = []
         var hint: UInt64 = 0
+        // Device cluster of each blob cluster touched, allocating the missing ones.
+        var placement: [(index: UInt64, cluster: UInt64, isNew: Bool)] = []
         for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
-            let sliceStart = max(start, index * clusterBytes)
-            let sliceEnd = min(end, (index + 1) * clusterBytes)
-            let slice = data[Int(sliceStart - start)..<Int(sliceEnd - start)]
             if let cluster = physicalCluster(blob, index) {
-                try writeBlocks(Array(slice), at: deviceBlock(cluster: cluster, byteInCluster: sliceStart - index * clusterBytes))
+                placement.append((index, cluster, false))
                 hint = cluster + 1
                 continue
             }
@@ -113,11 +151,29 @@ extension BlobStore {
                 throw .noSpace("no free cluster (\(clusterCount) in the store)")
             }
             reserved.insert(cluster)
-            var whole = [UInt8](repeating: 0, count: clusterSizeBytes)
-            whole.replaceSubrange(Int(sliceStart - index * clusterBytes)..<Int(sliceEnd - index * clusterBytes), with: slice)
-            try writeBlocks(whole, at: deviceBlock(cluster: cluster, byteInCluster: 0))
+            placement.append((index, cluster, true))
             mapped.append(Extent(clusterIndex: index, count: 1, firstCluster: cluster))
             hint = cluster + 1
+        }
+        var runStart = 0
+        while runStart < placement.count {
+            var runEnd = runStart + 1
+            while runEnd < placement.count, placement[runEnd].cluster == placement[runEnd - 1].cluster + 1 { runEnd += 1 }
+            // Bytes of the run: whole new clusters (zeros around the data), slices of old ones.
+            let first = placement[runStart], last = placement[runEnd - 1]
+            let runByteStart = first.isNew ? first.index * clusterBytes : max(start, first.index * clusterBytes)
+            let runByteEnd = last.isNew ? (last.index + 1) * clusterBytes : min(end, (last.index + 1) * clusterBytes)
+            var bytes: [UInt8]
+            let dataStart = max(start, runByteStart), dataEnd = min(end, runByteEnd)
+            if runByteStart == dataStart && runByteEnd == dataEnd {
+                bytes = Array(data[Int(dataStart - start)..<Int(dataEnd - start)])
+            } else {
+                bytes = [UInt8](repeating: 0, count: Int(runByteEnd - runByteStart))
+                bytes.replaceSubrange(Int(dataStart - runByteStart)..<Int(dataEnd - runByteStart),
+                                      with: data[Int(dataStart - start)..<Int(dataEnd - start)])
+            }
+            try writeBlocks(bytes, at: deviceBlock(cluster: first.cluster, byteInCluster: runByteStart - first.index * clusterBytes))
+            runStart = runEnd
         }
         guard !mapped.isEmpty else { return }
         try flush()  // the data is durable before the metadata that points at it
@@ -136,22 +192,28 @@ extension BlobStore {
         return candidate
     }
 
-    /// Reads whole io units; unallocated clusters read as zeros.
+    /// Reads whole io units; unallocated clusters read as zeros. Physically contiguous
+    /// clusters are one device read.
     public func read(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) -> [UInt8] {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
         let clusterBytes = UInt64(clusterSizeBytes)
+        let pieces = runs(blob, start, end)
+        if pieces.count == 1, let cluster = pieces[0].cluster {
+            do {
+                return try io.readBytes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: start - start / clusterBytes * clusterBytes),
+                                        countBlocks: (end - start) / UInt64(ioUnitBytes))
+            } catch { throw .device(error) }
+        }
         var result = [UInt8](repeating: 0, count: Int(end - start))
-        for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
-            guard let cluster = physicalCluster(blob, index) else { continue }
-            let sliceStart = max(start, index * clusterBytes)
-            let sliceEnd = min(end, (index + 1) * clusterBytes)
+        for piece in pieces {
+            guard let cluster = piece.cluster else { continue }
             let bytes: [UInt8]
             do {
-                bytes = try io.readBytes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: sliceStart - index * clusterBytes),
-                                         countBlocks: (sliceEnd - sliceStart) / UInt64(ioUnitBytes))
+                bytes = try io.readBytes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: piece.start % clusterBytes),
+                                         countBlocks: (piece.end - piece.start) / UInt64(ioUnitBytes))
             } catch { throw .device(error) }
-            result.replaceSubrange(Int(sliceStart - start)..<Int(sliceEnd - start), with: bytes)
+            result.replaceSubrange(Int(piece.start - start)..<Int(piece.end - start), with: bytes)
         }
         return result
     }
@@ -170,14 +232,11 @@ extension BlobStore {
     public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
-        let clusterBytes = UInt64(clusterSizeBytes)
-        for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
-            guard let cluster = physicalCluster(blob, index) else { continue }
-            let sliceStart = max(start, index * clusterBytes)
-            let sliceEnd = min(end, (index + 1) * clusterBytes)
+        for piece in runs(blob, start, end) {
+            guard let cluster = piece.cluster else { continue }
             do {
-                try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: sliceStart - index * clusterBytes),
-                                   countBlocks: (sliceEnd - sliceStart) / UInt64(ioUnitBytes))
+                try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: piece.start % UInt64(clusterSizeBytes)),
+                                   countBlocks: (piece.end - piece.start) / UInt64(ioUnitBytes))
             } catch { throw .device(error) }
         }
     }
