@@ -309,6 +309,7 @@ extension FileSystem {
     public func fsync(ino: UInt64, dataOnly: Bool = false) throws(FSError) {
         let id = Self.blobID(ino)
         let inode = try inode(ino: ino)
+        // The data (and every commit before it) first, then the attributes, then their flush.
         try storeCall { try store.sync() }
         guard inode.dirty, store.blob(id) != nil else { return }
         let attributes = inode.attributes
@@ -318,5 +319,6 @@ extension FileSystem {
             }
         }
         inode.dirty = false
+        try storeCall { try store.sync() }
     }
 }

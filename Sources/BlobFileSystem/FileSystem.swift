@@ -130,6 +130,9 @@ public final class FileSystem {
             throw FSError(EINVAL, "no blobfs file system on this blob store (the super blob is not a blobfs root)")
         }
         let fs = FileSystem(store: store)
+        // Namespace changes are durable at fsync/sync (and within a second: the
+        // service's write-back), not each on its own flush.
+        store.deferCommitFlush = true
         _ = try fs.inode(0)
         try fs.deleteOrphans()
         return fs
@@ -205,6 +208,9 @@ public final class FileSystem {
     }
 
     var hasDirtyInodes: Bool { inodes.values.contains { $0.dirty } }
+
+    /// Something only in memory or not yet flushed: the write-back has work.
+    public var needsWriteBack: Bool { store.hasUnflushedCommits || hasDirtyInodes }
 
     private func checkName(_ name: [UInt8]) throws(FSError) {
         guard !name.isEmpty, !name.contains(0), !name.contains(UInt8(ascii: "/")) else {
@@ -736,5 +742,6 @@ public final class FileSystem {
     public func sync() throws(FSError) {
         try storeCall { try store.sync() }
         try writeBack()
+        try storeCall { try store.sync() }
     }
 }

@@ -8,7 +8,8 @@ import Env
 /// The file system on the blob store's metadata reactor: one thread owns both and runs
 /// every request in order; callers on other threads hand requests over as messages and
 /// the request's reply is sent from that thread. Attributes changed only in memory
-/// (sizes and times after writes) are written back every second.
+/// (sizes and times after writes) and commits not yet flushed are made durable every
+/// second.
 public final class FileSystemService: @unchecked Sendable {
     public let blobService: BlobStoreService
     private var fileSystem: FileSystem?  // reactor thread only
@@ -23,8 +24,8 @@ public final class FileSystemService: @unchecked Sendable {
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
             } catch { return error.description }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
-                guard let fileSystem, fileSystem.hasDirtyInodes else { return .idle }
-                try? fileSystem.writeBack()
+                guard let fileSystem, fileSystem.needsWriteBack else { return .idle }
+                try? fileSystem.sync()
                 return .busy
             }
             return nil

@@ -126,7 +126,7 @@ extension BlobStore {
             let bytes = LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
             try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
         }
-        try flush()
+        if deferCommitFlush { hasUnflushedCommits = true } else { try flush() }
         logHead += UInt64(pages.count)
         nextLSN += UInt64(logged.count)
         for record in records { try apply(record, replaying: false) }
@@ -200,6 +200,7 @@ extension BlobStore {
     }
 
     private func release(_ extent: Extent) {
+        if deferCommitFlush { releasedSinceFlush = true }
         for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
     }
 

@@ -155,6 +155,8 @@ extension BlobStore {
             mapped.append(Extent(clusterIndex: index, count: 1, firstCluster: cluster))
             hint = cluster + 1
         }
+        // Released clusters may be among the new ones: their release must be durable first.
+        if !mapped.isEmpty && releasedSinceFlush { try flush() }
         var runStart = 0
         while runStart < placement.count {
             var runEnd = runStart + 1

@@ -63,6 +63,18 @@ public final class BlobStore {
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
+    /// When set, a commit writes its log pages without flushing them: it becomes durable
+    /// at the next `sync()` (or checkpoint). After a crash the log replays up to the first
+    /// page that did not make it, so the store comes back as of some earlier commit, never
+    /// half of one. The file system sets it (POSIX promises durability at fsync/sync);
+    /// off by default: every commit durable on return.
+    public var deferCommitFlush = false
+    /// Commits written since the last flush (deferred mode).
+    public internal(set) var hasUnflushedCommits = false
+    /// Clusters were released by a commit not yet flushed: they must not receive new data
+    /// before that release is durable (a crash could otherwise undo the release and leave
+    /// the old owner holding the new owner's bytes).
+    var releasedSinceFlush = false
     private let blocksPerPage: UInt64
 
     private init(io: BdevSyncIO, superBlock: SuperBlock) {
@@ -274,5 +286,7 @@ public final class BlobStore {
 
     func flush() throws(BlobStoreError) {
         do { try io.flush() } catch { throw .device(error) }
+        hasUnflushedCommits = false
+        releasedSinceFlush = false
     }
 }
