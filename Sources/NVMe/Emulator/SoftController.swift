@@ -150,6 +150,9 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         let status = ControllerStatus(raw: MMIO.read32(bar, NVMeRegister.csts))
         guard cc.enabled, status.ready, !status.fatal else { return busy ? .busy : .idle }
         for queue in queueList {
+            // An admin command earlier in this pass may have deleted the queue (and zeroed
+            // its doorbell): reading on would re-execute a lap of stale entries.
+            guard submissionQueues[queue.id] === queue else { continue }
             let tail = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queue.id, completion: false, strideShift: 0)))
             guard tail < queue.entries else {
                 fatal("submission queue \(queue.id) tail doorbell \(tail) beyond \(queue.entries) entries")
