@@ -8,6 +8,9 @@ extension BlobStore {
         var chains = durableChains
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1
+        // New chains are written in runs of consecutive pages (fresh pages are handed out
+        // in order, so a checkpoint of many small blobs is a few large writes).
+        var pending: [(page: UInt32, bytes: [UInt8])] = []
         for id in dirtyBlobs.sorted() {
             if let old = chains[id] { superseded.append(contentsOf: old) }
             chains[id] = nil
@@ -25,10 +28,19 @@ extension BlobStore {
                 cursor = free + 1
             }
             let encoded = MetadataPage.encodeChain(blob, pageIDs: pages, checkpointSequence: sequence)
-            for (page, bytes) in zip(pages, encoded) {
-                try writePages(at: superBlock.metadataPages.startPage + UInt64(page), bytes)
-            }
+            for (page, bytes) in zip(pages, encoded) { pending.append((page, bytes)) }
             chains[id] = pages
+        }
+        pending.sort { $0.page < $1.page }
+        var runStart = 0
+        while runStart < pending.count {
+            var runEnd = runStart + 1
+            while runEnd < pending.count, runEnd - runStart < 256, pending[runEnd].page == pending[runEnd - 1].page + 1 { runEnd += 1 }
+            var run: [UInt8] = []
+            run.reserveCapacity((runEnd - runStart) * Self.pageBytes)
+            for index in runStart..<runEnd { run += pending[index].bytes }
+            try writePages(at: superBlock.metadataPages.startPage + UInt64(pending[runStart].page), run)
+            runStart = runEnd
         }
         let copy = 1 - superBlock.activeCopy
         // The persisted metadata-page bitmap is the one after this checkpoint: superseded
@@ -107,8 +119,12 @@ extension BlobStore {
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
         let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }
-        var pages: [[LoggedRecord]] = [[]]
-        var used = 0
+        // Deferred mode: the last page written since the last flush is still open, and
+        // this transaction's first records join it (the page is rewritten whole). It holds
+        // nothing a flush has promised, so a torn rewrite loses only unflushed commits.
+        let reopened = deferCommitFlush ? openLogPage : nil
+        var pages: [[LoggedRecord]] = [reopened?.records ?? []]
+        var used = reopened?.used ?? 0
         for record in logged {
             let size = LogPage.encodedBytes(record.record)
             if used + size > Self.pageBytes - LogPage.headerBytes {
@@ -118,16 +134,34 @@ extension BlobStore {
             pages[pages.count - 1].append(record)
             used += size
         }
+        var firstSequence = logHead
+        if let reopened {
+            if pages[0].count == reopened.records.count {
+                pages.removeFirst()  // nothing of this transaction fit: leave the page as it is
+            } else {
+                firstSequence = logHead - 1
+            }
+        }
+        let newPages = UInt64(pages.count) - (logHead - firstSequence)
         let logPages = superBlock.log.pageCount
         guard UInt64(pages.count) < logPages else { throw .noSpace("a transaction of \(pages.count) pages exceeds the log") }
-        if logHead + UInt64(pages.count) - superBlock.logTailSequence > logPages { try checkpoint() }
+        if logHead + newPages - superBlock.logTailSequence > logPages {
+            // The checkpoint flushes and closes the open page: start this transaction afresh.
+            try checkpoint()
+            return try commit(records)
+        }
         for (index, content) in pages.enumerated() {
-            let sequence = logHead + UInt64(index)
+            let sequence = firstSequence + UInt64(index)
             let bytes = LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
             try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
         }
-        if deferCommitFlush { hasUnflushedCommits = true } else { try flush() }
-        logHead += UInt64(pages.count)
+        if deferCommitFlush {
+            hasUnflushedCommits = true
+            openLogPage = (pages[pages.count - 1], used)
+        } else {
+            try flush()
+        }
+        logHead = firstSequence + UInt64(pages.count)
         nextLSN += UInt64(logged.count)
         for record in records { try apply(record, replaying: false) }
     }

@@ -75,6 +75,9 @@ public final class BlobStore {
     /// before that release is durable (a crash could otherwise undo the release and leave
     /// the old owner holding the new owner's bytes).
     var releasedSinceFlush = false
+    /// Deferred mode: the records of the last log page written since the last flush, and
+    /// its bytes in use; the next commit appends to it.
+    var openLogPage: (records: [LoggedRecord], used: Int)?
     private let blocksPerPage: UInt64
 
     private init(io: BdevSyncIO, superBlock: SuperBlock) {
@@ -288,5 +291,6 @@ public final class BlobStore {
         do { try io.flush() } catch { throw .device(error) }
         hasUnflushedCommits = false
         releasedSinceFlush = false
+        openLogPage = nil
     }
 }

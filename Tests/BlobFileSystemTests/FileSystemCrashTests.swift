@@ -134,10 +134,10 @@ final class FileSystemCrashTests: XCTestCase {
         try powerCutAtEveryWriteIndex(options: BlobStore.Options(), seeds: 0..<4)
     }
 
-    /// A log of 8 pages: checkpoints (copy-on-write metadata, table and bitmap copies,
+    /// A log of 3 pages: checkpoints (copy-on-write metadata, table and bitmap copies,
     /// super block switches) happen all through the workload and get cut too.
     func testPowerCutWithCheckpointsThroughout() throws {
-        try powerCutAtEveryWriteIndex(options: BlobStore.Options(logPages: 8), seeds: 0..<4)
+        try powerCutAtEveryWriteIndex(options: BlobStore.Options(logPages: 3), seeds: 0..<4)
     }
 
     private func powerCutAtEveryWriteIndex(options: BlobStore.Options, seeds: Range<UInt64>) throws {
