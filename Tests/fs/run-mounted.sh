@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The file system through a real FUSE mount (part of scripts/test):
+#   1. mkfs, mount with allow_other,default_permissions; the POSIX behaviour suite
+#      (non-root rules included, a 100,000-entry directory); the randomized exerciser
+#      (100,000 operations against an in-memory model); unmount; fsck clean.
+#   2. the same exerciser on 512-byte blocks, 64 KiB clusters and the writeback cache.
+#   3. kill -9 of the daemon in the middle of a workload that fsyncs files; remount
+#      (the replayer runs); every fsync'd file intact; unmount; fsck clean. Twice.
+#   4. fio: every job of the benchmark set runs without error against the mount.
+#   5. bad input: a garbage image, a missing device, an unknown option, a busy image.
+# Every mount is unmounted and every daemon gone when this script ends, whatever happens.
+#   BLOBFS=path/to/blobfs (default .build/debug/blobfs)  OPS=100000  BIG_DIR=100000
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BLOBFS=${BLOBFS:-$PWD/.build/debug/blobfs}
+OPS=${OPS:-100000}
+BIG_DIR=${BIG_DIR:-100000}
+work=$(mktemp -d /var/tmp/blobfs-fs-test.XXXXXX)
+mnt=$work/mnt
+mkdir -p "$mnt"
+chmod 755 "$work"
+passed=0 failed=0
+
+daemons() { pgrep -f "blobfs mount .*$work" || true; }
+cleanup() {
+  mountpoint -q "$mnt" && { fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -u -z "$mnt" 2>/dev/null; }
+  for pid in $(daemons); do kill -9 "$pid" 2>/dev/null; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+check() {  # check NAME COMMAND...: runs, records PASS/FAIL
+  local name=$1; shift
+  local start=$SECONDS
+  if "$@" > "$work/log" 2>&1; then
+    echo "PASS $name ($((SECONDS - start)) s)"; passed=$((passed + 1))
+  else
+    echo "FAIL $name ($((SECONDS - start)) s)"; tail -n 30 "$work/log" | sed 's/^/    /'; failed=$((failed + 1))
+  fi
+}
+
+unmount() {
+  mountpoint -q "$mnt" || return 0
+  "$BLOBFS" unmount "$mnt"
+}
+
+# 1. POSIX suite and exerciser on the default geometry.
+"$BLOBFS" mkfs "$work/a.img" --size 8G --preallocate > /dev/null
+if "$BLOBFS" mount "$work/a.img" "$mnt" -o allow_other,default_permissions > /dev/null; then
+  chmod 755 "$mnt"
+  check "posix suite (non-root rules, $BIG_DIR-entry directory)" python3 Tests/fs/posix_suite.py "$mnt" --big-dir "$BIG_DIR"
+  grep -E "big directory|posix suite" "$work/log" | sed 's/^ */    /'
+  check "exerciser seed 1, $OPS operations" python3 Tests/fs/exerciser.py "$mnt" --seed 1 --ops "$OPS"
+  check "unmount" unmount
+  check "fsck after the suites" "$BLOBFS" fsck "$work/a.img"
+else
+  echo "FAIL mount"; failed=$((failed + 1))
+fi
+
+# 2. Small blocks, big clusters, the kernel's writeback cache.
+"$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --preallocate > /dev/null
+if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache > /dev/null; then
+  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, writeback cache)" \
+    python3 Tests/fs/exerciser.py "$mnt" --seed 2 --ops $((OPS / 4))
+  check "unmount" unmount
+  check "fsck" "$BLOBFS" fsck "$work/b.img"
+else
+  echo "FAIL mount (512-byte blocks)"; failed=$((failed + 1))
+fi
+
+# 3. kill -9 during a workload; the replayer brings back every fsync'd file.
+"$BLOBFS" mkfs "$work/c.img" --size 4G > /dev/null  # sparse, as users make them
+for round in 1 2; do
+  if ! "$BLOBFS" mount "$work/c.img" "$mnt" > /dev/null; then echo "FAIL mount for kill -9 round $round"; failed=$((failed + 1)); continue; fi
+  pid=$(daemons | head -n 1)
+  python3 Tests/fs/exerciser.py "$mnt" --seed $((10 + round)) --ops 100000 --manifest "$work/manifest" > /dev/null 2>&1 &
+  writer=$!
+  sleep $((2 + round))
+  kill -9 "$pid"
+  wait "$writer" 2>/dev/null
+  fusermount3 -u -z "$mnt" 2>/dev/null
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  echo "    kill -9 round $round: $(wc -l < "$work/manifest") files fsync'd before the kill"
+  if "$BLOBFS" mount "$work/c.img" "$mnt" > /dev/null; then
+    check "kill -9 round $round: every fsync'd file intact after replay" \
+      python3 Tests/fs/exerciser.py "$mnt" --verify-manifest "$work/manifest"
+    check "unmount" unmount
+  else
+    echo "FAIL remount after kill -9 (round $round)"; failed=$((failed + 1))
+  fi
+  check "fsck after kill -9 round $round" "$BLOBFS" fsck "$work/c.img"
+done
+
+# 4. fio against the mount: every job of the benchmark set runs without error (short runs).
+fio_jobs() {
+  local status=0
+  for engine in psync io_uring; do
+    for direct in 0 1; do
+      for job in "write 1M" "read 1M" "randread 4k" "randwrite 4k" "randrw 4k"; do
+        set -- $job
+        fio --name="$1-$engine-d$direct" --directory="$mnt" --filename=fio.dat --size=64M --rw="$1" --bs="$2" \
+          --ioengine="$engine" --iodepth=8 --direct="$direct" --runtime=1 --time_based --output-format=terse \
+          > "$work/fio.out" 2>&1 || { echo "fio $1 $2 $engine direct=$direct failed"; cat "$work/fio.out"; status=1; }
+        awk -F';' -v job="$1 $2 $engine direct=$direct" '$1 == "3" { printf "    fio %-28s read %6.0f IOPS  write %6.0f IOPS\n", job, $8, $49 }' "$work/fio.out"
+      done
+    done
+  done
+  return $status
+}
+"$BLOBFS" mkfs "$work/f.img" --size 2G --preallocate > /dev/null
+if "$BLOBFS" mount "$work/f.img" "$mnt" > /dev/null; then
+  check "fio seq 1M read/write, 4k randread/randwrite/randrw; psync and io_uring; direct=0 and 1" fio_jobs
+  grep "^    fio" "$work/log"
+  check "unmount" unmount
+  check "fsck after fio" "$BLOBFS" fsck "$work/f.img"
+else
+  echo "FAIL mount for fio"; failed=$((failed + 1))
+fi
+
+# 5. Bad input: clear errors, the right exit status, nothing mounted, nothing left running.
+expect_status() {  # expect_status STATUS COMMAND...
+  local want=$1; shift
+  "$@" > "$work/out" 2>&1
+  local got=$?
+  [ "$got" -eq "$want" ] || { echo "status $got, expected $want: $*"; cat "$work/out"; return 1; }
+  grep -q . "$work/out" || { echo "no message from: $*"; return 1; }
+}
+head -c $((64 << 20)) /dev/urandom > "$work/garbage.img"
+check "mount of a garbage image fails with a message" expect_status 1 "$BLOBFS" mount "$work/garbage.img" "$mnt"
+check "fsck of a garbage image: status 2" expect_status 2 "$BLOBFS" fsck "$work/garbage.img"
+check "mount of a missing image: status 2" expect_status 2 "$BLOBFS" mount "$work/missing.img" "$mnt"
+check "unknown mount option: status 2" expect_status 2 "$BLOBFS" mount "$work/a.img" "$mnt" -o frobnicate
+check "mkfs over an existing store without --force refuses" expect_status 1 "$BLOBFS" mkfs "$work/a.img"
+"$BLOBFS" mount "$work/a.img" "$mnt" > /dev/null
+check "second mount of a mounted image refuses" expect_status 1 "$BLOBFS" mount "$work/a.img" "$work"
+check "fsck of a mounted image refuses" expect_status 1 "$BLOBFS" fsck "$work/a.img"
+check "unmount" unmount
+mountpoint -q "$mnt" && { echo "FAIL something is still mounted"; failed=$((failed + 1)); }
+
+echo "file system through FUSE: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
