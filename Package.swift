@@ -47,18 +47,21 @@ let package = Package(
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
 
         .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"]),
+        .target(
+            name: "ToolSupport",
+            dependencies: ["Blobstore", "Bdev", "DeviceSpec", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Env", "CFuse"]),
         .executableTarget(
             name: "blobfs",
             dependencies: [
-                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
+                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport", "ToolSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
             name: "blobcli",
             dependencies: [
-                "Blobstore", "BlobFileSystem", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
+                "Blobstore", "BlobFileSystem", "Bdev", "Env", "DeviceSpec", "CommandLineSupport", "ToolSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
 
@@ -85,7 +88,6 @@ let package = Package(
             dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env"]),
 
         .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
-        .testTarget(name: "BlobcliTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "Env"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),

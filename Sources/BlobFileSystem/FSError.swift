@@ -24,6 +24,7 @@ public struct FSError: Error, CustomStringConvertible, Equatable {
         switch error {
         case .noSpace: self.init(ENOSPC, "\(error)")
         case .invalidArgument: self.init(EINVAL, "\(error)")
+        case .readOnly: self.init(EROFS, "\(error)")
         case .noSuchBlob: self.init(EIO, "\(error)")
         default: self.init(EIO, "\(error)")
         }

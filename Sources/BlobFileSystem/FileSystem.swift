@@ -28,6 +28,11 @@ public struct DirectoryEntry: Sendable {
     public var name: [UInt8]
     public var ino: UInt64
     public var type: UInt32
+    public init(name: [UInt8], ino: UInt64, type: UInt32) {
+        self.name = name
+        self.ino = ino
+        self.type = type
+    }
 }
 
 /// Changes `setattr` applies; nil leaves a field alone.
@@ -130,10 +135,12 @@ public final class FileSystem {
             throw FSError(EINVAL, "no blobfs file system on this blob store (the super blob is not a blobfs root)")
         }
         let fs = FileSystem(store: store)
+        _ = try fs.inode(0)
+        // A read-only store (offline inspection) is looked at as it is: orphans stay.
+        guard !store.isReadOnly else { return fs }
         // Namespace changes are durable at fsync/sync (and within a second: the
         // service's write-back), not each on its own flush.
         store.deferCommitFlush = true
-        _ = try fs.inode(0)
         try fs.deleteOrphans()
         return fs
     }

@@ -5,6 +5,7 @@ extension BlobStore {
     /// inactive copy, flushes, then switches the super block and flushes again. The log
     /// before `logHead` is no longer needed afterwards.
     public func checkpoint(clean: Bool = false) throws(BlobStoreError) {
+        guard !isReadOnly else { throw .readOnly }
         var chains = durableChains
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1
@@ -116,6 +117,7 @@ extension BlobStore {
     /// Makes `records` one durable transaction: log pages written after the head, then
     /// a flush. A log without room for them forces a checkpoint first.
     package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
+        guard !isReadOnly else { throw .readOnly }
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
         let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }

@@ -232,6 +232,7 @@ extension BlobStore {
     /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
     /// per contiguous run); unallocated ones already read as zeros and stay unallocated.
     public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
+        guard !isReadOnly else { throw .readOnly }
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
         for piece in runs(blob, start, end) {
@@ -244,9 +245,13 @@ extension BlobStore {
     }
 
     /// Makes completed overwrites durable (a device flush).
-    public func sync() throws(BlobStoreError) { try flush() }
+    public func sync() throws(BlobStoreError) {
+        guard !isReadOnly else { return }
+        try flush()
+    }
 
     private func writeBlocks(_ bytes: [UInt8], at block: UInt64) throws(BlobStoreError) {
+        guard !isReadOnly else { throw .readOnly }
         do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw .device(error) }
     }
 }

@@ -69,6 +69,10 @@ public final class BlobStore {
     /// half of one. The file system sets it (POSIX promises durability at fsync/sync);
     /// off by default: every commit durable on return.
     public var deferCommitFlush = false
+    /// Loaded with `readOnly`: commits, checkpoints and data writes are refused.
+    public internal(set) var isReadOnly = false
+    /// The log scan of the last load (what was replayed and where the scan stopped).
+    public internal(set) var lastScan: LogScan?
     /// Commits written since the last flush (deferred mode).
     public internal(set) var hasUnflushedCommits = false
     /// Clusters were released by a commit not yet flushed: they must not receive new data
@@ -144,7 +148,10 @@ public final class BlobStore {
 
     // MARK: - Load
 
-    public static func load(_ io: BdevSyncIO) throws(BlobStoreError) -> (BlobStore, LoadReport) {
+    /// Loads the store. `readOnly`: the replay happens in memory only — nothing is
+    /// written (no checkpoint, the clean flag untouched) and every change is refused;
+    /// what offline inspection (blobcli) and checks use.
+    public static func load(_ io: BdevSyncIO, readOnly: Bool = false) throws(BlobStoreError) -> (BlobStore, LoadReport) {
         let raw = try readPages(io, at: 0, count: 2)
         var decoded: [Result<SuperBlock, FormatError>] = []
         for slot in 0..<2 {
@@ -176,8 +183,13 @@ public final class BlobStore {
         }
         store.logHead = scan.endSequence
         store.nextLSN = scan.nextLSN
-        // A checkpoint now makes the replayed state the durable one and marks the store in use.
-        try store.checkpoint(clean: false)
+        store.lastScan = scan
+        if readOnly {
+            store.isReadOnly = true
+        } else {
+            // A checkpoint now makes the replayed state the durable one and marks the store in use.
+            try store.checkpoint(clean: false)
+        }
         return (store, LoadReport(superBlockSlot: block.slot, wasClean: block.isClean,
                                   replayedTransactions: scan.transactions.count,
                                   discardedRecords: scan.uncommittedRecords, logStop: scan.stop))
@@ -284,6 +296,7 @@ public final class BlobStore {
 
     func writePages(at page: UInt64, _ bytes: [UInt8]) throws(BlobStoreError) {
         precondition(bytes.count % Self.pageBytes == 0)
+        guard !isReadOnly else { throw .readOnly }
         do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw .device(error) }
     }
 

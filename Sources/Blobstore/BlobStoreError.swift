@@ -11,6 +11,8 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     case noSpace(String)
     case noSuchBlob(UInt64)
     case invalidArgument(String)
+    /// The store was loaded read-only.
+    case readOnly
     /// The store was made for another geometry (block size, device size).
     case geometry(String)
     /// A data-path write reached a cluster not yet allocated (allocation belongs to the
@@ -26,6 +28,7 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .noSpace(what): "no space: \(what)"
         case let .noSuchBlob(id): "no blob \(id)"
         case let .invalidArgument(what): what
+        case .readOnly: "the store is open read-only"
         case let .geometry(what): what
         case let .unallocated(blob, cluster): "blob \(blob): cluster \(cluster) is not allocated"
         }

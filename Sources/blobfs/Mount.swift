@@ -9,6 +9,7 @@ import CommandLineSupport
 import Env
 import FuseFrontend
 import Logging
+import ToolSupport
 
 struct Mount: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""blobcli against images this test makes and damages on purpose (part of scripts/test).
+
+    blobcli_test.py [--blobfs PATH] [--blobcli PATH] [--fuzz N]
+
+Each damaged image must be reported with the structure, its offset and what is wrong;
+`fsck --repair` fixes the repairable ones and a second fsck is clean; a fuzz run over
+mutated images must never crash or hang blobcli (exit 0, 1 or 2 only).
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+PAGE = 4096
+BLOBFS = BLOBCLI = None
+WORK = None
+results = []
+
+
+def crc32c(data):
+    table = crc32c.table
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+crc32c.table = []
+for n in range(256):
+    c = n
+    for _ in range(8):
+        c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    crc32c.table.append(c)
+
+
+def run(*args, timeout=60):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args, timeout=60):
+    return run(BLOBCLI, *args, timeout=timeout)
+
+
+def record(name, ok, detail=""):
+    results.append(ok)
+    print(f"{'PASS' if ok else 'FAIL'} {name}" + (f"\n    {detail}" if detail and not ok else ""), flush=True)
+
+
+def make_image(name, populate=True):
+    path = os.path.join(WORK, name)
+    run(BLOBFS, "mkfs", path, "--size", "256M")
+    if populate:
+        mnt = os.path.join(WORK, "mnt")
+        os.makedirs(mnt, exist_ok=True)
+        assert run(BLOBFS, "mount", path, mnt).returncode == 0
+        try:
+            os.mkdir(os.path.join(mnt, "d"))
+            for index in range(5):
+                with open(os.path.join(mnt, "d", f"f{index}"), "wb") as f:
+                    f.write(os.urandom(20000 + index))
+        finally:
+            run(BLOBFS, "unmount", mnt)
+    return path
+
+
+def info(path):
+    return json.loads(cli("info", path, "--json").stdout)
+
+
+def reseal(path, page_offset, crc_at=4):
+    with open(path, "r+b") as f:
+        f.seek(page_offset)
+        page = bytearray(f.read(PAGE))
+        struct.pack_into("<I", page, crc_at, crc32c(bytes(page[8:])))
+        f.seek(page_offset)
+        f.write(page)
+
+
+def patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def names_offset_in(text, page_offset):
+    """Whether a message names a byte offset inside the page at page_offset."""
+    import re
+    return any(page_offset <= int(found) < page_offset + PAGE for found in re.findall(r"at byte (\d+)", text))
+
+
+def chain_offset(path, blob):
+    shown = json.loads(cli("show", path, str(blob), "--json").stdout)
+    return shown["chain"][0]["offset"], shown
+
+
+def test_clean_image():
+    path = make_image("clean.img")
+    out = cli("fsck", path)
+    record("fsck of a fresh, populated image is clean (exit 0)", out.returncode == 0 and "clean" in out.stdout, out.stdout + out.stderr)
+    listed = json.loads(cli("list", path, "--json").stdout)
+    record("list --json parses and holds the 8 blobs (root, d, 5 files, none else)", len(listed["blobs"]) == 7, str(listed)[:300])
+    tree = cli("tree", path)
+    record("tree shows the files", "f4" in tree.stdout and tree.returncode == 0, tree.stdout)
+    got = os.path.join(WORK, "got")
+    out = cli("get", path, "/d/f3", got)
+    record("get copies a file out", out.returncode == 0 and os.path.getsize(got) == 20003, out.stdout + out.stderr)
+    for command in (["dump-md", path, "--json"], ["log", path, "--json"], ["replay", path, "--dry-run", "--json"],
+                    ["ls", path, "/d", "--json"], ["stat", path, "/d/f0", "--json"], ["info", path, "--json"]):
+        out = cli(*command)
+        try:
+            json.loads(out.stdout)
+            ok = out.returncode == 0
+        except ValueError:
+            ok = False
+        record(f"{command[0]} --json parses", ok, out.stdout[:200] + out.stderr)
+    imported = os.path.join(WORK, "payload")
+    with open(imported, "wb") as f:
+        f.write(os.urandom(12345))
+    out = cli("import", path, imported)
+    blob = out.stdout.strip()
+    dumped = os.path.join(WORK, "dumped")
+    cli("dump", path, blob, dumped)
+    with open(imported, "rb") as a, open(dumped, "rb") as b:
+        original, back = a.read(), b.read()
+    record("import then dump round-trips the bytes (dump is whole clusters, zero-padded)",
+           out.returncode == 0 and back[:len(original)] == original and set(back[len(original):]) <= {0}, out.stderr)
+    out = cli("xattr", path, "set", blob, "color", "blue")
+    got = cli("xattr", path, "get", blob, "color")
+    record("xattr set then get", out.returncode == 0 and got.stdout.strip() == '"blue"', got.stdout + got.stderr)
+    record("fsck clean after the writes", cli("fsck", path).returncode == 0)
+
+
+def test_bad_metadata_crc():
+    path = make_image("badcrc.img")
+    offset, _ = chain_offset(path, 2)
+    patch(path, offset + 200, b"\xAA\xBB")
+    out = cli("fsck", path)
+    text = out.stdout + out.stderr
+    record("bad CRC in a metadata page: fsck exit 1 naming the page and its offset",
+           out.returncode == 1 and "metadata page" in text and names_offset_in(text, offset), text)
+    out = cli("fsck", path, "--repair")
+    record("bad CRC: --repair says it cannot repair it (exit 1)", out.returncode == 1, out.stdout + out.stderr)
+    out = cli("info", path)
+    record("bad CRC: info cannot load the store: exit 2 with the structure named",
+           out.returncode == 2 and "metadata page" in out.stderr, out.stdout + out.stderr)
+
+
+def bitmap_page_offset(path, cluster):
+    data = info(path)
+    geometry, block = data["geometry"], data["super_block"]
+    payload = PAGE - 24
+    byte = cluster // 8
+    page = geometry["bitmaps"]["start_page"] + block["active_copy"] * geometry["bitmaps"]["pages"] + byte // payload
+    return page * PAGE, 24 + byte % payload, cluster % 8
+
+
+def test_leaked_cluster():
+    path = make_image("leak.img")
+    cluster = 30000
+    page_offset, byte, bit = bitmap_page_offset(path, cluster)
+    with open(path, "r+b") as f:
+        f.seek(page_offset + byte)
+        value = f.read(1)[0]
+        f.seek(page_offset + byte)
+        f.write(bytes([value | (1 << bit)]))
+    reseal(path, page_offset)
+    out = cli("fsck", path)
+    text = out.stdout + out.stderr
+    record("leaked cluster: fsck exit 1 naming the cluster", out.returncode == 1 and str(cluster) in text, text)
+    out = cli("fsck", path, "--repair")
+    text = out.stdout + out.stderr
+    record("leaked cluster: fsck --repair fixes it and says so (exit 0)", out.returncode == 0 and "repaired" in text, text)
+    out = cli("fsck", path)
+    record("leaked cluster: a second fsck is clean", out.returncode == 0, out.stdout + out.stderr)
+
+
+def test_doubly_owned_cluster():
+    path = make_image("double.img")
+    listed = json.loads(cli("list", path, "--json").stdout)["blobs"]
+    owners = [b for b in listed if b["allocated_clusters"] > 0][:2]
+    _, first = chain_offset(path, owners[0]["id"])
+    offset, _ = chain_offset(path, owners[1]["id"])
+    target = first["extents"][0]["first_device_cluster"]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        page = bytearray(f.read(PAGE))
+    # Walk the descriptors to the extents descriptor (type 2): u16 count, then 20-byte extents.
+    position, patched = 40, False
+    while position + 4 <= PAGE:
+        kind, length = page[position], struct.unpack_from("<H", page, position + 2)[0]
+        if kind == 0 or length == 0:
+            break
+        if kind == 2:
+            struct.pack_into("<Q", page, position + 4 + 2 + 12, target)
+            patched = True
+            break
+        position += 4 + length
+    patch(path, offset, bytes(page))
+    reseal(path, offset)
+    out = cli("fsck", path)
+    text = out.stdout + out.stderr
+    record("doubly-owned cluster: fsck exit 1 naming the cluster", patched and out.returncode == 1 and str(target) in text, text)
+    out = cli("fsck", path, "--repair")
+    record("doubly-owned cluster: not repaired automatically (exit 1, data would be lost)", out.returncode == 1, out.stdout + out.stderr)
+
+
+def test_torn_log_tail():
+    path = make_image("torn.img", populate=False)
+    mnt = os.path.join(WORK, "mnt")
+    assert run(BLOBFS, "mount", path, mnt).returncode == 0
+    for index in range(30):
+        with open(os.path.join(mnt, f"t{index}"), "wb") as f:
+            f.write(b"x" * 100)
+    os.sync()
+    time.sleep(1.5)
+    daemon = subprocess.run(["pgrep", "-f", f"blobfs mount {path}"], capture_output=True, text=True).stdout.split()
+    for pid in daemon:
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.3)
+    run("fusermount3", "-u", "-z", mnt)
+    data = info(path)
+    head = data["log"]["head_sequence"]
+    log = data["geometry"]["log"]
+    torn = (log["start_page"] + (head - 1) % log["pages"]) * PAGE
+    patch(path, torn + 2048, os.urandom(1024))
+    out = cli("log", path)
+    text = out.stdout + out.stderr
+    record("torn log tail: log shows the transactions and where the valid log stops (the torn page, its offset)",
+           out.returncode == 0 and "transaction" in text and names_offset_in(text, torn), text[-600:])
+    dry = cli("replay", path, "--dry-run")
+    record("torn log tail: replay --dry-run lists what would be applied", dry.returncode == 0 and "would apply" in dry.stdout, dry.stdout[-300:])
+    out = cli("fsck", path)
+    record("torn log tail: the store is consistent (exit 0)", out.returncode == 0, out.stdout + out.stderr)
+    out = cli("replay", path)
+    record("torn log tail: replay writes a checkpoint; the store is clean after",
+           out.returncode == 0 and info(path)["super_block"]["clean"], out.stdout + out.stderr)
+
+
+def test_truncated_and_garbage():
+    path = make_image("trunc.img")
+    os.truncate(path, 64 << 20)
+    out = cli("info", path)
+    record("truncated image: exit 2 saying so", out.returncode == 2 and "truncated" in out.stderr, out.stdout + out.stderr)
+    garbage = os.path.join(WORK, "garbage.img")
+    with open(garbage, "wb") as f:
+        f.write(os.urandom(8 << 20))
+    out = cli("list", garbage)
+    record("garbage image: exit 2 naming the super block slots", out.returncode == 2 and "super block" in out.stderr, out.stderr)
+    out = cli("info", os.path.join(WORK, "missing.img"))
+    record("missing image: exit 2", out.returncode == 2, out.stderr)
+    out = cli("frobnicate", path)
+    record("unknown command: exit 2", out.returncode == 2, out.stderr)
+
+
+def test_mounted_store_refuses_writes():
+    path = make_image("busy.img", populate=False)
+    mnt = os.path.join(WORK, "mnt")
+    assert run(BLOBFS, "mount", path, mnt).returncode == 0
+    try:
+        payload = os.path.join(WORK, "payload")
+        out = cli("import", path, payload)
+        record("import into a mounted store refuses (exit 1, says it is in use)",
+               out.returncode == 1 and "in use" in out.stderr, out.stdout + out.stderr)
+        out = cli("info", path)
+        record("info of a mounted store still reads (read-only)", out.returncode == 0, out.stderr)
+    finally:
+        run(BLOBFS, "unmount", mnt)
+
+
+def test_fuzz(iterations):
+    base = make_image("fuzz-base.img")
+    data = info(base)
+    metadata_end = data["geometry"]["data_start_page"] * PAGE
+    rng = random.Random(1234)
+    crashes, hangs = [], []
+    target = os.path.join(WORK, "fuzz.img")
+    for iteration in range(iterations):
+        shutil.copyfile(base, target)
+        with open(target, "r+b") as f:
+            for _ in range(rng.choice([1, 2, 8, 64])):
+                offset = rng.randrange(0, metadata_end) if rng.random() < 0.5 else rng.randrange(0, 40 * PAGE)
+                f.seek(offset)
+                f.write(bytes([rng.randrange(256)]))
+        for command in (["info", target, "--json"], ["list", target], ["fsck", target], ["tree", target]):
+            try:
+                out = cli(*command, timeout=20)
+                if out.returncode not in (0, 1, 2):
+                    crashes.append((iteration, command[0], out.returncode, out.stderr[-200:]))
+            except subprocess.TimeoutExpired:
+                hangs.append((iteration, command[0]))
+    record(f"fuzz: {iterations} mutated images × 4 commands, no crash (exit 0/1/2 only) and no hang",
+           not crashes and not hangs, f"crashes {crashes[:5]} hangs {hangs[:5]}")
+
+
+def main():
+    global BLOBFS, BLOBCLI, WORK
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--blobfs", default=".build/debug/blobfs")
+    parser.add_argument("--blobcli", default=".build/debug/blobcli")
+    parser.add_argument("--fuzz", type=int, default=150)
+    args = parser.parse_args()
+    BLOBFS, BLOBCLI = os.path.abspath(args.blobfs), os.path.abspath(args.blobcli)
+    WORK = tempfile.mkdtemp(prefix="blobcli-test.", dir="/var/tmp")
+    try:
+        test_clean_image()
+        test_bad_metadata_crc()
+        test_leaked_cluster()
+        test_doubly_owned_cluster()
+        test_torn_log_tail()
+        test_truncated_and_garbage()
+        test_mounted_store_refuses_writes()
+        test_fuzz(args.fuzz)
+    finally:
+        mnt = os.path.join(WORK, "mnt")
+        if os.path.ismount(mnt):
+            run("fusermount3", "-u", "-z", mnt)
+        subprocess.run(["pkill", "-9", "-f", f"blobfs mount {WORK}"], capture_output=True)
+        shutil.rmtree(WORK, ignore_errors=True)
+    failed = results.count(False)
+    print(f"blobcli: {results.count(True)} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
