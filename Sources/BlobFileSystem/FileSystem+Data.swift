@@ -305,6 +305,26 @@ extension FileSystem {
 
     // MARK: - Durability
 
+    /// The first half of an asynchronous fsync (`FileSystemService.fsync`): whether the
+    /// inode has attributes to commit once its data is flushed.
+    public func fsyncNeedsAttributes(ino: UInt64) throws(FSError) -> Bool {
+        let inode = try inode(ino: ino)
+        return inode.dirty && store.blob(Self.blobID(ino)) != nil
+    }
+
+    /// The second half: commits the attributes (durable at the next flush).
+    public func commitAttributes(ino: UInt64) throws(FSError) {
+        let id = Self.blobID(ino)
+        guard let inode = inodes[id], inode.dirty, store.blob(id) != nil else { return }
+        let attributes = inode.attributes
+        try storeCall {
+            try store.transaction { tx throws(BlobStoreError) in
+                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
+            }
+        }
+        inode.dirty = false
+    }
+
     /// fsync/fdatasync: the file's data flushed, then its attributes committed.
     public func fsync(ino: UInt64, dataOnly: Bool = false) throws(FSError) {
         let id = Self.blobID(ino)

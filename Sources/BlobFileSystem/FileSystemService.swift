@@ -51,11 +51,75 @@ public final class FileSystemService: @unchecked Sendable {
         blobService.reactor.call { [self] in body(fileSystem!) }
     }
 
+    // MARK: - Asynchronous flushes (the metadata reactor keeps serving meanwhile)
+
+    private final class FlushCompletion: BdevCompletionHandler {
+        var body: ((Bool) -> Void)?
+        func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+            let body = self.body
+            self.body = nil
+            body?(status.isSuccess)
+        }
+    }
+
+    private var flushChannel: BdevChannel?
+    private let flushCompletion = FlushCompletion()
+    private var flushing: [(Bool) -> Void] = []
+    private var flushQueued: [(Bool) -> Void] = []
+
+    /// Makes everything written so far durable and then calls `done` (on the metadata
+    /// reactor). The device flush runs on a channel of the metadata reactor without
+    /// blocking it: reads and writes keep being served. Flushes requested while one is
+    /// in flight share the next one (group commit). Call on the metadata reactor.
+    public func flush(_ done: @escaping (Bool) -> Void) {
+        flushQueued.append(done)
+        if flushing.isEmpty { startFlush() }
+    }
+
+    private func startFlush() {
+        guard !flushQueued.isEmpty, let store = try? storeOf() else { return }
+        if flushChannel == nil { flushChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor) }
+        flushing = flushQueued
+        flushQueued = []
+        let token = store.beginExternalFlush()
+        flushCompletion.body = { [self] ok in
+            if ok { (try? storeOf())?.externalFlushCompleted(token) }
+            let finished = flushing
+            flushing = []
+            for waiter in finished { waiter(ok) }
+            startFlush()
+        }
+        do {
+            guard let flushChannel else { throw BdevError.invalidConfiguration("no flush channel") }
+            try flushChannel.flush(handler: flushCompletion)
+        } catch {
+            // No channel: flush synchronously (the store's own path).
+            let ok = (try? store.sync()) != nil
+            flushCompletion.bdevIOCompleted(tag: 0, status: ok ? .success : .failed(.io(errno: EIO)))
+        }
+    }
+
+    /// fsync without holding the metadata reactor: the data flushed, then the attributes
+    /// committed and flushed; `done` gets the errno (0 on success). Call on the reactor.
+    public func fsync(ino: UInt64, _ done: @escaping (Int32) -> Void) {
+        guard let fileSystem else { return done(EIO) }
+        let needsAttributes: Bool
+        do throws(FSError) { needsAttributes = try fileSystem.fsyncNeedsAttributes(ino: ino) } catch { return done(error.errno) }
+        flush { [self] ok in
+            guard ok else { return done(EIO) }
+            guard needsAttributes, let fileSystem = self.fileSystem else { return done(0) }
+            do throws(FSError) { try fileSystem.commitAttributes(ino: ino) } catch { return done(error.errno) }
+            flush { ok in done(ok ? 0 : EIO) }
+        }
+    }
+
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.
     public func stop() throws {
         let failure: String? = blobService.reactor.call { [self] in
             if let writeBackPoller { blobService.reactor.unregisterPoller(writeBackPoller) }
             writeBackPoller = nil
+            flushChannel?.close()
+            flushChannel = nil
             do throws(FSError) { try fileSystem?.unmount() } catch { return error.description }
             fileSystem = nil
             return nil

@@ -159,6 +159,7 @@ extension BlobStore {
         }
         if deferCommitFlush {
             hasUnflushedCommits = true
+            commitEpoch += 1
             openLogPage = (pages[pages.count - 1], used)
         } else {
             try flush()
@@ -236,7 +237,10 @@ extension BlobStore {
     }
 
     private func release(_ extent: Extent) {
-        if deferCommitFlush { releasedSinceFlush = true }
+        if deferCommitFlush {
+            releasedSinceFlush = true
+            releaseEpoch += 1
+        }
         for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
     }
 

@@ -82,6 +82,10 @@ public final class BlobStore {
     /// Deferred mode: the records of the last log page written since the last flush, and
     /// its bytes in use; the next commit appends to it.
     var openLogPage: (records: [LoggedRecord], used: Int)?
+    /// Count deferred commits and cluster releases: a flush issued by someone else
+    /// (`beginExternalFlush`) covers those made before it was issued.
+    var commitEpoch: UInt64 = 0
+    var releaseEpoch: UInt64 = 0
     private let blocksPerPage: UInt64
 
     private init(io: BdevSyncIO, superBlock: SuperBlock) {
@@ -298,6 +302,27 @@ public final class BlobStore {
         precondition(bytes.count % Self.pageBytes == 0)
         guard !isReadOnly else { throw .readOnly }
         do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw .device(error) }
+    }
+
+    /// What a device flush issued outside the store covers (see `beginExternalFlush`).
+    public struct FlushToken: Sendable {
+        let commitEpoch: UInt64
+        let releaseEpoch: UInt64
+    }
+
+    /// For a flush the caller issues on its own channel (so that its thread can serve
+    /// other requests while the device flushes): closes the open log page, so no later
+    /// commit rewrites a page the flush makes durable. Every write completed before the
+    /// flush is submitted is covered by it.
+    public func beginExternalFlush() -> FlushToken {
+        openLogPage = nil
+        return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch)
+    }
+
+    /// The flush begun with `token` completed: what it covered is durable.
+    public func externalFlushCompleted(_ token: FlushToken) {
+        if commitEpoch == token.commitEpoch { hasUnflushedCommits = false }
+        if releaseEpoch == token.releaseEpoch { releasedSinceFlush = false }
     }
 
     func flush() throws(BlobStoreError) {

@@ -380,10 +380,10 @@ extension FuseServer {
                 fuse_reply_err(req.raw, 0)
             }
         }
-        ops.fsync = { req, ino, dataOnly, _ in
-            FuseServer.handOver(req) { fs, _, req in
-                try fs.fsync(ino: ino, dataOnly: dataOnly != 0)
-                fuse_reply_err(req.raw, 0)
+        ops.fsync = { req, ino, _, _ in
+            // Replied when the flushes complete; the file system serves other requests meanwhile.
+            FuseServer.handOver(req) { _, server, req in
+                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.raw, errno) }
             }
         }
         ops.opendir = { req, ino, fi in
@@ -449,9 +449,8 @@ extension FuseServer {
             }
         }
         ops.fsyncdir = { req, ino, _, _ in
-            FuseServer.handOver(req) { fs, _, req in
-                try fs.fsync(ino: ino)
-                fuse_reply_err(req.raw, 0)
+            FuseServer.handOver(req) { _, server, req in
+                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.raw, errno) }
             }
         }
         ops.statfs = { req, _ in
