@@ -33,12 +33,15 @@ struct Mkfs: UsageErrorsExitTwo {
     @Option(help: "Size of the image to create (e.g. 4G); an existing image keeps its size unless --force.") var size: String?
     @Option(help: "Cluster size in bytes (a power of two, 4096 to 1048576).") var clusterSize: Int = 4096
     @Option(help: "Block size in bytes: 512 or 4096.") var blockSize: Int = 4096
+    @Option(help: "Inodes to make room for (metadata pages and blob ids); default: one per 32 KiB of device, at most 1 Mi ids.")
+    var inodes: UInt64?
     @Flag(help: "Overwrite an existing blob store, or resize an existing image to --size.") var force = false
     @Flag(help: "Allocate the image file's blocks now (fallocate) instead of leaving it sparse: writes and fsyncs no longer pay for the backing file system's allocation.")
     var preallocate = false
 
     func validate() throws {
         guard blockSize == 512 || blockSize == 4096 else { throw ValidationError("--block-size must be 512 or 4096") }
+        if let inodes { guard inodes >= 16, inodes <= 1 << 26 else { throw ValidationError("--inodes must be 16...67108864") } }
         guard clusterSize >= 4096, clusterSize <= 1 << 20, clusterSize & (clusterSize - 1) == 0 else {
             throw ValidationError("--cluster-size must be a power of two from 4096 to 1048576")
         }
@@ -93,7 +96,11 @@ struct Mkfs: UsageErrorsExitTwo {
         }
         let start = MonotonicClock.nowNs()
         let store: BlobStore
-        do { store = try BlobStore.format(io, options: .init(clusterSizeBytes: clusterSize)) } catch {
+        // Each inode costs at least one metadata page; a tenth more covers directories'
+        // and fragmented files' longer chains.
+        let options = BlobStore.Options(clusterSizeBytes: clusterSize, metadataPages: inodes.map { $0 + $0 / 10 + 64 },
+                                        blobIDLimit: inodes)
+        do { store = try BlobStore.format(io, options: options) } catch {
             throw Failure("format \(device.text): \(error)")
         }
         let fs = try FileSystem.format(store, owner: Caller(uid: getuid(), gid: getgid()))
