@@ -182,16 +182,18 @@ extension BlobStore {
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
     }
 
+    /// A free cluster at or after `hint` (wrapping around) that is not in `reserved`; nil
+    /// when every free cluster is reserved. Visits each clear bit at most once: with more
+    /// than `reserved.count` of them visited, one is not reserved.
     private func allocateCluster(near hint: UInt64, excluding reserved: Set<UInt64>) -> UInt64? {
+        let freeCount = clusters.count - clusters.setCount
         var cursor = hint
-        for _ in 0..<(reserved.count + 1) {
+        for _ in 0..<min(freeCount, UInt64(reserved.count) + 1) {
             guard let free = clusters.firstClear(from: cursor) else { return nil }
             if !reserved.contains(free) { return free }
             cursor = free + 1
         }
-        var candidate = clusters.firstClear(from: 0)
-        while let free = candidate, reserved.contains(free) { candidate = clusters.firstClear(from: free + 1) }
-        return candidate
+        return nil
     }
 
     /// Reads whole io units; unallocated clusters read as zeros. Physically contiguous

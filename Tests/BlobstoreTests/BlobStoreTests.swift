@@ -161,6 +161,24 @@ final class BlobStoreTests: XCTestCase {
         again.close()
     }
 
+    /// One write that needs more clusters than are free: noSpace at once (it used to loop
+    /// forever looking for a free cluster outside the ones it had already picked).
+    func testWriteLargerThanTheFreeSpaceFailsWithoutWriting() throws {
+        let (bdev, reactor) = try makeDevice(megabytes: 2)
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: Self.options)
+        let id = try store.createBlob(clusterCount: store.clusterCount + 10)
+        let free = store.freeClusterCount
+        XCTAssertThrowsError(try store.write(blob: id, offsetUnits: 0, data: bytes(7, Int(free + 3) * 4096))) {
+            guard case .noSpace = $0 as? BlobStoreError else { return XCTFail("\($0)") }
+        }
+        XCTAssertEqual(store.freeClusterCount, free, "nothing allocated by the failed write")
+        try store.write(blob: id, offsetUnits: 0, data: bytes(7, Int(free) * 4096))
+        XCTAssertEqual(store.freeClusterCount, 0)
+        XCTAssertTrue(Verifier.verify(io).isConsistent)
+        io.close()
+    }
+
     func testRepeatedDirtyLoads() throws {
         let (bdev, reactor) = try makeDevice()
         var io = try BdevSyncIO(bdev: bdev, reactor: reactor)
