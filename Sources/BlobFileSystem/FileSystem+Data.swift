@@ -241,7 +241,9 @@ extension FileSystem {
             guard mode.contains(.keepSize), !mode.contains(.zeroRange) else { throw FSError(EOPNOTSUPP, "punch hole without keep size") }
             try punch(id, from: offset, to: min(end, size))
         } else {
-            if offset > size || end > size { try expose(id, inode, from: size, to: max(offset, min(end, size))) }
+            // Everything past the old size that the file may come to cover reads as zeros first,
+            // also with keep-size (a later size change will not expose it again).
+            if end > size { try expose(id, inode, from: size, to: end) }
             try ensureCapacity(id, bytes: end)
             if mode.contains(.zeroRange) { try punch(id, from: offset, to: end) }
             try reserve(id, from: offset, to: end)

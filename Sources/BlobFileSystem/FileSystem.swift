@@ -80,6 +80,8 @@ public struct FileSystemStatistics: Sendable {
 public final class FileSystem {
     public static let rootIno: UInt64 = 1
     public static let nameBytesMax = 255
+    /// PATH_MAX - 1: the longest symlink target Linux passes (ext4 and tmpfs take it too).
+    public static let symlinkBytesMax = 4095
     static let magic = Array("blobfs-fs 1".utf8)
 
     final class Inode {
@@ -279,7 +281,9 @@ public final class FileSystem {
         guard entry(in: directoryID, name) == nil else { throw FSError(EEXIST) }
         try reserveInode()
         if let symlinkTarget {
-            guard !symlinkTarget.isEmpty, symlinkTarget.count <= 4000 else { throw FSError(ENAMETOOLONG, "symlink target") }
+            guard !symlinkTarget.isEmpty, symlinkTarget.count <= Self.symlinkBytesMax else {
+                throw FSError(ENAMETOOLONG, "\(symlinkTarget.count)-byte symlink target")
+            }
         }
         let now = realtimeNs()
         var mode = mode
@@ -303,7 +307,13 @@ public final class FileSystem {
             try store.transaction { tx throws(BlobStoreError) -> UInt64 in
                 let id = try tx.createBlob()
                 try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
-                if let symlinkTarget { try tx.setXattr(id, name: Key.symlink, value: symlinkTarget, isInternal: true) }
+                if let symlinkTarget {
+                    // In pieces that each fit a log record: "l", then "l1", "l2" ...
+                    for (index, start) in stride(from: 0, to: symlinkTarget.count, by: Key.symlinkPieceBytes).enumerated() {
+                        let piece = Array(symlinkTarget[start..<min(start + Key.symlinkPieceBytes, symlinkTarget.count)])
+                        try tx.setXattr(id, name: Key.symlinkPiece(index), value: piece, isInternal: true)
+                    }
+                }
                 try tx.setXattr(directoryID, name: Key.entry(name), value: Key.entryValue(id: id, type: attributes.type),
                                 isInternal: true)
                 try tx.setXattr(directoryID, name: Key.inode, value: parentAttributes.encode(), isInternal: true)
@@ -321,8 +331,14 @@ public final class FileSystem {
     public func readSymlink(ino: UInt64) throws(FSError) -> [UInt8] {
         let inode = try inode(ino: ino)
         guard inode.attributes.isSymlink else { throw FSError(EINVAL, "not a symlink") }
-        guard let target = store.xattr(Self.blobID(ino), name: Key.symlink, isInternal: true) else {
+        let id = Self.blobID(ino)
+        guard var target = store.xattr(id, name: Key.symlink, isInternal: true) else {
             throw FSError(EIO, "symlink \(ino) has no target")
+        }
+        var index = 1
+        while let piece = store.xattr(id, name: Key.symlinkPiece(index), isInternal: true) {
+            target += piece
+            index += 1
         }
         return target
     }
@@ -716,9 +732,12 @@ public final class FileSystem {
         return value
     }
 
-    public func listXattrs(ino: UInt64) throws(FSError) -> [String] {
+    /// The names of the user-visible xattrs; trusted.* only for a privileged caller (as
+    /// the kernel's own file systems list them only to CAP_SYS_ADMIN).
+    public func listXattrs(ino: UInt64, privileged: Bool = true) throws(FSError) -> [String] {
         _ = try inode(ino: ino)
-        return store.blob(Self.blobID(ino))?.xattrs.map(\.name) ?? []
+        let names = store.blob(Self.blobID(ino))?.xattrs.map(\.name) ?? []
+        return privileged ? names : names.filter { !$0.hasPrefix("trusted.") }
     }
 
     public func removeXattr(ino: UInt64, name: String) throws(FSError) {

@@ -86,6 +86,9 @@ enum Key {
     static let inode = "i"
     /// A symlink's target.
     static let symlink = "l"
+    /// A symlink target longer than one piece continues in "l1", "l2" ...
+    static let symlinkPieceBytes = 2048
+    static func symlinkPiece(_ index: Int) -> String { index == 0 ? symlink : symlink + String(index) }
     /// On the root: the file system's identity and next generation.
     static let superInfo = "fs"
     /// On the root: "o" + blob id of an unlinked inode still open (deleted at release or at mount).

@@ -494,7 +494,7 @@ extension FuseServer {
         ops.listxattr = { req, ino, size in
             FuseServer.handOver(req) { fs, _, req in
                 var list: [UInt8] = []
-                for name in try fs.listXattrs(ino: ino) { list += Array(name.utf8) + [0] }
+                for name in try fs.listXattrs(ino: ino, privileged: FuseServer.caller(req.raw).uid == 0) { list += Array(name.utf8) + [0] }
                 if size == 0 {
                     fuse_reply_xattr(req.raw, list.count)
                 } else if list.count > size {
