@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Synchronization
+import CLinux
 
 /// What a poller found on one call.
 public enum PollStatus: Sendable {
@@ -33,11 +34,18 @@ public final class Reactor: @unchecked Sendable {
         /// How long the loop spins without finding work before it sleeps.
         public var idleBeforeSleepNs: UInt64
         public var messageCapacity: Int
+        /// Whether a pass that finds no work yields the CPU (sched_yield) before the next:
+        /// on a machine with fewer cores than busy threads a spinning reactor otherwise
+        /// takes the core from the thread it waits for. Off when the reactor has a core of
+        /// its own (pinned).
+        public var yieldWhenIdle: Bool
 
-        public init(cpu: Int? = nil, idleBeforeSleepNs: UInt64 = 200_000, messageCapacity: Int = 4096) {
+        public init(cpu: Int? = nil, idleBeforeSleepNs: UInt64 = 200_000, messageCapacity: Int = 4096,
+                    yieldWhenIdle: Bool? = nil) {
             self.cpu = cpu
             self.idleBeforeSleepNs = idleBeforeSleepNs
             self.messageCapacity = messageCapacity
+            self.yieldWhenIdle = yieldWhenIdle ?? (cpu == nil)
         }
     }
 
@@ -203,7 +211,11 @@ public final class Reactor: @unchecked Sendable {
         let (busy, pending) = runOnce()
         let now = MonotonicClock.nowNs()
         if busy { lastWorkNs = now; return }
-        if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs { return }
+        if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs {
+            // Spinning without work: let a runnable thread that shares this core go first.
+            if configuration.yieldWhenIdle { sched_yield() }
+            return
+        }
         sleep(now: now)
     }
 
@@ -250,6 +262,7 @@ public final class Reactor: @unchecked Sendable {
     }
 
     private func threadMain() {
+        _ = clinux_set_thread_name(name)  // top -H and gdb show the reactor by name
         if let cpu = configuration.cpu {
             do { try NUMA.pinCurrentThread(toCPU: cpu) } catch {
                 Log.logger("env.reactor").warning("\(name): cannot pin to CPU \(cpu): \(error)")
