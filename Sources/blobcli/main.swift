@@ -74,6 +74,16 @@ final class Opened {
     }
 }
 
+/// Runs `body` with a synchronous channel to the device, without loading the store.
+func withIO<T>(_ device: Device, _ body: (BdevSyncIO) throws -> T) throws -> T {
+    let bdev = try device.open()
+    defer { bdev.close() }
+    let io: BdevSyncIO
+    do { io = try BdevSyncIO(bdev: bdev, reactor: try Reactor()) } catch { throw Failure("\(device.text): \(error)", status: 2) }
+    defer { io.close() }
+    return try body(io)
+}
+
 func run(_ body: () throws -> Void) {
     do { try body() } catch let error as ValidationError {
         fail(Failure(error.message, status: 2), tool: "blobcli")
@@ -136,12 +146,23 @@ struct Info: ParsableCommand {
             let block = store.superBlock
             let clusterBytes = UInt64(block.clusterSizeBytes)
             let scan = store.lastScan
+            let slots = (try? SuperBlockSlots.read(opened.io))?.slots ?? []
             let value = JSON.object([
                 ("device", .string(options.device)),
                 ("super_block", .object([
                     ("slot", .int(Int64(opened.report.superBlockSlot))), ("sequence", .uint(block.sequence)),
                     ("version", .uint(UInt64(SuperBlock.version))), ("clean", .bool(block.isClean)),
                     ("active_copy", .uint(UInt64(block.activeCopy))),
+                    ("slots", .array(slots.enumerated().map { slot, result in
+                        switch result {
+                        case let .success(decoded):
+                            .object([("slot", .int(Int64(slot))), ("ok", .bool(true)), ("current", .bool(slot == opened.report.superBlockSlot)),
+                                     ("sequence", .uint(decoded.sequence)), ("clean", .bool(decoded.isClean)), ("problem", .null)])
+                        case let .failure(problem):
+                            .object([("slot", .int(Int64(slot))), ("ok", .bool(false)), ("current", .bool(false)),
+                                     ("sequence", .null), ("clean", .null), ("problem", .string("\(problem)"))])
+                        }
+                    })),
                     ("features", .object([("incompatible", .uint(block.incompatibleFeatures)),
                                           ("read_only_data", .uint(block.readOnlyDataFeatures)),
                                           ("read_only_metadata", .uint(block.readOnlyMetadataFeatures))])),
@@ -171,6 +192,7 @@ struct Info: ParsableCommand {
                 """
                 device          \(options.device)
                 super block     slot \(opened.report.superBlockSlot), sequence \(block.sequence), version \(SuperBlock.version), \(block.isClean ? "clean" : "NOT clean (in use or crashed)")
+                slots           \(slotsText(slots, current: opened.report.superBlockSlot))
                 features        incompatible 0x\(String(block.incompatibleFeatures, radix: 16)), read-only data 0x\(String(block.readOnlyDataFeatures, radix: 16)), read-only metadata 0x\(String(block.readOnlyMetadataFeatures, radix: 16))
                 size            \(bytes(block.devicePages * UInt64(SuperBlock.pageBytes))), \(block.blockSizeBytes)-byte blocks, \(bytes(clusterBytes)) clusters
                 regions (pages) log \(block.log.startPage)+\(block.log.pageCount), table 2×\(block.table.pageCount) at \(block.table.startPage), bitmaps 2×\(block.bitmaps.pageCount) at \(block.bitmaps.startPage), metadata \(block.metadataPages.startPage)+\(block.metadataPages.pageCount), data from \(block.dataStartPage)
@@ -182,6 +204,15 @@ struct Info: ParsableCommand {
                 """
             }
         }
+    }
+
+    func slotsText(_ slots: [Result<SuperBlock, FormatError>], current: Int) -> String {
+        slots.enumerated().map { slot, result in
+            switch result {
+            case let .success(decoded): "\(slot): sequence \(decoded.sequence)\(slot == current ? " (current)" : "")"
+            case let .failure(problem): "\(slot): DAMAGED (\(problem))"
+            }
+        }.joined(separator: "; ")
     }
 
     func region(_ region: SuperBlock.Region) -> JSON {
@@ -489,15 +520,98 @@ func logText(_ scan: LogScan?, _ report: BlobStore.LoadReport) -> String {
 }
 
 struct Log: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Log records from the checkpoint on, by transaction, and where the valid log ends.")
+    static let configuration = CommandConfiguration(
+        abstract: "Log records from the checkpoint on, by transaction and page by page, and where the valid log ends.",
+        discussion: "Reads only the super block and the log: works when metadata pages are damaged.")
     @OptionGroup var options: DeviceArgument
 
     func run() {
         blobcli.run {
-            let opened = try Opened(options.device, writable: false)
-            defer { try? opened.close() }
-            emit(options.json, logJSON(opened.store.lastScan, opened.report)) { logText(opened.store.lastScan, opened.report) }
+            let device = try Device(options.device)
+            let log = try withIO(device) { io throws -> LogInspection in
+                do { return try LogInspection.inspect(io) } catch { throw Failure("\(options.device): \(error)", status: 2) }
+            }
+            emit(options.json, inspectionJSON(log)) { inspectionText(log) }
         }
+    }
+
+    /// Records replay applies, grouped by transaction, commit records aside (as `LogScan` has them).
+    func committed(_ log: LogInspection) -> [[LogInspection.Record]] {
+        var groups: [[LogInspection.Record]] = []
+        for record in log.pages.flatMap(\.records) where record.status == .committed {
+            if case .commit = record.record { continue }
+            if let last = groups.last?.last, last.transaction == record.transaction {
+                groups[groups.count - 1].append(record)
+            } else {
+                groups.append([record])
+            }
+        }
+        return groups
+    }
+
+    func recordJSON(_ record: LogInspection.Record) -> JSON {
+        .object([("lsn", .uint(record.lsn)), ("record", .string(describe(record.record)))])
+    }
+
+    func pageJSON(_ page: LogInspection.Page) -> JSON {
+        .object([
+            ("sequence", .uint(page.sequence)), ("slot", .uint(page.slot)), ("offset", .uint(page.offset)),
+            ("ok", .bool(page.problem == nil)), ("problem", page.problem.map { .string("\($0)") } ?? .null),
+            ("found_sequence", page.foundSequence.map { .uint($0) } ?? .null),
+            ("records", .array(page.records.map { record in
+                .object([("index", .int(Int64(record.index))), ("lsn", .uint(record.lsn)), ("transaction", .uint(record.transaction)),
+                         ("record", .string(describe(record.record))), ("status", .string(record.status.rawValue))])
+            })),
+        ])
+    }
+
+    func inspectionJSON(_ log: LogInspection) -> JSON {
+        .object([
+            ("transactions", .array(committed(log).map { records in
+                .object([("id", .uint(records.first?.transaction ?? 0)), ("records", .array(records.map(recordJSON)))])
+            })),
+            ("uncommitted_records", .int(Int64(log.uncommittedRecords))),
+            ("end_sequence", .uint(log.endSequence)),
+            ("stop", log.stop.map { .string("\($0)") } ?? .null),
+            ("super_block_slot", .int(Int64(log.superBlockSlot))), ("clean", .bool(log.isClean)),
+            ("tail_sequence", .uint(log.tailSequence)), ("checkpoint_lsn", .uint(log.checkpointLSN)),
+            ("next_lsn", .uint(log.nextLSN)),
+            ("uncommitted", .array(log.pages.flatMap(\.records).filter { $0.status == .uncommitted }.map(recordJSON))),
+            ("pages", .array(log.pages.map(pageJSON))),
+            ("later_pages", .array(log.laterPages.map(pageJSON))), ("later_page_count", .int(Int64(log.laterPageCount))),
+        ])
+    }
+
+    func inspectionText(_ log: LogInspection) -> String {
+        var lines = ["super block slot \(log.superBlockSlot) (\(log.isClean ? "clean" : "NOT clean")): log tail sequence \(log.tailSequence), checkpoint LSN \(log.checkpointLSN), \(log.logPages) log pages"]
+        for records in committed(log) {
+            lines.append("transaction \(records.first?.transaction ?? 0): \(records.count) records, committed")
+            for record in records { lines.append("  LSN \(record.lsn)  \(describe(record.record))") }
+        }
+        let uncommitted = log.pages.flatMap(\.records).filter { $0.status == .uncommitted }
+        if !uncommitted.isEmpty {
+            lines.append("transaction \(uncommitted[0].transaction): \(uncommitted.count) records, NOT committed (discarded by replay)")
+            for record in uncommitted { lines.append("  LSN \(record.lsn)  \(describe(record.record))") }
+        }
+        lines.append("log ends at sequence \(log.endSequence): \(log.stop.map { "\($0)" } ?? "end of the region")")
+        lines.append("pages read")
+        for page in log.pages {
+            var counts: [String] = []
+            for status in [LogInspection.RecordStatus.committed, .uncommitted, .ignored] {
+                let count = page.records.filter { $0.status == status }.count
+                if count > 0 { counts.append("\(count) \(status.rawValue)") }
+            }
+            lines.append("  sequence \(page.sequence) (log page \(page.slot), byte \(page.offset)): "
+                         + (counts.isEmpty ? "no records" : counts.joined(separator: ", "))
+                         + (page.problem.map { "; \($0)" } ?? ""))
+        }
+        if log.laterPageCount > 0 {
+            lines.append("\(log.laterPageCount) pages past the end of the valid log carry newer sequences (ignored by replay: a page before them did not reach the device)")
+            for page in log.laterPages {
+                lines.append("  sequence \(page.foundSequence ?? page.sequence) at byte \(page.offset): \(page.records.count) records")
+            }
+        }
+        return lines.joined(separator: "\n")
     }
 }
 
@@ -543,13 +657,17 @@ struct Fsck: ParsableCommand {
             defer { if let lock { Glibc.close(lock) } }
             let before = (try check(device), false)
             var after: (Verification, Bool)?
+            var changes: RepairReport?
             if repair && !before.0.clean {
                 // Loading derives the bitmaps from the chains and writes a checkpoint with them:
-                // leaked clusters, pages and ids are freed and stale bitmaps replaced.
-                do {
-                    let opened = try Opened(options.device, writable: true, locked: true)
-                    try opened.close()
-                } catch { throw Failure("repair: cannot load the store: \(error); not repairable here", status: 1) }
+                // leaked clusters, pages and ids are freed and stale bitmaps replaced. The
+                // report compares the persisted bitmaps before and after, bit by bit.
+                let report = try withIO(device) { StoreRepair.repair($0) }
+                if report.outcome == .notRepairable {
+                    let why = report.refusal.map { "\($0)" } ?? "refused"
+                    throw Failure("repair: cannot load the store: \(why); not repairable here", status: 1)
+                }
+                changes = report
                 after = (try check(device), true)
             }
             let final = after?.0 ?? before.0
@@ -558,6 +676,7 @@ struct Fsck: ParsableCommand {
                 ("problems", .array(before.0.problems.map { .string($0) })),
                 ("repaired", .bool(after != nil)),
                 ("problems_after_repair", after.map { .array($0.0.problems.map { .string($0) }) } ?? .null),
+                ("repair_changes", changes.map(repairChangesJSON) ?? .null),
                 ("blobs", .int(Int64(final.blobs))), ("clusters_in_use", .uint(final.clusters)),
                 ("file_system", final.fileSystem.map { .object([("directories", .int(Int64($0.directories))),
                                                                ("files", .int(Int64($0.files))), ("orphans", .int(Int64($0.orphans)))]) } ?? .null),
@@ -567,6 +686,7 @@ struct Fsck: ParsableCommand {
                 if let after {
                     let fixed = before.0.problems.filter { !after.0.problems.contains($0) }
                     lines += fixed.map { "repaired: \($0)" }
+                    lines += changes.map(repairChangeLines)?.map { "changed: \($0)" } ?? []
                     lines += after.0.problems.map { "still: \($0)" }
                 }
                 let fs = final.fileSystem.map {
@@ -579,6 +699,61 @@ struct Fsck: ParsableCommand {
             }
             if !final.clean { Glibc.exit(1) }
         }
+    }
+
+    /// What the repair wrote, one line per kind of change (bitmap bits by index).
+    func repairChangeLines(_ report: RepairReport) -> [String] {
+        if report.outcome == .clean { return ["nothing written: the blob store is consistent (file-system problems are not repaired)"] }
+        var lines = report.rewrittenSuperBlockSlots.map { "rewrote super block slot \($0.slot) (it did not decode: \($0.problem))" }
+        if report.replayedTransactions > 0 { lines.append("replayed \(report.replayedTransactions) committed log transactions") }
+        if report.discardedRecords > 0 { lines.append("discarded \(report.discardedRecords) uncommitted log records") }
+        if report.bitmapsWereUnreadable {
+            lines.append("rewrote the allocation bitmaps whole (the old ones did not decode: no bit-by-bit list)")
+        }
+        // With replayed transactions a changed bit may be the log's doing, not damage.
+        let fromDamage = report.replayedTransactions == 0
+        for change in report.bitmapChanges {
+            if change.freedCount > 0 {
+                lines.append("freed \(change.freedCount) \(fromDamage ? "leaked " : "")\(noun(change.section, change.freedCount)): "
+                             + indexList(change.freed, total: change.freedCount))
+            }
+            if change.markedCount > 0 {
+                lines.append("marked \(change.markedCount) \(noun(change.section, change.markedCount)) used"
+                             + (fromDamage ? " (in use, free in the old bitmap)" : "") + ": " + indexList(change.marked, total: change.markedCount))
+            }
+        }
+        if lines.isEmpty { lines.append("rewrote the checkpoint (no bitmap bit changed)") }
+        return lines
+    }
+
+    func noun(_ section: BitmapChange.Section, _ count: UInt64) -> String {
+        section.rawValue + (count == 1 ? "" : "s")
+    }
+
+    func indexList(_ listed: [UInt64], total: UInt64) -> String {
+        listed.map(String.init).joined(separator: ", ") + (total > UInt64(listed.count) ? ", … (first \(listed.count) of \(total))" : "")
+    }
+
+    func repairChangesJSON(_ report: RepairReport) -> JSON {
+        .object([
+            ("outcome", .string(report.outcome.rawValue)),
+            ("replayed_transactions", .int(Int64(report.replayedTransactions))),
+            ("discarded_records", .int(Int64(report.discardedRecords))),
+            ("super_block_slots_rewritten", .array(report.rewrittenSuperBlockSlots.map {
+                .object([("slot", .int(Int64($0.slot))), ("problem", .string("\($0.problem)"))])
+            })),
+            ("bitmaps_rewritten_whole", .bool(report.bitmapsWereUnreadable)),
+            ("bitmaps", .array(report.bitmapChanges.map { change in
+                let name = switch change.section {
+                case .clusters: "clusters"
+                case .metadataPages: "metadata_pages"
+                case .blobIDs: "blob_ids"
+                }
+                return .object([("bitmap", .string(name)),
+                                ("freed_count", .uint(change.freedCount)), ("freed", .array(change.freed.map { .uint($0) })),
+                                ("marked_count", .uint(change.markedCount)), ("marked", .array(change.marked.map { .uint($0) }))])
+            })),
+        ])
     }
 
     struct Verification {

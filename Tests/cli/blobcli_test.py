@@ -151,6 +151,12 @@ def test_bad_metadata_crc():
     out = cli("info", path)
     record("bad CRC: info cannot load the store: exit 2 with the structure named",
            out.returncode == 2 and "metadata page" in out.stderr, out.stdout + out.stderr)
+    out = cli("log", path, "--json")
+    try:
+        ok = out.returncode == 0 and json.loads(out.stdout)["pages"] != []
+    except (ValueError, KeyError):
+        ok = False
+    record("bad CRC: log still reads (it needs only the super block and the log)", ok, out.stdout[:300] + out.stderr)
 
 
 def bitmap_page_offset(path, cluster):
@@ -175,11 +181,42 @@ def test_leaked_cluster():
     out = cli("fsck", path)
     text = out.stdout + out.stderr
     record("leaked cluster: fsck exit 1 naming the cluster", out.returncode == 1 and str(cluster) in text, text)
+    shutil.copyfile(path, path + ".json")
     out = cli("fsck", path, "--repair")
     text = out.stdout + out.stderr
     record("leaked cluster: fsck --repair fixes it and says so (exit 0)", out.returncode == 0 and "repaired" in text, text)
+    record("leaked cluster: fsck --repair names the bit it cleared",
+           f"freed 1 leaked cluster: {cluster}\n" in out.stdout and "changed: marked" not in out.stdout, text)
     out = cli("fsck", path)
     record("leaked cluster: a second fsck is clean", out.returncode == 0, out.stdout + out.stderr)
+    out = cli("fsck", path + ".json", "--repair", "--json")
+    try:
+        changes = json.loads(out.stdout)["repair_changes"]
+        ok = out.returncode == 0 and changes["outcome"] == "repaired" and changes["bitmaps"] == [
+            {"bitmap": "clusters", "freed_count": 1, "freed": [cluster], "marked_count": 0, "marked": []}]
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    record("leaked cluster: fsck --repair --json lists the change in repair_changes", ok, out.stdout[-600:] + out.stderr)
+    out = cli("fsck", path, "--json")
+    record("fsck --json without --repair: repair_changes is null",
+           out.returncode == 0 and json.loads(out.stdout).get("repair_changes", 0) is None, out.stdout[-300:])
+
+
+def test_damaged_super_block_slot():
+    path = make_image("slot.img", populate=False)
+    current = info(path)["super_block"]["slot"]
+    other = 1 - current
+    patch(path, other * PAGE + 100, b"\x5a")
+    data = info(path)
+    slots = data["super_block"]["slots"]
+    record("damaged super block slot: info shows both slots, the damaged one with its offset",
+           [s["ok"] for s in slots] == [s != other for s in (0, 1)] and slots[current]["current"]
+           and names_offset_in(slots[other]["problem"], other * PAGE), str(slots))
+    out = cli("fsck", path, "--repair")
+    record("damaged super block slot: fsck --repair says it rewrote the slot",
+           out.returncode == 0 and f"rewrote super block slot {other}" in out.stdout, out.stdout + out.stderr)
+    record("damaged super block slot: both slots valid after the repair",
+           all(s["ok"] for s in info(path)["super_block"]["slots"]))
 
 
 def test_doubly_owned_cluster():
@@ -235,6 +272,12 @@ def test_torn_log_tail():
     text = out.stdout + out.stderr
     record("torn log tail: log shows the transactions and where the valid log stops (the torn page, its offset)",
            out.returncode == 0 and "transaction" in text and names_offset_in(text, torn), text[-600:])
+    logged = json.loads(cli("log", path, "--json").stdout)
+    dry_json = json.loads(cli("replay", path, "--dry-run", "--json").stdout)
+    record("torn log tail: log --json agrees with replay --dry-run (transactions, end, stop) and shows the pages",
+           all(logged[k] == dry_json[k] for k in ("transactions", "uncommitted_records", "end_sequence", "stop"))
+           and any(not page["ok"] and names_offset_in(page["problem"], torn) for page in logged["pages"]),
+           json.dumps({k: logged[k] for k in ("end_sequence", "stop", "uncommitted_records")}))
     dry = cli("replay", path, "--dry-run")
     record("torn log tail: replay --dry-run lists what would be applied", dry.returncode == 0 and "would apply" in dry.stdout, dry.stdout[-300:])
     out = cli("fsck", path)
@@ -289,14 +332,14 @@ def test_fuzz(iterations):
                 offset = rng.randrange(0, metadata_end) if rng.random() < 0.5 else rng.randrange(0, 40 * PAGE)
                 f.seek(offset)
                 f.write(bytes([rng.randrange(256)]))
-        for command in (["info", target, "--json"], ["list", target], ["fsck", target], ["tree", target]):
+        for command in (["info", target, "--json"], ["list", target], ["fsck", target], ["tree", target], ["log", target]):
             try:
                 out = cli(*command, timeout=20)
                 if out.returncode not in (0, 1, 2):
                     crashes.append((iteration, command[0], out.returncode, out.stderr[-200:]))
             except subprocess.TimeoutExpired:
                 hangs.append((iteration, command[0]))
-    record(f"fuzz: {iterations} mutated images × 4 commands, no crash (exit 0/1/2 only) and no hang",
+    record(f"fuzz: {iterations} mutated images × 5 commands, no crash (exit 0/1/2 only) and no hang",
            not crashes and not hangs, f"crashes {crashes[:5]} hangs {hangs[:5]}")
 
 
@@ -313,6 +356,7 @@ def main():
         test_clean_image()
         test_bad_metadata_crc()
         test_leaked_cluster()
+        test_damaged_super_block_slot()
         test_doubly_owned_cluster()
         test_torn_log_tail()
         test_truncated_and_garbage()
