@@ -69,6 +69,37 @@ extension FileSystem {
         return Array(bytes[Int(offset - start)..<Int(end - start)])
     }
 
+    /// What an asynchronous read of `count` bytes at `offset` reads from the device: a
+    /// buffer of whole io units, filled run by run (holes and bytes past the blob are
+    /// zeros), of which `answer` is the reply. nil at or past the end of the file.
+    public struct ReadPlan {
+        public var bufferBytes: Int
+        public var runs: [(bytes: Int, deviceBlock: UInt64?)]
+        public var answer: Range<Int>
+        public var blockBytes: Int
+    }
+
+    public func readPlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> ReadPlan? {
+        let (id, inode) = try regular(ino)
+        let size = inode.attributes.size
+        guard offset < size, count > 0 else { return nil }
+        let end = min(size, offset + UInt64(count))
+        let start = offset / unitBytes * unitBytes
+        let alignedEnd = (end + unitBytes - 1) / unitBytes * unitBytes
+        let capacityBytes = (store.blob(id)?.clusterCount ?? 0) * clusterBytes
+        var runs: [(bytes: Int, deviceBlock: UInt64?)] = []
+        if start < capacityBytes {
+            let readEnd = min(alignedEnd, capacityBytes)
+            runs = try storeCall { try store.readRuns(blob: id, offsetUnits: start / unitBytes, countUnits: (readEnd - start) / unitBytes) }
+            if readEnd < alignedEnd { runs.append((Int(alignedEnd - readEnd), nil)) }
+        } else {
+            runs = [(Int(alignedEnd - start), nil)]
+        }
+        touchAccess(inode)
+        return ReadPlan(bufferBytes: Int(alignedEnd - start), runs: runs,
+                        answer: Int(offset - start)..<Int(end - start), blockBytes: Int(unitBytes))
+    }
+
     /// relatime: the access time moves when it is older than the modification or a day old.
     private func touchAccess(_ inode: Inode) {
         let attributes = inode.attributes

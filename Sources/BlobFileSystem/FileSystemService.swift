@@ -22,6 +22,7 @@ public final class FileSystemService: @unchecked Sendable {
             do throws(FSError) {
                 let store = try storeOf()
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
+                store.beforeReusingReleasedClusters = { [unowned self] in drainReads() }
             } catch { return error.description }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
                 guard let fileSystem, fileSystem.needsWriteBack else { return .idle }
@@ -113,6 +114,102 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
+    // MARK: - Asynchronous reads (the device reads overlap; the reactor serves meanwhile)
+
+    /// One read in flight: its buffer and the runs still outstanding.
+    private final class PendingRead: BdevCompletionHandler {
+        let buffer: DMABuffer
+        let answer: Range<Int>
+        var outstanding = 0
+        var failed = false
+        let done: (UnsafeRawBufferPointer, Int32) -> Void
+        unowned let service: FileSystemService
+        /// Channels hold their handlers unowned: the read keeps itself alive until done.
+        var keepAlive: PendingRead?
+
+        init(buffer: consuming DMABuffer, answer: Range<Int>, service: FileSystemService,
+             done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
+            self.buffer = buffer
+            self.answer = answer
+            self.service = service
+            self.done = done
+        }
+
+        func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+            if !status.isSuccess { failed = true }
+            outstanding -= 1
+            if outstanding == 0 { finish() }
+        }
+
+        func finish() {
+            let keep = keepAlive
+            keepAlive = nil
+            defer { withExtendedLifetime(keep) {} }
+            service.readsInFlight -= 1
+            let answer = self.answer
+            let errno: Int32 = failed ? EIO : 0
+            buffer.withUnsafeBytes { raw in done(UnsafeRawBufferPointer(rebasing: raw[answer]), errno) }
+        }
+    }
+
+    private var readChannel: BdevChannel?
+    fileprivate var readsInFlight = 0
+
+    /// Reads `count` bytes at `offset` and calls `done` on the metadata reactor with the
+    /// bytes (valid only during the call; empty at end of file) and 0, or with an errno.
+    /// The device reads are submitted and the reactor goes on serving other requests;
+    /// a read costs the metadata thread only its planning and its reply. Call on the
+    /// reactor.
+    public func read(ino: UInt64, offset: UInt64, count: Int, _ done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
+        guard let fileSystem else { return done(UnsafeRawBufferPointer(start: nil, count: 0), EIO) }
+        let plan: FileSystem.ReadPlan
+        do throws(FSError) {
+            guard let planned = try fileSystem.readPlan(ino: ino, offset: offset, count: count) else {
+                return done(UnsafeRawBufferPointer(start: nil, count: 0), 0)
+            }
+            plan = planned
+        } catch { return done(UnsafeRawBufferPointer(start: nil, count: 0), error.errno) }
+        if readChannel == nil {
+            readChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor, queueDepth: 1024)
+        }
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: plan.bufferBytes) } catch {
+            return done(UnsafeRawBufferPointer(start: nil, count: 0), ENOMEM)
+        }
+        let pending = PendingRead(buffer: buffer, answer: plan.answer, service: self, done: done)
+        pending.keepAlive = pending
+        readsInFlight += 1
+        pending.outstanding = 1  // released after the submissions: no completion finishes it early
+        var bufferOffset = 0
+        for run in plan.runs {
+            defer { bufferOffset += run.bytes }
+            guard let block = run.deviceBlock else {
+                pending.buffer.withUnsafeMutableBytes { raw in
+                    _ = memset(raw.baseAddress! + bufferOffset, 0, run.bytes)
+                }
+                continue
+            }
+            do {
+                guard let readChannel else { throw BdevError.invalidConfiguration("no read channel") }
+                try readChannel.read(into: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
+                                     countBlocks: UInt64(run.bytes / plan.blockBytes), handler: pending)
+                pending.outstanding += 1
+            } catch {
+                pending.failed = true
+                break
+            }
+        }
+        pending.bdevIOCompleted(tag: 0, status: .success)
+    }
+
+    /// Polls the read channel until no read is in flight: before clusters released since
+    /// the last flush are handed out again (their old owner's readers must be done).
+    private func drainReads() {
+        while readsInFlight > 0, let readChannel {
+            if readChannel.poll() != .busy { sched_yield() }
+        }
+    }
+
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.
     public func stop() throws {
         let failure: String? = blobService.reactor.call { [self] in
@@ -120,6 +217,9 @@ public final class FileSystemService: @unchecked Sendable {
             writeBackPoller = nil
             flushChannel?.close()
             flushChannel = nil
+            drainReads()
+            readChannel?.close()
+            readChannel = nil
             do throws(FSError) { try fileSystem?.unmount() } catch { return error.description }
             fileSystem = nil
             return nil

@@ -357,8 +357,12 @@ extension FuseServer {
             }
         }
         ops.read = { req, ino, size, offset, _ in
-            FuseServer.handOver(req) { fs, _, req in
-                FuseServer.replyBytes(req, try fs.read(ino: ino, offset: UInt64(max(0, offset)), count: size))
+            // Replied when the device reads complete; the file system serves other requests meanwhile.
+            FuseServer.handOver(req) { _, server, req in
+                server.service.read(ino: ino, offset: UInt64(max(0, offset)), count: size) { bytes, errno in
+                    if errno != 0 { fuse_reply_err(req.raw, errno); return }
+                    _ = fuse_reply_buf(req.raw, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+                }
             }
         }
         ops.write = { req, ino, buffer, size, offset, fi in

@@ -42,4 +42,41 @@ final class FileSystemServiceTests: XCTestCase {
             XCTAssertTrue(try fs.read(ino: found.ino, offset: 0, count: data.count) == data, "round \(round): data after the power cut")
         }
     }
+
+    /// Asynchronous reads (what FUSE uses): bytes at any offset and length, holes and the
+    /// end of file as a read through the file system returns them; and a read still in
+    /// flight when its clusters are released completes before any of them is handed to
+    /// another file (its answer is the old owner's bytes, given before that write returns).
+    func testAsynchronousReads() throws {
+        let service = try FileSystemService(bdev: Bdev(backend: try MallocBdev(blockCount: 8192)), format: BlobStore.Options())
+        defer { try? service.stop() }
+        let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        let checked = service.perform { fs -> String? in
+            let file = try! fs.create(parent: FileSystem.rootIno, name: Array("a".utf8), mode: 0o644, caller: .root)
+            try! fs.write(ino: file.ino, offset: 0, data: data)
+            try! fs.write(ino: file.ino, offset: 500_000, data: [1, 2, 3])  // a hole in between
+            for (offset, count) in [(0, 4096), (1, 10), (4095, 2), (100_000, 200_000), (299_990, 20_000),
+                                    (400_000, 5000), (499_998, 100), (500_003, 10), (900_000, 1)] {
+                let expected = try! fs.read(ino: file.ino, offset: UInt64(offset), count: count)
+                var got: [UInt8]?
+                var status: Int32 = -1
+                service.read(ino: file.ino, offset: UInt64(offset), count: count) { bytes, errno in
+                    got = Array(bytes)
+                    status = errno
+                }
+                while got == nil { service.blobService.reactor.runOnce() }
+                if status != 0 || got! != expected { return "read \(offset)+\(count): errno \(status), \(got!.count) bytes, expected \(expected.count)" }
+            }
+            // A read in flight, then its file truncated and another file written.
+            var answer: [UInt8]?
+            service.read(ino: file.ino, offset: 0, count: 8192) { bytes, _ in answer = Array(bytes) }
+            _ = try! fs.setAttributes(ino: file.ino, AttributeChanges(size: 0), caller: .root)
+            let other = try! fs.create(parent: FileSystem.rootIno, name: Array("b".utf8), mode: 0o644, caller: .root)
+            try! fs.write(ino: other.ino, offset: 0, data: [UInt8](repeating: 0xEE, count: 600_000))
+            guard let answer else { return "the read was still in flight when released clusters were reused" }
+            if answer != Array(data[0..<8192]) { return "the in-flight read did not return the old bytes" }
+            return nil
+        }
+        XCTAssertNil(checked)
+    }
 }
