@@ -100,6 +100,28 @@ extension FileSystem {
                         answer: Int(offset - start)..<Int(end - start), blockBytes: Int(unitBytes))
     }
 
+    /// Where an overwrite of whole io units inside the file and its allocated clusters
+    /// goes on the device, with the file's times updated as for a write; nil when the
+    /// write needs more (allocation, read-modify-write, growth): the synchronous `write`.
+    public func overwritePlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [(bytes: Int, deviceBlock: UInt64)]? {
+        let (id, inode) = try regular(ino)
+        guard count > 0, offset % unitBytes == 0, UInt64(count) % unitBytes == 0,
+              offset + UInt64(count) <= inode.attributes.size else { return nil }
+        let runs = try storeCall { try store.readRuns(blob: id, offsetUnits: offset / unitBytes, countUnits: UInt64(count) / unitBytes) }
+        var placed: [(bytes: Int, deviceBlock: UInt64)] = []
+        placed.reserveCapacity(runs.count)
+        for run in runs {
+            guard let block = run.deviceBlock else { return nil }
+            placed.append((run.bytes, block))
+        }
+        let now = realtimeNs()
+        inode.attributes.mtimeNs = now
+        inode.attributes.ctimeNs = now
+        inode.attributes.mode &= ~UInt32(S_ISUID)
+        inode.dirty = true
+        return placed
+    }
+
     /// relatime: the access time moves when it is older than the modification or a day old.
     private func touchAccess(_ inode: Inode) {
         let attributes = inode.attributes

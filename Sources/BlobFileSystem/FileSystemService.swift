@@ -22,7 +22,7 @@ public final class FileSystemService: @unchecked Sendable {
             do throws(FSError) {
                 let store = try storeOf()
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
-                store.beforeReusingReleasedClusters = { [unowned self] in drainReads() }
+                store.beforeReusingReleasedClusters = { [unowned self] in drainDataIO() }
             } catch { return error.description }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
                 guard let fileSystem, fileSystem.needsWriteBack else { return .idle }
@@ -114,85 +114,68 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
-    // MARK: - Asynchronous reads (the device reads overlap; the reactor serves meanwhile)
+    // MARK: - Asynchronous data I/O (device requests overlap; the reactor serves meanwhile)
 
-    /// One read in flight: its buffer and the runs still outstanding.
-    private final class PendingRead: BdevCompletionHandler {
+    /// One read or write in flight: its buffer and its device requests still outstanding.
+    private final class PendingIO: BdevCompletionHandler {
         let buffer: DMABuffer
-        let answer: Range<Int>
         var outstanding = 0
         var failed = false
-        let done: (UnsafeRawBufferPointer, Int32) -> Void
+        let finished: (PendingIO) -> Void
         unowned let service: FileSystemService
-        /// Channels hold their handlers unowned: the read keeps itself alive until done.
-        var keepAlive: PendingRead?
+        /// Channels hold their handlers unowned: the request keeps itself alive until done.
+        var keepAlive: PendingIO?
 
-        init(buffer: consuming DMABuffer, answer: Range<Int>, service: FileSystemService,
-             done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
+        init(buffer: consuming DMABuffer, service: FileSystemService, finished: @escaping (PendingIO) -> Void) {
             self.buffer = buffer
-            self.answer = answer
             self.service = service
-            self.done = done
+            self.finished = finished
         }
 
         func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
             if !status.isSuccess { failed = true }
             outstanding -= 1
-            if outstanding == 0 { finish() }
-        }
-
-        func finish() {
+            guard outstanding == 0 else { return }
             let keep = keepAlive
             keepAlive = nil
             defer { withExtendedLifetime(keep) {} }
-            service.readsInFlight -= 1
-            let answer = self.answer
-            let errno: Int32 = failed ? EIO : 0
-            buffer.withUnsafeBytes { raw in done(UnsafeRawBufferPointer(rebasing: raw[answer]), errno) }
+            service.dataIOInFlight -= 1
+            finished(self)
         }
     }
 
-    private var readChannel: BdevChannel?
-    fileprivate var readsInFlight = 0
+    private var dataChannel: BdevChannel?
+    fileprivate var dataIOInFlight = 0
 
-    /// Reads `count` bytes at `offset` and calls `done` on the metadata reactor with the
-    /// bytes (valid only during the call; empty at end of file) and 0, or with an errno.
-    /// The device reads are submitted and the reactor goes on serving other requests;
-    /// a read costs the metadata thread only its planning and its reply. Call on the
-    /// reactor.
-    public func read(ino: UInt64, offset: UInt64, count: Int, _ done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
-        guard let fileSystem else { return done(UnsafeRawBufferPointer(start: nil, count: 0), EIO) }
-        let plan: FileSystem.ReadPlan
-        do throws(FSError) {
-            guard let planned = try fileSystem.readPlan(ino: ino, offset: offset, count: count) else {
-                return done(UnsafeRawBufferPointer(start: nil, count: 0), 0)
-            }
-            plan = planned
-        } catch { return done(UnsafeRawBufferPointer(start: nil, count: 0), error.errno) }
-        if readChannel == nil {
-            readChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor, queueDepth: 1024)
+    /// Submits one device request per run (`deviceBlock` nil: zeros in the buffer, for a
+    /// read); `finished` runs on the reactor when all have completed.
+    private func submit(_ type: BdevIOType, _ buffer: consuming DMABuffer, _ runs: [(bytes: Int, deviceBlock: UInt64?)],
+                        finished: @escaping (PendingIO) -> Void) {
+        if dataChannel == nil {
+            dataChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor, queueDepth: 1024)
         }
-        let buffer: DMABuffer
-        do { buffer = try DMABuffer.allocate(bytes: plan.bufferBytes) } catch {
-            return done(UnsafeRawBufferPointer(start: nil, count: 0), ENOMEM)
-        }
-        let pending = PendingRead(buffer: buffer, answer: plan.answer, service: self, done: done)
+        let blockBytes = blobService.bdev.geometry.blockSizeBytes
+        let pending = PendingIO(buffer: buffer, service: self, finished: finished)
         pending.keepAlive = pending
-        readsInFlight += 1
+        dataIOInFlight += 1
         pending.outstanding = 1  // released after the submissions: no completion finishes it early
         var bufferOffset = 0
-        for run in plan.runs {
+        for run in runs {
             defer { bufferOffset += run.bytes }
             guard let block = run.deviceBlock else {
-                pending.buffer.withUnsafeMutableBytes { raw in
-                    _ = memset(raw.baseAddress! + bufferOffset, 0, run.bytes)
-                }
+                pending.buffer.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + bufferOffset, 0, run.bytes) }
                 continue
             }
             do {
-                guard let readChannel else { throw BdevError.invalidConfiguration("no read channel") }
-                try readChannel.read(into: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
-                                     countBlocks: UInt64(run.bytes / plan.blockBytes), handler: pending)
+                guard let dataChannel else { throw BdevError.invalidConfiguration("no data channel") }
+                let count = UInt64(run.bytes / blockBytes)
+                if type == .read {
+                    try dataChannel.read(into: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
+                                         countBlocks: count, handler: pending)
+                } else {
+                    try dataChannel.write(from: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
+                                          countBlocks: count, handler: pending)
+                }
                 pending.outstanding += 1
             } catch {
                 pending.failed = true
@@ -202,11 +185,54 @@ public final class FileSystemService: @unchecked Sendable {
         pending.bdevIOCompleted(tag: 0, status: .success)
     }
 
-    /// Polls the read channel until no read is in flight: before clusters released since
-    /// the last flush are handed out again (their old owner's readers must be done).
-    private func drainReads() {
-        while readsInFlight > 0, let readChannel {
-            if readChannel.poll() != .busy { sched_yield() }
+    /// Reads `count` bytes at `offset` and calls `done` on the metadata reactor with the
+    /// bytes (valid only during the call; empty at end of file) and 0, or with an errno.
+    /// The device reads are submitted and the reactor goes on serving other requests; a
+    /// read costs the metadata thread only its planning and its reply. Call on the reactor.
+    public func read(ino: UInt64, offset: UInt64, count: Int, _ done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
+        let none = UnsafeRawBufferPointer(start: nil, count: 0)
+        guard let fileSystem else { return done(none, EIO) }
+        let plan: FileSystem.ReadPlan
+        do throws(FSError) {
+            guard let planned = try fileSystem.readPlan(ino: ino, offset: offset, count: count) else { return done(none, 0) }
+            plan = planned
+        } catch { return done(none, error.errno) }
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: plan.bufferBytes) } catch { return done(none, ENOMEM) }
+        let answer = plan.answer
+        submit(.read, buffer, plan.runs) { pending in
+            if pending.failed { return done(none, EIO) }
+            pending.buffer.withUnsafeBytes { raw in done(UnsafeRawBufferPointer(rebasing: raw[answer]), 0) }
+        }
+    }
+
+    /// Writes `data` at `offset` and calls `done` on the metadata reactor with the bytes
+    /// written or an errno. An overwrite of whole io units inside the file and its
+    /// allocated clusters goes to the device asynchronously (answered on completion, so
+    /// an fsync after it covers it); anything else (allocation, partial units, growth,
+    /// append) is the file system's synchronous write. Call on the reactor.
+    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool, _ done: @escaping (Int, Int32) -> Void) {
+        guard let fileSystem else { return done(0, EIO) }
+        do throws(FSError) {
+            if !append, let runs = try fileSystem.overwritePlan(ino: ino, offset: offset, count: data.count) {
+                let buffer: DMABuffer
+                do { buffer = try DMABuffer.allocate(bytes: data.count) } catch { throw FSError(ENOMEM) }
+                buffer.store(data)
+                submit(.write, buffer, runs.map { ($0.bytes, $0.deviceBlock) }) { pending in
+                    done(pending.failed ? 0 : data.count, pending.failed ? EIO : 0)
+                }
+                return
+            }
+            done(try fileSystem.write(ino: ino, offset: offset, data: data, append: append), 0)
+        } catch { done(0, error.errno) }
+    }
+
+    /// Polls the data channel until no request is in flight: before clusters released
+    /// since the last flush are handed out again (their old owner's requests must be
+    /// done), and before unmounting.
+    private func drainDataIO() {
+        while dataIOInFlight > 0, let dataChannel {
+            if dataChannel.poll() != .busy { sched_yield() }
         }
     }
 
@@ -217,9 +243,9 @@ public final class FileSystemService: @unchecked Sendable {
             writeBackPoller = nil
             flushChannel?.close()
             flushChannel = nil
-            drainReads()
-            readChannel?.close()
-            readChannel = nil
+            drainDataIO()
+            dataChannel?.close()
+            dataChannel = nil
             do throws(FSError) { try fileSystem?.unmount() } catch { return error.description }
             fileSystem = nil
             return nil

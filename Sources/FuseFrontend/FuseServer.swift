@@ -368,11 +368,13 @@ extension FuseServer {
         ops.write = { req, ino, buffer, size, offset, fi in
             let data = [UInt8](UnsafeRawBufferPointer(start: buffer, count: size))
             let append = (fi?.pointee.flags ?? 0) & O_APPEND != 0
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req) { _, server, req in
                 // With the writeback cache the kernel owns the file position: O_APPEND is its job.
-                let written = try fs.write(ino: ino, offset: UInt64(max(0, offset)), data: data,
-                                           append: append && !server.options.writebackCache)
-                fuse_reply_write(req.raw, written)
+                // Replied when the data is on the device (an overwrite in place: asynchronously).
+                server.service.write(ino: ino, offset: UInt64(max(0, offset)), data: data,
+                                     append: append && !server.options.writebackCache) { written, errno in
+                    if errno != 0 { fuse_reply_err(req.raw, errno) } else { fuse_reply_write(req.raw, written) }
+                }
             }
         }
         ops.flush = { req, _, _ in
