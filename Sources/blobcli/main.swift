@@ -7,6 +7,7 @@ import BlobFileSystem
 import Blobstore
 import CommandLineSupport
 import Env
+import Synchronization
 import ToolSupport
 
 /// blobcli: look inside a blob store (and the file system on it) without mounting it.
@@ -52,6 +53,8 @@ final class Opened {
             bdev.close()
             throw Failure("\(text): \(error)", status: 2)
         }
+        let ticker = Ticker("\(text): loading the store (super block, bitmaps, metadata pages, log)")
+        defer { ticker.finish() }
         do { (store, report) = try BlobStore.load(io, readOnly: !writable) } catch {
             io.close()
             bdev.close()
@@ -102,6 +105,51 @@ func bytes(_ value: UInt64) -> String {
     if unit == 0 { return "\(value) B" }
     let tenths = Int((scaled * 10).rounded())
     return "\(tenths / 10).\(tenths % 10) \(units[unit])"
+}
+
+/// A phase without a count (loading, verifying) on stderr when it is a terminal: its
+/// name and the seconds so far, redrawn five times a second by a thread of its own;
+/// `finish()` ends the line.
+final class Ticker: @unchecked Sendable {
+    private let label: String
+    private let stopped = Atomic<Bool>(false)
+    private var thread: pthread_t?
+    private let startNs = MonotonicClock.nowNs()
+
+    init(_ label: String) {
+        self.label = label
+        guard isatty(2) == 1 else { return }
+        var handle = pthread_t()
+        let context = Unmanaged.passRetained(self).toOpaque()
+        if pthread_create(&handle, nil, { raw in
+            let ticker = Unmanaged<Ticker>.fromOpaque(raw!).takeRetainedValue()
+            while !ticker.stopped.load(ordering: .acquiring) {
+                ticker.draw()
+                usleep(200_000)
+            }
+            return nil
+        }, context) == 0 {
+            thread = handle
+        } else {
+            Unmanaged<Ticker>.fromOpaque(context).release()
+        }
+    }
+
+    private func draw(final: Bool = false) {
+        let tenths = (MonotonicClock.nowNs() - startNs) / 100_000_000
+        let line = "\r\(label) ... \(tenths / 10).\(tenths % 10) s" + (final ? ", done\n" : "")
+        _ = line.withCString { write(2, $0, strlen($0)) }
+    }
+
+    func finish() {
+        guard let thread else { return }
+        stopped.store(true, ordering: .releasing)
+        pthread_join(thread, nil)
+        self.thread = nil
+        draw(final: true)
+    }
+
+    deinit { finish() }
 }
 
 /// Progress on stderr when it is a terminal.
@@ -770,9 +818,16 @@ struct Fsck: ParsableCommand {
         defer { bdev.close() }
         let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
         defer { io.close() }
+        let verifying = Ticker("fsck: verifying the blob store (page CRCs, chains, cluster owners, bitmaps)")
         let report = Verifier.verify(io)
+        verifying.finish()
         var verification = Verification(problems: report.problems, blobs: report.blobCount, clusters: report.clustersInUse)
-        if let (store, _) = try? BlobStore.load(io, readOnly: true), store.superBlobID == 0 {
+        let loading = Ticker("fsck: loading the store for the file-system walk")
+        let loaded = try? BlobStore.load(io, readOnly: true)
+        loading.finish()
+        if let (store, _) = loaded, store.superBlobID == 0 {
+            let walking = Ticker("fsck: walking the file system (directories, links, orphans)")
+            defer { walking.finish() }
             let fs = FileSystem.check(store)
             if fs.directories > 0 || !fs.problems.isEmpty {
                 verification.fileSystem = fs
