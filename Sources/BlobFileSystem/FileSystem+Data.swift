@@ -163,6 +163,7 @@ extension FileSystem {
         }
         try storeCall { try store.write(blob: id, offsetUnits: start / unitBytes, data: buffer) }
         let now = realtimeNs()
+        if end > inode.attributes.size { inode.sizeGrowths &+= 1 }
         inode.attributes.size = max(inode.attributes.size, end)
         inode.attributes.mtimeNs = now
         inode.attributes.ctimeNs = now
@@ -300,7 +301,10 @@ extension FileSystem {
             try ensureCapacity(id, bytes: end)
             if mode.contains(.zeroRange) { try punch(id, from: offset, to: end) }
             try reserve(id, from: offset, to: end)
-            if !mode.contains(.keepSize), end > size { inode.attributes.size = end }
+            if !mode.contains(.keepSize), end > size {
+                inode.attributes.size = end
+                inode.sizeGrowths &+= 1
+            }
         }
         let now = realtimeNs()
         inode.attributes.mtimeNs = now
@@ -360,11 +364,23 @@ extension FileSystem {
 
     // MARK: - Durability
 
-    /// The first half of an asynchronous fsync (`FileSystemService.fsync`): whether the
-    /// inode has attributes to commit once its data is flushed.
-    public func fsyncNeedsAttributes(ino: UInt64) throws(FSError) -> Bool {
+    /// What an asynchronous fsync (`FileSystemService.fsync`) of `ino` must do: whether
+    /// the inode has attributes to commit, and whether its data must be flushed before
+    /// they are (`dataFirst`: the size grew in memory since the last such flush, and the
+    /// new size must not become durable before the bytes under it; the count of growths
+    /// to hand back to `dataFlushed`). Without growth, attributes and data are made
+    /// durable by one flush.
+    public func fsyncPlan(ino: UInt64) throws(FSError) -> (needsAttributes: Bool, dataFirst: UInt64?) {
         let inode = try inode(ino: ino)
-        return inode.dirty && store.blob(Self.blobID(ino)) != nil
+        let needsAttributes = inode.dirty && store.blob(Self.blobID(ino)) != nil
+        let grown = inode.sizeGrowths != inode.sizeGrowthsFlushed
+        return (needsAttributes, needsAttributes && grown ? inode.sizeGrowths : nil)
+    }
+
+    /// The data of every growth up to `growths` (from `fsyncPlan`) is durable.
+    public func dataFlushed(ino: UInt64, growths: UInt64) {
+        guard let inode = inodes[Self.blobID(ino)] else { return }
+        inode.sizeGrowthsFlushed = max(inode.sizeGrowthsFlushed, growths)
     }
 
     /// The second half: commits the attributes (durable at the next flush).

@@ -88,6 +88,10 @@ public final class FileSystem {
         var attributes: InodeAttributes
         /// Attributes changed in memory and not yet in the log (size, times after I/O).
         var dirty = false
+        /// Times the size grew in memory, and how many of those growths had their data
+        /// flushed: an fsync commits a grown size only after the data under it is durable.
+        var sizeGrowths: UInt64 = 0
+        var sizeGrowthsFlushed: UInt64 = 0
         /// FUSE lookup count: the kernel may name this inode until it forgets it.
         var lookups: UInt64 = 0
         var opens = 0

@@ -100,15 +100,25 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
-    /// fsync without holding the metadata reactor: the data flushed, then the attributes
-    /// committed and flushed; `done` gets the errno (0 on success). Call on the reactor.
+    /// fsync without holding the metadata reactor; `done` gets the errno (0 on success).
+    /// When the file grew since its data was last flushed: the data flushed, then the
+    /// attributes committed and flushed (the new size never durable before the bytes
+    /// under it). Otherwise the attributes (times) are committed and one flush makes
+    /// them and the data durable. Call on the reactor.
     public func fsync(ino: UInt64, _ done: @escaping (Int32) -> Void) {
         guard let fileSystem else { return done(EIO) }
-        let needsAttributes: Bool
-        do throws(FSError) { needsAttributes = try fileSystem.fsyncNeedsAttributes(ino: ino) } catch { return done(error.errno) }
+        let plan: (needsAttributes: Bool, dataFirst: UInt64?)
+        do throws(FSError) { plan = try fileSystem.fsyncPlan(ino: ino) } catch { return done(error.errno) }
+        guard let growths = plan.dataFirst else {
+            if plan.needsAttributes {
+                do throws(FSError) { try fileSystem.commitAttributes(ino: ino) } catch { return done(error.errno) }
+            }
+            return flush { ok in done(ok ? 0 : EIO) }
+        }
         flush { [self] ok in
             guard ok else { return done(EIO) }
-            guard needsAttributes, let fileSystem = self.fileSystem else { return done(0) }
+            guard let fileSystem = self.fileSystem else { return done(EIO) }
+            fileSystem.dataFlushed(ino: ino, growths: growths)
             do throws(FSError) { try fileSystem.commitAttributes(ino: ino) } catch { return done(error.errno) }
             flush { ok in done(ok ? 0 : EIO) }
         }

@@ -43,6 +43,46 @@ final class FileSystemServiceTests: XCTestCase {
         }
     }
 
+    /// An overwrite that does not grow the file takes the one-flush fsync (times committed,
+    /// then one flush for data and log): after its answer, both survive a power cut that
+    /// drops every unflushed write.
+    func testFsyncOfAnOverwriteIsDurable() throws {
+        let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
+        let device = Bdev(backend: fault)
+        let service = try FileSystemService(bdev: device, format: BlobStore.Options())
+        let original = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 3) }
+        let patch = [UInt8](repeating: 0x5A, count: 12_288)
+        func fsync(_ ino: UInt64) -> Int32 {
+            let answer = Atomic<Int32>(-1)
+            service.blobService.reactor.send { service.fsync(ino: ino) { errno in answer.store(errno, ordering: .releasing) } }
+            while answer.load(ordering: .acquiring) < 0 { usleep(1000) }
+            return answer.load(ordering: .acquiring)
+        }
+        let ino = service.perform { fs -> UInt64 in
+            let made = try! fs.create(parent: FileSystem.rootIno, name: Array("o".utf8), mode: 0o644, caller: .root)
+            try! fs.write(ino: made.ino, offset: 0, data: original)
+            return made.ino
+        }
+        XCTAssertEqual(fsync(ino), 0)
+        let plan = service.perform { fs -> String in
+            try! fs.write(ino: ino, offset: 8192, data: patch)  // inside the file: no growth
+            let plan = try! fs.fsyncPlan(ino: ino)
+            return "\(plan.needsAttributes) \(plan.dataFirst == nil)"
+        }
+        XCTAssertEqual(plan, "true true", "an overwrite needs its times committed, not a data flush first")
+        XCTAssertEqual(fsync(ino), 0)
+        fault.powerCut(afterWrites: fault.writeCount)
+        try? service.stop()
+        let reactor = try Reactor()
+        _ = try fault.crash(policy: .keepNone, reactor: reactor)
+        let io = try BdevSyncIO(bdev: device, reactor: reactor)
+        defer { io.close() }
+        let fs = try FileSystem.mount(try BlobStore.load(io, readOnly: true).0)
+        var expected = original
+        expected.replaceSubrange(8192..<(8192 + patch.count), with: patch)
+        XCTAssertTrue(try fs.read(ino: ino, offset: 0, count: original.count) == expected, "the overwrite after the power cut")
+    }
+
     /// Asynchronous reads (what FUSE uses): bytes at any offset and length, holes and the
     /// end of file as a read through the file system returns them; and a read still in
     /// flight when its clusters are released completes before any of them is handed to
