@@ -188,13 +188,16 @@ extension BlobStore {
             if superBlock.superBlobID == id { superBlock.superBlobID = nil }
         case let .resizeBlob(id, count):
             guard var blob = blobs[id] else { throw fail("no such blob") }
+            guard count <= MetadataPage.blobClustersMax else { throw fail("blob size out of range") }
             if count < blob.clusterCount { unmap(&blob, from: count, count: blob.clusterCount - count) }
             blob.clusterCount = count
             blobs[id] = blob
         case let .mapExtent(id, extent):
             guard var blob = blobs[id] else { throw fail("no such blob") }
-            guard extent.clusterIndex + UInt64(extent.count) <= blob.clusterCount,
-                  extent.firstCluster + UInt64(extent.count) <= superBlock.clusterCount else { throw fail("extent out of range") }
+            // Without overflow, whatever the record holds.
+            guard extent.clusterIndex <= blob.clusterCount, UInt64(extent.count) <= blob.clusterCount - extent.clusterIndex,
+                  extent.firstCluster <= superBlock.clusterCount,
+                  UInt64(extent.count) <= superBlock.clusterCount - extent.firstCluster else { throw fail("extent out of range") }
             for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
                 guard !clusters[cluster] else { throw fail("cluster \(cluster) already owned") }
             }
@@ -212,6 +215,10 @@ extension BlobStore {
             blobs[id] = blob
         case let .setXattr(id, isInternal, name, value):
             guard blobs[id] != nil else { throw fail("no such blob") }
+            // What a checkpoint can encode (the log decoder refuses more; this keeps it so).
+            let nameBytes = name.utf8.count
+            guard nameBytes > 0, nameBytes <= MetadataPage.xattrNameBytesMax,
+                  nameBytes + value.count <= MetadataPage.xattrBytesMax else { throw fail("xattr too large") }
             // In place: a directory's blob holds up to 100,000 entries.
             if isInternal { blobs[id]!.internalXattrs.set(name, value) } else { blobs[id]!.xattrs.set(name, value) }
         case let .removeXattr(id, isInternal, name):
@@ -246,7 +253,7 @@ extension BlobStore {
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.
     private func unmap(_ blob: inout BlobMetadata, from: UInt64, count: UInt64) {
-        let end = from + count
+        let end = from > UInt64.max - count ? UInt64.max : from + count
         var kept: [Extent] = []
         for extent in blob.extents {
             let extentEnd = extent.clusterIndex + UInt64(extent.count)

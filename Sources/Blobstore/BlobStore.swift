@@ -176,9 +176,12 @@ public final class BlobStore {
         guard Int(block.blockSizeBytes) == io.geometry.blockSizeBytes else {
             throw .geometry("store formatted with \(block.blockSizeBytes)-byte blocks; the device has \(io.geometry.blockSizeBytes)")
         }
-        guard block.devicePages * UInt64(pageBytes) <= io.geometry.capacityBytes else {
+        // (Decoding bounds devicePages by SuperBlock.devicePagesMax: the product fits.)
+        guard block.devicePages <= io.geometry.capacityBytes / UInt64(pageBytes) else {
             throw .geometry("store of \(block.devicePages) pages on a device of \(io.geometry.capacityBytes) bytes (truncated image?)")
         }
+        let slot = decoded.firstIndex { (try? $0.get()) == block } ?? block.slot
+        if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
@@ -266,7 +269,7 @@ public final class BlobStore {
         do {
             blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
                 (superBlock.metadataPages.startPage + UInt64($0)) * UInt64(Self.pageBytes)
-            })
+            }, clusterLimit: superBlock.clusterCount)
         } catch { throw .format(error) }
         guard blob.id == expectedID else { throw .corrupt("blob table entry \(expectedID) names the chain of blob \(blob.id)") }
         return (blob, ids)
@@ -291,8 +294,15 @@ public final class BlobStore {
 
     // MARK: - Device helpers
 
+    /// Metadata reads: a range beyond the device (a damaged super block's region) is a
+    /// typed error before any buffer is allocated for it.
     static func readPages(_ io: BdevSyncIO, at page: UInt64, count: UInt64) throws(BlobStoreError) -> [UInt8] {
         let blocksPerPage = UInt64(pageBytes / io.geometry.blockSizeBytes)
+        let devicePages = io.geometry.capacityBytes / UInt64(pageBytes)
+        guard page <= devicePages, count <= devicePages - page else {
+            throw .device(.outOfRange(offsetBlocks: page &* blocksPerPage, countBlocks: count &* blocksPerPage,
+                                      blockCount: devicePages * blocksPerPage))
+        }
         do { return try io.readBytes(offsetBlocks: page * blocksPerPage, countBlocks: count * blocksPerPage) } catch {
             throw .device(error)
         }

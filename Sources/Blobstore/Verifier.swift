@@ -25,14 +25,27 @@ public enum Verifier {
             }
         }
         guard let slots = read(0, 2) else { return report }
-        var blocks: [SuperBlock] = []
+        var blocks: [(slot: Int, block: SuperBlock)] = []
         for slot in 0..<2 {
             do {
-                blocks.append(try SuperBlock.decode(slots[(slot * pageBytes)..<((slot + 1) * pageBytes)],
-                                                    offset: UInt64(slot * pageBytes)))
+                blocks.append((slot, try SuperBlock.decode(slots[(slot * pageBytes)..<((slot + 1) * pageBytes)],
+                                                           offset: UInt64(slot * pageBytes))))
             } catch { report.problems.append("\(error)") }
         }
-        guard let block = blocks.max(by: { $0.sequence < $1.sequence }) else { return report }
+        guard let (slot, block) = blocks.max(by: { $0.block.sequence < $1.block.sequence }) else { return report }
+
+        // The store against the device: a cut image (its data region, or more, missing) is not
+        // clean even when every metadata structure still reads. Without the metadata regions
+        // there is nothing more to check.
+        let capacityPages = io.geometry.capacityBytes / UInt64(pageBytes)
+        if block.devicePages > capacityPages {
+            report.problems.append("store of \(block.devicePages) pages on a device of \(capacityPages) pages "
+                + "(\(io.geometry.capacityBytes) bytes): truncated image?")
+            guard block.metadataPages.endPage <= capacityPages else {
+                report.problems.append("the metadata regions end at page \(block.metadataPages.endPage), beyond the device")
+                return report
+            }
+        }
 
         // The active table: blob id -> first metadata page.
         let tableStart = block.table.startPage + UInt64(block.activeCopy) * block.table.pageCount
@@ -58,6 +71,9 @@ public enum Verifier {
         // Chains and what they own.
         var clusterOwner: [UInt64: UInt64] = [:]
         var pageOwner: [UInt32: UInt64] = [:]
+        // One problem per doubly-owned cluster up to this many, then a count.
+        var doublyOwned: UInt64 = 0
+        let doublyOwnedListed: UInt64 = 32
         for (id, root) in roots.sorted(by: { $0.key < $1.key }) {
             var next: UInt32? = root
             var pages: [MetadataPage.Page] = []
@@ -86,17 +102,20 @@ public enum Verifier {
             }
             guard !pages.isEmpty else { continue }
             do {
+                // Decoding checks every extent against the device (O(extents)): the loop below
+                // runs over clusters that exist.
                 let blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
                     (block.metadataPages.startPage + UInt64($0)) * UInt64(pageBytes)
-                })
+                }, clusterLimit: block.clusterCount)
                 if blob.id != id { report.problems.append("blob table entry \(id) names the chain of blob \(blob.id)") }
                 report.blobCount += 1
                 for extent in blob.extents {
                     for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
-                        if cluster >= block.clusterCount {
-                            report.problems.append("blob \(id) maps cluster \(cluster), beyond the \(block.clusterCount) clusters")
-                        } else if let other = clusterOwner[cluster] {
-                            report.problems.append("cluster \(cluster) is owned by blobs \(other) and \(id)")
+                        if let other = clusterOwner[cluster] {
+                            doublyOwned += 1
+                            if doublyOwned <= doublyOwnedListed {
+                                report.problems.append("cluster \(cluster) is owned by blobs \(other) and \(id)")
+                            }
                         } else {
                             clusterOwner[cluster] = id
                         }
@@ -104,12 +123,17 @@ public enum Verifier {
                 }
             } catch { report.problems.append("blob \(id): \(error)") }
         }
+        if doublyOwned > doublyOwnedListed {
+            report.problems.append("\(doublyOwned) clusters are owned twice (the first \(doublyOwnedListed) listed)")
+        }
         report.clustersInUse = UInt64(clusterOwner.count)
         report.metadataPagesInUse = UInt64(pageOwner.count)
 
         // The persisted bitmaps against what the metadata says.
         let bitmapStart = block.bitmaps.startPage + UInt64(block.activeCopy) * block.bitmaps.pageCount
-        if let raw = read(bitmapStart, block.bitmaps.pageCount) {
+        let bitmapRegionError = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes))
+        if let bitmapRegionError { report.problems.append("\(bitmapRegionError)") }
+        if bitmapRegionError == nil, let raw = read(bitmapStart, block.bitmaps.pageCount) {
             var payload: [UInt8] = []
             var intact = true
             for index in 0..<Int(block.bitmaps.pageCount) {

@@ -76,22 +76,50 @@ public enum LogRecord: Equatable, Sendable {
         switch type {
         case 1: record = .createBlob(id: try reader.u64())
         case 2: record = .deleteBlob(id: try reader.u64())
-        case 3: record = .resizeBlob(id: try reader.u64(), clusterCount: try reader.u64())
+        // Ranges are checked here so that replay can add without overflow: no blob exceeds
+        // MetadataPage.blobClustersMax clusters, no device cluster number wraps.
+        case 3:
+            let id = try reader.u64()
+            let count = try reader.u64()
+            guard count <= MetadataPage.blobClustersMax else {
+                throw reader.error(.invalidField(name: "blob size (clusters)", value: count), at: 8)
+            }
+            record = .resizeBlob(id: id, clusterCount: count)
         case 4:
             let id = try reader.u64()
             let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(), firstCluster: try reader.u64())
-            guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0)) }
+            guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0), at: 16) }
+            guard extent.clusterIndex <= MetadataPage.blobClustersMax,
+                  UInt64(extent.count) <= MetadataPage.blobClustersMax - extent.clusterIndex else {
+                throw reader.error(.invalidField(name: "extent cluster index", value: extent.clusterIndex), at: 8)
+            }
+            guard UInt64(extent.count) <= UInt64.max - extent.firstCluster else {
+                throw reader.error(.invalidField(name: "extent first cluster", value: extent.firstCluster), at: 20)
+            }
             record = .mapExtent(id: id, extent: extent)
         case 5:
-            record = .unmapClusters(id: try reader.u64(), clusterIndex: try reader.u64(), count: try reader.u32())
+            let id = try reader.u64()
+            let index = try reader.u64()
+            let count = try reader.u32()
+            guard count > 0, index <= MetadataPage.blobClustersMax, UInt64(count) <= MetadataPage.blobClustersMax - index else {
+                throw reader.error(.invalidField(name: "unmap range at cluster index", value: index), at: 8)
+            }
+            record = .unmapClusters(id: id, clusterIndex: index, count: count)
         case 6, 7:
             let id = try reader.u64()
             let isInternal = try reader.u8()
             guard isInternal <= 1 else { throw reader.error(.invalidField(name: "xattr class", value: UInt64(isInternal))) }
             let nameLength = Int(try reader.u16())
             let valueLength = type == 6 ? Int(try reader.u16()) : 0
+            // A name the metadata pages can hold (a checkpoint encodes what replay applied).
+            guard nameLength <= MetadataPage.xattrNameBytesMax else {
+                throw reader.error(.invalidField(name: "xattr name length", value: UInt64(nameLength)), at: 9)
+            }
             guard nameLength > 0, let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
                 throw reader.error(.invalidField(name: "xattr name", value: UInt64(nameLength)))
+            }
+            guard nameLength + valueLength <= MetadataPage.xattrBytesMax else {
+                throw reader.error(.invalidField(name: "xattr size", value: UInt64(nameLength + valueLength)), at: 9)
             }
             record = type == 6
                 ? .setXattr(id: id, internal: isInternal == 1, name: name, value: try reader.raw(valueLength))

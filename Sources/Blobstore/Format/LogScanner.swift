@@ -26,7 +26,10 @@ public enum LogScanner {
         var scan = LogScan(endSequence: tailSequence, nextLSN: firstLSN)
         var open: [LoggedRecord] = []
         var validEnd = (sequence: tailSequence, lsn: firstLSN)
-        pages: for sequence in tailSequence..<(tailSequence + logPages) {
+        // The super block bounds both (SuperBlock.sequenceMax); a caller that does not still
+        // gets a scan, never an overflow.
+        let (end, overflow) = tailSequence.addingReportingOverflow(logPages)
+        pages: for sequence in tailSequence..<(overflow ? UInt64.max : end) {
             let page: LogPage.Decoded
             let offset: UInt64
             do {
@@ -59,6 +62,10 @@ public enum LogScanner {
                 guard logged.transaction == expectedTransaction else {
                     scan.stop = FormatError(recordName, offset: offset,
                                             .sequenceGap(expected: expectedTransaction, found: logged.transaction))
+                    break pages
+                }
+                guard scan.nextLSN < UInt64.max else {
+                    scan.stop = FormatError(recordName, offset: offset, .invalidField(name: "LSN", value: logged.lsn))
                     break pages
                 }
                 scan.nextLSN += 1

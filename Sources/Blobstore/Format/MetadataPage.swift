@@ -67,6 +67,9 @@ public enum MetadataPage {
     public static let xattrNameBytesMax = 511
     public static let xattrBytesMax = LogPage.recordPayloadBytesMax - 13
     public static let xattrValueBytesMax = xattrBytesMax - 1
+    /// Largest blob, in clusters (what resizing accepts): blob offsets in bytes fit a UInt64
+    /// for every cluster size, and extents ending within it never overflow.
+    public static let blobClustersMax = UInt64(UInt32.max) * 16
 
     enum DescriptorType: UInt8 {
         case blobInfo = 1
@@ -206,8 +209,11 @@ public enum MetadataPage {
     }
 
     /// Rebuilds a blob from its decoded pages, in chain order. `offsets`: each page's
-    /// device offset, for error messages.
-    public static func decodeBlob(_ pages: [Page], pageIDs: [UInt32], offsets: [UInt64]) throws(FormatError) -> BlobMetadata {
+    /// device offset, for error messages. `clusterLimit`: the store's cluster count; an
+    /// extent must end within it. Every field is checked here, once: a blob that decodes
+    /// can be re-encoded, and its extents' ends do not overflow.
+    public static func decodeBlob(_ pages: [Page], pageIDs: [UInt32], offsets: [UInt64],
+                                  clusterLimit: UInt64 = UInt64.max) throws(FormatError) -> BlobMetadata {
         guard let first = pages.first else { throw FormatError("metadata chain", offset: 0, .truncated(needed: 1, available: 0)) }
         var blob = BlobMetadata(id: first.blobID)
         var sawInfo = false
@@ -230,6 +236,9 @@ public enum MetadataPage {
                     }
                     sawInfo = true
                     blob.clusterCount = try reader.u64()
+                    guard blob.clusterCount <= blobClustersMax else {
+                        throw reader.error(.invalidField(name: "blob size (clusters)", value: blob.clusterCount), at: 0)
+                    }
                     blob.flags = BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
                                            readOnlyMetadata: try reader.u64())
                 case .extents:
@@ -238,12 +247,21 @@ public enum MetadataPage {
                         throw reader.error(.invalidField(name: "extent count", value: UInt64(count)), at: 0)
                     }
                     for _ in 0..<count {
+                        let at = reader.position
                         let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(),
                                             firstCluster: try reader.u64())
-                        if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > extent.clusterIndex {
-                            throw reader.error(.invalidField(name: "extent order", value: extent.clusterIndex))
+                        guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0), at: at + 8) }
+                        // Ends checked without overflow: within the largest blob, within the device.
+                        guard extent.clusterIndex <= blobClustersMax, UInt64(extent.count) <= blobClustersMax - extent.clusterIndex else {
+                            throw reader.error(.invalidField(name: "extent cluster index", value: extent.clusterIndex), at: at)
                         }
-                        guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0)) }
+                        guard extent.firstCluster <= clusterLimit, UInt64(extent.count) <= clusterLimit - extent.firstCluster else {
+                            throw reader.error(.invalidField(name: "extent of \(extent.count) clusters beyond the device (\(clusterLimit) clusters) at first cluster",
+                                                             value: extent.firstCluster), at: at)
+                        }
+                        if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > extent.clusterIndex {
+                            throw reader.error(.invalidField(name: "extent order", value: extent.clusterIndex), at: at)
+                        }
                         blob.extents.append(extent)
                     }
                 case .xattr, .internalXattr:
@@ -251,6 +269,13 @@ public enum MetadataPage {
                     let valueLength = Int(try reader.u16())
                     guard descriptor.payload.count == 4 + nameLength + valueLength, nameLength > 0 else {
                         throw reader.error(.invalidField(name: "xattr lengths", value: UInt64(nameLength)), at: 0)
+                    }
+                    // What the encoder (a checkpoint) and a log record can hold.
+                    guard nameLength <= xattrNameBytesMax else {
+                        throw reader.error(.invalidField(name: "xattr name length", value: UInt64(nameLength)), at: 0)
+                    }
+                    guard nameLength + valueLength <= xattrBytesMax else {
+                        throw reader.error(.invalidField(name: "xattr size", value: UInt64(nameLength + valueLength)), at: 2)
                     }
                     guard let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
                         throw reader.error(.invalidField(name: "xattr name (not UTF-8)", value: UInt64(nameLength)), at: 4)

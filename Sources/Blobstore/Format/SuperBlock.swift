@@ -6,6 +6,12 @@ public struct SuperBlock: Equatable, Sendable {
     public static let version: UInt32 = 1
     public static let pageBytes = 4096
     public static let slotCount = 2
+    /// Largest store: its size in bytes must be a UInt64.
+    public static let devicePagesMax = UInt64.max / UInt64(pageBytes)
+    /// Sequences and LSNs count up by one per write or record from 0: a value beyond this
+    /// (never reached: 2^62 writes) is damage, and rejecting it keeps `+ 1` and
+    /// `+ log pages` from overflowing.
+    public static let sequenceMax: UInt64 = 1 << 62
     static let checksumOffset = 4092
 
     /// Feature bits this code understands, per class (none yet: the classes exist so
@@ -165,11 +171,18 @@ public struct SuperBlock: Equatable, Sendable {
         copy.readOnlyDataFeatures = readOnlyData
         copy.readOnlyMetadataFeatures = readOnlyMetadata
         try copy.validateGeometry(reader)
+        for (name, value, at) in [("sequence", sequence, 40), ("checkpoint LSN", checkpointLSN, 184),
+                                  ("log tail sequence", logTail, 192)] where value > sequenceMax {
+            throw reader.error(.invalidField(name: name, value: value), at: at)
+        }
         return copy
     }
 
     /// Regions in order, inside the device, not overlapping; the data region holds the clusters.
     private func validateGeometry(_ reader: ByteReader) throws(FormatError) {
+        guard devicePages <= Self.devicePagesMax else {
+            throw reader.error(.invalidField(name: "device pages", value: devicePages), at: 80)
+        }
         func doubled(_ region: Region, _ name: String, _ at: Int) throws(FormatError) -> Region {
             let (pages, overflow) = region.pageCount.multipliedReportingOverflow(by: 2)
             guard !overflow else { throw reader.error(.invalidField(name: name + " pages", value: region.pageCount), at: at + 8) }
@@ -198,5 +211,25 @@ public struct SuperBlock: Equatable, Sendable {
         guard blobIDLimit > 0, !entriesOverflow, blobIDLimit <= entries else {
             throw reader.error(.invalidField(name: "blob id limit", value: blobIDLimit), at: 168)
         }
+        // Metadata page ids are 32-bit: 0xFFFFFFFF ends a chain, and a table entry holds id + 1.
+        guard metadataPages.pageCount < UInt64(UInt32.max) else {
+            throw reader.error(.invalidField(name: "metadata page region pages", value: metadataPages.pageCount), at: 144)
+        }
+    }
+
+    /// Pages one bitmap copy needs for the three bitmaps (no overflow: decoding bounds the
+    /// counts by the device).
+    public var bitmapPagesNeeded: UInt64 {
+        BitmapPage.pages(forBits: clusterCount) + BitmapPage.pages(forBits: metadataPages.pageCount)
+            + BitmapPage.pages(forBits: blobIDLimit)
+    }
+
+    /// nil when each bitmap copy holds the three bitmaps; else the error naming the field of
+    /// the slot at `slotOffset`. Loading and the verifier check it before reading a bitmap.
+    public func bitmapRegionError(slotOffset: UInt64) -> FormatError? {
+        let needed = bitmapPagesNeeded
+        guard bitmaps.pageCount < needed else { return nil }
+        return FormatError("super block", offset: slotOffset + 128,
+                           .invalidField(name: "bitmap region pages (\(needed) needed)", value: bitmaps.pageCount))
     }
 }
