@@ -47,6 +47,12 @@ public final class FileSystemService: @unchecked Sendable {
         blobService.reactor.send { [self] in body(fileSystem!) }
     }
 
+    /// Runs `body` now: the caller is on the file system's thread (a request decoded there).
+    public func runHere(_ body: (FileSystem) -> Void) {
+        precondition(blobService.reactor.isCurrent, "runHere off the file system's thread")
+        body(fileSystem!)
+    }
+
     /// Runs `body` on the file system's thread and waits (control path only).
     public func perform<T: Sendable>(_ body: @escaping @Sendable (FileSystem) -> T) -> T {
         blobService.reactor.call { [self] in body(fileSystem!) }

@@ -14,8 +14,9 @@ public struct FuseOptions: Sendable {
     /// Every open bypasses the page cache (as if O_DIRECT).
     public var directIO = false
     public var maxWrite: UInt32 = 1 << 20
-    /// Worker threads reading /dev/fuse (each with its own cloned fd).
-    public var threads = 2
+    /// Worker threads reading /dev/fuse (each with its own cloned fd); 0: none, the file
+    /// system's reactor reads the requests itself (`runOnReactor`).
+    public var threads = 0
     public var mountOptions: [String] = []
     public init() {}
 
@@ -98,11 +99,60 @@ public final class FuseServer: @unchecked Sendable {
     public func run() -> Int32 {
         guard let session else { return 1 }
         guard fuse_set_signal_handlers(session) == 0 else { return 1 }
-        var config = fuse_loop_config(clone_fd: 1, max_idle_threads: UInt32(max(1, options.threads)))
-        let status = fuse_session_loop_mt_32(session, &config)
+        let status: Int32
+        if options.threads == 0 {
+            status = runOnReactor(session)
+        } else {
+            var config = fuse_loop_config(clone_fd: 1, max_idle_threads: UInt32(options.threads))
+            status = fuse_session_loop_mt_32(session, &config)
+        }
         fuse_remove_signal_handlers(session)
         fuse_session_unmount(session)
         return status < 0 ? Int32(-status) : Int32(0)
+    }
+
+    /// No worker threads: the file system's reactor reads /dev/fuse itself (non-blocking,
+    /// up to 64 requests a pass; its epoll wakes it when a request arrives) and runs each
+    /// request where it is decoded, with no hand-over between threads. The calling thread
+    /// only waits for the end (unmount or a signal). Returns 0.
+    private func runOnReactor(_ session: OpaquePointer) -> Int32 {
+        let reactor = service.blobService.reactor
+        let fd = fuse_session_fd(session)
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        let box = SessionBox(session)
+        let poller: PollerID? = reactor.call {
+            do { try reactor.registerWakeFD(fd) } catch { return nil }
+            return reactor.registerPoller {
+                var handled = 0
+                while handled < 64 {
+                    let result = fuse_session_receive_buf(box.session, &box.buffer)
+                    if result == -EINTR { continue }
+                    if result <= 0 {
+                        if result != -EAGAIN { fuse_session_exit(box.session) }  // 0: unmounted or exited
+                        break
+                    }
+                    fuse_session_process_buf(box.session, &box.buffer)
+                    handled += 1
+                }
+                return handled > 0 ? .busy : .idle
+            }
+        }
+        guard let poller else { return EIO }
+        while fuse_session_exited(session) == 0 { usleep(20_000) }  // signals and unmount set it
+        reactor.call {
+            reactor.unregisterPoller(poller)
+            reactor.unregisterWakeFD(fd)
+            free(box.buffer.mem)
+            box.buffer.mem = nil
+        }
+        return 0
+    }
+
+    /// The session and its receive buffer, owned by the reactor's poller.
+    private final class SessionBox: @unchecked Sendable {
+        let session: OpaquePointer
+        var buffer = fuse_buf()
+        init(_ session: OpaquePointer) { self.session = session }
     }
 
     /// Ends the loop from another thread (tests).
@@ -197,6 +247,13 @@ extension FuseServer {
     static func handOver(_ req: fuse_req_t?, _ body: @escaping @Sendable (FileSystem, FuseServer, Request) throws -> Void) {
         let server = server(req)
         let request = Request(raw: req!)
+        if server.options.threads == 0 {
+            // Decoded on the file system's reactor itself (runOnReactor): run it now.
+            server.service.runHere { fs in
+                do { try body(fs, server, request) } catch { replyError(request, error) }
+            }
+            return
+        }
         server.service.submit { fs in
             do { try body(fs, server, request) } catch { replyError(request, error) }
         }

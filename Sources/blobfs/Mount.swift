@@ -26,12 +26,12 @@ struct Mount: UsageErrorsExitTwo {
     @Argument(help: "An existing directory.") var mountpoint: String
     @Option(name: .customShort("o"), help: "Mount options, comma-separated.") var options: [String] = []
     @Flag(help: "Stay in the foreground (logs on stderr).") var foreground = false
-    @Option(help: "Threads reading FUSE requests (each with its own cloned /dev/fuse fd).") var reactors = 2
+    @Option(help: "Threads reading FUSE requests (each with its own cloned /dev/fuse fd); 0 (the default): the file system's reactor reads them itself.") var reactors = 0
     @Option(help: "Log file of the background daemon.") var log: String?
     @Flag(help: "Format DEVICE first (always done for malloc:).") var format = false
 
     func validate() throws {
-        guard reactors >= 1, reactors <= 64 else { throw ValidationError("--reactors must be 1...64") }
+        guard reactors >= 0, reactors <= 64 else { throw ValidationError("--reactors must be 0...64") }
     }
 
     func run() throws {

@@ -3,7 +3,8 @@
 #   1. mkfs, mount with allow_other,default_permissions; the POSIX behaviour suite
 #      (non-root rules included, a 100,000-entry directory); the randomized exerciser
 #      (100,000 operations against an in-memory model); unmount; fsck clean.
-#   2. the same exerciser on 512-byte blocks, 64 KiB clusters and the writeback cache.
+#   2. the same exerciser on 512-byte blocks, 64 KiB clusters, the writeback cache and
+#      libfuse worker threads (--reactors 2).
 #   3. kill -9 of the daemon in the middle of a workload that fsyncs files; remount
 #      (the replayer runs); every fsync'd file intact; unmount; fsck clean. Twice.
 #   4. fio: every job of the benchmark set runs without error against the mount.
@@ -57,10 +58,11 @@ else
   echo "FAIL mount"; failed=$((failed + 1))
 fi
 
-# 2. Small blocks, big clusters, the kernel's writeback cache.
+# 2. Small blocks, big clusters, the kernel's writeback cache, libfuse worker threads
+#    (--reactors 2) instead of the reactor reading /dev/fuse itself.
 "$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --preallocate > /dev/null
-if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache > /dev/null; then
-  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, writeback cache)" \
+if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache --reactors 2 > /dev/null; then
+  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, writeback cache, 2 FUSE worker threads)" \
     python3 Tests/fs/exerciser.py "$mnt" --seed 2 --ops $((OPS / 4))
   check "unmount" unmount
   check "fsck" "$BLOBFS" fsck "$work/b.img"
