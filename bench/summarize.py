@@ -596,8 +596,9 @@ def profiles_section(out):
     md += ["`perf record -e cpu-clock -F 999 -g -p <daemon>` for a few seconds while fio ran the named job "
            "on that target (bench/run, section \"profiles\"); self time per thread, then per function "
            "(Swift symbols demangled). Thread names: `blob-md` the metadata reactor (file system, blob "
-           "store, replies), `nvme-emu` the software NVMe controller, `blobfs` libfuse's worker threads "
-           "(reading /dev/fuse, copying write data), `iou-wrk-*` io_uring's workers. The whole files are "
+           "store, replies), `nvme-emu` the software NVMe controller, `blobfs` the main thread and, with "
+           "`--reactors N`, libfuse's worker threads (by default the `blob-md` reactor reads /dev/fuse itself), "
+           "`iou-wrk-*` io_uring's workers. The whole files are "
            "in `profiles/`.", ""]
     for f in files:
         text = read_text(os.path.join(d, f))
