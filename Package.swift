@@ -49,7 +49,7 @@ let package = Package(
         .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"]),
         .target(
             name: "ToolSupport",
-            dependencies: ["Blobstore", "Bdev", "DeviceSpec", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["Blobstore", "Bdev", "DeviceSpec", "Env", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Env", "CFuse"]),
         .executableTarget(
             name: "blobfs",

@@ -100,12 +100,15 @@ struct Mkfs: UsageErrorsExitTwo {
         // and fragmented files' longer chains.
         let options = BlobStore.Options(clusterSizeBytes: clusterSize, metadataPages: inodes.map { $0 + $0 / 10 + 64 },
                                         blobIDLimit: inodes)
+        let formatting = Ticker("blobfs mkfs: formatting \(device.text) (super block, log, table, bitmaps)")
+        defer { formatting.finish() }
         do { store = try BlobStore.format(io, options: options) } catch {
             throw Failure("format \(device.text): \(error)")
         }
         let fs = try FileSystem.format(store, owner: Caller(uid: getuid(), gid: getgid()))
         try fs.unmount()
         try store.unload()
+        formatting.finish()
         let statistics = fs.statistics()
         let elapsed = Double(MonotonicClock.nowNs() - start) / 1e9
         print("blobfs: made a file system on \(device.text): \(formatBytes(bdev.geometry.capacityBytes)), "
@@ -149,13 +152,20 @@ struct Fsck: UsageErrorsExitTwo {
         defer { io.close() }
         let store: BlobStore
         let report: BlobStore.LoadReport
-        do { (store, report) = try BlobStore.load(io) } catch { throw Failure("\(device.text): \(error)", status: 2) }
+        let loading = Ticker("blobfs fsck: loading \(device.text) (replaying the log if it was not unmounted cleanly)")
+        do { (store, report) = try BlobStore.load(io) } catch {
+            loading.finish()
+            throw Failure("\(device.text): \(error)", status: 2)
+        }
+        loading.finish()
         if !report.wasClean {
             print("blob store: not cleanly unmounted; replayed \(report.replayedTransactions) transactions"
                   + (report.discardedRecords > 0 ? ", discarded \(report.discardedRecords) uncommitted records" : ""))
         }
+        let checking = Ticker("blobfs fsck: verifying the blob store and walking the file system")
         let blobReport = store.verify()
         let fsReport = FileSystem.check(store)
+        checking.finish()
         try? store.unload()
         for problem in blobReport.problems { print("blob store: \(problem)") }
         for problem in fsReport.problems { print("file system: \(problem)") }
