@@ -398,6 +398,7 @@ def goals_section(combos, res, idle):
 def inprocess_section(out):
     md = []
     rows = []
+    iops = {}
     for p in sorted(glob.glob(os.path.join(out, "inprocess", "bdevperf-*.json")),
                     key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0])):
         j = read_json(p)
@@ -406,6 +407,7 @@ def inprocess_section(out):
         r = j.get("result") or {}
         lat = r.get("latencyUs") or {}
         g = lambda k, nd=None: fmt(r.get(k), nd) if isinstance(r.get(k), (int, float)) else str(r.get(k, "–"))
+        iops[j.get("command", "")] = r.get("iops")
         rows.append(f"| `{j.get('command', '')}` | {g('iops')} | {g('mibPerSecond')} | {fmt(lat.get('p50'))} | "
                     f"{fmt(lat.get('p99'))} | {fmt(lat.get('p999'))} | {g('cpuSecondsPerMillionIOs')} | {g('allocationsPerIO')} |")
     if rows:
@@ -413,6 +415,16 @@ def inprocess_section(out):
                "`--blob` runs on one blob of a blob store on the device):", "",
                "| command | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s / M I/O | allocs / IO |",
                "|---|---:|---:|---:|---:|---:|---:|---:|"] + rows + [""]
+        overhead = []
+        for w in ("randread", "randwrite"):
+            plain = [v for c, v in iops.items() if "malloc:1G" in c and "nvme-emu" not in c and f"-w {w} -q 32" in c
+                     and "--blob" not in c and isinstance(v, (int, float))]
+            blob = [v for c, v in iops.items() if "malloc:1G" in c and "nvme-emu" not in c and f"-w {w} -q 32" in c
+                    and "--blob" in c and isinstance(v, (int, float))]
+            if plain and blob and plain[0]:
+                overhead.append(f"- 4 KiB {w} q32: blob store on malloc / raw malloc = **{blob[0] / plain[0]:.2f}**")
+        if overhead:
+            md += ["Blob store overhead, same run:", ""] + overhead + [""]
     bb = read_text(os.path.join(out, "inprocess", "blobbench.txt")).strip()
     if bb:
         md += ["blobbench (blob store format and recovery time against the log tail):", "", "```", bb, "```", ""]
