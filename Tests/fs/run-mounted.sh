@@ -24,7 +24,12 @@ passed=0 failed=0
 
 daemons() { pgrep -f "blobfs mount .*$work" || true; }
 cleanup() {
-  mountpoint -q "$mnt" && { fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -u -z "$mnt" 2>/dev/null; }
+  # every mount under $work (deepest first; a step that went wrong may have mounted
+  # elsewhere than $mnt), then every daemon this script started
+  local point
+  for point in $(awk -v w="$work" 'index($5, w) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
+    fusermount3 -u "$point" 2>/dev/null || fusermount3 -u -z "$point" 2>/dev/null || umount -l "$point" 2>/dev/null
+  done
   for pid in $(daemons); do kill -9 "$pid" 2>/dev/null; done
   rm -rf "$work"
 }
@@ -134,7 +139,8 @@ check "mount of a missing image: status 2" expect_status 2 "$BLOBFS" mount "$wor
 check "unknown mount option: status 2" expect_status 2 "$BLOBFS" mount "$work/a.img" "$mnt" -o frobnicate
 check "mkfs over an existing store without --force refuses" expect_status 1 "$BLOBFS" mkfs "$work/a.img"
 "$BLOBFS" mount "$work/a.img" "$mnt" > /dev/null
-check "second mount of a mounted image refuses" expect_status 1 "$BLOBFS" mount "$work/a.img" "$work"
+mkdir -p "$work/mnt2"
+check "second mount of a mounted image refuses" expect_status 1 "$BLOBFS" mount "$work/a.img" "$work/mnt2"
 check "fsck of a mounted image refuses" expect_status 1 "$BLOBFS" fsck "$work/a.img"
 check "unmount" unmount
 mountpoint -q "$mnt" && { echo "FAIL something is still mounted"; failed=$((failed + 1)); }
