@@ -13,6 +13,27 @@ import Blobstore
 /// The asynchronous fsync of `FileSystemService` (what FUSE uses), under the fault bdev:
 /// once it has answered, the file survives a power cut that drops every unflushed write.
 final class FileSystemServiceTests: XCTestCase {
+    /// The service's asynchronous fsync, waited for from the test thread; its errno.
+    private func fsync(_ service: FileSystemService, _ ino: UInt64) -> Int32 {
+        let answer = Atomic<Int32>(-1)
+        service.blobService.reactor.send { service.fsync(ino: ino) { errno in answer.store(errno, ordering: .releasing) } }
+        while answer.load(ordering: .acquiring) < 0 { usleep(1000) }
+        return answer.load(ordering: .acquiring)
+    }
+
+    /// Power goes now (nothing not yet flushed reaches the medium), the service stops, and
+    /// the store comes back read-only; `body` gets the file system as it was recovered.
+    private func afterPowerCut(_ fault: FaultBdev, _ device: Bdev, _ service: FileSystemService,
+                               _ body: (FileSystem) throws -> Void) throws {
+        fault.powerCut(afterWrites: fault.writeCount)
+        try? service.stop()
+        let reactor = try Reactor()
+        _ = try fault.crash(policy: .keepNone, reactor: reactor)
+        let io = try BdevSyncIO(bdev: device, reactor: reactor)
+        defer { io.close() }
+        try body(try FileSystem.mount(try BlobStore.load(io, readOnly: true).0))
+    }
+
     func testAsynchronousFsyncIsDurable() throws {
         for round in 0..<3 {
             let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
@@ -25,21 +46,12 @@ final class FileSystemServiceTests: XCTestCase {
                 fs.release(ino: made.ino)
                 return made.ino
             }
-            let answer = Atomic<Int32>(-1)
-            service.blobService.reactor.send { service.fsync(ino: ino) { errno in answer.store(errno, ordering: .releasing) } }
-            while answer.load(ordering: .acquiring) < 0 { usleep(1000) }
-            XCTAssertEqual(answer.load(ordering: .acquiring), 0)
-            // Power goes now: nothing after the fsync's answer reaches the medium.
-            fault.powerCut(afterWrites: fault.writeCount)
-            try? service.stop()
-            let reactor = try Reactor()
-            _ = try fault.crash(policy: .keepNone, reactor: reactor)
-            let io = try BdevSyncIO(bdev: device, reactor: reactor)
-            defer { io.close() }
-            let fs = try FileSystem.mount(try BlobStore.load(io, readOnly: true).0)
-            let found = try fs.lookup(parent: FileSystem.rootIno, name: Array("f\(round)".utf8))
-            XCTAssertEqual(found.attributes.size, UInt64(data.count), "round \(round)")
-            XCTAssertTrue(try fs.read(ino: found.ino, offset: 0, count: data.count) == data, "round \(round): data after the power cut")
+            XCTAssertEqual(fsync(service, ino), 0)
+            try afterPowerCut(fault, device, service) { fs in
+                let found = try fs.lookup(parent: FileSystem.rootIno, name: Array("f\(round)".utf8))
+                XCTAssertEqual(found.attributes.size, UInt64(data.count), "round \(round)")
+                XCTAssertTrue(try fs.read(ino: found.ino, offset: 0, count: data.count) == data, "round \(round): data after the power cut")
+            }
         }
     }
 
@@ -52,35 +64,24 @@ final class FileSystemServiceTests: XCTestCase {
         let service = try FileSystemService(bdev: device, format: BlobStore.Options())
         let original = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 3) }
         let patch = [UInt8](repeating: 0x5A, count: 12_288)
-        func fsync(_ ino: UInt64) -> Int32 {
-            let answer = Atomic<Int32>(-1)
-            service.blobService.reactor.send { service.fsync(ino: ino) { errno in answer.store(errno, ordering: .releasing) } }
-            while answer.load(ordering: .acquiring) < 0 { usleep(1000) }
-            return answer.load(ordering: .acquiring)
-        }
         let ino = service.perform { fs -> UInt64 in
             let made = try! fs.create(parent: FileSystem.rootIno, name: Array("o".utf8), mode: 0o644, caller: .root)
             try! fs.write(ino: made.ino, offset: 0, data: original)
             return made.ino
         }
-        XCTAssertEqual(fsync(ino), 0)
+        XCTAssertEqual(fsync(service, ino), 0)
         let plan = service.perform { fs -> String in
             try! fs.write(ino: ino, offset: 8192, data: patch)  // inside the file: no growth
             let plan = try! fs.fsyncPlan(ino: ino)
             return "\(plan.needsAttributes) \(plan.dataFirst == nil)"
         }
         XCTAssertEqual(plan, "true true", "an overwrite needs its times committed, not a data flush first")
-        XCTAssertEqual(fsync(ino), 0)
-        fault.powerCut(afterWrites: fault.writeCount)
-        try? service.stop()
-        let reactor = try Reactor()
-        _ = try fault.crash(policy: .keepNone, reactor: reactor)
-        let io = try BdevSyncIO(bdev: device, reactor: reactor)
-        defer { io.close() }
-        let fs = try FileSystem.mount(try BlobStore.load(io, readOnly: true).0)
+        XCTAssertEqual(fsync(service, ino), 0)
         var expected = original
         expected.replaceSubrange(8192..<(8192 + patch.count), with: patch)
-        XCTAssertTrue(try fs.read(ino: ino, offset: 0, count: original.count) == expected, "the overwrite after the power cut")
+        try afterPowerCut(fault, device, service) { fs in
+            XCTAssertTrue(try fs.read(ino: ino, offset: 0, count: original.count) == expected, "the overwrite after the power cut")
+        }
     }
 
     /// Asynchronous reads (what FUSE uses): bytes at any offset and length, holes and the
