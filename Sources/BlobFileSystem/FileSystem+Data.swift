@@ -48,22 +48,29 @@ extension FileSystem {
 
     // MARK: - Read and write
 
-    public func read(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
-        let (id, inode) = try regular(ino)
+    /// The whole io units a read of `count` bytes at `offset` covers (`start..<alignedEnd`),
+    /// the part of them inside the blob (`start..<readEnd`; past it, zeros) and the bytes
+    /// it answers (`offset..<end`); nil at or past the end of the file.
+    private func readWindow(_ id: UInt64, _ inode: Inode, offset: UInt64, count: Int)
+        -> (start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
         let size = inode.attributes.size
-        guard offset < size, count > 0 else { return [] }
+        guard offset < size, count > 0 else { return nil }
         let end = min(size, offset + UInt64(count))
         let start = offset / unitBytes * unitBytes
         let alignedEnd = (end + unitBytes - 1) / unitBytes * unitBytes
         let capacityBytes = (store.blob(id)?.clusterCount ?? 0) * clusterBytes
-        var bytes: [UInt8]
-        if start >= capacityBytes {
-            bytes = [UInt8](repeating: 0, count: Int(alignedEnd - start))
-        } else {
-            let readEnd = min(alignedEnd, capacityBytes)
+        return (start, end, alignedEnd, max(start, min(alignedEnd, capacityBytes)))
+    }
+
+    public func read(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
+        let (id, inode) = try regular(ino)
+        guard let window = readWindow(id, inode, offset: offset, count: count) else { return [] }
+        let (start, end, alignedEnd, readEnd) = window
+        var bytes: [UInt8] = []
+        if readEnd > start {
             bytes = try storeCall { try store.read(blob: id, offsetUnits: start / unitBytes, countUnits: (readEnd - start) / unitBytes) }
-            if readEnd < alignedEnd { bytes += [UInt8](repeating: 0, count: Int(alignedEnd - readEnd)) }
         }
+        if readEnd < alignedEnd { bytes += [UInt8](repeating: 0, count: Int(alignedEnd - readEnd)) }
         touchAccess(inode)
         if start == offset, alignedEnd == end { return bytes }
         return Array(bytes[Int(offset - start)..<Int(end - start)])
@@ -76,50 +83,37 @@ extension FileSystem {
         public var bufferBytes: Int
         public var runs: [(bytes: Int, deviceBlock: UInt64?)]
         public var answer: Range<Int>
-        public var blockBytes: Int
     }
 
     public func readPlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> ReadPlan? {
         let (id, inode) = try regular(ino)
-        let size = inode.attributes.size
-        guard offset < size, count > 0 else { return nil }
-        let end = min(size, offset + UInt64(count))
-        let start = offset / unitBytes * unitBytes
-        let alignedEnd = (end + unitBytes - 1) / unitBytes * unitBytes
-        let capacityBytes = (store.blob(id)?.clusterCount ?? 0) * clusterBytes
+        guard let window = readWindow(id, inode, offset: offset, count: count) else { return nil }
+        let (start, end, alignedEnd, readEnd) = window
         var runs: [(bytes: Int, deviceBlock: UInt64?)] = []
-        if start < capacityBytes {
-            let readEnd = min(alignedEnd, capacityBytes)
+        if readEnd > start {
             runs = try storeCall { try store.readRuns(blob: id, offsetUnits: start / unitBytes, countUnits: (readEnd - start) / unitBytes) }
-            if readEnd < alignedEnd { runs.append((Int(alignedEnd - readEnd), nil)) }
-        } else {
-            runs = [(Int(alignedEnd - start), nil)]
         }
+        if readEnd < alignedEnd { runs.append((Int(alignedEnd - readEnd), nil)) }
         touchAccess(inode)
-        return ReadPlan(bufferBytes: Int(alignedEnd - start), runs: runs,
-                        answer: Int(offset - start)..<Int(end - start), blockBytes: Int(unitBytes))
+        return ReadPlan(bufferBytes: Int(alignedEnd - start), runs: runs, answer: Int(offset - start)..<Int(end - start))
     }
 
     /// Where an overwrite of whole io units inside the file and its allocated clusters
     /// goes on the device, with the file's times updated as for a write; nil when the
     /// write needs more (allocation, read-modify-write, growth): the synchronous `write`.
-    public func overwritePlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [(bytes: Int, deviceBlock: UInt64)]? {
+    /// Every run of the result has a device block.
+    public func overwritePlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [(bytes: Int, deviceBlock: UInt64?)]? {
         let (id, inode) = try regular(ino)
         guard count > 0, offset % unitBytes == 0, UInt64(count) % unitBytes == 0,
               offset + UInt64(count) <= inode.attributes.size else { return nil }
         let runs = try storeCall { try store.readRuns(blob: id, offsetUnits: offset / unitBytes, countUnits: UInt64(count) / unitBytes) }
-        var placed: [(bytes: Int, deviceBlock: UInt64)] = []
-        placed.reserveCapacity(runs.count)
-        for run in runs {
-            guard let block = run.deviceBlock else { return nil }
-            placed.append((run.bytes, block))
-        }
+        guard !runs.contains(where: { $0.deviceBlock == nil }) else { return nil }
         let now = realtimeNs()
         inode.attributes.mtimeNs = now
         inode.attributes.ctimeNs = now
         inode.attributes.mode &= ~UInt32(S_ISUID)
         inode.dirty = true
-        return placed
+        return runs
     }
 
     /// relatime: the access time moves when it is older than the modification or a day old.

@@ -222,24 +222,24 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
-    /// Writes `data` at `offset` and calls `done` on the metadata reactor with the bytes
-    /// written or an errno. An overwrite of whole io units inside the file and its
+    /// Writes `data` (read only during this call) at `offset` and calls `done` on the
+    /// metadata reactor with the bytes written or an errno. An overwrite of whole io units inside the file and its
     /// allocated clusters goes to the device asynchronously (answered on completion, so
     /// an fsync after it covers it); anything else (allocation, partial units, growth,
     /// append) is the file system's synchronous write. Call on the reactor.
-    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool, _ done: @escaping (Int, Int32) -> Void) {
+    public func write(ino: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, append: Bool,
+                      _ done: @escaping (Int, Int32) -> Void) {
         guard let fileSystem else { return done(0, EIO) }
+        let count = data.count
         do throws(FSError) {
-            if !append, let runs = try fileSystem.overwritePlan(ino: ino, offset: offset, count: data.count) {
+            if !append, let runs = try fileSystem.overwritePlan(ino: ino, offset: offset, count: count) {
                 let buffer: DMABuffer
-                do { buffer = try DMABuffer.allocate(bytes: data.count) } catch { throw FSError(ENOMEM) }
-                buffer.store(data)
-                submit(.write, buffer, runs.map { ($0.bytes, $0.deviceBlock) }) { pending in
-                    done(pending.failed ? 0 : data.count, pending.failed ? EIO : 0)
-                }
+                do { buffer = try DMABuffer.allocate(bytes: count) } catch { throw FSError(ENOMEM) }
+                buffer.withUnsafeMutableBytes { $0.copyMemory(from: data) }
+                submit(.write, buffer, runs) { pending in done(pending.failed ? 0 : count, pending.failed ? EIO : 0) }
                 return
             }
-            done(try fileSystem.write(ino: ino, offset: offset, data: data, append: append), 0)
+            done(try fileSystem.write(ino: ino, offset: offset, data: Array(data), append: append), 0)
         } catch { done(0, error.errno) }
     }
 

@@ -423,15 +423,25 @@ extension FuseServer {
             }
         }
         ops.write = { req, ino, buffer, size, offset, fi in
-            let data = [UInt8](UnsafeRawBufferPointer(start: buffer, count: size))
-            let append = (fi?.pointee.flags ?? 0) & O_APPEND != 0
-            FuseServer.handOver(req) { _, server, req in
-                // With the writeback cache the kernel owns the file position: O_APPEND is its job.
-                // Replied when the data is on the device (an overwrite in place: asynchronously).
-                server.service.write(ino: ino, offset: UInt64(max(0, offset)), data: data,
-                                     append: append && !server.options.writebackCache) { written, errno in
-                    if errno != 0 { fuse_reply_err(req.raw, errno) } else { fuse_reply_write(req.raw, written) }
-                }
+            let server = FuseServer.server(req)
+            let request = Request(raw: req!)
+            let offset = UInt64(max(0, offset))
+            // With the writeback cache the kernel owns the file position: O_APPEND is its job.
+            let append = (fi?.pointee.flags ?? 0) & O_APPEND != 0 && !server.options.writebackCache
+            // Replied when the data is on the device (an overwrite in place: asynchronously).
+            let reply: @Sendable (Int, Int32) -> Void = { written, errno in
+                if errno != 0 { fuse_reply_err(request.raw, errno) } else { fuse_reply_write(request.raw, written) }
+            }
+            let data = UnsafeRawBufferPointer(start: buffer, count: size)
+            if server.options.threads == 0 {
+                // On the file system's reactor, while libfuse's buffer is valid: one copy, into
+                // the device buffer (or the synchronous write's array).
+                server.service.runHere { _ in server.service.write(ino: ino, offset: offset, data: data, append: append, reply) }
+                return
+            }
+            let copy = [UInt8](data)  // the worker's buffer is reused once this returns
+            FuseServer.handOver(req) { _, server, _ in
+                copy.withUnsafeBytes { server.service.write(ino: ino, offset: offset, data: $0, append: append, reply) }
             }
         }
         ops.flush = { req, _, _ in

@@ -140,7 +140,7 @@ final class FileSystemServiceTests: XCTestCase {
                 if aligned { offset = offset / 4096 * 4096; count = (count + 4095) / 4096 * 4096 }
                 let data = (0..<count).map { _ in UInt8(truncatingIfNeeded: random.next()) }
                 var answer: (Int, Int32)?
-                service.write(ino: file.ino, offset: UInt64(offset), data: data, append: false) { answer = ($0, $1) }
+                data.withUnsafeBytes { service.write(ino: file.ino, offset: UInt64(offset), data: $0, append: false) { answer = ($0, $1) } }
                 while answer == nil { service.blobService.reactor.runOnce() }
                 if answer! != (count, 0) { return "step \(step): write answered \(answer!)" }
                 if offset > model.count { model += [UInt8](repeating: 0, count: offset - model.count) }
@@ -152,7 +152,9 @@ final class FileSystemServiceTests: XCTestCase {
             if try! fs.read(ino: file.ino, offset: 0, count: model.count) != model { return "contents differ from the model" }
             // An overwrite in flight, then the file truncated and another file written.
             var answered = false
-            service.write(ino: file.ino, offset: 4096, data: [UInt8](repeating: 0x11, count: 8192), append: false) { _, _ in answered = true }
+            [UInt8](repeating: 0x11, count: 8192).withUnsafeBytes {
+                service.write(ino: file.ino, offset: 4096, data: $0, append: false) { _, _ in answered = true }
+            }
             _ = try! fs.setAttributes(ino: file.ino, AttributeChanges(size: 0), caller: .root)
             let other = try! fs.create(parent: FileSystem.rootIno, name: Array("o".utf8), mode: 0o644, caller: .root)
             let otherData = [UInt8](repeating: 0xEE, count: 600_000)
