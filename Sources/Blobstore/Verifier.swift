@@ -134,30 +134,18 @@ public enum Verifier {
         let bitmapRegionError = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes))
         if let bitmapRegionError { report.problems.append("\(bitmapRegionError)") }
         if bitmapRegionError == nil, let raw = read(bitmapStart, block.bitmaps.pageCount) {
-            var payload: [UInt8] = []
-            var intact = true
-            for index in 0..<Int(block.bitmaps.pageCount) {
-                do {
-                    payload += try ArrayPage.decode(raw[(index * pageBytes)..<((index + 1) * pageBytes)], kind: .bitmap,
-                                                    pageIndex: UInt32(index),
-                                                    offset: (bitmapStart + UInt64(index)) * UInt64(pageBytes)).payload
-                } catch {
-                    report.problems.append("\(error)")
-                    intact = false
-                }
-            }
-            if intact {
-                var offset = 0
-                let sections: [(String, UInt64, (UInt64) -> Bool)] = [
-                    ("cluster", block.clusterCount, { clusterOwner[$0] != nil }),
-                    ("metadata page", block.metadataPages.pageCount, { pageOwner[UInt32($0)] != nil }),
-                    ("blob id", block.blobIDLimit, { roots[$0] != nil }),
+            let (bitmaps, errors) = PersistedBitmaps.decode(raw, at: bitmapStart, block)
+            report.problems += errors.map { "\($0)" }
+            if let bitmaps {
+                let sections: [(String, Bitmap, (UInt64) -> Bool)] = [
+                    ("cluster", bitmaps.clusters, { clusterOwner[$0] != nil }),
+                    ("metadata page", bitmaps.metadataPages, { pageOwner[UInt32($0)] != nil }),
+                    ("blob id", bitmaps.blobIDs, { roots[$0] != nil }),
                 ]
-                for (name, count, used) in sections {
-                    let bitmap = Bitmap(count: count, bytes: payload[offset...])
+                for (name, bitmap, used) in sections {
                     var leaked: [UInt64] = []
                     var unmarked: [UInt64] = []
-                    for index in 0..<count {
+                    for index in 0..<bitmap.count {
                         if bitmap[index] && !used(index) { leaked.append(index) }
                         if !bitmap[index] && used(index) { unmarked.append(index) }
                     }
@@ -167,7 +155,6 @@ public enum Verifier {
                     if !unmarked.isEmpty {
                         report.problems.append("\(unmarked.count) \(name)s in use but free in the bitmap (first: \(unmarked.prefix(5)))")
                     }
-                    offset += Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes
                 }
             }
         }

@@ -9,28 +9,36 @@ public struct PersistedBitmaps: Sendable {
     /// nil when a page of the active copy does not decode, or the super block's regions do
     /// not fit the device or cannot hold the three bitmaps.
     public static func read(_ io: BdevSyncIO, _ block: SuperBlock) -> PersistedBitmaps? {
-        let pageBytes = UInt64(SuperBlock.pageBytes)
-        let counts = [block.clusterCount, block.metadataPages.pageCount, block.blobIDLimit]
-        let needed = counts.reduce(UInt64(0)) { $0 &+ BitmapPage.pages(forBits: $1) }
-        let (deviceBytes, overflow) = block.devicePages.multipliedReportingOverflow(by: pageBytes)
-        guard !overflow, deviceBytes <= io.geometry.capacityBytes, needed <= block.bitmaps.pageCount else { return nil }
+        let (deviceBytes, overflow) = block.devicePages.multipliedReportingOverflow(by: UInt64(SuperBlock.pageBytes))
+        guard !overflow, deviceBytes <= io.geometry.capacityBytes, block.bitmapRegionError(slotOffset: 0) == nil else { return nil }
         let start = block.bitmaps.startPage + UInt64(block.activeCopy) * block.bitmaps.pageCount
         guard let raw = try? BlobStore.readPages(io, at: start, count: block.bitmaps.pageCount) else { return nil }
+        return decode(raw, at: start, block).bitmaps
+    }
+
+    /// The active copy's pages, read as `raw` from page `start`, split into the three
+    /// bitmaps; nil, with every page that does not decode in `errors`, when one does not.
+    static func decode(_ raw: [UInt8], at start: UInt64, _ block: SuperBlock)
+        -> (bitmaps: PersistedBitmaps?, errors: [FormatError]) {
+        let pageBytes = SuperBlock.pageBytes
         var payload: [UInt8] = []
         payload.reserveCapacity(Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes)
+        var errors: [FormatError] = []
         for index in 0..<Int(block.bitmaps.pageCount) {
-            let bytes = raw[(index * SuperBlock.pageBytes)..<((index + 1) * SuperBlock.pageBytes)]
-            guard let page = try? ArrayPage.decode(bytes, kind: .bitmap, pageIndex: UInt32(index),
-                                                   offset: (start + UInt64(index)) * pageBytes) else { return nil }
-            payload += page.payload
+            do throws(FormatError) {
+                payload += try ArrayPage.decode(raw[(index * pageBytes)..<((index + 1) * pageBytes)], kind: .bitmap,
+                                                pageIndex: UInt32(index),
+                                                offset: (start + UInt64(index)) * UInt64(pageBytes)).payload
+            } catch { errors.append(error) }
         }
+        guard errors.isEmpty else { return (nil, errors) }
         var sections: [Bitmap] = []
         var offset = 0
-        for count in counts {
+        for count in [block.clusterCount, block.metadataPages.pageCount, block.blobIDLimit] {
             sections.append(Bitmap(count: count, bytes: payload[offset...]))
             offset += Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes
         }
-        return PersistedBitmaps(clusters: sections[0], metadataPages: sections[1], blobIDs: sections[2])
+        return (PersistedBitmaps(clusters: sections[0], metadataPages: sections[1], blobIDs: sections[2]), [])
     }
 }
 
