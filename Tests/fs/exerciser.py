@@ -22,21 +22,13 @@ import os
 import random
 import sys
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+from fscalls import first_difference, libc  # noqa: E402
 PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def fail(message):
     print(f"exerciser: MISMATCH {message}", flush=True)
     sys.exit(1)
-
-
-def first_difference(actual, expected):
-    for index in range(min(len(actual), len(expected))):
-        if actual[index] != expected[index]:
-            return index
-    return min(len(actual), len(expected))
 
 
 def exercise(directory, seed, ops, files, max_size):

@@ -43,7 +43,6 @@ kill -9 under test), 4 on any other error.
 """
 import argparse
 import collections
-import ctypes
 import errno
 import hashlib
 import mmap
@@ -53,56 +52,14 @@ import sys
 import time
 import zlib
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
+from fscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE,  # noqa: E402
+                     fallocate, first_difference, renameat2, syncfs)
+
 UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP)
 
 
 class Mismatch(Exception):
     pass
-
-
-def fallocate(fd, mode, offset, length):
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def renameat2(old, new, flags):
-    function = getattr(libc, "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        result = function(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
-    else:
-        libc.syscall.restype = ctypes.c_long
-        number = {"x86_64": 316, "aarch64": 276}[os.uname().machine]
-        result = libc.syscall(ctypes.c_long(number), ctypes.c_int(AT_FDCWD), os.fsencode(old),
-                              ctypes.c_int(AT_FDCWD), os.fsencode(new), ctypes.c_uint(flags))
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def syncfs(fd):
-    if libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def first_difference(actual, expected):
-    limit = min(len(actual), len(expected))
-    low, high = 0, limit  # binary search over equal prefixes: fast on big buffers
-    while low < high:
-        middle = (low + high) // 2
-        if actual[low:middle + 1] == expected[low:middle + 1]:
-            low = middle + 1
-        else:
-            high = middle
-    return low
 
 
 class Inode:

@@ -47,41 +47,14 @@ USER_NAME = "nobody"
 FILL = False
 FILL_LIMIT = 1 << 30
 
-libc = ctypes.CDLL(None, use_errno=True)
-AT_FDCWD = -100
+from fscalls import (AT_FDCWD, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE,  # noqa: E402
+                     RENAME_NOREPLACE, DirTestCase, fallocate, libc, renameat2, syncfs)
+from fscalls import raise_errno as _raise  # noqa: E402
+
 AT_SYMLINK_NOFOLLOW = 0x100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP)
-
-
-def _raise():
-    code = ctypes.get_errno()
-    raise OSError(code, os.strerror(code))
-
-
-def renameat2(old, new, flags):
-    function = getattr(libc, "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        result = function(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
-    else:
-        libc.syscall.restype = ctypes.c_long
-        number = {"x86_64": 316, "aarch64": 276}[os.uname().machine]
-        result = libc.syscall(ctypes.c_long(number), ctypes.c_int(AT_FDCWD), os.fsencode(old),
-                              ctypes.c_int(AT_FDCWD), os.fsencode(new), ctypes.c_uint(flags))
-    if result != 0:
-        _raise()
-
-
-def fallocate(fd, mode, offset, length):
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        _raise()
 
 
 class Timespec(ctypes.Structure):
@@ -116,11 +89,6 @@ def raw_listxattr(path, size):
     if result < 0:
         _raise()
     return result
-
-
-def syncfs(fd):
-    if libc.syncfs(fd) != 0:
-        _raise()
 
 
 def symlink_target(length):
@@ -171,36 +139,7 @@ def as_user(function):
     return outcome
 
 
-class Base(unittest.TestCase):
-    def setUp(self):
-        self.dir = os.path.join(ROOT, f"{type(self).__name__}.{self._testMethodName}.{os.getpid()}")
-        os.mkdir(self.dir)
-        os.chmod(self.dir, 0o777)
-
-    def tearDown(self):
-        for top, directories, files in os.walk(self.dir, topdown=False):
-            for name in files:
-                os.unlink(os.path.join(top, name))
-            for name in directories:
-                path = os.path.join(top, name)
-                if os.path.islink(path):
-                    os.unlink(path)
-                else:
-                    os.rmdir(path)
-        os.rmdir(self.dir)
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    def write(self, name, data, mode=0o644):
-        with open(self.path(name), "wb") as f:
-            f.write(data)
-        os.chmod(self.path(name), mode)
-
-    def read(self, name):
-        with open(self.path(name), "rb") as f:
-            return f.read()
-
+class Base(DirTestCase):
     def assertErrno(self, codes, function, *args, **kwargs):
         codes = codes if isinstance(codes, tuple) else (codes,)
         names = "/".join(errno.errorcode[code] for code in codes)
@@ -1114,6 +1053,7 @@ def main():
     parser.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
     args = parser.parse_args()
     ROOT = os.path.abspath(args.dir)
+    DirTestCase.ROOT = ROOT
     NONROOT = not args.no_nonroot
     FILL = args.fill
     FILL_LIMIT = args.fill_limit

@@ -8,7 +8,6 @@ that drops to uid/gid 65534 (nobody); they need the mount to allow other users
 (blobfs: -o allow_other). Exit status 0 when every test passed.
 """
 import argparse
-import ctypes
 import errno
 import os
 import random
@@ -22,29 +21,8 @@ BIG_DIR = 100_000
 NONROOT = True
 NOBODY = 65534
 
-libc = ctypes.CDLL(None, use_errno=True)
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
-
-
-def renameat2(old, new, flags):
-    libc.syscall.restype = ctypes.c_long
-    # SYS_renameat2 = 316 on x86_64, 276 on aarch64
-    number = 316 if os.uname().machine == "x86_64" else 276
-    result = libc.syscall(number, AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags)
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def fallocate(fd, mode, offset, length):
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+from fscalls import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE, RENAME_NOREPLACE,  # noqa: E402
+                     DirTestCase, fallocate, renameat2)
 
 
 def as_nobody(function):
@@ -78,36 +56,7 @@ def as_nobody(function):
     return int(data or b"998")
 
 
-class Base(unittest.TestCase):
-    def setUp(self):
-        self.dir = os.path.join(ROOT, f"{type(self).__name__}.{self._testMethodName}.{os.getpid()}")
-        os.mkdir(self.dir)
-        os.chmod(self.dir, 0o777)
-
-    def tearDown(self):
-        for top, directories, files in os.walk(self.dir, topdown=False):
-            for name in files:
-                os.unlink(os.path.join(top, name))
-            for name in directories:
-                path = os.path.join(top, name)
-                if os.path.islink(path):
-                    os.unlink(path)
-                else:
-                    os.rmdir(path)
-        os.rmdir(self.dir)
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    def write(self, name, data, mode=0o644):
-        with open(self.path(name), "wb") as f:
-            f.write(data)
-        os.chmod(self.path(name), mode)
-
-    def read(self, name):
-        with open(self.path(name), "rb") as f:
-            return f.read()
-
+class Base(DirTestCase):
     def assertErrno(self, code, function, *args, **kwargs):
         with self.assertRaises(OSError) as caught:
             function(*args, **kwargs)
@@ -501,6 +450,7 @@ def main():
     parser.add_argument("-k", dest="pattern", help="run only tests whose name contains this")
     args = parser.parse_args()
     ROOT = os.path.abspath(args.dir)
+    DirTestCase.ROOT = ROOT
     BIG_DIR = args.big_dir
     NONROOT = not args.no_nonroot
     loader = unittest.TestLoader()
