@@ -3,17 +3,42 @@ import Glibc
 #endif
 import Bdev
 import Env
+import Synchronization
+
+/// Clusters a blob released while open handles could still reach them through their
+/// old extent map: the store keeps them out of allocation until every such handle has
+/// taken the new map and finished the I/O it submitted under the old one. Each handle
+/// acknowledges once, from its owner's thread; the store reads the count from its own.
+final class ReleaseTicket: Sendable {
+    private let pending: Atomic<Int>
+    init(handles: Int) { pending = Atomic(handles) }
+    func acknowledge() { pending.subtract(1, ordering: .releasing) }
+    var isSettled: Bool { pending.load(ordering: .acquiring) <= 0 }
+}
 
 /// An open blob as the data path sees it: its extent map, kept current by the store
 /// while the handle is open. A handle belongs to one reactor (its `owner`; nil: the
 /// store's own thread) and is only read and updated there: changes made on the
 /// metadata thread reach it as a message.
+///
+/// Clusters released by a shrink, unmap or delete stay unallocatable until each handle
+/// of the blob has applied the change and its I/O submitted under the old map has
+/// completed (`ReleaseTicket`): a late write never lands in a cluster that has a new
+/// owner, a late read never returns its bytes. Close a handle only after its I/O
+/// completed (channels keep an unretained reference while a request is in flight).
 public final class BlobHandle: @unchecked Sendable {
     public let id: UInt64
     public let owner: Reactor?
     public internal(set) var clusterCount: UInt64
     /// Sorted by cluster index.
     var extents: ContiguousArray<Extent>
+    /// Owner thread only: which map a request was submitted under, and how many requests
+    /// of the current map and of earlier maps are in flight.
+    private(set) var generation: UInt32 = 0
+    private var inFlight = 0
+    private var olderInFlight = 0
+    /// Releases waiting for the earlier maps' requests to complete.
+    private var waiting: [ReleaseTicket] = []
 
     init(_ blob: BlobMetadata, owner: Reactor?) {
         id = blob.id
@@ -22,15 +47,41 @@ public final class BlobHandle: @unchecked Sendable {
         extents = ContiguousArray(blob.extents)
     }
 
-    func refresh(_ blob: BlobMetadata) {
+    func refresh(_ blob: BlobMetadata, releasing ticket: ReleaseTicket?) {
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
+        olderInFlight += inFlight
+        inFlight = 0
+        generation &+= 1
+        guard let ticket else { return }
+        if olderInFlight == 0 { ticket.acknowledge() } else { waiting.append(ticket) }
     }
 
-    /// Applies a new snapshot on the owner's thread.
-    func update(_ blob: BlobMetadata) {
-        guard let owner, !owner.isCurrent else { return refresh(blob) }
-        owner.send { [self] in self.refresh(blob) }
+    /// Applies a new snapshot on the owner's thread; `ticket` when clusters were released.
+    func update(_ blob: BlobMetadata, releasing ticket: ReleaseTicket?) {
+        guard let owner, !owner.isCurrent else { return refresh(blob, releasing: ticket) }
+        owner.send { [self] in self.refresh(blob, releasing: ticket) }
+    }
+
+    /// A request reaching the device under the current map.
+    @inline(__always)
+    func began() -> UInt32 {
+        inFlight += 1
+        return generation
+    }
+
+    /// The request begun under map `generation` completed.
+    @inline(__always)
+    func ended(_ generation: UInt32) {
+        if generation == self.generation {
+            inFlight -= 1
+            return
+        }
+        olderInFlight -= 1
+        if olderInFlight == 0 && !waiting.isEmpty {
+            for ticket in waiting { ticket.acknowledge() }
+            waiting.removeAll(keepingCapacity: true)
+        }
     }
 
     /// Device cluster of blob cluster `index`, if allocated (binary search).
@@ -91,6 +142,9 @@ public final class BlobChannel: BdevCompletionHandler {
     private final class Request {
         unowned(unsafe) var handler: (any BdevCompletionHandler)?
         var tag: UInt64 = 0
+        /// The blob whose map placed the request's device I/O (nil: none, or forwarded).
+        unowned(unsafe) var blob: BlobHandle?
+        var generation: UInt32 = 0
         var remaining = 0
         var status: BdevStatus = .success
         var nextReady = -1
@@ -208,6 +262,10 @@ public final class BlobChannel: BdevCompletionHandler {
         request.tag = tag
         request.status = .success
         request.remaining = parts
+        if parts > 0 {
+            request.blob = blob
+            request.generation = blob.began()
+        }
         // Pass 2: walk the blob range and the segments together; one device request per
         // physically contiguous run, zeros into the holes.
         var walker = SegmentWalker(segments)
@@ -303,6 +361,10 @@ public final class BlobChannel: BdevCompletionHandler {
         let request = requests[slot]
         let handler = request.handler!
         request.handler = nil
+        if let blob = request.blob {
+            request.blob = nil
+            blob.ended(request.generation)
+        }
         free.append(slot)
         handler.bdevIOCompleted(tag: request.tag, status: request.status)
     }

@@ -1,4 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Bdev
+import Env
 
 extension BlobStore {
     /// Writes changed blobs to fresh metadata pages, the table and bitmaps to the
@@ -76,7 +80,7 @@ extension BlobStore {
         try writeArray(table, kind: .table, copy: copy, pageCount: block.table.pageCount,
                        at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
         var bits: [UInt8] = []
-        for (bitmap, count) in [(clusters, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
+        for (bitmap, count) in [(clustersAsCommitted, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
                                 (blobIDs, block.blobIDLimit)] {
             var section = bitmap.bytes()
             section += [UInt8](repeating: 0, count: Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes - section.count)
@@ -174,6 +178,7 @@ extension BlobStore {
     /// Applies one record to the in-memory state. Live operations validate before they
     /// commit, so a failure here while replaying means the log contradicts the checkpoint.
     func apply(_ record: LogRecord, replaying: Bool) throws(BlobStoreError) {
+        releasing.removeAll(keepingCapacity: true)
         func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
         switch record {
         case let .createBlob(id):
@@ -236,11 +241,71 @@ extension BlobStore {
         }
         if let id = record.blobID {
             dirtyBlobs.insert(id)
-            if let handles = openHandles[id] {
+            let handles = openHandles[id] ?? []
+            // Released clusters go back to allocation now, or once every open handle has
+            // stopped using them (see `ReleaseTicket`).
+            var ticket: ReleaseTicket?
+            if !releasing.isEmpty && !handles.isEmpty {
+                let held = ReleaseTicket(handles: handles.count)
+                quarantine.append((held, releasing))
+                quarantinedClusterCount += releasing.reduce(0) { $0 + UInt64($1.count) }
+                ticket = held
+            } else {
+                for extent in releasing { clearClusters(extent) }
+            }
+            if !handles.isEmpty {
                 let snapshot = blobs[id] ?? BlobMetadata(id: id)
-                for handle in handles { handle.update(snapshot) }
+                for handle in handles { handle.update(snapshot, releasing: ticket) }
             }
         }
+        releasing.removeAll(keepingCapacity: true)
+    }
+
+    private func clearClusters(_ extent: Extent) {
+        for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
+    }
+
+    /// Returns to allocation the released clusters whose handles have all acknowledged;
+    /// true when some came back.
+    @discardableResult
+    func reclaimReleasedClusters() -> Bool {
+        guard !quarantine.isEmpty else { return false }
+        var reclaimed = false
+        quarantine.removeAll { entry in
+            guard entry.ticket.isSettled else { return false }
+            for extent in entry.extents {
+                clearClusters(extent)
+                quarantinedClusterCount -= UInt64(extent.count)
+            }
+            reclaimed = true
+            return true
+        }
+        return reclaimed
+    }
+
+    /// Allocation found no free cluster while released ones wait for handles on other
+    /// reactors: waits for their acknowledgements (a reactor answers within its next
+    /// pass), up to `quarantineWaitNs`. True when some clusters came back.
+    func waitForReleasedClusters() -> Bool {
+        let deadline = MonotonicClock.nowNs() + quarantineWaitNs
+        while !quarantine.isEmpty {
+            if reclaimReleasedClusters() { return true }
+            if MonotonicClock.nowNs() >= deadline { return false }
+            sched_yield()
+        }
+        return false
+    }
+
+    /// The cluster bitmap as the metadata has it: clusters waiting in quarantine are free.
+    var clustersAsCommitted: Bitmap {
+        guard !quarantine.isEmpty else { return clusters }
+        var bits = clusters
+        for entry in quarantine {
+            for extent in entry.extents {
+                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { bits.clear(cluster) }
+            }
+        }
+        return bits
     }
 
     private func release(_ extent: Extent) {
@@ -248,7 +313,7 @@ extension BlobStore {
             releasedSinceFlush = true
             releaseEpoch += 1
         }
-        for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
+        releasing.append(extent)
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.

@@ -139,6 +139,7 @@ extension BlobStore {
         var reserved: Set<UInt64> = []
         var mapped: [Extent] = []
         var hint: UInt64 = 0
+        reclaimReleasedClusters()
         // Device cluster of each blob cluster touched, allocating the missing ones.
         var placement: [(index: UInt64, cluster: UInt64, isNew: Bool)] = []
         for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
@@ -147,7 +148,8 @@ extension BlobStore {
                 hint = cluster + 1
                 continue
             }
-            guard let cluster = allocateCluster(near: hint, excluding: reserved) else {
+            guard let cluster = allocateCluster(near: hint, excluding: reserved)
+                ?? (waitForReleasedClusters() ? allocateCluster(near: hint, excluding: reserved) : nil) else {
                 throw .noSpace("no free cluster (\(clusterCount) in the store)")
             }
             reserved.insert(cluster)

@@ -63,6 +63,15 @@ public final class BlobStore {
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
+    /// Extents released by the record being applied.
+    var releasing: [Extent] = []
+    /// Released clusters still reachable through open handles' old maps: their bits stay
+    /// set in `clusters` (so allocation passes them by) until the ticket settles; the
+    /// persisted bitmaps show them free.
+    var quarantine: [(ticket: ReleaseTicket, extents: [Extent])] = []
+    var quarantinedClusterCount: UInt64 = 0
+    /// How long an allocation that found no free cluster waits for quarantined ones.
+    var quarantineWaitNs: UInt64 = 2_000_000_000
     /// When set, a commit writes its log pages without flushing them: it becomes durable
     /// at the next `sync()` (or checkpoint). After a crash the log replays up to the first
     /// page that did not make it, so the store comes back as of some earlier commit, never
@@ -286,7 +295,9 @@ public final class BlobStore {
     public func blob(_ id: UInt64) -> BlobMetadata? { blobs[id] }
     public var superBlobID: UInt64? { superBlock.superBlobID }
     public var clusterCount: UInt64 { superBlock.clusterCount }
-    public var freeClusterCount: UInt64 { clusters.count - clusters.setCount }
+    /// Free as the metadata has it (clusters released while open handles finish with
+    /// them count as free).
+    public var freeClusterCount: UInt64 { clusters.count - clusters.setCount + quarantinedClusterCount }
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
     /// The unit of blob reads and writes: the device block.
     public var ioUnitBytes: Int { io.geometry.blockSizeBytes }
