@@ -763,7 +763,7 @@ public final class FileSystem {
     // MARK: - Whole file system
 
     public func statistics() -> FileSystemStatistics {
-        FileSystemStatistics(blockSize: clusterBytes, blocks: store.clusterCount, freeBlocks: store.freeClusterCount,
+        FileSystemStatistics(blockSize: clusterBytes, blocks: store.clusterCount, freeBlocks: store.freeClusterCount - min(store.freeClusterCount, store.metadataClusterReserve),
                              files: store.blobIDLimit, freeFiles: store.blobIDLimit - UInt64(store.blobCount),
                              nameMax: UInt64(Self.nameBytesMax))
     }

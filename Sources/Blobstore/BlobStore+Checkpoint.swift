@@ -13,6 +13,45 @@ extension BlobStore {
         var chains = durableChains
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1
+        // Pages handed out by this checkpoint: returned if it fails before the switch.
+        var allocatedPages: [UInt64] = []
+        var allocatedClusters: [UInt64] = []
+        var switched = false
+        defer {
+            if !switched {
+                allocatedPages.forEach { metadataPageBits.clear($0) }
+                allocatedClusters.forEach { clusters.clear($0) }
+            }
+        }
+        let region = superBlock.metadataPages.pageCount
+        let clustersForPages = superBlock.metadataPageIDLimit - region
+        var pageCursor: UInt64 = 0
+        var clusterCursor: UInt64 = 0
+        /// A free metadata page: the region's first, then (with the feature) a data cluster.
+        func allocatePage() -> UInt32? {
+            if let free = metadataPageBits.firstClear(from: pageCursor) {
+                metadataPageBits.set(free)
+                allocatedPages.append(free)
+                pageCursor = free + 1
+                return UInt32(free)
+            }
+            guard clustersForPages > 0 else { return nil }
+            var cursor = clusterCursor
+            var found: UInt64?
+            for _ in 0...clustersBeingMapped.count {
+                guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
+                if !clustersBeingMapped.contains(free) {
+                    found = free
+                    break
+                }
+                cursor = free + 1
+            }
+            guard let free = found else { return nil }
+            clusters.set(free)
+            allocatedClusters.append(free)
+            clusterCursor = free + 1
+            return UInt32(region + free)
+        }
         // New chains are written in runs of consecutive pages (fresh pages are handed out
         // in order, so a checkpoint of many small blobs is a few large writes).
         var pending: [(page: UInt32, bytes: [UInt8])] = []
@@ -22,37 +61,43 @@ extension BlobStore {
             guard let blob = blobs[id] else { continue }
             let count = MetadataPage.pagesNeeded(for: blob)
             var pages: [UInt32] = []
-            var cursor: UInt64 = 0
             for _ in 0..<count {
-                guard let free = metadataPageBits.firstClear(from: cursor) else {
-                    pages.forEach { metadataPageBits.clear(UInt64($0)) }
-                    throw .noSpace("no free metadata page for blob \(id) (\(superBlock.metadataPages.pageCount) in the store)")
+                guard let page = allocatePage() else {
+                    throw .noSpace("no free metadata page for blob \(id) (\(region) in the region"
+                        + (clustersForPages > 0 ? ", no free cluster)" : ")"))
                 }
-                metadataPageBits.set(free)
-                pages.append(UInt32(free))
-                cursor = free + 1
+                pages.append(page)
             }
             let encoded = MetadataPage.encodeChain(blob, pageIDs: pages, checkpointSequence: sequence)
             for (page, bytes) in zip(pages, encoded) { pending.append((page, bytes)) }
             chains[id] = pages
         }
+        // Clusters released by a commit not yet flushed must not receive metadata pages
+        // before that release is durable (as for blob data).
+        if !allocatedClusters.isEmpty { try prepareToReuseReleasedClusters() }
         pending.sort { $0.page < $1.page }
         var runStart = 0
         while runStart < pending.count {
+            let address = superBlock.metadataPageAddress(pending[runStart].page)
             var runEnd = runStart + 1
-            while runEnd < pending.count, runEnd - runStart < 256, pending[runEnd].page == pending[runEnd - 1].page + 1 { runEnd += 1 }
+            while runEnd < pending.count, runEnd - runStart < 256,
+                  superBlock.metadataPageAddress(pending[runEnd].page) == address + UInt64(runEnd - runStart) { runEnd += 1 }
             var run: [UInt8] = []
             run.reserveCapacity((runEnd - runStart) * Self.pageBytes)
             for index in runStart..<runEnd { run += pending[index].bytes }
-            try writePages(at: superBlock.metadataPages.startPage + UInt64(pending[runStart].page), run)
+            try writePages(at: address, run)
             runStart = runEnd
         }
         let copy = 1 - superBlock.activeCopy
-        // The persisted metadata-page bitmap is the one after this checkpoint: superseded
-        // chains are free in it (they stay allocated in memory until the switch).
+        // The persisted bitmaps are the ones after this checkpoint: superseded chains are
+        // free in them (their pages stay allocated in memory until the switch).
         var persisted = metadataPageBits
-        superseded.forEach { persisted.clear(UInt64($0)) }
-        try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted, checkpointSequence: sequence)
+        var supersededClusters: [UInt64] = []
+        for page in superseded {
+            if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
+        }
+        try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted, freeClusters: supersededClusters,
+                                 checkpointSequence: sequence)
         try flush()
         var next = superBlock
         next.sequence = sequence
@@ -62,14 +107,20 @@ extension BlobStore {
         next.isClean = clean
         try writePages(at: UInt64(next.slot), next.encode())
         try flush()
+        switched = true
         superBlock = next
         durableChains = chains
         metadataPageBits = persisted
+        supersededClusters.forEach { clusters.clear($0) }
+        metadataPagesInClusterCount += UInt64(allocatedClusters.count)
+        metadataPagesInClusterCount -= UInt64(supersededClusters.count)
         dirtyBlobs = []
     }
 
+    /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
+    /// (superseded metadata pages in clusters).
     func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
-                              checkpointSequence: UInt64) throws(BlobStoreError) {
+                              freeClusters: [UInt64] = [], checkpointSequence: UInt64) throws(BlobStoreError) {
         let block = superBlock
         var table = [UInt8](repeating: 0, count: Int(block.table.pageCount) * ArrayPage.payloadBytes)
         for (id, pages) in chains {
@@ -80,7 +131,9 @@ extension BlobStore {
         try writeArray(table, kind: .table, copy: copy, pageCount: block.table.pageCount,
                        at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
         var bits: [UInt8] = []
-        for (bitmap, count) in [(clustersAsCommitted, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
+        var clusterBits = clustersAsCommitted
+        freeClusters.forEach { clusterBits.clear($0) }
+        for (bitmap, count) in [(clusterBits, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
                                 (blobIDs, block.blobIDLimit)] {
             var section = bitmap.bytes()
             section += [UInt8](repeating: 0, count: Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes - section.count)
@@ -308,7 +361,20 @@ extension BlobStore {
         return bits
     }
 
+    /// Before clusters that may have been released are written again: readers outside
+    /// the store finish with them (`beforeReusingReleasedClusters`), and their release
+    /// is durable (a crash could otherwise undo it and leave the old owner holding the
+    /// new owner's bytes).
+    func prepareToReuseReleasedClusters() throws(BlobStoreError) {
+        if releasedSinceDrain {
+            releasedSinceDrain = false
+            beforeReusingReleasedClusters?()
+        }
+        if releasedSinceFlush { try flush() }
+    }
+
     private func release(_ extent: Extent) {
+        releasedSinceDrain = true
         if deferCommitFlush {
             releasedSinceFlush = true
             releaseEpoch += 1

@@ -158,10 +158,7 @@ extension BlobStore {
             hint = cluster + 1
         }
         // Released clusters may be among the new ones: their release must be durable first.
-        if !mapped.isEmpty && releasedSinceFlush {
-            beforeReusingReleasedClusters?()
-            try flush()
-        }
+        if !mapped.isEmpty { try prepareToReuseReleasedClusters() }
         var runStart = 0
         while runStart < placement.count {
             var runEnd = runStart + 1
@@ -184,6 +181,10 @@ extension BlobStore {
         }
         guard !mapped.isEmpty else { return }
         try flush()  // the data is durable before the metadata that points at it
+        // The commit may checkpoint (a full log), which may take clusters for metadata
+        // pages: not these, which hold the data just written and are set only when applied.
+        clustersBeingMapped = reserved
+        defer { clustersBeingMapped = [] }
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
     }
 
@@ -191,7 +192,10 @@ extension BlobStore {
     /// when every free cluster is reserved. Visits each clear bit at most once: with more
     /// than `reserved.count` of them visited, one is not reserved.
     private func allocateCluster(near hint: UInt64, excluding reserved: Set<UInt64>) -> UInt64? {
-        let freeCount = clusters.count - clusters.setCount
+        let allocatable = clusters.count - clusters.setCount
+        // Clusters reserved by this write are still clear in the bitmap.
+        guard allocatable > metadataClusterReserve + UInt64(reserved.count) else { return nil }
+        let freeCount = allocatable
         var cursor = hint
         for _ in 0..<min(freeCount, UInt64(reserved.count) + 1) {
             guard let free = clusters.firstClear(from: cursor) else { return nil }

@@ -20,20 +20,24 @@ struct ArrayCopyKey: Hashable {
 
 public final class BlobStore {
     /// Format parameters. A blob costs at least one metadata page (its chain) plus its
-    /// clusters; a store for many small blobs wants 4 KiB clusters and about as many
-    /// metadata pages as blobs (100,000 blobs of 4 KiB fit a 1 GiB store formatted with
-    /// `metadataPages: 110_000, blobIDLimit: 100_000`).
+    /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
+    /// metadata page region go to data clusters (`metadataPagesInClusters`), so the
+    /// region's size is not a limit on the number of blobs: the blob id limit is (by
+    /// default half the device's pages, up to 1 Mi: 131,072 in 1 GiB).
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
         public var logPages: UInt64?
         public var metadataPages: UInt64?
         public var blobIDLimit: UInt64?
+        /// nil: on with 4 KiB clusters, off otherwise; true needs 4 KiB clusters.
+        public var metadataPagesInClusters: Bool?
         public init(clusterSizeBytes: Int = 4096, logPages: UInt64? = nil, metadataPages: UInt64? = nil,
-                    blobIDLimit: UInt64? = nil) {
+                    blobIDLimit: UInt64? = nil, metadataPagesInClusters: Bool? = nil) {
             self.clusterSizeBytes = clusterSizeBytes
             self.logPages = logPages
             self.metadataPages = metadataPages
             self.blobIDLimit = blobIDLimit
+            self.metadataPagesInClusters = metadataPagesInClusters
         }
     }
 
@@ -70,6 +74,10 @@ public final class BlobStore {
     /// persisted bitmaps show them free.
     var quarantine: [(ticket: ReleaseTicket, extents: [Extent])] = []
     var quarantinedClusterCount: UInt64 = 0
+    /// Metadata pages of the durable chains that are in data clusters.
+    var metadataPagesInClusterCount: UInt64 = 0
+    /// Clusters a write is committing the mapping of (written, not yet set in `clusters`).
+    var clustersBeingMapped: Set<UInt64> = []
     /// How long an allocation that found no free cluster waits for quarantined ones.
     var quarantineWaitNs: UInt64 = 2_000_000_000
     /// When set, a commit writes its log pages without flushing them: it becomes durable
@@ -88,10 +96,12 @@ public final class BlobStore {
     /// before that release is durable (a crash could otherwise undo the release and leave
     /// the old owner holding the new owner's bytes).
     var releasedSinceFlush = false
-    /// Called before an allocation may hand out clusters released since the last flush:
+    /// Called before an allocation may hand out clusters released since it last ran:
     /// a reader with device reads in flight outside the store (the file system's
     /// asynchronous reads) waits for them here, so none can return the new owner's bytes.
     public var beforeReusingReleasedClusters: (() -> Void)?
+    /// Clusters were released since `beforeReusingReleasedClusters` last ran.
+    var releasedSinceDrain = false
     /// Deferred mode: the records of the last log page written since the last flush, and
     /// its bytes in use; the next commit appends to it.
     var openLogPage: (records: [LoggedRecord], used: Int)?
@@ -125,10 +135,15 @@ public final class BlobStore {
         }
         let clusterPages = UInt64(cluster / pageBytes)
         let logPages = options.logPages ?? min(max(devicePages / 64, 64), 16384)
-        // Defaults: an eighth of the device for metadata pages up to 4 Mi pages (16 GiB),
-        // as many blob ids up to 1 Mi. Many small blobs need more: see Options.
+        let pagesInClusters = options.metadataPagesInClusters ?? (cluster == pageBytes)
+        guard !pagesInClusters || cluster == pageBytes else {
+            throw .invalidArgument("metadata pages in clusters need 4 KiB clusters (cluster size \(cluster))")
+        }
+        // Defaults: an eighth of the device for metadata pages up to 4 Mi pages (16 GiB);
+        // blob ids: as many, or with metadata pages in clusters half the device's pages,
+        // up to 1 Mi either way. Without that feature many small blobs need more: see Options.
         let metadataPages = options.metadataPages ?? min(max(devicePages / 8, 64), 1 << 22)
-        let idLimit = options.blobIDLimit ?? min(metadataPages, 1 << 20)
+        let idLimit = options.blobIDLimit ?? min(pagesInClusters ? max(metadataPages, devicePages / 2) : metadataPages, 1 << 20)
         let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
         let clusterBound = devicePages / clusterPages
         let bitmapPages = BitmapPage.pages(forBits: clusterBound) + BitmapPage.pages(forBits: metadataPages)
@@ -148,6 +163,7 @@ public final class BlobStore {
             bitmaps: bitmaps, metadataPages: metadata, dataStartPage: dataStart,
             clusterCount: (devicePages - dataStart) / clusterPages, blobIDLimit: idLimit, activeCopy: 0,
             checkpointLSN: 0, logTailSequence: 0, superBlobID: nil)
+        if pagesInClusters { block.incompatibleFeatures |= SuperBlock.Features.metadataPagesInClusters }
         let store = BlobStore(io: io, superBlock: block)
         try store.writeTableAndBitmaps(copy: 0, chains: [:], checkpointSequence: 1)
         try store.flush()
@@ -241,6 +257,12 @@ public final class BlobStore {
                 durableChains[id] = chain
                 blobIDs.set(id)
                 for page in chain {
+                    if let cluster = superBlock.metadataPageCluster(page) {
+                        guard !clusters[cluster] else { throw .corrupt("metadata page \(page) (cluster \(cluster)) is owned twice") }
+                        clusters.set(cluster)
+                        metadataPagesInClusterCount += 1
+                        continue
+                    }
                     guard !metadataPageBits[UInt64(page)] else { throw .corrupt("metadata page \(page) is in two chains") }
                     metadataPageBits.set(UInt64(page))
                 }
@@ -260,16 +282,17 @@ public final class BlobStore {
         var ids: [UInt32] = []
         var next: UInt32? = root
         while let pageID = next {
-            guard UInt64(pageID) < superBlock.metadataPages.pageCount, ids.count < Int(superBlock.metadataPages.pageCount) else {
-                throw .corrupt("blob \(expectedID): metadata chain points at page \(pageID), outside the region or looping")
+            guard UInt64(pageID) < superBlock.metadataPageIDLimit, UInt64(ids.count) < superBlock.metadataPageIDLimit else {
+                throw .corrupt("blob \(expectedID): metadata chain points at page \(pageID), outside the metadata pages or looping")
             }
-            let page = superBlock.metadataPages.startPage + UInt64(pageID)
+            let page = superBlock.metadataPageAddress(pageID)
             do {
                 let decoded = try MetadataPage.decodePage(try readPages(at: page, count: 1)[...],
                                                           offset: page * UInt64(Self.pageBytes), pageID: pageID)
+                // A page out of order (a loop comes back to one) ends the walk: decodeBlob names it.
+                next = decoded.chainIndex == UInt32(truncatingIfNeeded: pages.count) ? decoded.nextPage : nil
                 pages.append(decoded)
                 ids.append(pageID)
-                next = decoded.nextPage
             } catch let error as FormatError { throw .format(error) } catch let error as BlobStoreError { throw error } catch {
                 throw .corrupt("\(error)")
             }
@@ -277,7 +300,7 @@ public final class BlobStore {
         let blob: BlobMetadata
         do {
             blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
-                (superBlock.metadataPages.startPage + UInt64($0)) * UInt64(Self.pageBytes)
+                superBlock.metadataPageAddress($0) * UInt64(Self.pageBytes)
             }, clusterLimit: superBlock.clusterCount)
         } catch { throw .format(error) }
         guard blob.id == expectedID else { throw .corrupt("blob table entry \(expectedID) names the chain of blob \(blob.id)") }

@@ -83,8 +83,29 @@ extension BlobStore {
         return result
     }
 
+    /// Pages of the metadata page region.
     public var metadataPageCount: UInt64 { superBlock.metadataPages.pageCount }
-    public var freeMetadataPageCount: UInt64 { metadataPageBits.count - metadataPageBits.setCount }
+    /// Free pages of the metadata page region.
+    public var freeRegionMetadataPageCount: UInt64 { metadataPageBits.count - metadataPageBits.setCount }
+    /// Metadata pages (of the last checkpoint's chains) in data clusters.
+    public var metadataPagesInClusters: UInt64 { metadataPagesInClusterCount }
+    /// Metadata pages a checkpoint can still take: free pages of the region, plus free
+    /// clusters when metadata pages may use them.
+    public var freeMetadataPageCount: UInt64 {
+        let region = freeRegionMetadataPageCount
+        guard superBlock.hasMetadataPagesInClusters else { return region }
+        return region + min(clusters.count - clusters.setCount, superBlock.metadataPageIDLimit - superBlock.metadataPages.pageCount)
+    }
+
+    /// Clusters blob data may not take: with metadata pages in clusters, enough that the
+    /// region's free pages and these together cover a sixteenth of the region (+ 64),
+    /// so a checkpoint always finds pages for the chains it rewrites.
+    public var metadataClusterReserve: UInt64 {
+        guard superBlock.hasMetadataPagesInClusters else { return 0 }
+        let target = min(superBlock.metadataPages.pageCount / 16 + 64, superBlock.clusterCount / 16)
+        let regionFree = metadataPageBits.count - metadataPageBits.setCount
+        return target > regionFree ? target - regionFree : 0
+    }
     public var blobCount: Int { blobs.count }
     public var blobIDLimit: UInt64 { superBlock.blobIDLimit }
 }

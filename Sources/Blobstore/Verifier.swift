@@ -79,8 +79,8 @@ public enum Verifier {
             var pages: [MetadataPage.Page] = []
             var ids: [UInt32] = []
             while let pageID = next {
-                guard UInt64(pageID) < block.metadataPages.pageCount, ids.count <= Int(block.metadataPages.pageCount) else {
-                    report.problems.append("blob \(id): chain points at metadata page \(pageID), outside the region or looping")
+                guard UInt64(pageID) < block.metadataPageIDLimit else {
+                    report.problems.append("blob \(id): chain points at metadata page \(pageID), outside the metadata pages")
                     break
                 }
                 if let other = pageOwner[pageID] {
@@ -88,7 +88,14 @@ public enum Verifier {
                     break
                 }
                 pageOwner[pageID] = id
-                let page = block.metadataPages.startPage + UInt64(pageID)
+                if let cluster = block.metadataPageCluster(pageID) {
+                    // A metadata page in a data cluster: the cluster is the chain's.
+                    if let other = clusterOwner[cluster] {
+                        report.problems.append("cluster \(cluster) holds metadata page \(pageID) of blob \(id) and belongs to blob \(other)")
+                    }
+                    clusterOwner[cluster] = id
+                }
+                let page = block.metadataPageAddress(pageID)
                 guard let bytes = read(page, 1) else { break }
                 do {
                     let decoded = try MetadataPage.decodePage(bytes[...], offset: page * UInt64(pageBytes), pageID: pageID)
@@ -105,7 +112,7 @@ public enum Verifier {
                 // Decoding checks every extent against the device (O(extents)): the loop below
                 // runs over clusters that exist.
                 let blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
-                    (block.metadataPages.startPage + UInt64($0)) * UInt64(pageBytes)
+                    block.metadataPageAddress($0) * UInt64(pageBytes)
                 }, clusterLimit: block.clusterCount)
                 if blob.id != id { report.problems.append("blob table entry \(id) names the chain of blob \(blob.id)") }
                 report.blobCount += 1

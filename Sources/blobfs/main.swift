@@ -33,7 +33,7 @@ struct Mkfs: UsageErrorsExitTwo {
     @Option(help: "Size of the image to create (e.g. 4G); an existing image keeps its size unless --force.") var size: String?
     @Option(help: "Cluster size in bytes (a power of two, 4096 to 1048576).") var clusterSize: Int = 4096
     @Option(help: "Block size in bytes: 512 or 4096.") var blockSize: Int = 4096
-    @Option(help: "Inodes to make room for (metadata pages and blob ids); default: one per 32 KiB of device, at most 1 Mi ids.")
+    @Option(help: "Inodes to make room for (blob ids, and a metadata page region that holds them all); default: one per 8 KiB of device with 4 KiB clusters (metadata pages past the region go to data clusters), else one per 32 KiB; at most 1 Mi.")
     var inodes: UInt64?
     @Flag(help: "Overwrite an existing blob store, or resize an existing image to --size.") var force = false
     @Flag(help: "Allocate the image file's blocks now (fallocate) instead of leaving it sparse: writes and fsyncs no longer pay for the backing file system's allocation.")

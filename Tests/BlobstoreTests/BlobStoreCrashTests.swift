@@ -112,7 +112,16 @@ final class BlobStoreCrashTests: XCTestCase {
         }
     }
 
-    private func powerCutAtEveryWriteIndex(blockSize: Int, seeds: Range<UInt64>) throws {
+    /// The same with a metadata page region of 2 pages: the chains live in data clusters
+    /// (allocated and released by checkpoints, next to the blobs' data).
+    func testPowerCutAtEveryWriteIndexWithMetadataPagesInClusters() throws {
+        var options = BlobStoreTests.options
+        options.metadataPages = 2
+        try powerCutAtEveryWriteIndex(blockSize: 4096, seeds: 0..<4, options: options)
+    }
+
+    private func powerCutAtEveryWriteIndex(blockSize: Int, seeds: Range<UInt64>,
+                                           options: BlobStore.Options = BlobStoreTests.options) throws {
         let reactor = try Reactor()
         // The reference run: the state after each operation.
         var reference: [Snapshot] = []
@@ -122,7 +131,7 @@ final class BlobStoreCrashTests: XCTestCase {
         do {
             let io = try BdevSyncIO(bdev: Bdev(backend: try MallocBdev(blockCount: (4 << 20) / UInt64(blockSize),
                                                                         blockSizeBytes: blockSize)), reactor: reactor)
-            let store = try BlobStore.format(io, options: BlobStoreTests.options)
+            let store = try BlobStore.format(io, options: options)
             var slots: [UInt64] = []
             reference.append(try Self.snapshot(store))
             for op in Self.workload {
@@ -132,6 +141,10 @@ final class BlobStoreCrashTests: XCTestCase {
                 reference.append(try Self.snapshot(store))
             }
             XCTAssertTrue(inPlace.contains(true), "the workload overwrites in place somewhere")
+            if options.metadataPages == 2 {
+                try store.checkpoint()
+                XCTAssertTrue(store.durableChains.values.joined().contains { $0 >= 2 }, "chains in data clusters")
+            }
             io.close()
         }
         var cutIndex: UInt64 = 1
@@ -148,7 +161,7 @@ final class BlobStoreCrashTests: XCTestCase {
                 let fault = FaultBdev(wrapping: inner)
                 let device = Bdev(backend: fault)
                 var io = try BdevSyncIO(bdev: device, reactor: reactor)
-                let store = try BlobStore.format(io, options: BlobStoreTests.options)
+                let store = try BlobStore.format(io, options: options)
                 fault.powerCut(afterWrites: fault.writeCount + cutIndex)
                 var slots: [UInt64] = []
                 var completed = 0

@@ -14,9 +14,9 @@ public struct SuperBlock: Equatable, Sendable {
     public static let sequenceMax: UInt64 = 1 << 62
     static let checksumOffset = 4092
 
-    /// Feature bits this code understands, per class (none yet: the classes exist so
-    /// that snapshots, clones and compression can be added without breaking old readers).
-    public static let knownIncompatible: UInt64 = 0
+    /// Feature bits this code understands, per class (the classes exist so that
+    /// snapshots, clones and compression can be added without breaking old readers).
+    public static let knownIncompatible: UInt64 = Features.metadataPagesInClusters
     public static let knownReadOnlyData: UInt64 = 0
     public static let knownReadOnlyMetadata: UInt64 = 0
 
@@ -28,6 +28,13 @@ public struct SuperBlock: Equatable, Sendable {
             self.pageCount = pageCount
         }
         public var endPage: UInt64 { startPage + pageCount }
+    }
+
+    public enum Features {
+        /// Incompatible: metadata page ids past the metadata page region name data
+        /// clusters (id = region pages + cluster), allocated when the region is full.
+        /// Only with 4 KiB clusters (one page each). FORMAT.md, "Metadata pages".
+        public static let metadataPagesInClusters: UInt64 = 1 << 0
     }
 
     public var incompatibleFeatures: UInt64 = 0
@@ -168,6 +175,7 @@ public struct SuperBlock: Equatable, Sendable {
             activeCopy: activeCopy, checkpointLSN: checkpointLSN, logTailSequence: logTail,
             superBlobID: superBlob == UInt64.max ? nil : superBlob)
         var copy = block
+        copy.incompatibleFeatures = incompatible
         copy.readOnlyDataFeatures = readOnlyData
         copy.readOnlyMetadataFeatures = readOnlyMetadata
         try copy.validateGeometry(reader)
@@ -215,6 +223,34 @@ public struct SuperBlock: Equatable, Sendable {
         guard metadataPages.pageCount < UInt64(UInt32.max) else {
             throw reader.error(.invalidField(name: "metadata page region pages", value: metadataPages.pageCount), at: 144)
         }
+        guard !hasMetadataPagesInClusters || clusterSizeBytes == UInt32(Self.pageBytes) else {
+            throw reader.error(.invalidField(name: "cluster size (metadata pages in clusters need 4096)",
+                                             value: UInt64(clusterSizeBytes)), at: 72)
+        }
+    }
+
+    /// Metadata pages may live in data clusters (`Features.metadataPagesInClusters`).
+    public var hasMetadataPagesInClusters: Bool { incompatibleFeatures & Features.metadataPagesInClusters != 0 }
+
+    /// One past the largest metadata page id: the region's pages, then (with the feature)
+    /// one per cluster, below 0xFFFFFFFF (the end of a chain; a table entry holds id + 1).
+    public var metadataPageIDLimit: UInt64 {
+        let region = metadataPages.pageCount
+        guard hasMetadataPagesInClusters else { return region }
+        return region + min(clusterCount, UInt64(UInt32.max) - region)
+    }
+
+    /// The data cluster holding metadata page `id`, nil for a page of the region.
+    @inline(__always)
+    public func metadataPageCluster(_ id: UInt32) -> UInt64? {
+        UInt64(id) < metadataPages.pageCount ? nil : UInt64(id) - metadataPages.pageCount
+    }
+
+    /// Device page of metadata page `id` (below `metadataPageIDLimit`).
+    @inline(__always)
+    public func metadataPageAddress(_ id: UInt32) -> UInt64 {
+        guard let cluster = metadataPageCluster(id) else { return metadataPages.startPage + UInt64(id) }
+        return dataStartPage + cluster  // one page per cluster
     }
 
     /// Pages one bitmap copy needs for the three bitmaps (no overflow: decoding bounds the

@@ -29,10 +29,13 @@ extension BlobStore {
     public func changedSinceCheckpoint(_ id: UInt64) -> Bool { dirtyBlobs.contains(id) }
 
     public func inspectMetadataPage(_ pageID: UInt32) -> ChainPage {
-        let page = superBlock.metadataPages.startPage + UInt64(pageID)
+        let page = superBlock.metadataPageAddress(pageID)
         let offset = page * UInt64(Self.pageBytes)
         var result = ChainPage(pageID: pageID, offset: offset)
         do {
+            guard UInt64(pageID) < superBlock.metadataPageIDLimit else {
+                throw BlobStoreError.invalidArgument("metadata page \(pageID) is outside the store's \(superBlock.metadataPageIDLimit)")
+            }
             let bytes = try readPages(at: page, count: 1)
             let decoded = try MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID)
             result.blobID = decoded.blobID
