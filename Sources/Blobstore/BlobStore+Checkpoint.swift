@@ -96,8 +96,8 @@ extension BlobStore {
         for page in superseded {
             if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
         }
-        try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted, freeClusters: supersededClusters,
-                                 checkpointSequence: sequence)
+        let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
+                                               freeClusters: supersededClusters, checkpointSequence: sequence)
         try flush()
         var next = superBlock
         next.sequence = sequence
@@ -105,6 +105,7 @@ extension BlobStore {
         next.checkpointLSN = nextLSN - 1
         next.logTailSequence = logHead
         next.isClean = clean
+        next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
         try writePages(at: UInt64(next.slot), next.encode())
         try flush()
         switched = true
@@ -118,45 +119,67 @@ extension BlobStore {
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
-    /// (superseded metadata pages in clusters).
+    /// (superseded metadata pages in clusters). Returns the pages of this copy (table
+    /// pages, then bitmap pages) that differ from the other copy, nil when unknown.
+    @discardableResult
     func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
-                              freeClusters: [UInt64] = [], checkpointSequence: UInt64) throws(BlobStoreError) {
+                              freeClusters: [UInt64] = [], checkpointSequence: UInt64) throws(BlobStoreError) -> [UInt32]? {
         let block = superBlock
-        var table = [UInt8](repeating: 0, count: Int(block.table.pageCount) * ArrayPage.payloadBytes)
+        let tableDiff = try writeArray(tablePayload(chains), kind: .table, copy: copy, pageCount: block.table.pageCount,
+                                       at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
+        var clusterBits = clustersAsCommitted
+        freeClusters.forEach { clusterBits.clear($0) }
+        let bits = bitmapPayload(clusters: clusterBits, metadataPages: metadataBits ?? metadataPageBits)
+        let bitmapDiff = try writeArray(bits, kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
+                                        at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount, sequence: checkpointSequence)
+        guard let tableDiff, let bitmapDiff else { return nil }
+        return tableDiff.map { UInt32($0) } + bitmapDiff.map { UInt32(block.table.pageCount) + UInt32($0) }
+    }
+
+    /// The blob table's payload for `chains` (id -> first metadata page + 1).
+    func tablePayload(_ chains: [UInt64: [UInt32]]) -> [UInt8] {
+        var table = [UInt8](repeating: 0, count: Int(superBlock.table.pageCount) * ArrayPage.payloadBytes)
         for (id, pages) in chains {
             let at = Int(id) * TablePage.entryBytes
             let value = pages[0] + 1
             for index in 0..<4 { table[at + index] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(index))) }
         }
-        try writeArray(table, kind: .table, copy: copy, pageCount: block.table.pageCount,
-                       at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
+        return table
+    }
+
+    /// The bitmap copy's payload: the three bitmaps, each from a page boundary.
+    func bitmapPayload(clusters: Bitmap, metadataPages: Bitmap) -> [UInt8] {
+        let block = superBlock
         var bits: [UInt8] = []
-        var clusterBits = clustersAsCommitted
-        freeClusters.forEach { clusterBits.clear($0) }
-        for (bitmap, count) in [(clusterBits, block.clusterCount), (metadataBits ?? metadataPageBits, block.metadataPages.pageCount),
+        for (bitmap, count) in [(clusters, block.clusterCount), (metadataPages, block.metadataPages.pageCount),
                                 (blobIDs, block.blobIDLimit)] {
             var section = bitmap.bytes()
             section += [UInt8](repeating: 0, count: Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes - section.count)
             bits += section
         }
         bits += [UInt8](repeating: 0, count: Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes - bits.count)
-        try writeArray(bits, kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
-                       at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount, sequence: checkpointSequence)
+        return bits
     }
 
-    /// Writes the pages of one copy whose payload differs from what that copy last
-    /// received (all of them when that is unknown), in runs of consecutive pages.
+    /// Returns the pages whose payload differs from the other copy's (nil when that copy
+    /// is not known).
     private func writeArray(_ payload: [UInt8], kind: ArrayPageKind, copy: UInt8, pageCount: UInt64, at start: UInt64,
-                            sequence: UInt64) throws(BlobStoreError) {
+                            sequence: UInt64) throws(BlobStoreError) -> [Int]? {
         let key = ArrayCopyKey(kind: kind, copy: copy)
         var known = writtenPayloads[key] ?? [UInt8]()
         writtenPayloads[key] = nil  // unknown until every write below succeeded
+        let stale = stalePages.removeValue(forKey: key) ?? []
         let knownComplete = known.count == payload.count
+        let otherKey = ArrayCopyKey(kind: kind, copy: 1 - copy)
+        let other = stalePages[otherKey] == nil ? writtenPayloads[otherKey] : nil
+        var differing: [Int]? = other?.count == payload.count ? [] : nil
         var run: [UInt8] = []
         var runStart = 0
         for index in 0...Int(pageCount) {
             let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
-            let changed = index < Int(pageCount) && (!knownComplete || known[range] != payload[range])
+            let inside = index < Int(pageCount)
+            if inside, differing != nil, other![range] != payload[range] { differing!.append(index) }
+            let changed = inside && (!knownComplete || stale.contains(index) || known[range] != payload[range])
             if changed {
                 if run.isEmpty { runStart = index }
                 run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: payload[range])
@@ -167,6 +190,7 @@ extension BlobStore {
         }
         known = payload
         writtenPayloads[key] = known
+        return differing
     }
 
     // MARK: - Log

@@ -64,6 +64,9 @@ public final class BlobStore {
     /// What each copy of the table and bitmaps holds, when known: checkpoints write only
     /// the pages that differ.
     var writtenPayloads: [ArrayCopyKey: [UInt8]] = [:]
+    /// Pages of a copy whose content is not what `writtenPayloads` says (the next
+    /// checkpoint into that copy writes them whatever it compares).
+    var stalePages: [ArrayCopyKey: Set<Int>] = [:]
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
@@ -184,7 +187,11 @@ public final class BlobStore {
     /// Loads the store. `readOnly`: the replay happens in memory only — nothing is
     /// written (no checkpoint, the clean flag untouched) and every change is refused;
     /// what offline inspection (blobcli) and checks use.
-    public static func load(_ io: BdevSyncIO, readOnly: Bool = false) throws(BlobStoreError) -> (BlobStore, LoadReport) {
+    /// `rewriteArrays`: the checkpoints after the load write both copies of the table and
+    /// bitmaps whole (repair), instead of the pages that differ from what the last
+    /// checkpoint recorded.
+    public static func load(_ io: BdevSyncIO, readOnly: Bool = false,
+                            rewriteArrays: Bool = false) throws(BlobStoreError) -> (BlobStore, LoadReport) {
         let raw = try readPages(io, at: 0, count: 2)
         var decoded: [Result<SuperBlock, FormatError>] = []
         for slot in 0..<2 {
@@ -209,6 +216,7 @@ public final class BlobStore {
         if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
+        if !readOnly && !rewriteArrays { store.rememberPersistedArrays() }
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
                                    storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
             let page = block.log.startPage + sequence % block.log.pageCount
@@ -229,6 +237,26 @@ public final class BlobStore {
         return (store, LoadReport(superBlockSlot: block.slot, wasClean: block.isClean,
                                   replayedTransactions: scan.transactions.count,
                                   discardedRecords: scan.uncommittedRecords, logStop: scan.stop))
+    }
+
+    /// After `loadCheckpoint`, before the replay: what both copies of the table and
+    /// bitmaps hold, as far as the checkpoint says. The active copy holds the table just
+    /// read and the bitmaps the chains give (what that checkpoint wrote); the other copy
+    /// the same except the pages the checkpoint recorded as changed, which are stale.
+    /// Without a record, the other copy is unknown and the next checkpoint writes it whole.
+    private func rememberPersistedArrays() {
+        let active = superBlock.activeCopy
+        guard let table = writtenPayloads[ArrayCopyKey(kind: .table, copy: active)] else { return }
+        let bits = bitmapPayload(clusters: clusters, metadataPages: metadataPageBits)
+        writtenPayloads[ArrayCopyKey(kind: .bitmap, copy: active)] = bits
+        guard let changed = superBlock.changedSincePrevious else { return }
+        let inactive = 1 - active
+        let tablePages = superBlock.table.pageCount
+        writtenPayloads[ArrayCopyKey(kind: .table, copy: inactive)] = table
+        writtenPayloads[ArrayCopyKey(kind: .bitmap, copy: inactive)] = bits
+        stalePages[ArrayCopyKey(kind: .table, copy: inactive)] = Set(changed.filter { UInt64($0) < tablePages }.map { Int($0) })
+        stalePages[ArrayCopyKey(kind: .bitmap, copy: inactive)] = Set(changed.filter { UInt64($0) >= tablePages }
+            .map { Int(UInt64($0) - tablePages) })
     }
 
     /// Reads the active table and every chain it names; derives the bitmaps.

@@ -120,6 +120,32 @@ final class FormatTests: XCTestCase {
         }
     }
 
+    /// The record of array pages a checkpoint changed: absent (0 at offset 208), empty,
+    /// a list; a count beyond what the slot holds and a page beyond the arrays are errors.
+    func testSuperBlockChangedPagesRecord() throws {
+        var block = Self.sampleSuperBlock()
+        XCTAssertNil(try SuperBlock.decode(block.encode()[...], offset: 0).changedSincePrevious)
+        block.changedSincePrevious = []
+        XCTAssertEqual(try SuperBlock.decode(block.encode()[...], offset: 0).changedSincePrevious, [])
+        block.changedSincePrevious = [0, 3, 7]  // table pages 0 and 3, bitmap page 3
+        let decoded = try SuperBlock.decode(block.encode()[...], offset: 0)
+        XCTAssertEqual(decoded.changedSincePrevious, [0, 3, 7])
+        XCTAssertEqual(decoded, block)
+        block.changedSincePrevious = [2, 8]  // 4 table + 4 bitmap pages: 8 is outside
+        expectProblem(.invalidField(name: "changed array page", value: 8), offset: 216) {
+            try SuperBlock.decode(block.encode()[...], offset: 0)
+        }
+        var bytes = Self.sampleSuperBlock().encode()
+        bytes[208] = 0xFF; bytes[209] = 0xFF  // 65,535 - 1 entries: more than a slot holds
+        Self.reseal(&bytes, over: 0..<4092, at: 4092)
+        expectProblem(.invalidField(name: "changed array pages", value: 0xFFFF), offset: 208) {
+            try SuperBlock.decode(bytes[...], offset: 0)
+        }
+        // A list too long to record is written as not recorded.
+        block.changedSincePrevious = (0..<UInt32(SuperBlock.changedPagesMax + 1)).map { $0 % 8 }
+        XCTAssertNil(try SuperBlock.decode(block.encode()[...], offset: 0).changedSincePrevious)
+    }
+
     // MARK: - Metadata pages
 
     func testMetadataChainRoundTrip() throws {

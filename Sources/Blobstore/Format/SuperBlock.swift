@@ -58,6 +58,13 @@ public struct SuperBlock: Equatable, Sendable {
     public var checkpointLSN: UInt64
     public var logTailSequence: UInt64
     public var superBlobID: UInt64?
+    /// Pages of the table and bitmap copies (table pages first, then bitmap pages, by
+    /// index within a copy) whose payload this checkpoint's copy has and the other copy
+    /// has not; nil: not recorded (then the other copy is unknown). Lets the first
+    /// checkpoint after a load write only what differs, not both arrays whole.
+    public var changedSincePrevious: [UInt32]?
+    /// What fits the slot after the fixed fields.
+    public static let changedPagesMax = (checksumOffset - 212) / 4
 
     public static func == (lhs: SuperBlock, rhs: SuperBlock) -> Bool {
         lhs.encode() == rhs.encode()
@@ -117,6 +124,10 @@ public struct SuperBlock: Equatable, Sendable {
         writer.u64(checkpointLSN)
         writer.u64(logTailSequence)
         writer.u64(superBlobID ?? UInt64.max)
+        if let changed = changedSincePrevious, changed.count <= Self.changedPagesMax {
+            writer.u32(UInt32(changed.count + 1))
+            for page in changed { writer.u32(page) }
+        }
         writer.sealChecksum(over: 0..<Self.checksumOffset, at: Self.checksumOffset)
         return writer.bytes
     }
@@ -167,7 +178,16 @@ public struct SuperBlock: Equatable, Sendable {
         let checkpointLSN = try reader.u64()
         let logTail = try reader.u64()
         let superBlob = try reader.u64()
-        try reader.requireZero(208..<checksumOffset)
+        let changedField = try reader.u32()
+        guard changedField <= UInt32(changedPagesMax) + 1 else {
+            throw reader.error(.invalidField(name: "changed array pages", value: UInt64(changedField)), at: 208)
+        }
+        var changed: [UInt32]?
+        if changedField > 0 {
+            changed = []
+            for _ in 0..<Int(changedField - 1) { changed!.append(try reader.u32()) }
+        }
+        try reader.requireZero(reader.position..<checksumOffset)
         let block = SuperBlock(
             sequence: sequence, storeID: storeID, blockSizeBytes: blockSize, clusterSizeBytes: clusterSize,
             isClean: flags & 1 == 1, devicePages: devicePages, log: regions[0], table: regions[1], bitmaps: regions[2],
@@ -176,6 +196,7 @@ public struct SuperBlock: Equatable, Sendable {
             superBlobID: superBlob == UInt64.max ? nil : superBlob)
         var copy = block
         copy.incompatibleFeatures = incompatible
+        copy.changedSincePrevious = changed
         copy.readOnlyDataFeatures = readOnlyData
         copy.readOnlyMetadataFeatures = readOnlyMetadata
         try copy.validateGeometry(reader)
@@ -222,6 +243,10 @@ public struct SuperBlock: Equatable, Sendable {
         // Metadata page ids are 32-bit: 0xFFFFFFFF ends a chain, and a table entry holds id + 1.
         guard metadataPages.pageCount < UInt64(UInt32.max) else {
             throw reader.error(.invalidField(name: "metadata page region pages", value: metadataPages.pageCount), at: 144)
+        }
+        let arrayPages = table.pageCount + bitmaps.pageCount
+        if let changed = changedSincePrevious, let index = changed.firstIndex(where: { UInt64($0) >= arrayPages }) {
+            throw reader.error(.invalidField(name: "changed array page", value: UInt64(changed[index])), at: 212 + 4 * index)
         }
         guard !hasMetadataPagesInClusters || clusterSizeBytes == UInt32(Self.pageBytes) else {
             throw reader.error(.invalidField(name: "cluster size (metadata pages in clusters need 4096)",

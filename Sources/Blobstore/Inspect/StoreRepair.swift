@@ -142,7 +142,7 @@ public enum StoreRepair {
         guard !before.isConsistent else { return report }
         let oldBitmaps = current.flatMap { PersistedBitmaps.read(io, $0) }
         do {
-            let (store, loaded) = try BlobStore.load(io)
+            let (store, loaded) = try BlobStore.load(io, rewriteArrays: true)
             report.replayedTransactions = loaded.replayedTransactions
             report.discardedRecords = loaded.discardedRecords
             try store.unload()
