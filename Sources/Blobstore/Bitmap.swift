@@ -54,11 +54,20 @@ public struct Bitmap: Equatable, Sendable {
 
     /// The bytes of the on-disk form: bit i in byte i/8, bit i%8.
     public func bytes() -> [UInt8] {
-        var result = [UInt8](repeating: 0, count: Int((count + 7) / 8))
+        let byteCount = Int((count + 7) / 8)
+        #if _endian(little)
+        // The words' memory is the on-disk form (bits past `count` are never set).
+        return [UInt8](unsafeUninitializedCapacity: byteCount) { buffer, initialized in
+            words.withUnsafeBytes { buffer.baseAddress!.update(from: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), count: byteCount) }
+            initialized = byteCount
+        }
+        #else
+        var result = [UInt8](repeating: 0, count: byteCount)
         for index in result.indices {
             result[index] = UInt8(truncatingIfNeeded: words[index / 8] >> (8 * UInt64(index % 8)))
         }
         return result
+        #endif
     }
 
     public init(count: UInt64, bytes: ArraySlice<UInt8>) {

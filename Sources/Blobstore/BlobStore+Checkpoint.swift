@@ -136,6 +136,16 @@ extension BlobStore {
         return tableDiff.map { UInt32($0) } + bitmapDiff.map { UInt32(block.table.pageCount) + UInt32($0) }
     }
 
+    /// Whether `a` and `b` hold the same bytes in `range` (a page's payload: memcmp).
+    @inline(__always)
+    static func samePage(_ a: [UInt8], _ b: [UInt8], _ range: Range<Int>) -> Bool {
+        a.withUnsafeBytes { left in
+            b.withUnsafeBytes { right in
+                memcmp(left.baseAddress! + range.lowerBound, right.baseAddress! + range.lowerBound, range.count) == 0
+            }
+        }
+    }
+
     /// The blob table's payload for `chains` (id -> first metadata page + 1).
     func tablePayload(_ chains: [UInt64: [UInt32]]) -> [UInt8] {
         var table = [UInt8](repeating: 0, count: Int(superBlock.table.pageCount) * ArrayPage.payloadBytes)
@@ -151,6 +161,7 @@ extension BlobStore {
     func bitmapPayload(clusters: Bitmap, metadataPages: Bitmap) -> [UInt8] {
         let block = superBlock
         var bits: [UInt8] = []
+        bits.reserveCapacity(Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes)
         for (bitmap, count) in [(clusters, block.clusterCount), (metadataPages, block.metadataPages.pageCount),
                                 (blobIDs, block.blobIDLimit)] {
             var section = bitmap.bytes()
@@ -178,8 +189,8 @@ extension BlobStore {
         for index in 0...Int(pageCount) {
             let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
             let inside = index < Int(pageCount)
-            if inside, differing != nil, other![range] != payload[range] { differing!.append(index) }
-            let changed = inside && (!knownComplete || stale.contains(index) || known[range] != payload[range])
+            if inside, differing != nil, !Self.samePage(other!, payload, range) { differing!.append(index) }
+            let changed = inside && (!knownComplete || stale.contains(index) || !Self.samePage(known, payload, range))
             if changed {
                 if run.isEmpty { runStart = index }
                 run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: payload[range])

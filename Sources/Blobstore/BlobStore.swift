@@ -1,6 +1,12 @@
 import Bdev
 import Env
 
+/// One copy (0 or 1) of the blob table or of the bitmaps.
+struct ArrayCopyKey: Hashable {
+    let kind: ArrayPageKind
+    let copy: UInt8
+}
+
 /// A blob store on a block device: FORMAT.md gives the layout.
 ///
 /// Every metadata operation is one transaction of redo records, written to the log and
@@ -10,14 +16,9 @@ import Env
 /// block (alternating slots) — so a crash at any point leaves a valid checkpoint and the
 /// log that follows it. Loading replays the committed transactions after the checkpoint.
 ///
-/// This version drives the device synchronously (`BdevSyncIO` on a reactor stepped by
-/// the calling thread): it is the metadata engine, owned by one thread. The
-/// asynchronous data path from many reactors is not built yet.
-struct ArrayCopyKey: Hashable {
-    let kind: ArrayPageKind
-    let copy: UInt8
-}
-
+/// The engine drives the device synchronously (`BdevSyncIO` on a reactor stepped by
+/// the calling thread) and is owned by one thread; `BlobStoreService` runs it on a
+/// metadata reactor, and data I/O from any reactor goes through `BlobChannel`.
 public final class BlobStore {
     /// Format parameters. A blob costs at least one metadata page (its chain) plus its
     /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
