@@ -97,7 +97,7 @@ extension BlobStore {
             if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
         }
         let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
-                                               freeClusters: supersededClusters, checkpointSequence: sequence)
+                                               freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
         try flush()
         var next = superBlock
         next.sequence = sequence
@@ -119,21 +119,88 @@ extension BlobStore {
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
-    /// (superseded metadata pages in clusters). Returns the pages of this copy (table
-    /// pages, then bitmap pages) that differ from the other copy, nil when unknown.
+    /// (superseded metadata pages in clusters). `announce`: before overwriting any page
+    /// of the copy, write the announcement of checkpoint `checkpointSequence` (the pages
+    /// it will write) to the other super block slot and flush (see
+    /// `SuperBlock.isCheckpointIntent`). Returns the pages of this copy (table pages,
+    /// then bitmap pages) that differ from the other copy, nil when unknown.
     @discardableResult
     func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
-                              freeClusters: [UInt64] = [], checkpointSequence: UInt64) throws(BlobStoreError) -> [UInt32]? {
+                              freeClusters: [UInt64] = [], checkpointSequence: UInt64,
+                              announce: Bool = false) throws(BlobStoreError) -> [UInt32]? {
         let block = superBlock
-        let tableDiff = try writeArray(tablePayload(chains), kind: .table, copy: copy, pageCount: block.table.pageCount,
-                                       at: block.table.startPage + UInt64(copy) * block.table.pageCount, sequence: checkpointSequence)
+        let table = planArray(tablePayload(chains), kind: .table, copy: copy, pageCount: block.table.pageCount,
+                              at: block.table.startPage + UInt64(copy) * block.table.pageCount)
         var clusterBits = clustersAsCommitted
         freeClusters.forEach { clusterBits.clear($0) }
-        let bits = bitmapPayload(clusters: clusterBits, metadataPages: metadataBits ?? metadataPageBits)
-        let bitmapDiff = try writeArray(bits, kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
-                                        at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount, sequence: checkpointSequence)
-        guard let tableDiff, let bitmapDiff else { return nil }
-        return tableDiff.map { UInt32($0) } + bitmapDiff.map { UInt32(block.table.pageCount) + UInt32($0) }
+        let bitmaps = planArray(bitmapPayload(clusters: clusterBits, metadataPages: metadataBits ?? metadataPageBits),
+                                kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
+                                at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount)
+        let tablePages = UInt32(block.table.pageCount)
+        if announce && !(table.writes.isEmpty && bitmaps.writes.isEmpty) {
+            var intent = block
+            intent.sequence = checkpointSequence
+            intent.isCheckpointIntent = true
+            let pages = table.writes.map { UInt32($0) } + bitmaps.writes.map { tablePages + UInt32($0) }
+            intent.changedSincePrevious = pages.count <= SuperBlock.changedPagesMax ? pages : nil
+            try writePages(at: UInt64(intent.slot), intent.encode())
+            try flush()
+        }
+        try executeArray(table, sequence: checkpointSequence)
+        try executeArray(bitmaps, sequence: checkpointSequence)
+        guard let tableDiff = table.differing, let bitmapDiff = bitmaps.differing else { return nil }
+        return tableDiff.map { UInt32($0) } + bitmapDiff.map { tablePages + UInt32($0) }
+    }
+
+    /// What writing one array copy takes: its payload, the pages to write (those that
+    /// differ from what the copy holds, or all when that is unknown), and the pages that
+    /// differ from the other copy (nil when that copy is unknown).
+    struct ArrayWrite {
+        let key: ArrayCopyKey
+        let payload: [UInt8]
+        let start: UInt64
+        let writes: [Int]
+        let differing: [Int]?
+    }
+
+    private func planArray(_ payload: [UInt8], kind: ArrayPageKind, copy: UInt8, pageCount: UInt64,
+                           at start: UInt64) -> ArrayWrite {
+        let key = ArrayCopyKey(kind: kind, copy: copy)
+        let known = writtenPayloads[key] ?? [UInt8]()
+        let stale = stalePages[key] ?? []
+        let knownComplete = known.count == payload.count
+        let otherKey = ArrayCopyKey(kind: kind, copy: 1 - copy)
+        let other = stalePages[otherKey] == nil ? writtenPayloads[otherKey] : nil
+        var differing: [Int]? = other?.count == payload.count ? [] : nil
+        var writes: [Int] = []
+        for index in 0..<Int(pageCount) {
+            let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
+            if differing != nil, !Self.samePage(other!, payload, range) { differing!.append(index) }
+            if !knownComplete || stale.contains(index) || !Self.samePage(known, payload, range) { writes.append(index) }
+        }
+        return ArrayWrite(key: key, payload: payload, start: start, writes: writes, differing: differing)
+    }
+
+    /// Writes the planned pages, in runs of consecutive ones; the copy is known to hold
+    /// the payload only once every write succeeded.
+    private func executeArray(_ plan: ArrayWrite, sequence: UInt64) throws(BlobStoreError) {
+        writtenPayloads[plan.key] = nil
+        var index = 0
+        while index < plan.writes.count {
+            var end = index + 1
+            while end < plan.writes.count, plan.writes[end] == plan.writes[end - 1] + 1 { end += 1 }
+            var run: [UInt8] = []
+            run.reserveCapacity((end - index) * SuperBlock.pageBytes)
+            for page in plan.writes[index..<end] {
+                let range = (page * ArrayPage.payloadBytes)..<((page + 1) * ArrayPage.payloadBytes)
+                run += ArrayPage.encode(kind: plan.key.kind, checkpointSequence: sequence, pageIndex: UInt32(page),
+                                        payload: plan.payload[range])
+            }
+            try writePages(at: plan.start + UInt64(plan.writes[index]), run)
+            index = end
+        }
+        stalePages[plan.key] = nil
+        writtenPayloads[plan.key] = plan.payload
     }
 
     /// Whether `a` and `b` hold the same bytes in `range` (a page's payload: memcmp).
@@ -170,38 +237,6 @@ extension BlobStore {
         }
         bits += [UInt8](repeating: 0, count: Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes - bits.count)
         return bits
-    }
-
-    /// Returns the pages whose payload differs from the other copy's (nil when that copy
-    /// is not known).
-    private func writeArray(_ payload: [UInt8], kind: ArrayPageKind, copy: UInt8, pageCount: UInt64, at start: UInt64,
-                            sequence: UInt64) throws(BlobStoreError) -> [Int]? {
-        let key = ArrayCopyKey(kind: kind, copy: copy)
-        var known = writtenPayloads[key] ?? [UInt8]()
-        writtenPayloads[key] = nil  // unknown until every write below succeeded
-        let stale = stalePages.removeValue(forKey: key) ?? []
-        let knownComplete = known.count == payload.count
-        let otherKey = ArrayCopyKey(kind: kind, copy: 1 - copy)
-        let other = stalePages[otherKey] == nil ? writtenPayloads[otherKey] : nil
-        var differing: [Int]? = other?.count == payload.count ? [] : nil
-        var run: [UInt8] = []
-        var runStart = 0
-        for index in 0...Int(pageCount) {
-            let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
-            let inside = index < Int(pageCount)
-            if inside, differing != nil, !Self.samePage(other!, payload, range) { differing!.append(index) }
-            let changed = inside && (!knownComplete || stale.contains(index) || !Self.samePage(known, payload, range))
-            if changed {
-                if run.isEmpty { runStart = index }
-                run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(index), payload: payload[range])
-            } else if !run.isEmpty {
-                try writePages(at: start + UInt64(runStart), run)
-                run = []
-            }
-        }
-        known = payload
-        writtenPayloads[key] = known
-        return differing
     }
 
     // MARK: - Log

@@ -201,9 +201,10 @@ public final class BlobStore {
                                                               offset: UInt64(slot * pageBytes))))
             } catch { decoded.append(.failure(error)) }
         }
-        let candidates = decoded.compactMap { try? $0.get() }
-        guard let block = candidates.max(by: { $0.sequence < $1.sequence }) else {
-            guard case let .failure(first) = decoded[0], case let .failure(second) = decoded[1] else { fatalError() }
+        guard let (slot, block) = SuperBlock.current(decoded) else {
+            guard case let .failure(first) = decoded[0], case let .failure(second) = decoded[1] else {
+                throw .corrupt("no regular super block: one slot holds only the announcement of a checkpoint, the other does not decode")
+            }
             throw .noSuperBlock(slot0: first, slot1: second)
         }
         guard Int(block.blockSizeBytes) == io.geometry.blockSizeBytes else {
@@ -213,11 +214,10 @@ public final class BlobStore {
         guard block.devicePages <= io.geometry.capacityBytes / UInt64(pageBytes) else {
             throw .geometry("store of \(block.devicePages) pages on a device of \(io.geometry.capacityBytes) bytes (truncated image?)")
         }
-        let slot = decoded.firstIndex { (try? $0.get()) == block } ?? block.slot
         if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
-        if !readOnly && !rewriteArrays { store.rememberPersistedArrays() }
+        if !readOnly && !rewriteArrays { store.rememberPersistedArrays(otherSlot: try? decoded[1 - slot].get()) }
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
                                    storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
             let page = block.log.startPage + sequence % block.log.pageCount
@@ -243,14 +243,23 @@ public final class BlobStore {
     /// After `loadCheckpoint`, before the replay: what both copies of the table and
     /// bitmaps hold, as far as the checkpoint says. The active copy holds the table just
     /// read and the bitmaps the chains give (what that checkpoint wrote); the other copy
-    /// the same except the pages the checkpoint recorded as changed, which are stale.
-    /// Without a record, the other copy is unknown and the next checkpoint writes it whole.
-    private func rememberPersistedArrays() {
+    /// the same except the pages the checkpoint recorded as changed, and those a later
+    /// checkpoint announced in the other slot and may have written before a crash
+    /// stopped it: those are stale. Without a record, or with the other slot unreadable
+    /// (a torn announcement or super block), the other copy is unknown and the next
+    /// checkpoint writes it whole.
+    private func rememberPersistedArrays(otherSlot: SuperBlock?) {
         let active = superBlock.activeCopy
         guard let table = writtenPayloads[ArrayCopyKey(kind: .table, copy: active)] else { return }
         let bits = bitmapPayload(clusters: clusters, metadataPages: metadataPageBits)
         writtenPayloads[ArrayCopyKey(kind: .bitmap, copy: active)] = bits
-        guard let changed = superBlock.changedSincePrevious else { return }
+        guard var changed = superBlock.changedSincePrevious, let otherSlot else { return }
+        if otherSlot.isCheckpointIntent {
+            guard otherSlot.sequence == superBlock.sequence + 1, let announced = otherSlot.changedSincePrevious else { return }
+            changed += announced
+        } else {
+            guard otherSlot.sequence < superBlock.sequence else { return }
+        }
         let inactive = 1 - active
         let tablePages = superBlock.table.pageCount
         writtenPayloads[ArrayCopyKey(kind: .table, copy: inactive)] = table

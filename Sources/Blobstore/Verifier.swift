@@ -25,14 +25,23 @@ public enum Verifier {
             }
         }
         guard let slots = read(0, 2) else { return report }
-        var blocks: [(slot: Int, block: SuperBlock)] = []
+        var decoded: [Result<SuperBlock, FormatError>] = []
         for slot in 0..<2 {
-            do {
-                blocks.append((slot, try SuperBlock.decode(slots[(slot * pageBytes)..<((slot + 1) * pageBytes)],
-                                                           offset: UInt64(slot * pageBytes))))
-            } catch { report.problems.append("\(error)") }
+            do throws(FormatError) {
+                decoded.append(.success(try SuperBlock.decode(slots[(slot * pageBytes)..<((slot + 1) * pageBytes)],
+                                                              offset: UInt64(slot * pageBytes))))
+            } catch {
+                report.problems.append("\(error)")
+                decoded.append(.failure(error))
+            }
         }
-        guard let (slot, block) = blocks.max(by: { $0.block.sequence < $1.block.sequence }) else { return report }
+        // (A slot holding the announcement of a checkpoint that a crash stopped is not a problem.)
+        guard let (slot, block) = SuperBlock.current(decoded) else {
+            if !decoded.contains(where: { if case .failure = $0 { true } else { false } }) {
+                report.problems.append("no regular super block (only announcements of checkpoints)")
+            }
+            return report
+        }
 
         // The store against the device: a cut image (its data region, or more, missing) is not
         // clean even when every metadata structure still reads. Without the metadata regions

@@ -160,10 +160,11 @@ struct Info: ParsableCommand {
                         switch result {
                         case let .success(decoded):
                             .object([("slot", .int(Int64(slot))), ("ok", .bool(true)), ("current", .bool(slot == opened.report.superBlockSlot)),
-                                     ("sequence", .uint(decoded.sequence)), ("clean", .bool(decoded.isClean)), ("problem", .null)])
+                                     ("sequence", .uint(decoded.sequence)), ("clean", .bool(decoded.isClean)),
+                                     ("announcement", .bool(decoded.isCheckpointIntent)), ("problem", .null)])
                         case let .failure(problem):
                             .object([("slot", .int(Int64(slot))), ("ok", .bool(false)), ("current", .bool(false)),
-                                     ("sequence", .null), ("clean", .null), ("problem", .string("\(problem)"))])
+                                     ("sequence", .null), ("clean", .null), ("announcement", .null), ("problem", .string("\(problem)"))])
                         }
                     })),
                     ("features", .object([("incompatible", .uint(block.incompatibleFeatures)),
@@ -213,6 +214,8 @@ struct Info: ParsableCommand {
     func slotsText(_ slots: [Result<SuperBlock, FormatError>], current: Int) -> String {
         slots.enumerated().map { slot, result in
             switch result {
+            case let .success(decoded) where decoded.isCheckpointIntent:
+                "\(slot): announcement of checkpoint \(decoded.sequence) (a crash stopped it)"
             case let .success(decoded): "\(slot): sequence \(decoded.sequence)\(slot == current ? " (current)" : "")"
             case let .failure(problem): "\(slot): DAMAGED (\(problem))"
             }

@@ -45,6 +45,12 @@ public struct SuperBlock: Equatable, Sendable {
     public var blockSizeBytes: UInt32
     public var clusterSizeBytes: UInt32
     public var isClean: Bool
+    /// State flag bit 1: not a checkpoint but the announcement of one (sequence: the
+    /// checkpoint's), written to the other slot before the checkpoint overwrites pages of
+    /// the inactive table and bitmap copy; `changedSincePrevious` lists those pages (nil:
+    /// any). Never current: a load uses it to know which pages of that copy a checkpoint
+    /// interrupted by a crash may have written.
+    public var isCheckpointIntent = false
     public var devicePages: UInt64
     public var log: Region
     /// One copy; the second copy follows the first.
@@ -110,7 +116,7 @@ public struct SuperBlock: Equatable, Sendable {
         writer.u32(blockSizeBytes)
         writer.u32(UInt32(Self.pageBytes))
         writer.u32(clusterSizeBytes)
-        writer.u32(isClean ? 1 : 0)
+        writer.u32((isClean ? 1 : 0) | (isCheckpointIntent ? 2 : 0))
         writer.u64(devicePages)
         for region in [log, table, bitmaps, metadataPages] {
             writer.u64(region.startPage)
@@ -164,7 +170,7 @@ public struct SuperBlock: Equatable, Sendable {
             throw reader.error(.invalidField(name: "cluster size", value: UInt64(clusterSize)), at: 72)
         }
         let flags = try reader.u32()
-        guard flags & ~1 == 0 else { throw reader.error(.invalidField(name: "state flags", value: UInt64(flags)), at: 76) }
+        guard flags & ~3 == 0 else { throw reader.error(.invalidField(name: "state flags", value: UInt64(flags)), at: 76) }
         let devicePages = try reader.u64()
         var regions: [Region] = []
         for _ in 0..<4 { regions.append(Region(startPage: try reader.u64(), pageCount: try reader.u64())) }
@@ -196,6 +202,7 @@ public struct SuperBlock: Equatable, Sendable {
             superBlobID: superBlob == UInt64.max ? nil : superBlob)
         var copy = block
         copy.incompatibleFeatures = incompatible
+        copy.isCheckpointIntent = flags & 2 != 0
         copy.changedSincePrevious = changed
         copy.readOnlyDataFeatures = readOnlyData
         copy.readOnlyMetadataFeatures = readOnlyMetadata
@@ -252,6 +259,17 @@ public struct SuperBlock: Equatable, Sendable {
             throw reader.error(.invalidField(name: "cluster size (metadata pages in clusters need 4096)",
                                              value: UInt64(clusterSizeBytes)), at: 72)
         }
+    }
+
+    /// The current super block of decoded slots: the regular one (not an intent) with the
+    /// higher sequence.
+    public static func current(_ slots: [Result<SuperBlock, FormatError>]) -> (slot: Int, block: SuperBlock)? {
+        var best: (slot: Int, block: SuperBlock)?
+        for (slot, result) in slots.enumerated() {
+            guard case let .success(block) = result, !block.isCheckpointIntent else { continue }
+            if best == nil || block.sequence > best!.block.sequence { best = (slot, block) }
+        }
+        return best
     }
 
     /// Metadata pages may live in data clusters (`Features.metadataPagesInClusters`).

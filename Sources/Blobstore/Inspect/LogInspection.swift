@@ -5,15 +5,8 @@ public struct SuperBlockSlots: Sendable {
     /// Slot 0 and slot 1: the decoded super block, or what is wrong with it.
     public var slots: [Result<SuperBlock, FormatError>]
 
-    /// The valid slot with the higher sequence (what a load uses).
-    public var current: (slot: Int, block: SuperBlock)? {
-        var best: (slot: Int, block: SuperBlock)?
-        for (slot, result) in slots.enumerated() {
-            guard case let .success(block) = result else { continue }
-            if best == nil || block.sequence > best!.block.sequence { best = (slot, block) }
-        }
-        return best
-    }
+    /// The valid regular slot with the higher sequence (what a load uses).
+    public var current: (slot: Int, block: SuperBlock)? { SuperBlock.current(slots) }
 
     /// Reads pages 0 and 1. Throws only when the device cannot be read; damaged slots are
     /// reported in `slots`.
