@@ -69,6 +69,8 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
         case random(seed: UInt64)
         case keepNone
         case keepAll
+        /// Exactly the unflushed writes with these indices (in write order) survive.
+        case keep(Set<Int>)
     }
 
     public struct CrashReport: Sendable, CustomStringConvertible {
@@ -106,6 +108,7 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
             case .keepAll: keep = true
             case .keepNone: keep = false
             case .random: keep = random.next() & 1 == 1
+            case let .keep(indices): keep = indices.contains(index)
             }
             if keep { report.kept.append(index) } else { report.dropped.append(index) }
         }

@@ -1,12 +1,59 @@
 /// An in-memory bit set with a next-free search; the allocation bitmaps of a loaded store.
+/// It notes which of its on-disk pages (`BitmapPage.bitsPerPage` bits each) a set or
+/// clear touched, so that a checkpoint writes those again and no others.
 public struct Bitmap: Equatable, Sendable {
     public private(set) var count: UInt64
     private var words: [UInt64]
     public private(set) var setCount: UInt64 = 0
+    /// One bit per on-disk page: touched since the last `takeChangedPages()`.
+    private var changed: [UInt64]
 
     public init(count: UInt64) {
         self.count = count
         words = [UInt64](repeating: 0, count: Int((count + 63) / 64))
+        changed = [UInt64](repeating: 0, count: Int((BitmapPage.pages(forBits: count) + 63) / 64))
+    }
+
+    public static func == (lhs: Bitmap, rhs: Bitmap) -> Bool { lhs.count == rhs.count && lhs.words == rhs.words }
+
+    @inline(__always)
+    private mutating func noteChange(_ index: UInt64) {
+        let page = index / UInt64(BitmapPage.bitsPerPage)
+        changed[Int(page / 64)] |= 1 << (page % 64)
+    }
+
+    /// The on-disk pages touched since the last call, in order; forgets them.
+    public mutating func takeChangedPages() -> [Int] {
+        var pages: [Int] = []
+        for (at, word) in changed.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                pages.append(at * 64 + bits.trailingZeroBitCount)
+                bits &= bits - 1
+            }
+            changed[at] = 0
+        }
+        return pages
+    }
+
+    /// The on-disk bytes of page `page` (`ArrayPage.payloadBytes`; zero past the end).
+    public func pageBytes(_ page: Int) -> [UInt8] {
+        var result = [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
+        let firstBit = UInt64(page) * UInt64(BitmapPage.bitsPerPage)
+        guard firstBit < count else { return result }
+        let byteCount = Int((min(count, firstBit + UInt64(BitmapPage.bitsPerPage)) - firstBit + 7) / 8)
+        let firstByte = Int(firstBit / 8)
+        #if _endian(little)
+        words.withUnsafeBytes { source in
+            result.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[firstByte..<(firstByte + byteCount)])) }
+        }
+        #else
+        for index in 0..<byteCount {
+            let byte = firstByte + index
+            result[index] = UInt8(truncatingIfNeeded: words[byte / 8] >> (8 * UInt64(byte % 8)))
+        }
+        #endif
+        return result
     }
 
     public subscript(index: UInt64) -> Bool {
@@ -18,12 +65,14 @@ public struct Bitmap: Equatable, Sendable {
         precondition(!self[index], "bit \(index) set twice")
         words[Int(index / 64)] |= 1 << (index % 64)
         setCount += 1
+        noteChange(index)
     }
 
     public mutating func clear(_ index: UInt64) {
         precondition(self[index], "bit \(index) cleared twice")
         words[Int(index / 64)] &= ~(1 << (index % 64))
         setCount -= 1
+        noteChange(index)
     }
 
     /// First clear bit at or after `start`, wrapping around; nil when all are set.
@@ -76,5 +125,6 @@ public struct Bitmap: Equatable, Sendable {
             words[Int(index / 64)] |= 1 << (index % 64)
             setCount += 1
         }
+        changed = changed.map { _ in 0 }
     }
 }

@@ -112,6 +112,7 @@ extension BlobStore {
         superBlock = next
         durableChains = chains
         metadataPageBits = persisted
+        _ = metadataPageBits.takeChangedPages()  // noted by writeTableAndBitmaps
         supersededClusters.forEach { clusters.clear($0) }
         metadataPagesInClusterCount += UInt64(allocatedClusters.count)
         metadataPagesInClusterCount -= UInt64(supersededClusters.count)
@@ -119,124 +120,117 @@ extension BlobStore {
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
-    /// (superseded metadata pages in clusters). `announce`: before overwriting any page
-    /// of the copy, write the announcement of checkpoint `checkpointSequence` (the pages
-    /// it will write) to the other super block slot and flush (see
-    /// `SuperBlock.isCheckpointIntent`). Returns the pages of this copy (table pages,
-    /// then bitmap pages) that differ from the other copy, nil when unknown.
+    /// (superseded metadata pages in clusters). Writes the pages of the copy that differ
+    /// from the state (all of them when the copy is unknown). `announce`: first write the
+    /// announcement of checkpoint `checkpointSequence` (the pages it will write) to the
+    /// other super block slot and flush (see `SuperBlock.isCheckpointIntent`). Returns
+    /// the pages of this copy (table pages, then bitmap pages) that may differ from the
+    /// other copy, nil when that copy is unknown.
     @discardableResult
     func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
                               freeClusters: [UInt64] = [], checkpointSequence: UInt64,
                               announce: Bool = false) throws(BlobStoreError) -> [UInt32]? {
         let block = superBlock
-        let table = planArray(tablePayload(chains), kind: .table, copy: copy, pageCount: block.table.pageCount,
-                              at: block.table.startPage + UInt64(copy) * block.table.pageCount)
-        var clusterBits = clustersAsCommitted
-        freeClusters.forEach { clusterBits.clear($0) }
-        let bitmaps = planArray(bitmapPayload(clusters: clusterBits, metadataPages: metadataBits ?? metadataPageBits),
-                                kind: .bitmap, copy: copy, pageCount: block.bitmaps.pageCount,
-                                at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount)
+        let layout = BitmapLayout(block)
+        var metadataBits = metadataBits ?? metadataPageBits
+        // What changed since the last checkpoint differs from both copies.
+        let tableKeys = [ArrayCopyKey(kind: .table, copy: 0), ArrayCopyKey(kind: .table, copy: 1)]
+        let bitmapKeys = [ArrayCopyKey(kind: .bitmap, copy: 0), ArrayCopyKey(kind: .bitmap, copy: 1)]
+        let perPage = UInt64(TablePage.entriesPerPage)
+        let tableChanges = Set(dirtyBlobs.map { Int($0 / perPage) })
+        var clusterMasks: [Int: [UInt64]] = [:]
+        for cluster in freeClusters { clusterMasks[layout.page(ofCluster: cluster), default: []].append(cluster) }
+        for entry in quarantine {
+            for extent in entry.extents {
+                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                    clusterMasks[layout.page(ofCluster: cluster), default: []].append(cluster)
+                }
+            }
+        }
+        var bitmapChanges = Set(clusters.takeChangedPages())
+        bitmapChanges.formUnion(clusterMasks.keys)
+        bitmapChanges.formUnion(metadataBits.takeChangedPages().map { layout.metadataStart + $0 })
+        _ = metadataPageBits.takeChangedPages()  // the same pages (metadataBits is its copy, less superseded chains)
+        bitmapChanges.formUnion(blobIDs.takeChangedPages().map { layout.idStart + $0 })
+        for key in tableKeys where copyDifferences[key] != nil { copyDifferences[key]!.formUnion(tableChanges) }
+        for key in bitmapKeys where copyDifferences[key] != nil { copyDifferences[key]!.formUnion(bitmapChanges) }
+
+        let tableKey = ArrayCopyKey(kind: .table, copy: copy), bitmapKey = ArrayCopyKey(kind: .bitmap, copy: copy)
+        let tableWrites = copyDifferences[tableKey].map { $0.sorted() } ?? Array(0..<Int(block.table.pageCount))
+        let bitmapWrites = copyDifferences[bitmapKey].map { $0.sorted() } ?? Array(0..<Int(block.bitmaps.pageCount))
         let tablePages = UInt32(block.table.pageCount)
-        if announce && !(table.writes.isEmpty && bitmaps.writes.isEmpty) {
+        if announce && !(tableWrites.isEmpty && bitmapWrites.isEmpty) {
             var intent = block
             intent.sequence = checkpointSequence
             intent.isCheckpointIntent = true
-            let pages = table.writes.map { UInt32($0) } + bitmaps.writes.map { tablePages + UInt32($0) }
+            let pages = tableWrites.map { UInt32($0) } + bitmapWrites.map { tablePages + UInt32($0) }
             intent.changedSincePrevious = pages.count <= SuperBlock.changedPagesMax ? pages : nil
             try writePages(at: UInt64(intent.slot), intent.encode())
             try flush()
         }
-        try executeArray(table, sequence: checkpointSequence)
-        try executeArray(bitmaps, sequence: checkpointSequence)
-        guard let tableDiff = table.differing, let bitmapDiff = bitmaps.differing else { return nil }
-        return tableDiff.map { UInt32($0) } + bitmapDiff.map { tablePages + UInt32($0) }
-    }
-
-    /// What writing one array copy takes: its payload, the pages to write (those that
-    /// differ from what the copy holds, or all when that is unknown), and the pages that
-    /// differ from the other copy (nil when that copy is unknown).
-    struct ArrayWrite {
-        let key: ArrayCopyKey
-        let payload: [UInt8]
-        let start: UInt64
-        let writes: [Int]
-        let differing: [Int]?
-    }
-
-    private func planArray(_ payload: [UInt8], kind: ArrayPageKind, copy: UInt8, pageCount: UInt64,
-                           at start: UInt64) -> ArrayWrite {
-        let key = ArrayCopyKey(kind: kind, copy: copy)
-        let known = writtenPayloads[key] ?? [UInt8]()
-        let stale = stalePages[key] ?? []
-        let knownComplete = known.count == payload.count
-        let otherKey = ArrayCopyKey(kind: kind, copy: 1 - copy)
-        let other = stalePages[otherKey] == nil ? writtenPayloads[otherKey] : nil
-        var differing: [Int]? = other?.count == payload.count ? [] : nil
-        var writes: [Int] = []
-        for index in 0..<Int(pageCount) {
-            let range = (index * ArrayPage.payloadBytes)..<((index + 1) * ArrayPage.payloadBytes)
-            if differing != nil, !Self.samePage(other!, payload, range) { differing!.append(index) }
-            if !knownComplete || stale.contains(index) || !Self.samePage(known, payload, range) { writes.append(index) }
+        copyDifferences[tableKey] = nil  // unknown until every write below succeeded
+        try writeArrayPages(tableWrites, kind: .table, sequence: checkpointSequence,
+                            at: block.table.startPage + UInt64(copy) * block.table.pageCount) { page in
+            var payload = [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
+            for entry in 0..<TablePage.entriesPerPage {
+                let id = UInt64(page) * perPage + UInt64(entry)
+                guard id < block.blobIDLimit else { break }
+                guard let value = chains[id].map({ $0[0] + 1 }) else { continue }
+                for byte in 0..<4 { payload[entry * 4 + byte] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(byte))) }
+            }
+            return payload
         }
-        return ArrayWrite(key: key, payload: payload, start: start, writes: writes, differing: differing)
+        copyDifferences[tableKey] = []
+        copyDifferences[bitmapKey] = nil
+        try writeArrayPages(bitmapWrites, kind: .bitmap, sequence: checkpointSequence,
+                            at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount) { page in
+            if page < layout.metadataStart {
+                var payload = clusters.pageBytes(page)
+                for cluster in clusterMasks[page] ?? [] {
+                    let bit = Int(cluster - UInt64(page) * UInt64(BitmapPage.bitsPerPage))
+                    payload[bit / 8] &= ~(1 << UInt8(bit % 8))
+                }
+                return payload
+            }
+            if page < layout.idStart { return metadataBits.pageBytes(page - layout.metadataStart) }
+            if page < layout.end { return blobIDs.pageBytes(page - layout.idStart) }
+            return [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
+        }
+        copyDifferences[bitmapKey] = []
+        let otherTable = copyDifferences[tableKeys[1 - Int(copy)]], otherBitmap = copyDifferences[bitmapKeys[1 - Int(copy)]]
+        guard let otherTable, let otherBitmap else { return nil }
+        return otherTable.sorted().map { UInt32($0) } + otherBitmap.sorted().map { tablePages + UInt32($0) }
     }
 
-    /// Writes the planned pages, in runs of consecutive ones; the copy is known to hold
-    /// the payload only once every write succeeded.
-    private func executeArray(_ plan: ArrayWrite, sequence: UInt64) throws(BlobStoreError) {
-        writtenPayloads[plan.key] = nil
+    /// Where the three bitmaps start in a bitmap copy, in pages.
+    struct BitmapLayout {
+        let metadataStart: Int
+        let idStart: Int
+        let end: Int
+        init(_ block: SuperBlock) {
+            metadataStart = Int(BitmapPage.pages(forBits: block.clusterCount))
+            idStart = metadataStart + Int(BitmapPage.pages(forBits: block.metadataPages.pageCount))
+            end = idStart + Int(BitmapPage.pages(forBits: block.blobIDLimit))
+        }
+        func page(ofCluster cluster: UInt64) -> Int { Int(cluster / UInt64(BitmapPage.bitsPerPage)) }
+    }
+
+    /// Writes `pages` (sorted) of one array copy, each payload from `payload`, in runs of
+    /// consecutive pages.
+    private func writeArrayPages(_ pages: [Int], kind: ArrayPageKind, sequence: UInt64, at start: UInt64,
+                                 payload: (Int) -> [UInt8]) throws(BlobStoreError) {
         var index = 0
-        while index < plan.writes.count {
+        while index < pages.count {
             var end = index + 1
-            while end < plan.writes.count, plan.writes[end] == plan.writes[end - 1] + 1 { end += 1 }
+            while end < pages.count, end - index < 256, pages[end] == pages[end - 1] + 1 { end += 1 }
             var run: [UInt8] = []
             run.reserveCapacity((end - index) * SuperBlock.pageBytes)
-            for page in plan.writes[index..<end] {
-                let range = (page * ArrayPage.payloadBytes)..<((page + 1) * ArrayPage.payloadBytes)
-                run += ArrayPage.encode(kind: plan.key.kind, checkpointSequence: sequence, pageIndex: UInt32(page),
-                                        payload: plan.payload[range])
+            for page in pages[index..<end] {
+                run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(page), payload: payload(page)[...])
             }
-            try writePages(at: plan.start + UInt64(plan.writes[index]), run)
+            try writePages(at: start + UInt64(pages[index]), run)
             index = end
         }
-        stalePages[plan.key] = nil
-        writtenPayloads[plan.key] = plan.payload
-    }
-
-    /// Whether `a` and `b` hold the same bytes in `range` (a page's payload: memcmp).
-    @inline(__always)
-    static func samePage(_ a: [UInt8], _ b: [UInt8], _ range: Range<Int>) -> Bool {
-        a.withUnsafeBytes { left in
-            b.withUnsafeBytes { right in
-                memcmp(left.baseAddress! + range.lowerBound, right.baseAddress! + range.lowerBound, range.count) == 0
-            }
-        }
-    }
-
-    /// The blob table's payload for `chains` (id -> first metadata page + 1).
-    func tablePayload(_ chains: [UInt64: [UInt32]]) -> [UInt8] {
-        var table = [UInt8](repeating: 0, count: Int(superBlock.table.pageCount) * ArrayPage.payloadBytes)
-        for (id, pages) in chains {
-            let at = Int(id) * TablePage.entryBytes
-            let value = pages[0] + 1
-            for index in 0..<4 { table[at + index] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(index))) }
-        }
-        return table
-    }
-
-    /// The bitmap copy's payload: the three bitmaps, each from a page boundary.
-    func bitmapPayload(clusters: Bitmap, metadataPages: Bitmap) -> [UInt8] {
-        let block = superBlock
-        var bits: [UInt8] = []
-        bits.reserveCapacity(Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes)
-        for (bitmap, count) in [(clusters, block.clusterCount), (metadataPages, block.metadataPages.pageCount),
-                                (blobIDs, block.blobIDLimit)] {
-            var section = bitmap.bytes()
-            section += [UInt8](repeating: 0, count: Int(BitmapPage.pages(forBits: count)) * ArrayPage.payloadBytes - section.count)
-            bits += section
-        }
-        bits += [UInt8](repeating: 0, count: Int(block.bitmaps.pageCount) * ArrayPage.payloadBytes - bits.count)
-        return bits
     }
 
     // MARK: - Log
@@ -419,17 +413,6 @@ extension BlobStore {
         return false
     }
 
-    /// The cluster bitmap as the metadata has it: clusters waiting in quarantine are free.
-    var clustersAsCommitted: Bitmap {
-        guard !quarantine.isEmpty else { return clusters }
-        var bits = clusters
-        for entry in quarantine {
-            for extent in entry.extents {
-                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { bits.clear(cluster) }
-            }
-        }
-        return bits
-    }
 
     /// Before clusters that may have been released are written again: readers outside
     /// the store finish with them (`beforeReusingReleasedClusters`), and their release

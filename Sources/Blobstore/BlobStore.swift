@@ -62,12 +62,10 @@ public final class BlobStore {
     var blobIDs: Bitmap
     var logHead: UInt64
     var nextLSN: UInt64
-    /// What each copy of the table and bitmaps holds, when known: checkpoints write only
-    /// the pages that differ.
-    var writtenPayloads: [ArrayCopyKey: [UInt8]] = [:]
-    /// Pages of a copy whose content is not what `writtenPayloads` says (the next
-    /// checkpoint into that copy writes them whatever it compares).
-    var stalePages: [ArrayCopyKey: Set<Int>] = [:]
+    /// For each copy of the table and of the bitmaps, the pages that differ (or may) from
+    /// what the state makes them; absent: the copy is unknown (the next checkpoint into it
+    /// writes it whole). Checkpoints write only these pages.
+    var copyDifferences: [ArrayCopyKey: Set<Int>] = [:]
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
@@ -217,7 +215,7 @@ public final class BlobStore {
         if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
-        if !readOnly && !rewriteArrays { store.rememberPersistedArrays(otherSlot: try? decoded[1 - slot].get()) }
+        store.knowArrayCopies(otherSlot: try? decoded[1 - slot].get(), rewrite: readOnly || rewriteArrays)
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
                                    storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
             let page = block.log.startPage + sequence % block.log.pageCount
@@ -245,14 +243,19 @@ public final class BlobStore {
     /// read and the bitmaps the chains give (what that checkpoint wrote); the other copy
     /// the same except the pages the checkpoint recorded as changed, and those a later
     /// checkpoint announced in the other slot and may have written before a crash
-    /// stopped it: those are stale. Without a record, or with the other slot unreadable
-    /// (a torn announcement or super block), the other copy is unknown and the next
-    /// checkpoint writes it whole.
-    private func rememberPersistedArrays(otherSlot: SuperBlock?) {
+    /// stopped it. Without a record, or with the other slot unreadable (a torn
+    /// announcement or super block), the other copy is unknown and the next checkpoint
+    /// writes it whole. `rewrite`: both copies unknown (repair).
+    private func knowArrayCopies(otherSlot: SuperBlock?, rewrite: Bool) {
+        // Loading set every bit: none of that is a change.
+        _ = clusters.takeChangedPages()
+        _ = metadataPageBits.takeChangedPages()
+        _ = blobIDs.takeChangedPages()
+        copyDifferences = [:]
+        guard !rewrite else { return }
         let active = superBlock.activeCopy
-        guard let table = writtenPayloads[ArrayCopyKey(kind: .table, copy: active)] else { return }
-        let bits = bitmapPayload(clusters: clusters, metadataPages: metadataPageBits)
-        writtenPayloads[ArrayCopyKey(kind: .bitmap, copy: active)] = bits
+        copyDifferences[ArrayCopyKey(kind: .table, copy: active)] = []
+        copyDifferences[ArrayCopyKey(kind: .bitmap, copy: active)] = []
         guard var changed = superBlock.changedSincePrevious, let otherSlot else { return }
         if otherSlot.isCheckpointIntent {
             guard otherSlot.sequence == superBlock.sequence + 1, let announced = otherSlot.changedSincePrevious else { return }
@@ -260,12 +263,9 @@ public final class BlobStore {
         } else {
             guard otherSlot.sequence < superBlock.sequence else { return }
         }
-        let inactive = 1 - active
         let tablePages = superBlock.table.pageCount
-        writtenPayloads[ArrayCopyKey(kind: .table, copy: inactive)] = table
-        writtenPayloads[ArrayCopyKey(kind: .bitmap, copy: inactive)] = bits
-        stalePages[ArrayCopyKey(kind: .table, copy: inactive)] = Set(changed.filter { UInt64($0) < tablePages }.map { Int($0) })
-        stalePages[ArrayCopyKey(kind: .bitmap, copy: inactive)] = Set(changed.filter { UInt64($0) >= tablePages }
+        copyDifferences[ArrayCopyKey(kind: .table, copy: 1 - active)] = Set(changed.filter { UInt64($0) < tablePages }.map { Int($0) })
+        copyDifferences[ArrayCopyKey(kind: .bitmap, copy: 1 - active)] = Set(changed.filter { UInt64($0) >= tablePages }
             .map { Int(UInt64($0) - tablePages) })
     }
 
@@ -273,9 +273,6 @@ public final class BlobStore {
     private func loadCheckpoint() throws(BlobStoreError) {
         let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
         let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
-        var tablePayload: [UInt8] = []
-        tablePayload.reserveCapacity(Int(superBlock.table.pageCount) * ArrayPage.payloadBytes)
-        defer { writtenPayloads[ArrayCopyKey(kind: .table, copy: superBlock.activeCopy)] = tablePayload }
         for pageIndex in 0..<Int(superBlock.table.pageCount) {
             let page: ArraySlice<UInt8>
             do {
@@ -283,7 +280,6 @@ public final class BlobStore {
                                             kind: .table, pageIndex: UInt32(pageIndex),
                                             offset: (copyStart + UInt64(pageIndex)) * UInt64(Self.pageBytes)).payload
             } catch { throw .format(error) }
-            tablePayload += page
             for entry in 0..<TablePage.entriesPerPage {
                 let id = UInt64(pageIndex * TablePage.entriesPerPage + entry)
                 guard id < superBlock.blobIDLimit else { break }
