@@ -141,10 +141,11 @@ public final class BlobStore {
         guard !pagesInClusters || cluster == pageBytes else {
             throw .invalidArgument("metadata pages in clusters need 4 KiB clusters (cluster size \(cluster))")
         }
-        // Defaults: an eighth of the device for metadata pages up to 4 Mi pages (16 GiB);
-        // blob ids: as many, or with metadata pages in clusters half the device's pages,
-        // up to 1 Mi either way. Without that feature many small blobs need more: see Options.
-        let metadataPages = options.metadataPages ?? min(max(devicePages / 8, 64), 1 << 22)
+        // Defaults: metadata pages for a sixty-fourth of the device when more can go to data
+        // clusters, else an eighth, up to 4 Mi pages (16 GiB); blob ids: half the device's
+        // pages with metadata pages in clusters, else one per metadata page, up to 1 Mi.
+        // Without that feature many small blobs need more: see Options.
+        let metadataPages = options.metadataPages ?? min(max(devicePages / (pagesInClusters ? 64 : 8), 64), 1 << 22)
         let idLimit = options.blobIDLimit ?? min(pagesInClusters ? max(metadataPages, devicePages / 2) : metadataPages, 1 << 20)
         let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
         let clusterBound = devicePages / clusterPages

@@ -131,13 +131,18 @@ final class FileSystemCrashTests: XCTestCase {
     }
 
     func testPowerCutAtEveryWriteIndex() throws {
-        try powerCutAtEveryWriteIndex(options: BlobStore.Options(), seeds: 0..<4)
+        try powerCutAtEveryWriteIndex(options: BlobStore.Options(), seeds: 0..<Self.seedCount(4))
     }
 
     /// A log of 3 pages: checkpoints (copy-on-write metadata, table and bitmap copies,
     /// super block switches) happen all through the workload and get cut too.
     func testPowerCutWithCheckpointsThroughout() throws {
-        try powerCutAtEveryWriteIndex(options: BlobStore.Options(logPages: 3), seeds: 0..<4)
+        try powerCutAtEveryWriteIndex(options: BlobStore.Options(logPages: 3), seeds: 0..<Self.seedCount(4))
+    }
+
+    /// Seeds per write index: `default`, or BLOBFS_CRASH_SEEDS for a longer campaign.
+    static func seedCount(_ default: UInt64) -> UInt64 {
+        ProcessInfo.processInfo.environment["BLOBFS_CRASH_SEEDS"].flatMap(UInt64.init) ?? `default`
     }
 
     private func powerCutAtEveryWriteIndex(options: BlobStore.Options, seeds: Range<UInt64>) throws {

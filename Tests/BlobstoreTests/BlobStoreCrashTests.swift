@@ -22,6 +22,11 @@ final class BlobStoreCrashTests: XCTestCase {
         case unmap(slot: Int, cluster: UInt64)
     }
 
+    /// Seeds per write index: `default`, or BLOBFS_CRASH_SEEDS for a longer campaign.
+    static func seedCount(_ default: UInt64) -> UInt64 {
+        ProcessInfo.processInfo.environment["BLOBFS_CRASH_SEEDS"].flatMap(UInt64.init) ?? `default`
+    }
+
     static let workload: [Op] = [
         .create(clusters: 4, xattr: nil), .write(slot: 0, unit: 0, units: 4, seed: 1), .setXattr(slot: 0, name: "a", bytes: 3),
         .create(clusters: 2, xattr: "kind"), .write(slot: 1, unit: 1, units: 1, seed: 2), .resize(slot: 0, clusters: 6),
@@ -108,7 +113,7 @@ final class BlobStoreCrashTests: XCTestCase {
 
     func testPowerCutAtEveryWriteIndex() throws {
         for blockSize in [4096, 512] {
-            try powerCutAtEveryWriteIndex(blockSize: blockSize, seeds: 0..<6)
+            try powerCutAtEveryWriteIndex(blockSize: blockSize, seeds: 0..<Self.seedCount(6))
         }
     }
 
@@ -117,7 +122,7 @@ final class BlobStoreCrashTests: XCTestCase {
     func testPowerCutAtEveryWriteIndexWithMetadataPagesInClusters() throws {
         var options = BlobStoreTests.options
         options.metadataPages = 2
-        try powerCutAtEveryWriteIndex(blockSize: 4096, seeds: 0..<4, options: options)
+        try powerCutAtEveryWriteIndex(blockSize: 4096, seeds: 0..<Self.seedCount(4), options: options)
     }
 
     private func powerCutAtEveryWriteIndex(blockSize: Int, seeds: Range<UInt64>,

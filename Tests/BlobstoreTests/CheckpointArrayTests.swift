@@ -132,7 +132,7 @@ final class CheckpointArrayTests: XCTestCase {
         var recoveries = 0
         while true {
             var finished = false
-            for seed in UInt64(0)..<3 {
+            for seed in UInt64(0)..<BlobStoreCrashTests.seedCount(3) {
                 let inner = Bdev(backend: try MallocBdev(blockCount: blocks))
                 do {
                     let copy = try BdevSyncIO(bdev: inner, reactor: reactor)
