@@ -243,10 +243,11 @@ public final class FileSystem {
     }
 
     /// Room for one more inode: a blob id and enough free metadata pages that the next
-    /// checkpoint can still write every changed chain (a sixteenth is held back).
+    /// checkpoint can still write every changed chain (`checkpointPagesNeeded`) and a
+    /// sixteenth of the region is held back.
     private func reserveInode() throws(FSError) {
         guard UInt64(store.blobCount) < store.blobIDLimit else { throw FSError(ENOSPC, "no free inode") }
-        guard store.freeMetadataPageCount > store.metadataPageCount / 16 + 8 else {
+        guard store.freeMetadataPageCount > max(store.metadataPageCount / 16 + 8, store.checkpointPagesNeeded + 8) else {
             throw FSError(ENOSPC, "metadata pages exhausted (\(store.freeMetadataPageCount) free)")
         }
     }

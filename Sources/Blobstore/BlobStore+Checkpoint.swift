@@ -117,6 +117,8 @@ extension BlobStore {
         metadataPagesInClusterCount += UInt64(allocatedClusters.count)
         metadataPagesInClusterCount -= UInt64(supersededClusters.count)
         dirtyBlobs = []
+        countedDirty = []
+        dirtyChainPages = 0
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
@@ -239,6 +241,7 @@ extension BlobStore {
     /// a flush. A log without room for them forces a checkpoint first.
     package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
+        try keepRoomForCheckpoint(records)
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
         let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }
@@ -288,6 +291,36 @@ extension BlobStore {
         logHead = firstSequence + UInt64(pages.count)
         nextLSN += UInt64(logged.count)
         for record in records { try apply(record, replaying: false) }
+    }
+
+    /// What the durable chain of blob `id` costs a checkpoint that rewrites it: its pages
+    /// and one more.
+    func chainPagesEstimate(_ id: UInt64) -> UInt64 { UInt64(durableChains[id]?.count ?? 0) + 1 }
+
+    /// A checkpoint must always find pages for the chains it rewrites (the old ones are
+    /// free only after it), or a full log would stop every commit, and unloading. So when
+    /// `records` could take the free metadata pages (region and clusters) below what the
+    /// next checkpoint needs, checkpoint first, which frees the superseded chains; if
+    /// there is still no room and the transaction frees nothing (no delete, resize, unmap
+    /// or xattr removal), refuse it with no space before anything is written.
+    private func keepRoomForCheckpoint(_ records: [LogRecord]) throws(BlobStoreError) {
+        var added: UInt64 = 2  // the log pages this transaction may take
+        var seen: Set<UInt64> = []
+        var frees = false
+        for record in records {
+            switch record {
+            case .deleteBlob, .resizeBlob, .unmapClusters, .removeXattr: frees = true
+            default: break
+            }
+            if case let .setXattr(_, _, name, value) = record { added += UInt64(name.utf8.count + value.count) / 4000 + 1 }
+            guard let id = record.blobID, !countedDirty.contains(id), seen.insert(id).inserted else { continue }
+            added += chainPagesEstimate(id)
+        }
+        guard freeMetadataPageCount < checkpointPagesNeeded + added else { return }
+        if !dirtyBlobs.isEmpty { try checkpoint() }
+        guard frees || freeMetadataPageCount >= checkpointPagesNeeded + added else {
+            throw .noSpace("no room for the metadata pages a checkpoint would need (\(freeMetadataPageCount) free)")
+        }
     }
 
     // MARK: - Applying records
@@ -358,6 +391,14 @@ extension BlobStore {
         }
         if let id = record.blobID {
             dirtyBlobs.insert(id)
+            // The next checkpoint writes this blob's chain afresh if it exists.
+            let estimate = chainPagesEstimate(id)
+            if blobs[id] != nil, !countedDirty.contains(id) {
+                countedDirty.insert(id)
+                dirtyChainPages += estimate
+            } else if blobs[id] == nil, countedDirty.remove(id) != nil {
+                dirtyChainPages -= estimate
+            }
             let handles = openHandles[id] ?? []
             // Released clusters go back to allocation now, or once every open handle has
             // stopped using them (see `ReleaseTicket`).

@@ -23,8 +23,8 @@ public final class BlobStore {
     /// Format parameters. A blob costs at least one metadata page (its chain) plus its
     /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
     /// metadata page region go to data clusters (`metadataPagesInClusters`), so the
-    /// region's size is not a limit on the number of blobs: the blob id limit is (by
-    /// default half the device's pages, up to 1 Mi: 131,072 in 1 GiB).
+    /// region's size does not limit the number of blobs; the blob id limit does: by
+    /// default half the device's pages, up to 1 Mi (131,072 in 1 GiB).
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
         public var logPages: UInt64?
@@ -76,6 +76,11 @@ public final class BlobStore {
     /// persisted bitmaps show them free.
     var quarantine: [(ticket: ReleaseTicket, extents: [Extent])] = []
     var quarantinedClusterCount: UInt64 = 0
+    /// The durable chain pages of the blobs changed since the checkpoint, plus one each:
+    /// with the log pages in use, a bound on the pages the next checkpoint writes.
+    var dirtyChainPages: UInt64 = 0
+    /// The changed blobs counted in `dirtyChainPages` (those that still exist).
+    var countedDirty: Set<UInt64> = []
     /// Metadata pages of the durable chains that are in data clusters.
     var metadataPagesInClusterCount: UInt64 = 0
     /// Clusters a write is committing the mapping of (written, not yet set in `clusters`).

@@ -97,14 +97,21 @@ extension BlobStore {
         return region + min(clusters.count - clusters.setCount, superBlock.metadataPageIDLimit - superBlock.metadataPages.pageCount)
     }
 
-    /// Clusters blob data may not take: with metadata pages in clusters, enough that the
-    /// region's free pages and these together cover a sixteenth of the region (+ 64),
-    /// so a checkpoint always finds pages for the chains it rewrites.
+    /// A bound on the metadata pages the next checkpoint takes (it writes every changed
+    /// chain to fresh pages before the old ones are free): the changed blobs' chains, one
+    /// page each more, the log since the checkpoint (what the chains can have grown by),
+    /// and 64 to spare. The file system stops making inodes before free metadata pages
+    /// fall under it.
+    public var checkpointPagesNeeded: UInt64 { dirtyChainPages + logPagesInUse + 64 }
+
+    /// Clusters blob data may not take: with metadata pages in clusters, those that the
+    /// next checkpoint may need beyond the region's free pages, so that a checkpoint — and
+    /// with it every commit once the log is full, and unmount — never runs out of pages.
     public var metadataClusterReserve: UInt64 {
         guard superBlock.hasMetadataPagesInClusters else { return 0 }
-        let target = min(superBlock.metadataPages.pageCount / 16 + 64, superBlock.clusterCount / 16)
+        let needed = checkpointPagesNeeded
         let regionFree = metadataPageBits.count - metadataPageBits.setCount
-        return target > regionFree ? target - regionFree : 0
+        return needed > regionFree ? needed - regionFree : 0
     }
     public var blobCount: Int { blobs.count }
     public var blobIDLimit: UInt64 { superBlock.blobIDLimit }

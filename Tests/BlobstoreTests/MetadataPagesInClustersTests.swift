@@ -83,13 +83,16 @@ final class MetadataPagesInClustersTests: XCTestCase {
         XCTAssertTrue(empty.verify().isConsistent)
     }
 
-    /// Blob data never takes the clusters a checkpoint needs for metadata pages: with the
-    /// region full, writes stop short of the reserve, and the next checkpoint succeeds.
-    func testDataLeavesClustersForMetadataPages() throws {
+    /// Blob data never takes the clusters a checkpoint needs for metadata pages, and on a
+    /// full store metadata changes that would leave a checkpoint without pages are refused
+    /// (after a checkpoint that frees what it can), while deletes still go through: every
+    /// checkpoint, and the unload, succeed.
+    func testAFullStoreKeepsRoomForCheckpoints() throws {
         let (io, _) = try makeIO(megabytes: 4)
         let store = try BlobStore.format(io, options: Self.small)
-        for _ in 0..<16 { try store.createBlob() }
-        try store.checkpoint()  // the region is full
+        var small: [UInt64] = []
+        for _ in 0..<60 { small.append(try store.createBlob(xattrs: [("x", [1])])) }
+        try store.checkpoint()  // the region (16 pages) is full: chains in clusters
         XCTAssertGreaterThan(store.metadataClusterReserve, 0)
         let big = try store.createBlob(clusterCount: store.clusterCount)
         var written: UInt64 = 0
@@ -100,12 +103,32 @@ final class MetadataPagesInClustersTests: XCTestCase {
             }
         } catch BlobStoreError.noSpace {}
         XCTAssertEqual(store.freeClusterCount, store.metadataClusterReserve)
-        for _ in 0..<20 { try store.createBlob() }
+        // Changing every small blob's chain: early checkpoints keep room, or the change is
+        // refused with no space; never a checkpoint that cannot find pages.
+        var refused = 0
+        for id in small {
+            do { try store.setXattr(id, name: "y", value: [UInt8](repeating: 2, count: 3000)) } catch BlobStoreError.noSpace {
+                refused += 1
+            }
+        }
+        var created = 0
+        do {
+            while true {
+                try store.createBlob()
+                created += 1
+            }
+        } catch BlobStoreError.noSpace {}
         try store.checkpoint()
+        // Deleting on a full store works, and gives the room back.
+        for id in small.prefix(30) { try store.deleteBlob(id) }
+        try store.checkpoint()
+        try store.createBlob()
         try store.unload()
         let (loaded, _) = try BlobStore.load(io)
-        XCTAssertTrue(loaded.verify().isConsistent)
-        XCTAssertEqual(loaded.blobCount, 37)
+        let report = loaded.verify()
+        XCTAssertTrue(report.isConsistent, "\(report.problems)")
+        XCTAssertEqual(loaded.blobCount, 60 - 30 + 1 + created + 1)
+        print("full store: \(written) data clusters, \(refused) of 60 xattr changes refused, \(created) blobs created")
     }
 
     /// A chain pointing past the last cluster, and a metadata page in a cluster that a
