@@ -94,13 +94,6 @@ public struct Bitmap: Equatable, Sendable {
         return nil
     }
 
-    /// Length of the run of clear bits starting at `start`, up to `limit`.
-    public func clearRun(from start: UInt64, limit: UInt64) -> UInt64 {
-        var length: UInt64 = 0
-        while length < limit, start + length < count, !self[start + length] { length += 1 }
-        return length
-    }
-
     /// The bytes of the on-disk form: bit i in byte i/8, bit i%8.
     public func bytes() -> [UInt8] {
         let byteCount = Int((count + 7) / 8)
@@ -125,6 +118,5 @@ public struct Bitmap: Equatable, Sendable {
             words[Int(index / 64)] |= 1 << (index % 64)
             setCount += 1
         }
-        changed = changed.map { _ in 0 }
     }
 }

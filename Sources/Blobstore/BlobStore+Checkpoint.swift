@@ -454,7 +454,6 @@ extension BlobStore {
         return false
     }
 
-
     /// Before clusters that may have been released are written again: readers outside
     /// the store finish with them (`beforeReusingReleasedClusters`), and their release
     /// is durable (a crash could otherwise undo it and leave the old owner holding the

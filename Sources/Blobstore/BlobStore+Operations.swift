@@ -195,9 +195,8 @@ extension BlobStore {
         let allocatable = clusters.count - clusters.setCount
         // Clusters reserved by this write are still clear in the bitmap.
         guard allocatable > metadataClusterReserve + UInt64(reserved.count) else { return nil }
-        let freeCount = allocatable
         var cursor = hint
-        for _ in 0..<min(freeCount, UInt64(reserved.count) + 1) {
+        for _ in 0..<min(allocatable, UInt64(reserved.count) + 1) {
             guard let free = clusters.firstClear(from: cursor) else { return nil }
             if !reserved.contains(free) { return free }
             cursor = free + 1

@@ -81,8 +81,8 @@ public final class BlobStore {
     var dirtyChainPages: UInt64 = 0
     /// The changed blobs counted in `dirtyChainPages` (those that still exist).
     var countedDirty: Set<UInt64> = []
-    /// Metadata pages of the durable chains that are in data clusters.
-    var metadataPagesInClusterCount: UInt64 = 0
+    /// Metadata pages of the last checkpoint's chains that are in data clusters.
+    public internal(set) var metadataPagesInClusterCount: UInt64 = 0
     /// Clusters a write is committing the mapping of (written, not yet set in `clusters`).
     var clustersBeingMapped: Set<UInt64> = []
     /// How long an allocation that found no free cluster waits for quarantined ones.

@@ -87,8 +87,6 @@ extension BlobStore {
     public var metadataPageCount: UInt64 { superBlock.metadataPages.pageCount }
     /// Free pages of the metadata page region.
     public var freeRegionMetadataPageCount: UInt64 { metadataPageBits.count - metadataPageBits.setCount }
-    /// Metadata pages (of the last checkpoint's chains) in data clusters.
-    public var metadataPagesInClusters: UInt64 { metadataPagesInClusterCount }
     /// Metadata pages a checkpoint can still take: free pages of the region, plus free
     /// clusters when metadata pages may use them.
     public var freeMetadataPageCount: UInt64 {
@@ -110,7 +108,7 @@ extension BlobStore {
     public var metadataClusterReserve: UInt64 {
         guard superBlock.hasMetadataPagesInClusters else { return 0 }
         let needed = checkpointPagesNeeded
-        let regionFree = metadataPageBits.count - metadataPageBits.setCount
+        let regionFree = freeRegionMetadataPageCount
         return needed > regionFree ? needed - regionFree : 0
     }
     public var blobCount: Int { blobs.count }

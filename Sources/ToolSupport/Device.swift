@@ -90,11 +90,13 @@ public struct Device {
         defer { close(fd) }
         var bytes = [UInt8](repeating: 0, count: 2 * SuperBlock.pageBytes)
         guard pread(fd, &bytes, bytes.count, 0) == bytes.count else { return 4096 }
-        let slots = (0..<2).compactMap { slot in
-            try? SuperBlock.decode(bytes[(slot * SuperBlock.pageBytes)..<((slot + 1) * SuperBlock.pageBytes)],
-                                   offset: UInt64(slot * SuperBlock.pageBytes))
+        let slots = (0..<2).map { slot in
+            Result { () throws(FormatError) in
+                try SuperBlock.decode(bytes[(slot * SuperBlock.pageBytes)..<((slot + 1) * SuperBlock.pageBytes)],
+                                      offset: UInt64(slot * SuperBlock.pageBytes))
+            }
         }
-        return slots.max { $0.sequence < $1.sequence }.map { Int($0.blockSizeBytes) } ?? 4096
+        return SuperBlock.current(slots).map { Int($0.block.blockSizeBytes) } ?? 4096
     }
 
     public func open(createSizeBytes: UInt64? = nil, blockSize: Int? = nil) throws -> Bdev {

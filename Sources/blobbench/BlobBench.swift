@@ -133,7 +133,7 @@ struct BlobBench: UsageErrorsExitTwo {
             print(String(format: "%d of %d blobs of 4 KiB in a %.2f GiB store (%llu blob ids, %llu metadata pages in the region, %llu clusters of %d B); %llu metadata pages in data clusters; %llu clusters free; %.1f s",
                          created, count, Double(bdev.geometry.capacityBytes) / 1073741824, store.blobIDLimit,
                          store.superBlock.metadataPages.pageCount, store.clusterCount, options.clusterSize,
-                         store.metadataPagesInClusters, store.freeClusterCount, elapsed))
+                         store.metadataPagesInClusterCount, store.freeClusterCount, elapsed))
             if let failure { print("stopped: \(failure)") }
         }
     }

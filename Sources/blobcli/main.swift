@@ -189,7 +189,7 @@ struct Info: ParsableCommand {
                     ("blobs", .int(Int64(store.blobCount))), ("blob_id_limit", .uint(store.blobIDLimit)),
                     ("clusters", .uint(store.clusterCount)), ("free_clusters", .uint(store.freeClusterCount)),
                     ("metadata_pages", .uint(store.metadataPageCount)), ("free_metadata_pages", .uint(store.freeRegionMetadataPageCount)),
-                    ("metadata_pages_in_clusters", .uint(store.metadataPagesInClusters)),
+                    ("metadata_pages_in_clusters", .uint(store.metadataPagesInClusterCount)),
                     ("super_blob", store.superBlobID.map { .uint($0) } ?? .null),
                 ])),
             ])
@@ -205,7 +205,7 @@ struct Info: ParsableCommand {
                 log stop        \(scan?.stop.map { "\($0)" } ?? "end of region")
                 blobs           \(store.blobCount) of \(store.blobIDLimit) ids\(store.superBlobID.map { ", super blob \($0)" } ?? "")
                 clusters        \(store.clusterCount - store.freeClusterCount) used, \(store.freeClusterCount) free of \(store.clusterCount) (\(bytes(store.freeClusterCount * clusterBytes)) free)
-                metadata pages  \(store.metadataPageCount - store.freeRegionMetadataPageCount) used, \(store.freeRegionMetadataPageCount) free of \(store.metadataPageCount) in the region; \(store.metadataPagesInClusters) in data clusters\(block.hasMetadataPagesInClusters ? "" : " (feature off)")
+                metadata pages  \(store.metadataPageCount - store.freeRegionMetadataPageCount) used, \(store.freeRegionMetadataPageCount) free of \(store.metadataPageCount) in the region; \(store.metadataPagesInClusterCount) in data clusters\(block.hasMetadataPagesInClusters ? "" : " (feature off)")
                 """
             }
         }

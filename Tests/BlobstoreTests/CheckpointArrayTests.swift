@@ -11,37 +11,9 @@ import Synchronization
 /// record), not both arrays whole: recovery costs what the log tail changed, not what
 /// the device's size makes the arrays.
 final class CheckpointArrayTests: XCTestCase {
-    /// Counts the bytes written through it.
-    final class CountingBdev: BdevBackend, @unchecked Sendable {
-        let inner: any BdevBackend
-        let written = Atomic<Int>(0)
-        var name: String { "counting" }
-        var geometry: BdevGeometry { inner.geometry }
-        init(_ inner: any BdevBackend) { self.inner = inner }
-        func makeChannel(reactor: Reactor) throws(BdevError) -> any BdevBackendChannel {
-            Channel(try inner.makeChannel(reactor: reactor), self)
-        }
-        func close() { inner.close() }
-
-        final class Channel: BdevBackendChannel {
-            let inner: any BdevBackendChannel
-            unowned let counter: CountingBdev
-            init(_ inner: any BdevBackendChannel, _ counter: CountingBdev) {
-                self.inner = inner
-                self.counter = counter
-            }
-            func submit(_ io: BdevIO) {
-                if io.type == .write { counter.written.add(io.byteCount, ordering: .relaxed) }
-                inner.submit(io)
-            }
-            func poll() -> PollStatus { inner.poll() }
-            func close() { inner.close() }
-        }
-    }
-
     func testLoadsWriteOnlyTheArrayPagesThatDiffer() throws {
         let reactor = try Reactor()
-        let counter = CountingBdev(try MallocBdev(blockCount: (1 << 30) / 4096))
+        let counter = InstrumentedBdev(try MallocBdev(blockCount: (1 << 30) / 4096))
         let io = try BdevSyncIO(bdev: Bdev(backend: counter), reactor: reactor)
         var store = try BlobStore.format(io)
         let block = store.superBlock
@@ -218,7 +190,7 @@ final class CheckpointArrayTests: XCTestCase {
     /// long to keep) loads with both arrays written whole, and records again after.
     func testWithoutARecordTheArraysAreWrittenWhole() throws {
         let reactor = try Reactor()
-        let counter = CountingBdev(try MallocBdev(blockCount: (64 << 20) / 4096))
+        let counter = InstrumentedBdev(try MallocBdev(blockCount: (64 << 20) / 4096))
         let io = try BdevSyncIO(bdev: Bdev(backend: counter), reactor: reactor)
         var store = try BlobStore.format(io)
         try store.createBlob(clusterCount: 1)

@@ -9,48 +9,6 @@ import Synchronization
 /// clusters through an open handle: the released clusters must not go to another blob
 /// until that handle has taken the new map and its I/O under the old one completed.
 final class ReleasedClusterTests: XCTestCase {
-    /// Holds every write submitted from reactor "data" while `closed` (reads and the
-    /// metadata reactor's I/O pass), then lets them through.
-    final class GatedBdev: BdevBackend, @unchecked Sendable {
-        let inner: any BdevBackend
-        let closed = Atomic<Bool>(false)
-        let held = Atomic<Int>(0)
-        var name: String { "gated" }
-        var geometry: BdevGeometry { inner.geometry }
-        init(_ inner: any BdevBackend) { self.inner = inner }
-        func makeChannel(reactor: Reactor) throws(BdevError) -> any BdevBackendChannel {
-            Channel(try inner.makeChannel(reactor: reactor), self, gated: reactor.name == "data")
-        }
-        func close() { inner.close() }
-
-        final class Channel: BdevBackendChannel {
-            let inner: any BdevBackendChannel
-            unowned let gate: GatedBdev
-            let gated: Bool
-            var waiting: [BdevIO] = []
-            init(_ inner: any BdevBackendChannel, _ gate: GatedBdev, gated: Bool) {
-                self.inner = inner
-                self.gate = gate
-                self.gated = gated
-            }
-            func submit(_ io: BdevIO) {
-                guard gated, io.type == .write, gate.closed.load(ordering: .acquiring) else { return inner.submit(io) }
-                waiting.append(io)
-                gate.held.add(1, ordering: .releasing)
-            }
-            func poll() -> PollStatus {
-                if !waiting.isEmpty && !gate.closed.load(ordering: .acquiring) {
-                    for io in waiting { inner.submit(io) }
-                    gate.held.subtract(waiting.count, ordering: .releasing)
-                    waiting.removeAll()
-                }
-                let status = inner.poll()
-                return waiting.isEmpty ? status : .pending
-            }
-            func close() { inner.close() }
-        }
-    }
-
     final class Completion: BdevCompletionHandler, @unchecked Sendable {
         let done = Atomic<Int>(0)
         let failed = Atomic<Int>(0)
@@ -75,7 +33,7 @@ final class ReleasedClusterTests: XCTestCase {
     }
 
     private struct Setup {
-        let gate: GatedBdev
+        let gate: InstrumentedBdev
         let service: BlobStoreService
         let data: Reactor
         let side: DataSide
@@ -86,7 +44,7 @@ final class ReleasedClusterTests: XCTestCase {
 
     /// A blob of 2 allocated clusters, open on reactor `data` with a channel there.
     private func makeSetup(quarantineWaitNs: UInt64 = 2_000_000_000) throws -> Setup {
-        let gate = GatedBdev(try MallocBdev(blockCount: 2048))
+        let gate = InstrumentedBdev(try MallocBdev(blockCount: 2048), holdingReactor: "data")
         let bdev = Bdev(backend: gate)
         let service = try BlobStoreService(bdev: bdev, format: BlobStoreTests.options)
         let data = try Reactor(name: "data")
@@ -160,7 +118,7 @@ final class ReleasedClusterTests: XCTestCase {
     func testReleasedClustersWaitForInFlightWritesUnderTheOldMap() throws {
         let setup = try makeSetup()
         defer { try? finish(setup) }
-        setup.gate.closed.store(true, ordering: .releasing)
+        setup.gate.holding.store(true, ordering: .releasing)
         let late = Completion()
         let submitted: String? = setup.data.call {
             do {
@@ -176,7 +134,7 @@ final class ReleasedClusterTests: XCTestCase {
         try until("the handle's refresh") { setup.data.call { setup.handle.clusterCount == 0 } }
         let (other, clusters) = try newBlob(setup.service, clusters: 2, byte: 0xBB)
         XCTAssertTrue(clusters.isDisjoint(with: setup.victimClusters), "released clusters reused under an in-flight write")
-        setup.gate.closed.store(false, ordering: .releasing)
+        setup.gate.holding.store(false, ordering: .releasing)
         until("the late write") { late.done.load(ordering: .acquiring) == 1 }
         let intact = try setup.service.perform { try $0.read(blob: other, offsetUnits: 0, countUnits: 2) }
         XCTAssertEqual(intact, [UInt8](repeating: 0xBB, count: 2 * 4096), "another blob's data was overwritten")
