@@ -15,11 +15,12 @@ run() { echo "\$ blobbench ${*}" >> "$out.tmp"; echo '```' >> "$out.tmp"; "$bin"
   echo "# Blob store measurements, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r); image files on $(df -T bench/work | awk 'NR==2{print $2}') (virtio disk)."
-  echo "Produced by \`bench/blobstore.sh\`. The store is driven synchronously from one thread (the metadata engine). Recovery: load after an unclean stop with that much log since the checkpoint (the log of a 1 TiB store is 64 MiB; 60 MiB is the longest tail that does not force a checkpoint). Small objects: a default-formatted store (metadata pages past the region go to data clusters), then one formatted with a region for all of them."
+  echo "Produced by \`bench/blobstore.sh\`. The store is driven synchronously from one thread (the metadata engine). Recovery: load after an unclean stop with that much log since the checkpoint (the default log of a 1 TiB store is 64 MiB, and 60 MiB is the longest tail that does not force a checkpoint; the second run formats a 128 MiB log, \`blobfs mkfs --log-size 128M\`, to replay 64 MiB). Small objects: a default-formatted store (metadata pages past the region go to data clusters), then one formatted with a region for all of them."
   echo
 } > "$out.tmp"
 run format-time --device "file:$image" --size 1T
 run recovery-time --device "file:$image" --size 1T --log-mib 1,16,60
+run recovery-time --device "file:$image" --size 1T --log-size-mib 128 --log-mib 1,16,64
 run small-objects --device malloc:1G --count 100000
 run small-objects --device malloc:1G --count 100000 --metadata-pages 110000 --blob-ids 100000
 rm -f "$image"

@@ -52,6 +52,9 @@ public final class BlobStore {
     }
 
     static let pageBytes = SuperBlock.pageBytes
+    /// Log sizes format accepts, in pages (a transaction of one page needs a log of two;
+    /// tests use tiny logs to force checkpoints; mkfs asks for 64 or more).
+    public static let logPagesRange: ClosedRange<UInt64> = 2...(1 << 20)
     let io: BdevSyncIO
     public internal(set) var superBlock: SuperBlock
     var blobs: [UInt64: BlobMetadata] = [:]
@@ -141,7 +144,12 @@ public final class BlobStore {
             throw .invalidArgument("cluster size \(cluster): a power of two from 4 KiB to 1 MiB")
         }
         let clusterPages = UInt64(cluster / pageBytes)
+        // Default log: a sixty-fourth of the device, 256 KiB to 64 MiB. Longer logs mean
+        // fewer checkpoints and longer replays after a crash (replay time is linear in it).
         let logPages = options.logPages ?? min(max(devicePages / 64, 64), 16384)
+        guard Self.logPagesRange.contains(logPages) else {
+            throw .invalidArgument("a log of \(logPages) pages: 2 to 1048576 pages (4 GiB)")
+        }
         let pagesInClusters = options.metadataPagesInClusters ?? (cluster == pageBytes)
         guard !pagesInClusters || cluster == pageBytes else {
             throw .invalidArgument("metadata pages in clusters need 4 KiB clusters (cluster size \(cluster))")
@@ -161,6 +169,9 @@ public final class BlobStore {
         let bitmaps = SuperBlock.Region(startPage: table.startPage + 2 * tablePages, pageCount: bitmapPages)
         let metadata = SuperBlock.Region(startPage: bitmaps.startPage + 2 * bitmapPages, pageCount: metadataPages)
         let dataStart = (metadata.endPage + clusterPages - 1) / clusterPages * clusterPages
+        guard metadata.endPage <= devicePages else {
+            throw .noSpace("a \(geometry.capacityBytes)-byte device (\(devicePages) pages) cannot hold the metadata regions: \(metadata.endPage) pages (log \(logPages), blob table 2×\(tablePages), bitmaps 2×\(bitmapPages), metadata pages \(metadataPages))")
+        }
         guard dataStart < devicePages, (devicePages - dataStart) / clusterPages > 0 else {
             throw .noSpace("a \(geometry.capacityBytes)-byte device holds the metadata regions but no cluster")
         }

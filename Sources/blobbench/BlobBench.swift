@@ -65,6 +65,8 @@ struct BlobBench: UsageErrorsExitTwo {
             abstract: "Time to load a store after an unclean stop, for several lengths of log since the checkpoint.")
         @OptionGroup var options: DeviceOptions
         @Option(help: "Log tail lengths in MiB, comma separated.") var logMib: String = "1,16,60"
+        @Option(help: "Log size in MiB to format with (default: the store's default, 64 MiB from 4 GiB up).")
+        var logSizeMib: UInt64?
 
         func run() throws {
             let tails = logMib.split(separator: ",").compactMap { Double($0) }
@@ -75,7 +77,8 @@ struct BlobBench: UsageErrorsExitTwo {
             print("| log tail (MiB) | log pages | transactions replayed | load time (s) |")
             print("|---:|---:|---:|---:|")
             for tail in tails {
-                let store = try BlobStore.format(current, options: .init(clusterSizeBytes: options.clusterSize))
+                let store = try BlobStore.format(current, options: .init(clusterSizeBytes: options.clusterSize,
+                                                                         logPages: logSizeMib.map { $0 * 256 }))
                 let logPages = store.superBlock.log.pageCount
                 let pages = UInt64(tail * 256)
                 guard pages < logPages else {

@@ -35,6 +35,8 @@ struct Mkfs: UsageErrorsExitTwo {
     @Option(help: "Block size in bytes: 512 or 4096.") var blockSize: Int = 4096
     @Option(help: "Inodes to make room for (blob ids, and a metadata page region that holds them all); default: one per 8 KiB of device with 4 KiB clusters (metadata pages past the region go to data clusters), else one per 32 KiB; at most 1 Mi.")
     var inodes: UInt64?
+    @Option(help: "Size of the metadata log (e.g. 128M): a multiple of 4 KiB from 256K to 4G; default: a sixty-fourth of the device, 256 KiB to 64 MiB. A longer log checkpoints less often and takes longer to replay after a crash.")
+    var logSize: String?
     @Flag(help: "Overwrite an existing blob store, or resize an existing image to --size.") var force = false
     @Flag(help: "Allocate the image file's blocks now (fallocate) instead of leaving it sparse: writes and fsyncs no longer pay for the backing file system's allocation.")
     var preallocate = false
@@ -45,6 +47,17 @@ struct Mkfs: UsageErrorsExitTwo {
         guard clusterSize >= 4096, clusterSize <= 1 << 20, clusterSize & (clusterSize - 1) == 0 else {
             throw ValidationError("--cluster-size must be a power of two from 4096 to 1048576")
         }
+        _ = try logPages()
+    }
+
+    /// --log-size in 4 KiB pages.
+    private func logPages() throws -> UInt64? {
+        guard let logSize else { return nil }
+        let bytes = try parseSize(logSize, "--log-size")
+        guard bytes % 4096 == 0, bytes >= 256 << 10, BlobStore.logPagesRange.contains(bytes / 4096) else {
+            throw ValidationError("--log-size must be a multiple of 4 KiB from 256K to 4G (not \(logSize))")
+        }
+        return bytes / 4096
     }
 
     func run() throws {
@@ -73,8 +86,18 @@ struct Mkfs: UsageErrorsExitTwo {
             let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw Failure("create \(path): \(String(cString: strerror(errno)))", status: 2) }
             defer { close(fd) }
-            guard ftruncate(fd, off_t(createSize)) == 0 else { throw Failure("size \(path): \(String(cString: strerror(errno)))") }
+            guard ftruncate(fd, off_t(createSize)) == 0 else {
+                unlink(path)
+                throw Failure("size \(path): \(String(cString: strerror(errno)))")
+            }
+            // A failed mkfs leaves no image it made behind.
+            do { try format(device) } catch { unlink(path); throw error }
+        } else {
+            try format(device)
         }
+    }
+
+    private func format(_ device: Device) throws {
         if preallocate, let path = device.lockPath {
             let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
             var info = stat()
@@ -98,7 +121,8 @@ struct Mkfs: UsageErrorsExitTwo {
         let store: BlobStore
         // Each inode costs at least one metadata page; a tenth more covers directories'
         // and fragmented files' longer chains.
-        let options = BlobStore.Options(clusterSizeBytes: clusterSize, metadataPages: inodes.map { $0 + $0 / 10 + 64 },
+        let options = BlobStore.Options(clusterSizeBytes: clusterSize, logPages: try logPages(),
+                                        metadataPages: inodes.map { $0 + $0 / 10 + 64 },
                                         blobIDLimit: inodes)
         let formatting = Ticker("blobfs mkfs: formatting \(device.text) (super block, log, table, bitmaps)")
         defer { formatting.finish() }

@@ -139,6 +139,32 @@ final class BlobStoreTests: XCTestCase {
         XCTAssertEqual(store.freeClusterCount, store.clusterCount)
     }
 
+    func testLogSizeIsChosenAtFormatWithinBounds() throws {
+        let (bdev, reactor) = try makeDevice()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        XCTAssertEqual(try BlobStore.format(io).superBlock.log.pageCount, 64, "an 8 MiB device gets the 256 KiB floor")
+        for pages: UInt64 in [0, 1, (1 << 20) + 1] {
+            var options = Self.options
+            options.logPages = pages
+            XCTAssertThrowsError(try BlobStore.format(io, options: options), "\(pages) log pages") {
+                guard case let .invalidArgument(why) = $0 as? BlobStoreError, why.contains("log of \(pages) pages") else {
+                    return XCTFail("\($0)")
+                }
+            }
+        }
+        var options = Self.options
+        options.logPages = 300
+        let store = try BlobStore.format(io, options: options)
+        XCTAssertEqual(store.superBlock.log.pageCount, 300)
+        let id = try store.createBlob(clusterCount: 1)
+        try store.unload()
+        let (loaded, _) = try BlobStore.load(io)
+        XCTAssertEqual(loaded.superBlock.log.pageCount, 300)
+        XCTAssertEqual(loaded.blobIDList, [id])
+        try loaded.unload()
+    }
+
     func testRunningOutOfClustersIsAnErrorNotCorruption() throws {
         let (bdev, reactor) = try makeDevice(megabytes: 2)
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)

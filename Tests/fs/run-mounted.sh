@@ -3,8 +3,9 @@
 #   1. mkfs, mount with allow_other,default_permissions; the POSIX behaviour suite
 #      (non-root rules included, a 100,000-entry directory); the randomized exerciser
 #      (100,000 operations against an in-memory model); unmount; fsck clean.
-#   2. the same exerciser on 512-byte blocks, 64 KiB clusters, the writeback cache and
-#      libfuse worker threads (--reactors 2).
+#   2. the same exerciser on 512-byte blocks, 64 KiB clusters, a 1 MiB log (checkpoints
+#      every few hundred operations), the writeback cache and libfuse worker threads
+#      (--reactors 2).
 #   3. kill -9 of the daemon in the middle of a workload that fsyncs files; remount
 #      (the replayer runs); every fsync'd file intact; unmount; fsck clean. Twice.
 #   4. fio: every job of the benchmark set runs without error against the mount.
@@ -63,11 +64,12 @@ else
   echo "FAIL mount"; failed=$((failed + 1))
 fi
 
-# 2. Small blocks, big clusters, the kernel's writeback cache, libfuse worker threads
-#    (--reactors 2) instead of the reactor reading /dev/fuse itself.
-"$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --preallocate > /dev/null
+# 2. Small blocks, big clusters, a small log, the kernel's writeback cache, libfuse worker
+#    threads (--reactors 2) instead of the reactor reading /dev/fuse itself.
+"$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --log-size 1M --preallocate > /dev/null
+check "mkfs --log-size 1M: a 256-page log" bash -c "${BLOBFS%blobfs}blobcli info '$work/b.img' | grep -q 'log 2+256,'"
 if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache --reactors 2 > /dev/null; then
-  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, writeback cache, 2 FUSE worker threads)" \
+  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, 1 MiB log, writeback cache, 2 FUSE worker threads)" \
     python3 Tests/fs/exerciser.py "$mnt" --seed 2 --ops $((OPS / 4))
   check "unmount" unmount
   check "fsck" "$BLOBFS" fsck "$work/b.img"
@@ -137,6 +139,9 @@ check "mount of a garbage image fails with a message" expect_status 1 "$BLOBFS" 
 check "fsck of a garbage image: status 2" expect_status 2 "$BLOBFS" fsck "$work/garbage.img"
 check "mount of a missing image: status 2" expect_status 2 "$BLOBFS" mount "$work/missing.img" "$mnt"
 check "unknown mount option: status 2" expect_status 2 "$BLOBFS" mount "$work/a.img" "$mnt" -o frobnicate
+check "mkfs --log-size below 256K: status 2" expect_status 2 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 128K
+check "mkfs --log-size not in 4 KiB pages: status 2" expect_status 2 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 1000000
+check "mkfs --log-size larger than the device: status 1" expect_status 1 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 2G
 check "mkfs over an existing store without --force refuses" expect_status 1 "$BLOBFS" mkfs "$work/a.img"
 "$BLOBFS" mount "$work/a.img" "$mnt" > /dev/null
 mkdir -p "$work/mnt2"
