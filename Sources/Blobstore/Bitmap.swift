@@ -1,16 +1,18 @@
 /// An in-memory bit set with a next-free search; the allocation bitmaps of a loaded store.
 /// It notes which of its on-disk pages (`BitmapPage.bitsPerPage` bits each) a set or
 /// clear touched, so that a checkpoint writes those again and no others.
+import Glibc
+
 public struct Bitmap: Equatable, Sendable {
     public private(set) var count: UInt64
-    private var words: [UInt64]
+    private var words: ZeroedWords
     public private(set) var setCount: UInt64 = 0
     /// One bit per on-disk page: touched since the last `takeChangedPages()`.
     private var changed: [UInt64]
 
     public init(count: UInt64) {
         self.count = count
-        words = [UInt64](repeating: 0, count: Int((count + 63) / 64))
+        words = ZeroedWords(count: Int((count + 63) / 64))
         changed = [UInt64](repeating: 0, count: Int((BitmapPage.pages(forBits: count) + 63) / 64))
     }
 
@@ -118,5 +120,56 @@ public struct Bitmap: Equatable, Sendable {
             words[Int(index / 64)] |= 1 << (index % 64)
             setCount += 1
         }
+    }
+}
+
+/// The words of a bitmap: zeroed memory from calloc, which for a large bitmap is pages the
+/// kernel maps only when a bit in them is first set, so loading a store costs no time in
+/// proportion to its device size (an Array of a 15 TiB device's 480 MiB of cluster bits
+/// took 0.35 s to zero). Copy on write, as an Array.
+struct ZeroedWords: Equatable, @unchecked Sendable {
+    private final class Storage {
+        let count: Int
+        let base: UnsafeMutablePointer<UInt64>
+
+        init(count: Int) {
+            self.count = count
+            guard let memory = calloc(max(count, 1), MemoryLayout<UInt64>.size) else {
+                fatalError("a bitmap of \(count) words: out of memory")
+            }
+            base = memory.assumingMemoryBound(to: UInt64.self)
+        }
+
+        deinit { free(base) }
+    }
+
+    private var storage: Storage
+
+    init(count: Int) { storage = Storage(count: count) }
+
+    var count: Int { storage.count }
+
+    subscript(index: Int) -> UInt64 {
+        get {
+            precondition(index >= 0 && index < storage.count)
+            return storage.base[index]
+        }
+        set {
+            precondition(index >= 0 && index < storage.count)
+            if !isKnownUniquelyReferenced(&storage) {
+                let copy = Storage(count: storage.count)
+                copy.base.update(from: storage.base, count: storage.count)
+                storage = copy
+            }
+            storage.base[index] = newValue
+        }
+    }
+
+    func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try body(UnsafeRawBufferPointer(start: storage.base, count: storage.count * MemoryLayout<UInt64>.size))
+    }
+
+    static func == (lhs: ZeroedWords, rhs: ZeroedWords) -> Bool {
+        lhs.count == rhs.count && (lhs.storage === rhs.storage || memcmp(lhs.storage.base, rhs.storage.base, lhs.count * 8) == 0)
     }
 }

@@ -339,4 +339,37 @@ final class FormatTests: XCTestCase {
             try ArrayPage.decode(page[...], kind: .bitmap, pageIndex: 3, offset: 0)
         }
     }
+
+    func testBitmapIsAValueAndItsPagesAreTheOnDiskForm() {
+        var a = Bitmap(count: 100_000)
+        a.set(0); a.set(63); a.set(64); a.set(99_999)
+        var b = a
+        b.clear(63)
+        b.set(70_000)
+        XCTAssertTrue(a[63], "a copy's change does not reach the original")
+        XCTAssertFalse(a[70_000])
+        XCTAssertFalse(b[63])
+        XCTAssertNotEqual(a, b)
+        b.set(63); b.clear(70_000)
+        XCTAssertEqual(a, b, "equal bits, different storage")
+        XCTAssertEqual(a.setCount, 4)
+        XCTAssertEqual(a.firstClear(from: 63), 65)
+        XCTAssertEqual(a.firstClear(from: 99_999), 1, "wraps around")
+        let bytes = a.bytes()
+        XCTAssertEqual(bytes.count, 12_500)
+        XCTAssertEqual(Array(bytes[0..<9]), [0x01, 0, 0, 0, 0, 0, 0, 0x80, 0x01])
+        XCTAssertEqual(bytes[12_499], 0x80)
+        XCTAssertEqual(Bitmap(count: 100_000, bytes: bytes[...]), a, "decodes to the same bits")
+        let perPage = ArrayPage.payloadBytes
+        let pages = (12_500 + perPage - 1) / perPage
+        let joined = (0..<pages).flatMap { a.pageBytes($0) }
+        XCTAssertTrue(Array(joined.prefix(12_500)) == bytes, "the pages hold the on-disk bytes in order")
+        XCTAssertTrue(joined.dropFirst(12_500).allSatisfy { $0 == 0 }, "zeros after the last bit")
+        XCTAssertTrue(a.pageBytes(pages) == [UInt8](repeating: 0, count: perPage), "past the end: zeros")
+        // A 15 TiB device's cluster bits cost nothing until set (calloc's untouched pages).
+        var large = Bitmap(count: 4_000_000_000)
+        large.set(3_999_999_999)
+        XCTAssertEqual(large.firstClear(from: 3_999_999_999), 0)
+        XCTAssertEqual(large.setCount, 1)
+    }
 }
