@@ -127,7 +127,14 @@ struct Mkfs: UsageErrorsExitTwo {
         let formatting = Ticker("blobfs mkfs: formatting \(device.text) (super block, log, table, bitmaps)")
         defer { formatting.finish() }
         do { store = try BlobStore.format(io, options: options) } catch {
-            throw Failure("format \(device.text): \(error)")
+            // The sizes asked for (--log-size, --inodes, --cluster-size) do not fit the
+            // device: a usage error; anything else is the device failing.
+            let usage: Bool
+            switch error {
+            case .noSpace, .invalidArgument: usage = true
+            default: usage = false
+            }
+            throw Failure("format \(device.text): \(error)", status: usage ? 2 : 1)
         }
         let fs = try FileSystem.format(store, owner: Caller(uid: getuid(), gid: getgid()))
         try fs.unmount()

@@ -139,9 +139,13 @@ check "mount of a garbage image fails with a message" expect_status 1 "$BLOBFS" 
 check "fsck of a garbage image: status 2" expect_status 2 "$BLOBFS" fsck "$work/garbage.img"
 check "mount of a missing image: status 2" expect_status 2 "$BLOBFS" mount "$work/missing.img" "$mnt"
 check "unknown mount option: status 2" expect_status 2 "$BLOBFS" mount "$work/a.img" "$mnt" -o frobnicate
-check "mkfs --log-size below 256K: status 2" expect_status 2 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 128K
-check "mkfs --log-size not in 4 KiB pages: status 2" expect_status 2 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 1000000
-check "mkfs --log-size larger than the device: status 1" expect_status 1 "$BLOBFS" mkfs "$work/g.img" --size 1G --log-size 2G
+mkfs_refused() {  # mkfs_refused IMAGE ARGS...: status 2 with a message, and no IMAGE made
+  expect_status 2 "$BLOBFS" mkfs "$@" && [ ! -e "$1" ]
+}
+check "mkfs --log-size below 256K: status 2" mkfs_refused "$work/g.img" --size 1G --log-size 128K
+check "mkfs --log-size not in 4 KiB pages: status 2" mkfs_refused "$work/g.img" --size 1G --log-size 1000000
+check "mkfs --log-size larger than the device: status 2, no image left" mkfs_refused "$work/g.img" --size 1G --log-size 2G
+check "mkfs --inodes more than the device holds: status 2, no image left" mkfs_refused "$work/g.img" --size 64M --inodes 60000000
 check "mkfs over an existing store without --force refuses" expect_status 1 "$BLOBFS" mkfs "$work/a.img"
 "$BLOBFS" mount "$work/a.img" "$mnt" > /dev/null
 mkdir -p "$work/mnt2"
