@@ -44,6 +44,38 @@ public final class BdevSyncIO: BdevCompletionHandler {
         try wait()
     }
 
+    /// Reads `countBlocks` blocks at each of `offsets` into consecutive slices of `buffer`
+    /// (read `i` at byte `i * countBlocks * blockSize`), keeping up to the channel's queue
+    /// depth in flight; returns when all have completed. The first error is thrown, after
+    /// every submitted read has completed.
+    public func readScattered(into buffer: borrowing DMABuffer, offsets: some Collection<UInt64>,
+                              countBlocks: UInt64) throws(BdevError) {
+        let bytes = Int(countBlocks) * geometry.blockSizeBytes
+        guard offsets.count * bytes <= buffer.count else {
+            throw .lengthMismatch(bufferBytes: buffer.count, requestBytes: offsets.count * bytes)
+        }
+        var submitError: BdevError?
+        for (index, offset) in offsets.enumerated() {
+            if channel.inFlight >= channel.queueDepth {
+                channel.reactor.run(until: { channel.inFlight < channel.queueDepth })
+            }
+            do {
+                try channel.read(into: buffer, bufferOffset: index * bytes, offsetBlocks: offset,
+                                 countBlocks: countBlocks, handler: self)
+            } catch {
+                submitError = error
+                break
+            }
+            outstanding += 1
+            if firstError != nil { break }
+        }
+        channel.reactor.run(until: { outstanding == 0 })
+        if let error = submitError ?? firstError {
+            firstError = nil
+            throw error
+        }
+    }
+
     public func write(from buffer: borrowing DMABuffer, bufferOffset: Int = 0, offsetBlocks: UInt64,
                       countBlocks: UInt64) throws(BdevError) {
         try channel.write(from: buffer, bufferOffset: bufferOffset, offsetBlocks: offsetBlocks,

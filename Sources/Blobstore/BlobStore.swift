@@ -286,10 +286,14 @@ public final class BlobStore {
             .map { Int(UInt64($0) - tablePages) })
     }
 
-    /// Reads the active table and every chain it names; derives the bitmaps.
+    /// Reads the active table and every chain it names; derives the bitmaps. Chains are
+    /// read a batch of blobs at a time, every page of a batch's walk step in flight at
+    /// once (`readChains`): a store of many small blobs loads at the device's queue depth,
+    /// not one page round trip after another.
     private func loadCheckpoint() throws(BlobStoreError) {
         let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
         let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
+        var roots: [(id: UInt64, root: UInt32)] = []
         for pageIndex in 0..<Int(superBlock.table.pageCount) {
             let page: ArraySlice<UInt8>
             do {
@@ -302,30 +306,100 @@ public final class BlobStore {
                 guard id < superBlock.blobIDLimit else { break }
                 let at = page.startIndex + entry * 4
                 let value = UInt32(page[at]) | UInt32(page[at + 1]) << 8 | UInt32(page[at + 2]) << 16 | UInt32(page[at + 3]) << 24
-                guard value != 0 else { continue }
-                let (blob, chain) = try readChain(root: value - 1, expectedID: id)
+                if value != 0 { roots.append((id, value - 1)) }
+            }
+        }
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
+        for batchStart in stride(from: 0, to: roots.count, by: Self.chainReadBatch) {
+            let batch = roots[batchStart..<min(roots.count, batchStart + Self.chainReadBatch)]
+            for (id, (blob, chain)) in zip(batch.lazy.map(\.id), try readChains(batch, buffer: buffer)) {
+                try account(blob, chain: chain)
                 blobs[id] = blob
                 durableChains[id] = chain
                 blobIDs.set(id)
-                for page in chain {
-                    if let cluster = superBlock.metadataPageCluster(page) {
-                        guard !clusters[cluster] else { throw .corrupt("metadata page \(page) (cluster \(cluster)) is owned twice") }
-                        clusters.set(cluster)
-                        metadataPagesInClusterCount += 1
-                        continue
-                    }
-                    guard !metadataPageBits[UInt64(page)] else { throw .corrupt("metadata page \(page) is in two chains") }
-                    metadataPageBits.set(UInt64(page))
+            }
+        }
+    }
+
+    /// Blobs whose chains a load reads together (and pages per batched read: 1 MiB).
+    static let chainReadBatch = 256
+
+    /// Marks a loaded blob's metadata pages and clusters in use; refuses double owners.
+    private func account(_ blob: BlobMetadata, chain: [UInt32]) throws(BlobStoreError) {
+        for page in chain {
+            if let cluster = superBlock.metadataPageCluster(page) {
+                guard !clusters[cluster] else { throw .corrupt("metadata page \(page) (cluster \(cluster)) is owned twice") }
+                clusters.set(cluster)
+                metadataPagesInClusterCount += 1
+                continue
+            }
+            guard !metadataPageBits[UInt64(page)] else { throw .corrupt("metadata page \(page) is in two chains") }
+            metadataPageBits.set(UInt64(page))
+        }
+        for extent in blob.extents {
+            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                guard cluster < superBlock.clusterCount else { throw .corrupt("blob \(blob.id) maps cluster \(cluster) beyond the device") }
+                guard !clusters[cluster] else { throw .corrupt("cluster \(cluster) is owned twice (blob \(blob.id) and another)") }
+                clusters.set(cluster)
+            }
+        }
+    }
+
+    /// One blob's chain as a walk reads it.
+    private struct ChainWalk {
+        let id: UInt64
+        var pages: [MetadataPage.Page] = []
+        var ids: [UInt32] = []
+        var next: UInt32?
+    }
+
+    /// Walks the chains of `roots` together: each step reads the next page of every
+    /// unfinished chain, up to `chainReadBatch` pages in flight (`readScattered`), with
+    /// the same checks as `readChain`.
+    private func readChains(_ roots: ArraySlice<(id: UInt64, root: UInt32)>,
+                            buffer: borrowing DMABuffer) throws(BlobStoreError) -> [(BlobMetadata, [UInt32])] {
+        var walks = roots.map { ChainWalk(id: $0.id, next: $0.root) }
+        while true {
+            var step: [Int] = []
+            for (index, walk) in walks.enumerated() {
+                guard let pageID = walk.next else { continue }
+                guard UInt64(pageID) < superBlock.metadataPageIDLimit, UInt64(walk.ids.count) < superBlock.metadataPageIDLimit else {
+                    throw .corrupt("blob \(walk.id): metadata chain points at page \(pageID), outside the metadata pages or looping")
                 }
-                for extent in blob.extents {
-                    for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
-                        guard cluster < superBlock.clusterCount else { throw .corrupt("blob \(id) maps cluster \(cluster) beyond the device") }
-                        guard !clusters[cluster] else { throw .corrupt("cluster \(cluster) is owned twice (blob \(id) and another)") }
-                        clusters.set(cluster)
-                    }
+                step.append(index)
+            }
+            if step.isEmpty { break }
+            for part in stride(from: 0, to: step.count, by: Self.chainReadBatch) {
+                let indices = step[part..<min(step.count, part + Self.chainReadBatch)]
+                let addresses = indices.map { superBlock.metadataPageAddress(walks[$0].next!) }
+                let devicePages = io.geometry.capacityBytes / UInt64(Self.pageBytes)
+                if let outside = addresses.first(where: { $0 >= devicePages }) {
+                    throw .device(.outOfRange(offsetBlocks: outside &* blocksPerPage, countBlocks: blocksPerPage,
+                                              blockCount: devicePages * blocksPerPage))
+                }
+                do {
+                    try io.readScattered(into: buffer, offsets: addresses.lazy.map { $0 * self.blocksPerPage }, countBlocks: blocksPerPage)
+                } catch { throw .device(error) }
+                let bytes = buffer.bytes(count: indices.count * Self.pageBytes)
+                for (slot, index) in indices.enumerated() {
+                    let pageID = walks[index].next!
+                    do {
+                        let decoded = try MetadataPage.decodePage(bytes[(slot * Self.pageBytes)..<((slot + 1) * Self.pageBytes)],
+                                                                  offset: addresses[slot] * UInt64(Self.pageBytes), pageID: pageID)
+                        // A page out of order (a loop comes back to one) ends the walk: decodeBlob names it.
+                        walks[index].next = decoded.chainIndex == UInt32(truncatingIfNeeded: walks[index].pages.count)
+                            ? decoded.nextPage : nil
+                        walks[index].pages.append(decoded)
+                        walks[index].ids.append(pageID)
+                    } catch { throw .format(error) }
                 }
             }
         }
+        var result: [(BlobMetadata, [UInt32])] = []
+        result.reserveCapacity(walks.count)
+        for walk in walks { result.append((try decodeChain(walk.pages, ids: walk.ids, expectedID: walk.id), walk.ids)) }
+        return result
     }
 
     func readChain(root: UInt32, expectedID: UInt64) throws(BlobStoreError) -> (BlobMetadata, [UInt32]) {
@@ -348,6 +422,11 @@ public final class BlobStore {
                 throw .corrupt("\(error)")
             }
         }
+        return (try decodeChain(pages, ids: ids, expectedID: expectedID), ids)
+    }
+
+    /// A chain's pages, decoded into the blob they describe, which must be `expectedID`.
+    private func decodeChain(_ pages: [MetadataPage.Page], ids: [UInt32], expectedID: UInt64) throws(BlobStoreError) -> BlobMetadata {
         let blob: BlobMetadata
         do {
             blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {
@@ -355,7 +434,7 @@ public final class BlobStore {
             }, clusterLimit: superBlock.clusterCount)
         } catch { throw .format(error) }
         guard blob.id == expectedID else { throw .corrupt("blob table entry \(expectedID) names the chain of blob \(blob.id)") }
-        return (blob, ids)
+        return blob
     }
 
     /// Writes a clean checkpoint; the store object must not be used afterwards.

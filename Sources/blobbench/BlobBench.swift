@@ -13,7 +13,7 @@ import Logging
 struct BlobBench: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(
         commandName: "blobbench", abstract: "Blob store benchmarks.",
-        subcommands: [FormatTime.self, RecoveryTime.self, SmallObjects.self])
+        subcommands: [FormatTime.self, RecoveryTime.self, SmallObjects.self, LoadTime.self])
 
     struct DeviceOptions: ParsableArguments {
         @Option(help: "malloc:SIZE, file:PATH or a path.") var device: String
@@ -107,6 +107,24 @@ struct BlobBench: UsageErrorsExitTwo {
         }
     }
 
+    struct LoadTime: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "load-time",
+            abstract: "Time read-only loads of an existing store (the table, every chain, the log tail): what a mount reads.")
+        @OptionGroup var options: DeviceOptions
+        @Option(help: "Loads to time.") var rounds = 3
+
+        func run() throws {
+            let (bdev, io) = try options.open(fresh: false)
+            defer { io.close(); bdev.close() }
+            for _ in 0..<rounds {
+                var blobCount = 0
+                let elapsed = try BlobBench.seconds { blobCount = try BlobStore.load(io, readOnly: true).0.blobIDList.count }
+                print(String(format: "load of %d blobs: %.3f s", blobCount, elapsed))
+            }
+        }
+    }
+
     struct SmallObjects: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "small-objects", abstract: "Create COUNT blobs of 4 KiB each and report what they cost.")
@@ -114,6 +132,7 @@ struct BlobBench: UsageErrorsExitTwo {
         @Option var count: Int = 100_000
         @Option(help: "Metadata pages to format with.") var metadataPages: UInt64?
         @Option(name: .customLong("blob-ids"), help: "Blob ids to format with.") var blobIDs: UInt64?
+        @Flag(help: "Then time a load of the store (what a mount costs with that many blobs).") var reload = false
 
         func run() throws {
             let (bdev, io) = try options.open(fresh: true)
@@ -138,6 +157,13 @@ struct BlobBench: UsageErrorsExitTwo {
                          store.superBlock.metadataPages.pageCount, store.clusterCount, options.clusterSize,
                          store.metadataPagesInClusterCount, store.freeClusterCount, elapsed))
             if let failure { print("stopped: \(failure)") }
+            if failure == nil, reload {
+                // Mount time with that many blobs: a clean load reads the table and every chain.
+                var loaded: BlobStore?
+                let loadTime = try BlobBench.seconds { loaded = try BlobStore.load(io).0 }
+                print(String(format: "clean load of %d blobs: %.3f s", loaded!.blobIDList.count, loadTime))
+                try loaded!.unload()
+            }
         }
     }
 }
