@@ -165,6 +165,70 @@ final class BlobStoreTests: XCTestCase {
         try loaded.unload()
     }
 
+    /// Load walks chains a batch of blobs at a time, each step's pages read together:
+    /// batches of 256 blobs, chains of one to several pages, must come back exactly.
+    func testLoadBringsBackManyChainsOfDifferentLengthsAcrossBatches() throws {
+        let (bdev, reactor) = try makeDevice(megabytes: 64)
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let store = try BlobStore.format(io, options: .init(metadataPages: 2048, blobIDLimit: 1024))
+        var ids: [UInt64] = []
+        for index in 0..<700 {
+            let id = try store.createBlob(clusterCount: UInt64(1 + index % 5))
+            // Every seventh blob gets xattrs enough for 2 to 4 pages.
+            for name in 0..<(index % 7 == 0 ? 1 + index % 3 * 2 : 0) {
+                try store.setXattr(id, name: "x\(name)", value: bytes(UInt64(index * 8 + name), 3000))
+            }
+            if index % 3 == 0 { try store.write(blob: id, offsetUnits: 0, data: bytes(UInt64(index), 4096)) }
+            ids.append(id)
+        }
+        for id in ids where id % 11 == 5 { try store.deleteBlob(id) }
+        try store.checkpoint()
+        let expected = store.blobIDList.map { store.blob($0)! }
+        XCTAssertTrue(expected.contains { MetadataPage.pagesNeeded(for: $0) >= 3 }, "some chains are several pages long")
+        let free = (store.freeClusterCount, store.metadataPageBits.setCount)
+        try store.unload()
+        let (loaded, _) = try BlobStore.load(io)
+        XCTAssertEqual(loaded.blobIDList.count, expected.count)
+        XCTAssertTrue(loaded.blobIDList.map { loaded.blob($0)! } == expected, "every blob's metadata as it was")
+        XCTAssertEqual(loaded.freeClusterCount, free.0)
+        XCTAssertEqual(loaded.metadataPageBits.setCount, free.1)
+        XCTAssertEqual(try loaded.read(blob: 3, offsetUnits: 0, countUnits: 1), bytes(3, 4096))
+        try loaded.unload()
+        XCTAssertTrue(Verifier.verify(io).isConsistent)
+    }
+
+    /// A chain read that fails in the middle of a batch: the load is refused with the
+    /// device's error once every read of the batch has completed, and a later load works.
+    func testAFailedChainReadFailsTheLoadCleanly() throws {
+        let reactor = try Reactor()
+        let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
+        let device = Bdev(backend: fault)
+        var io = try BdevSyncIO(bdev: device, reactor: reactor)
+        let store = try BlobStore.format(io, options: .init(metadataPages: 1200, blobIDLimit: 1024))
+        for _ in 0..<600 { _ = try store.createBlob(clusterCount: 1) }
+        try store.unload()
+        io.close()
+        // The load reads the super blocks, the table, the log, then 600 chains (three
+        // batches): fail one read early, and two in the second batch.
+        for failing in [UInt64(3), 300, 400] {
+            io = try BdevSyncIO(bdev: device, reactor: reactor)
+            fault.failIO(at: fault.ioCount + failing)
+            XCTAssertThrowsError(try BlobStore.load(io), "read \(failing) fails") {
+                guard case .device = $0 as? BlobStoreError else { return XCTFail("\($0)") }
+            }
+            XCTAssertEqual(io.channel.inFlight, 0, "nothing left in flight")
+            fault.clearFaults()
+            io.close()
+        }
+        io = try BdevSyncIO(bdev: device, reactor: reactor)
+        let (loaded, report) = try BlobStore.load(io)
+        XCTAssertTrue(report.wasClean)
+        XCTAssertEqual(loaded.blobIDList.count, 600)
+        try loaded.unload()
+        io.close()
+    }
+
     func testRunningOutOfClustersIsAnErrorNotCorruption() throws {
         let (bdev, reactor) = try makeDevice(megabytes: 2)
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
