@@ -96,6 +96,30 @@ public struct Bitmap: Equatable, Sendable {
         return nil
     }
 
+    /// Bits set here and clear in `other`, and bits clear here and set in `other`: how
+    /// many of each and the first `listing` of each, in order (a word at a time).
+    public func differences(from other: Bitmap, listing: Int)
+        -> (onlyHere: (count: UInt64, first: [UInt64]), onlyThere: (count: UInt64, first: [UInt64])) {
+        precondition(count == other.count, "bitmaps of \(count) and \(other.count) bits")
+        var here: (count: UInt64, first: [UInt64]) = (0, [])
+        var there: (count: UInt64, first: [UInt64]) = (0, [])
+        func note(_ bits: UInt64, _ word: Int, _ into: inout (count: UInt64, first: [UInt64])) {
+            into.count += UInt64(bits.nonzeroBitCount)
+            var rest = bits
+            while rest != 0, into.first.count < listing {
+                into.first.append(UInt64(word) * 64 + UInt64(rest.trailingZeroBitCount))
+                rest &= rest - 1
+            }
+        }
+        for word in 0..<words.count {
+            let (mine, theirs) = (words[word], other.words[word])
+            guard mine != theirs else { continue }
+            note(mine & ~theirs, word, &here)
+            note(theirs & ~mine, word, &there)
+        }
+        return (here, there)
+    }
+
     /// The bytes of the on-disk form: bit i in byte i/8, bit i%8.
     public func bytes() -> [UInt8] {
         let byteCount = Int((count + 7) / 8)
@@ -114,12 +138,23 @@ public struct Bitmap: Equatable, Sendable {
         #endif
     }
 
+    /// Decodes the on-disk form (`bytes()`): the first `(count + 7) / 8` bytes of `bytes`;
+    /// bits past `count` are ignored.
     public init(count: UInt64, bytes: ArraySlice<UInt8>) {
         self.init(count: count)
-        for index in 0..<count where bytes[bytes.startIndex + Int(index / 8)] & (1 << (index % 8)) != 0 {
-            words[Int(index / 64)] |= 1 << (index % 64)
-            setCount += 1
+        let byteCount = Int((count + 7) / 8)
+        precondition(bytes.count >= byteCount, "\(bytes.count) bytes for \(count) bits")
+        var set: UInt64 = 0
+        for word in 0..<words.count {
+            let first = bytes.startIndex + word * 8
+            var value: UInt64 = 0
+            for byte in 0..<min(8, byteCount - word * 8) { value |= UInt64(bytes[first + byte]) << (8 * UInt64(byte)) }
+            if word == words.count - 1, count % 64 != 0 { value &= (1 << (count % 64)) - 1 }
+            guard value != 0 else { continue }
+            words[word] = value
+            set += UInt64(value.nonzeroBitCount)
         }
+        setCount = set
     }
 }
 

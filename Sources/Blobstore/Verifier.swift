@@ -153,23 +153,24 @@ public enum Verifier {
             let (bitmaps, errors) = PersistedBitmaps.decode(raw, at: bitmapStart, block)
             report.problems += errors.map { "\($0)" }
             if let bitmaps {
-                let sections: [(String, Bitmap, (UInt64) -> Bool)] = [
-                    ("cluster", bitmaps.clusters, { clusterOwner[$0] != nil }),
-                    ("metadata page", bitmaps.metadataPages, { pageOwner[UInt32($0)] != nil }),
-                    ("blob id", bitmaps.blobIDs, { roots[$0] != nil }),
+                // What the metadata says is in use, as bitmaps, compared a word at a time.
+                func inUse<K: BinaryInteger>(_ keys: some Sequence<K>, count: UInt64) -> Bitmap {
+                    var bitmap = Bitmap(count: count)
+                    for key in keys where UInt64(key) < count { bitmap.set(UInt64(key)) }
+                    return bitmap
+                }
+                let sections: [(String, Bitmap, Bitmap)] = [
+                    ("cluster", bitmaps.clusters, inUse(clusterOwner.keys, count: bitmaps.clusters.count)),
+                    ("metadata page", bitmaps.metadataPages, inUse(pageOwner.keys, count: bitmaps.metadataPages.count)),
+                    ("blob id", bitmaps.blobIDs, inUse(roots.keys, count: bitmaps.blobIDs.count)),
                 ]
-                for (name, bitmap, used) in sections {
-                    var leaked: [UInt64] = []
-                    var unmarked: [UInt64] = []
-                    for index in 0..<bitmap.count {
-                        if bitmap[index] && !used(index) { leaked.append(index) }
-                        if !bitmap[index] && used(index) { unmarked.append(index) }
+                for (name, persisted, used) in sections {
+                    let (leaked, unmarked) = persisted.differences(from: used, listing: 5)
+                    if leaked.count > 0 {
+                        report.problems.append("\(leaked.count) \(name)s marked used but owned by nothing (first: \(leaked.first))")
                     }
-                    if !leaked.isEmpty {
-                        report.problems.append("\(leaked.count) \(name)s marked used but owned by nothing (first: \(leaked.prefix(5)))")
-                    }
-                    if !unmarked.isEmpty {
-                        report.problems.append("\(unmarked.count) \(name)s in use but free in the bitmap (first: \(unmarked.prefix(5)))")
+                    if unmarked.count > 0 {
+                        report.problems.append("\(unmarked.count) \(name)s in use but free in the bitmap (first: \(unmarked.first))")
                     }
                 }
             }

@@ -360,6 +360,16 @@ final class FormatTests: XCTestCase {
         XCTAssertEqual(Array(bytes[0..<9]), [0x01, 0, 0, 0, 0, 0, 0, 0x80, 0x01])
         XCTAssertEqual(bytes[12_499], 0x80)
         XCTAssertEqual(Bitmap(count: 100_000, bytes: bytes[...]), a, "decodes to the same bits")
+        XCTAssertEqual(Bitmap(count: 100_000, bytes: bytes[...]).setCount, 4)
+        var c = a
+        c.clear(64); c.set(65); c.set(66); c.set(99_998)
+        let (onlyA, onlyC) = a.differences(from: c, listing: 2)
+        XCTAssertEqual(onlyA.count, 1); XCTAssertEqual(onlyA.first, [64])
+        XCTAssertEqual(onlyC.count, 3); XCTAssertEqual(onlyC.first, [65, 66], "the first two, in order")
+        XCTAssertEqual(a.differences(from: a, listing: 5).onlyHere.count, 0)
+        let ragged = Bitmap(count: 70, bytes: [UInt8](repeating: 0xFF, count: 12)[2...])
+        XCTAssertEqual(ragged.setCount, 70, "bits past the count are ignored")
+        XCTAssertNil(ragged.firstClear())
         let perPage = ArrayPage.payloadBytes
         let pages = (12_500 + perPage - 1) / perPage
         let joined = (0..<pages).flatMap { a.pageBytes($0) }
