@@ -59,9 +59,9 @@ directories written through the mount ($(python3 -c "print(round($filled - $star
 
 fsck said: \`$fsck_line\`
 
-Each command ran on a pseudo-terminal (`script -qefc`), as from a shell; the last column
+Each command ran on a pseudo-terminal (\`script -qefc\`), as from a shell; the last column
 counts the progress redraws on stderr (carriage returns): phases without a count (loading
 the store, verifying, the file-system walk) show their name and the seconds so far
-(`Ticker`), `list` a percentage of the blobs done (`Progress`; Sources/blobcli/main.swift).
+(\`Ticker\`), \`list\` a percentage of the blobs done (\`Progress\`; Sources/blobcli/main.swift).
 MD
 cat "$out"

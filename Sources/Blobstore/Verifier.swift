@@ -1,4 +1,5 @@
 import Bdev
+import Env
 
 /// The blob store's consistency check (fsck logic, shared with blobcli later). It reads
 /// the device as it is — both super block slots, the active table and bitmap copy, every
@@ -83,7 +84,16 @@ public enum Verifier {
         // One problem per doubly-owned cluster up to this many, then a count.
         var doublyOwned: UInt64 = 0
         let doublyOwnedListed: UInt64 = 32
-        for (id, root) in roots.sorted(by: { $0.key < $1.key }) {
+        // The first page of each chain is read ahead, a batch of chains at a time with all
+        // the batch's reads in flight (most chains are one page); the walk below takes
+        // pages from there, and reads the rest, and any read-ahead that failed, one by one.
+        let sortedRoots = roots.sorted(by: { $0.key < $1.key })
+        let batch = BlobStore.chainReadBatch
+        var readAhead: [UInt32: ArraySlice<UInt8>] = [:]
+        for (position, (id, root)) in sortedRoots.enumerated() {
+            if position % batch == 0 {
+                readAhead = readPagesAhead(io, block, sortedRoots[position..<min(sortedRoots.count, position + batch)].map(\.value))
+            }
             var next: UInt32? = root
             var pages: [MetadataPage.Page] = []
             var ids: [UInt32] = []
@@ -105,9 +115,9 @@ public enum Verifier {
                     clusterOwner[cluster] = id
                 }
                 let page = block.metadataPageAddress(pageID)
-                guard let bytes = read(page, 1) else { break }
+                guard let bytes = readAhead[pageID] ?? read(page, 1)?[...] else { break }
                 do {
-                    let decoded = try MetadataPage.decodePage(bytes[...], offset: page * UInt64(pageBytes), pageID: pageID)
+                    let decoded = try MetadataPage.decodePage(bytes, offset: page * UInt64(pageBytes), pageID: pageID)
                     pages.append(decoded)
                     ids.append(pageID)
                     next = decoded.nextPage
@@ -183,6 +193,24 @@ public enum Verifier {
         }
         report.pendingTransactions = scan.transactions.count
         return report
+    }
+}
+
+extension Verifier {
+    /// Metadata pages `pageIDs` (those inside the device), read with every read in flight
+    /// at once; empty when a read fails (the caller then reads page by page and reports).
+    static func readPagesAhead(_ io: BdevSyncIO, _ block: SuperBlock, _ pageIDs: [UInt32]) -> [UInt32: ArraySlice<UInt8>] {
+        let pageBytes = SuperBlock.pageBytes
+        let blocksPerPage = UInt64(pageBytes / io.geometry.blockSizeBytes)
+        let capacityPages = io.geometry.capacityBytes / UInt64(pageBytes)
+        let wanted = pageIDs.filter { UInt64($0) < block.metadataPageIDLimit && block.metadataPageAddress($0) < capacityPages }
+        guard !wanted.isEmpty, let buffer = try? DMABuffer.allocate(bytes: wanted.count * pageBytes),
+              (try? io.readScattered(into: buffer, offsets: wanted.map { block.metadataPageAddress($0) * blocksPerPage },
+                                     countBlocks: blocksPerPage)) != nil else { return [:] }
+        let bytes = buffer.bytes(count: wanted.count * pageBytes)
+        var pages: [UInt32: ArraySlice<UInt8>] = [:]
+        for (slot, pageID) in wanted.enumerated() { pages[pageID] = bytes[(slot * pageBytes)..<((slot + 1) * pageBytes)] }
+        return pages
     }
 }
 

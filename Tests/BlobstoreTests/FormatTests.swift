@@ -382,4 +382,24 @@ final class FormatTests: XCTestCase {
         XCTAssertEqual(large.firstClear(from: 3_999_999_999), 0)
         XCTAssertEqual(large.setCount, 1)
     }
+
+    /// Reserved bytes are checked eight at a time where aligned: a non-zero byte at any
+    /// offset, from any alignment of the structure in memory, is found and named exactly.
+    func testReservedBytesNameTheFirstNonZeroByteAtEveryOffset() {
+        let backing = [UInt8](repeating: 0, count: 96)
+        for shift in 0..<8 {
+            for bad in 3..<61 {
+                var bytes = backing
+                bytes[shift + bad] = 0x40
+                bytes[shift + 62] = 0x01  // outside the checked range, later: not the one named
+                let reader = ByteReader(bytes[shift..<(shift + 64)], structure: "test", base: 1000)
+                XCTAssertNoThrow(try reader.requireZero(0..<bad))
+                XCTAssertThrowsError(try reader.requireZero(3..<61)) {
+                    XCTAssertEqual($0 as? FormatError, FormatError("test", offset: 1000 + UInt64(bad), .reservedNotZero),
+                                   "shift \(shift), byte \(bad)")
+                }
+            }
+            XCTAssertNoThrow(try ByteReader(backing[shift..<(shift + 64)], structure: "test", base: 0).requireZero(0..<64))
+        }
+    }
 }
