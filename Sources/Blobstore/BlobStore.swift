@@ -355,8 +355,9 @@ public final class BlobStore {
     }
 
     /// Walks the chains of `roots` together: each step reads the next page of every
-    /// unfinished chain, up to `chainReadBatch` pages in flight (`readScattered`), with
-    /// the same checks as `readChain`.
+    /// unfinished chain, up to `chainReadBatch` pages in flight (`readScattered`). A chain
+    /// ends at a page whose index in it is not the next one (a loop comes back to an
+    /// earlier page: decodeBlob names it); a chain longer than there are pages is refused.
     private func readChains(_ roots: ArraySlice<(id: UInt64, root: UInt32)>,
                             buffer: borrowing DMABuffer) throws(BlobStoreError) -> [(BlobMetadata, [UInt32])] {
         var walks = roots.map { ChainWalk(id: $0.id, next: $0.root) }
@@ -400,29 +401,6 @@ public final class BlobStore {
         result.reserveCapacity(walks.count)
         for walk in walks { result.append((try decodeChain(walk.pages, ids: walk.ids, expectedID: walk.id), walk.ids)) }
         return result
-    }
-
-    func readChain(root: UInt32, expectedID: UInt64) throws(BlobStoreError) -> (BlobMetadata, [UInt32]) {
-        var pages: [MetadataPage.Page] = []
-        var ids: [UInt32] = []
-        var next: UInt32? = root
-        while let pageID = next {
-            guard UInt64(pageID) < superBlock.metadataPageIDLimit, UInt64(ids.count) < superBlock.metadataPageIDLimit else {
-                throw .corrupt("blob \(expectedID): metadata chain points at page \(pageID), outside the metadata pages or looping")
-            }
-            let page = superBlock.metadataPageAddress(pageID)
-            do {
-                let decoded = try MetadataPage.decodePage(try readPages(at: page, count: 1)[...],
-                                                          offset: page * UInt64(Self.pageBytes), pageID: pageID)
-                // A page out of order (a loop comes back to one) ends the walk: decodeBlob names it.
-                next = decoded.chainIndex == UInt32(truncatingIfNeeded: pages.count) ? decoded.nextPage : nil
-                pages.append(decoded)
-                ids.append(pageID)
-            } catch let error as FormatError { throw .format(error) } catch let error as BlobStoreError { throw error } catch {
-                throw .corrupt("\(error)")
-            }
-        }
-        return (try decodeChain(pages, ids: ids, expectedID: expectedID), ids)
     }
 
     /// A chain's pages, decoded into the blob they describe, which must be `expectedID`.
