@@ -1,8 +1,8 @@
+import Glibc
+
 /// An in-memory bit set with a next-free search; the allocation bitmaps of a loaded store.
 /// It notes which of its on-disk pages (`BitmapPage.bitsPerPage` bits each) a set or
 /// clear touched, so that a checkpoint writes those again and no others.
-import Glibc
-
 public struct Bitmap: Equatable, Sendable {
     public private(set) var count: UInt64
     private var words: ZeroedWords

@@ -373,21 +373,13 @@ public final class BlobStore {
             if step.isEmpty { break }
             for part in stride(from: 0, to: step.count, by: Self.chainReadBatch) {
                 let indices = step[part..<min(step.count, part + Self.chainReadBatch)]
-                let addresses = indices.map { superBlock.metadataPageAddress(walks[$0].next!) }
-                let devicePages = io.geometry.capacityBytes / UInt64(Self.pageBytes)
-                if let outside = addresses.first(where: { $0 >= devicePages }) {
-                    throw .device(.outOfRange(offsetBlocks: outside &* blocksPerPage, countBlocks: blocksPerPage,
-                                              blockCount: devicePages * blocksPerPage))
-                }
-                do {
-                    try io.readScattered(into: buffer, offsets: addresses.lazy.map { $0 * self.blocksPerPage }, countBlocks: blocksPerPage)
-                } catch { throw .device(error) }
-                let bytes = buffer.bytes(count: indices.count * Self.pageBytes)
+                let bytes = try Self.readMetadataPages(io, superBlock, indices.map { walks[$0].next! }, buffer: buffer)
                 for (slot, index) in indices.enumerated() {
                     let pageID = walks[index].next!
                     do {
                         let decoded = try MetadataPage.decodePage(bytes[(slot * Self.pageBytes)..<((slot + 1) * Self.pageBytes)],
-                                                                  offset: addresses[slot] * UInt64(Self.pageBytes), pageID: pageID)
+                                                                  offset: superBlock.metadataPageAddress(pageID) * UInt64(Self.pageBytes),
+                                                                  pageID: pageID)
                         // A page out of order (a loop comes back to one) ends the walk: decodeBlob names it.
                         walks[index].next = decoded.chainIndex == UInt32(truncatingIfNeeded: walks[index].pages.count)
                             ? decoded.nextPage : nil
@@ -401,6 +393,24 @@ public final class BlobStore {
         result.reserveCapacity(walks.count)
         for walk in walks { result.append((try decodeChain(walk.pages, ids: walk.ids, expectedID: walk.id), walk.ids)) }
         return result
+    }
+
+    /// Metadata pages `pageIDs` of the store `block` describes, read through `buffer` with
+    /// every read in flight at once (up to the queue depth): their bytes, in order. A page
+    /// beyond the device is an error before anything is read.
+    static func readMetadataPages(_ io: BdevSyncIO, _ block: SuperBlock, _ pageIDs: [UInt32],
+                                  buffer: borrowing DMABuffer) throws(BlobStoreError) -> [UInt8] {
+        let blocksPerPage = UInt64(pageBytes / io.geometry.blockSizeBytes)
+        let devicePages = io.geometry.capacityBytes / UInt64(pageBytes)
+        let addresses = pageIDs.map { block.metadataPageAddress($0) }
+        if let outside = addresses.first(where: { $0 >= devicePages }) {
+            throw .device(.outOfRange(offsetBlocks: outside &* blocksPerPage, countBlocks: blocksPerPage,
+                                      blockCount: devicePages * blocksPerPage))
+        }
+        do { try io.readScattered(into: buffer, offsets: addresses.lazy.map { $0 * blocksPerPage }, countBlocks: blocksPerPage) } catch {
+            throw .device(error)
+        }
+        return buffer.bytes(count: addresses.count * pageBytes)
     }
 
     /// A chain's pages, decoded into the blob they describe, which must be `expectedID`.

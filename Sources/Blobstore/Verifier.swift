@@ -201,13 +201,10 @@ extension Verifier {
     /// at once; empty when a read fails (the caller then reads page by page and reports).
     static func readPagesAhead(_ io: BdevSyncIO, _ block: SuperBlock, _ pageIDs: [UInt32]) -> [UInt32: ArraySlice<UInt8>] {
         let pageBytes = SuperBlock.pageBytes
-        let blocksPerPage = UInt64(pageBytes / io.geometry.blockSizeBytes)
         let capacityPages = io.geometry.capacityBytes / UInt64(pageBytes)
         let wanted = pageIDs.filter { UInt64($0) < block.metadataPageIDLimit && block.metadataPageAddress($0) < capacityPages }
         guard !wanted.isEmpty, let buffer = try? DMABuffer.allocate(bytes: wanted.count * pageBytes),
-              (try? io.readScattered(into: buffer, offsets: wanted.map { block.metadataPageAddress($0) * blocksPerPage },
-                                     countBlocks: blocksPerPage)) != nil else { return [:] }
-        let bytes = buffer.bytes(count: wanted.count * pageBytes)
+              let bytes = try? BlobStore.readMetadataPages(io, block, wanted, buffer: buffer) else { return [:] }
         var pages: [UInt32: ArraySlice<UInt8>] = [:]
         for (slot, pageID) in wanted.enumerated() { pages[pageID] = bytes[(slot * pageBytes)..<((slot + 1) * pageBytes)] }
         return pages

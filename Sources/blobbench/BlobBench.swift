@@ -132,7 +132,6 @@ struct BlobBench: UsageErrorsExitTwo {
         @Option var count: Int = 100_000
         @Option(help: "Metadata pages to format with.") var metadataPages: UInt64?
         @Option(name: .customLong("blob-ids"), help: "Blob ids to format with.") var blobIDs: UInt64?
-        @Flag(help: "Then time a load of the store (what a mount costs with that many blobs).") var reload = false
 
         func run() throws {
             let (bdev, io) = try options.open(fresh: true)
@@ -157,13 +156,6 @@ struct BlobBench: UsageErrorsExitTwo {
                          store.superBlock.metadataPages.pageCount, store.clusterCount, options.clusterSize,
                          store.metadataPagesInClusterCount, store.freeClusterCount, elapsed))
             if let failure { print("stopped: \(failure)") }
-            if failure == nil, reload {
-                // Mount time with that many blobs: a clean load reads the table and every chain.
-                var loaded: BlobStore?
-                let loadTime = try BlobBench.seconds { loaded = try BlobStore.load(io).0 }
-                print(String(format: "clean load of %d blobs: %.3f s", loaded!.blobIDList.count, loadTime))
-                try loaded!.unload()
-            }
         }
     }
 }
