@@ -88,7 +88,13 @@ public final class FileSystemService: @unchecked Sendable {
         if flushChannel == nil { flushChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor) }
         flushing = flushQueued
         flushQueued = []
-        let token = store.beginExternalFlush()
+        let token: BlobStore.FlushToken
+        do { token = try store.beginExternalFlush() } catch {
+            let failed = flushing
+            flushing = []
+            for waiter in failed { waiter(false) }
+            return startFlush()
+        }
         flushCompletion.body = { [self] ok in
             if ok { (try? storeOf())?.externalFlushCompleted(token) }
             let finished = flushing

@@ -17,10 +17,19 @@ extension BlobStore {
         var allocatedPages: [UInt64] = []
         var allocatedClusters: [UInt64] = []
         var switched = false
+        // Deferred transactions are in the state this checkpoint writes, and the data under
+        // them is durable at its flush: they need no log. Back in the queue if it fails.
+        let deferred = (log: pendingLog, bytes: pendingLogBytes, dataFlush: pendingNeedsDataFlush)
+        pendingLog = []
+        pendingLogBytes = 0
+        pendingNeedsDataFlush = false
         defer {
             if !switched {
                 allocatedPages.forEach { metadataPageBits.clear($0) }
                 allocatedClusters.forEach { clusters.clear($0) }
+                pendingLog = deferred.log + pendingLog
+                pendingLogBytes += deferred.bytes
+                pendingNeedsDataFlush = pendingNeedsDataFlush || deferred.dataFlush
             }
         }
         let region = superBlock.metadataPages.pageCount
@@ -237,17 +246,72 @@ extension BlobStore {
 
     // MARK: - Log
 
-    /// Makes `records` one durable transaction: log pages written after the head, then
-    /// a flush. A log without room for them forces a checkpoint first.
+    /// Makes `records` one transaction. Immediate mode: its log pages are written after
+    /// the head and flushed, then it is applied. Deferred mode (`deferCommitFlush`): it is
+    /// applied at once and its records wait in memory (`pendingLog`) until the next
+    /// flush, sync or checkpoint, or until they fill `pendingLogLimit` bytes; the data of
+    /// allocating writes under them is flushed before they are written (group commit: one
+    /// flush for many allocating writes, none of their mappings ever on the device before
+    /// their data). A log without room forces a checkpoint first.
     package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
         try keepRoomForCheckpoint(records)
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
         let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }
+        let bytes = logged.reduce(0) { $0 + LogPage.encodedBytes($1.record) }
+        guard UInt64(bytes / (Self.pageBytes - LogPage.headerBytes) + 2) < superBlock.log.pageCount else {
+            throw .noSpace("a transaction of \(bytes) bytes of log records exceeds the log")
+        }
+        guard deferCommitFlush else {
+            try writePendingLog()  // left by a deferred mode turned off: they come first
+            try writeLog(logged)
+            nextLSN += UInt64(logged.count)
+            for record in records { try apply(record, replaying: false) }
+            return
+        }
+        nextLSN += UInt64(logged.count)
+        pendingLog += logged
+        pendingLogBytes += bytes
+        hasUnflushedCommits = true
+        commitEpoch += 1
+        for record in records { try apply(record, replaying: false) }
+        if pendingLogBytes >= Self.pendingLogLimit { try writePendingLog() }
+    }
+
+    /// Deferred mode: log record bytes held in memory before they are written.
+    static let pendingLogLimit = 8 * (pageBytes - LogPage.headerBytes)
+
+    /// Writes the deferred transactions to the log (not flushed), after a flush that makes
+    /// the data of the allocating writes under them durable. A log without room for them
+    /// takes a checkpoint instead, which holds them.
+    func writePendingLog() throws(BlobStoreError) {
+        guard !pendingLog.isEmpty else { return }
+        if pendingNeedsDataFlush {
+            do { try io.flush() } catch { throw .device(error) }
+            pendingNeedsDataFlush = false
+            openLogPage = nil  // durable now: not to be rewritten
+        }
+        // Taken out first: the flush an immediate-mode write ends with, or the checkpoint
+        // a full log takes (which then holds them), must not write them again.
+        let records = pendingLog, bytes = pendingLogBytes
+        pendingLog = []
+        pendingLogBytes = 0
+        do { try writeLog(records) } catch {
+            pendingLog = records + pendingLog
+            pendingLogBytes += bytes
+            throw error
+        }
+    }
+
+    /// Writes `logged` after the log head, joining the open page in deferred mode, and
+    /// flushes in immediate mode. Without room: a checkpoint, and false (immediate mode:
+    /// then written after it, true).
+    @discardableResult
+    private func writeLog(_ logged: [LoggedRecord]) throws(BlobStoreError) -> Bool {
         // Deferred mode: the last page written since the last flush is still open, and
-        // this transaction's first records join it (the page is rewritten whole). It holds
-        // nothing a flush has promised, so a torn rewrite loses only unflushed commits.
+        // these records join it (the page is rewritten whole). It holds nothing a flush
+        // has promised, so a torn rewrite loses only unflushed commits.
         let reopened = deferCommitFlush ? openLogPage : nil
         var pages: [[LoggedRecord]] = [reopened?.records ?? []]
         var used = reopened?.used ?? 0
@@ -263,18 +327,18 @@ extension BlobStore {
         var firstSequence = logHead
         if let reopened {
             if pages[0].count == reopened.records.count {
-                pages.removeFirst()  // nothing of this transaction fit: leave the page as it is
+                pages.removeFirst()  // nothing of these records fit: leave the page as it is
             } else {
                 firstSequence = logHead - 1
             }
         }
         let newPages = UInt64(pages.count) - (logHead - firstSequence)
         let logPages = superBlock.log.pageCount
-        guard UInt64(pages.count) < logPages else { throw .noSpace("a transaction of \(pages.count) pages exceeds the log") }
         if logHead + newPages - superBlock.logTailSequence > logPages {
-            // The checkpoint flushes and closes the open page: start this transaction afresh.
+            // The checkpoint flushes and closes the open page; deferred records are in it.
             try checkpoint()
-            return try commit(records)
+            guard !deferCommitFlush else { return false }
+            return try writeLog(logged)
         }
         for (index, content) in pages.enumerated() {
             let sequence = firstSequence + UInt64(index)
@@ -282,15 +346,12 @@ extension BlobStore {
             try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
         }
         if deferCommitFlush {
-            hasUnflushedCommits = true
-            commitEpoch += 1
             openLogPage = (pages[pages.count - 1], used)
         } else {
             try flush()
         }
         logHead = firstSequence + UInt64(pages.count)
-        nextLSN += UInt64(logged.count)
-        for record in records { try apply(record, replaying: false) }
+        return true
     }
 
     /// What the durable chain of blob `id` costs a checkpoint that rewrites it: its pages

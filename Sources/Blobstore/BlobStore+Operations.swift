@@ -180,7 +180,9 @@ extension BlobStore {
             runStart = runEnd
         }
         guard !mapped.isEmpty else { return }
-        try flush()  // the data is durable before the metadata that points at it
+        // The data is durable before the metadata that points at it: flushed now, or in
+        // deferred mode before the commit's records are written (`writePendingLog`).
+        if deferCommitFlush { pendingNeedsDataFlush = true } else { try flush() }
         // The commit may checkpoint (a full log), which may take clusters for metadata
         // pages: not these, which hold the data just written and are set only when applied.
         clustersBeingMapped = reserved

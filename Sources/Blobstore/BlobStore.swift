@@ -115,6 +115,12 @@ public final class BlobStore {
     /// Deferred mode: the records of the last log page written since the last flush, and
     /// its bytes in use; the next commit appends to it.
     var openLogPage: (records: [LoggedRecord], used: Int)?
+    /// Deferred mode: transactions applied but not yet written to the log (in order), and
+    /// their encoded bytes (see `commit`).
+    var pendingLog: [LoggedRecord] = []
+    var pendingLogBytes = 0
+    /// Deferred mode: allocating writes under `pendingLog` whose data is not yet flushed.
+    var pendingNeedsDataFlush = false
     /// Count deferred commits and cluster releases: a flush issued by someone else
     /// (`beginExternalFlush`) covers those made before it was issued.
     var commitEpoch: UInt64 = 0
@@ -477,10 +483,12 @@ public final class BlobStore {
     }
 
     /// For a flush the caller issues on its own channel (so that its thread can serve
-    /// other requests while the device flushes): closes the open log page, so no later
-    /// commit rewrites a page the flush makes durable. Every write completed before the
-    /// flush is submitted is covered by it.
-    public func beginExternalFlush() -> FlushToken {
+    /// other requests while the device flushes): writes the deferred transactions to the
+    /// log (after flushing the data under them), and closes the open log page, so no
+    /// later commit rewrites a page the flush makes durable. Every write completed before
+    /// the flush is submitted is covered by it.
+    public func beginExternalFlush() throws(BlobStoreError) -> FlushToken {
+        try writePendingLog()
         openLogPage = nil
         return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch)
     }
@@ -492,6 +500,7 @@ public final class BlobStore {
     }
 
     func flush() throws(BlobStoreError) {
+        try writePendingLog()
         do { try io.flush() } catch { throw .device(error) }
         hasUnflushedCommits = false
         releasedSinceFlush = false

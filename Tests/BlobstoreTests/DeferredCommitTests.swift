@@ -14,6 +14,7 @@ final class DeferredCommitTests: XCTestCase {
     func testReleasedClustersWaitForTheReleaseToBeDurable() throws {
         let reactor = try Reactor()
         for seed in UInt64(0)..<24 {
+          for cut in UInt64(1)...4 {
             let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 1024)))
             let device = Bdev(backend: fault)
             var io = try BdevSyncIO(bdev: device, reactor: reactor)
@@ -25,9 +26,12 @@ final class DeferredCommitTests: XCTestCase {
             try store.sync()
             try store.deleteBlob(a)
             let b = try store.createBlob(clusterCount: 3)  // may reuse id a: told apart by size
-            // The delete and the create are unflushed; power goes right after the data write.
-            XCTAssertEqual(fault.unflushedWriteCount, 2)
-            fault.powerCut(afterWrites: fault.writeCount + 1)
+            // The delete and the create wait in memory (group commit); the write that
+            // reuses the clusters writes and flushes them first. Power goes after each of
+            // its first writes (the log page, the data).
+            XCTAssertEqual(fault.unflushedWriteCount, 0)
+            XCTAssertEqual(store.pendingLog.count, 5, "the delete (2 records) and the sized create (3), not yet written")
+            fault.powerCut(afterWrites: fault.writeCount + cut)
             _ = try? store.write(blob: b, offsetUnits: 0, data: [UInt8](repeating: 0xB2, count: 8192))
             io.close()
             let report = try fault.crash(seed: seed, reactor: reactor)
@@ -36,9 +40,10 @@ final class DeferredCommitTests: XCTestCase {
             XCTAssertTrue(loaded.verify().isConsistent, "seed \(seed)")
             if loaded.blob(a)?.clusterCount == 2 {
                 XCTAssertTrue(try loaded.read(blob: a, offsetUnits: 0, countUnits: 2) == original,
-                               "seed \(seed), crash \(report): the delete was lost, so blob \(a) must hold its own data")
+                               "seed \(seed), cut \(cut), crash \(report): the delete was lost, so blob \(a) must hold its own data")
             }
             io.close()
+          }
         }
     }
 
@@ -54,11 +59,63 @@ final class DeferredCommitTests: XCTestCase {
         XCTAssertFalse(store.hasUnflushedCommits)
         _ = try store.createBlob()
         XCTAssertTrue(store.hasUnflushedCommits)
+        XCTAssertEqual(fault.unflushedWriteCount, 0, "held in memory until a sync, a flush or a checkpoint")
         io.close()
         _ = try fault.crash(policy: .keepNone, reactor: reactor)
         io = try BdevSyncIO(bdev: device, reactor: reactor)
         let loaded = try BlobStore.load(io).0
         XCTAssertEqual(loaded.blobIDList, [first], "the synced create survives, the unsynced one is gone")
         io.close()
+    }
+
+    /// Group commit: allocating writes in deferred mode do not flush one by one; their
+    /// mappings wait in memory and are written only after one flush of all their data. A
+    /// power cut at every write of the sync that writes them, each with seeds that keep,
+    /// drop or tear the unflushed writes: every blob that comes back reads its own bytes,
+    /// never those of the deleted blob whose clusters it took (stale data).
+    func testGroupCommitNeverMapsUnflushedData() throws {
+        let reactor = try Reactor()
+        var cuts = 0
+        for cut in UInt64(1)...12 {
+            for seed in UInt64(0)..<6 {
+                let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 1024)))
+                let device = Bdev(backend: fault)
+                var io = try BdevSyncIO(bdev: device, reactor: reactor)
+                let store = try BlobStore.format(io, options: BlobStoreTests.options)
+                store.deferCommitFlush = true
+                // Old bytes in clusters that the new blobs will take.
+                let old = try store.createBlob(clusterCount: 8)
+                try store.write(blob: old, offsetUnits: 0, data: [UInt8](repeating: 0x0D, count: 8 * 4096))
+                try store.deleteBlob(old)
+                try store.sync()
+                let writesBefore = fault.writeCount
+                var made: [(UInt64, [UInt8])] = []
+                for index in 0..<6 {
+                    let id = try store.createBlob(clusterCount: 1)
+                    let data = [UInt8](repeating: UInt8(0x40 + index), count: 4096)
+                    try store.write(blob: id, offsetUnits: 0, data: data)
+                    made.append((id, data))
+                }
+                XCTAssertEqual(fault.writeCount - writesBefore, 6, "six data writes, no log page yet")
+                fault.powerCut(afterWrites: fault.writeCount + cut)
+                let synced = (try? store.sync()) != nil
+                io.close()
+                let report = try fault.crash(seed: seed, reactor: reactor)
+                io = try BdevSyncIO(bdev: device, reactor: reactor)
+                let loaded = try BlobStore.load(io).0
+                XCTAssertTrue(loaded.verify().isConsistent, "cut \(cut), seed \(seed)")
+                for (id, data) in made {
+                    guard let blob = loaded.blob(id), !blob.extents.isEmpty else {
+                        XCTAssertFalse(synced, "cut \(cut), seed \(seed): blob \(id) was synced")
+                        continue
+                    }
+                    XCTAssertTrue(try loaded.read(blob: id, offsetUnits: 0, countUnits: 1) == data,
+                                  "cut \(cut), seed \(seed), crash \(report): blob \(id) maps a cluster without its data")
+                }
+                if !synced { cuts += 1 }
+                io.close()
+            }
+        }
+        XCTAssertGreaterThan(cuts, 0, "some power cuts fell inside the sync")
     }
 }
