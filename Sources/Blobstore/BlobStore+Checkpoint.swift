@@ -265,7 +265,7 @@ extension BlobStore {
         }
         guard deferCommitFlush else {
             try writePendingLog()  // left by a deferred mode turned off: they come first
-            try writeLog(logged)
+            try writeLog(logged, applied: false)
             nextLSN += UInt64(logged.count)
             for record in records { try apply(record, replaying: false) }
             return
@@ -297,7 +297,7 @@ extension BlobStore {
         let records = pendingLog, bytes = pendingLogBytes
         pendingLog = []
         pendingLogBytes = 0
-        do { try writeLog(records) } catch {
+        do { try writeLog(records, applied: true) } catch {
             pendingLog = records + pendingLog
             pendingLogBytes += bytes
             throw error
@@ -305,10 +305,10 @@ extension BlobStore {
     }
 
     /// Writes `logged` after the log head, joining the open page in deferred mode, and
-    /// flushes in immediate mode. Without room: a checkpoint, and false (immediate mode:
-    /// then written after it, true).
+    /// flushes in immediate mode. Without room: a checkpoint, which holds records already
+    /// `applied` (false returned: nothing to write); others are written after it.
     @discardableResult
-    private func writeLog(_ logged: [LoggedRecord]) throws(BlobStoreError) -> Bool {
+    private func writeLog(_ logged: [LoggedRecord], applied: Bool) throws(BlobStoreError) -> Bool {
         // Deferred mode: the last page written since the last flush is still open, and
         // these records join it (the page is rewritten whole). It holds nothing a flush
         // has promised, so a torn rewrite loses only unflushed commits.
@@ -337,8 +337,8 @@ extension BlobStore {
         if logHead + newPages - superBlock.logTailSequence > logPages {
             // The checkpoint flushes and closes the open page; deferred records are in it.
             try checkpoint()
-            guard !deferCommitFlush else { return false }
-            return try writeLog(logged)
+            guard !applied else { return false }
+            return try writeLog(logged, applied: false)
         }
         for (index, content) in pages.enumerated() {
             let sequence = firstSequence + UInt64(index)

@@ -229,6 +229,38 @@ final class BlobStoreTests: XCTestCase {
         io.close()
     }
 
+    /// Transactions waiting in memory when deferred mode is turned off go to the log before
+    /// the next one; when they do not fit it, the checkpoint the full log takes holds them
+    /// and they are not written again after it (a replay would apply them twice).
+    func testWaitingTransactionsThatDoNotFitTheLogAreHeldByTheCheckpoint() throws {
+        let (bdev, reactor) = try makeDevice()
+        var io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let store = try BlobStore.format(io, options: .init(logPages: 4, metadataPages: 128, blobIDLimit: 128))
+        store.deferCommitFlush = true
+        var ids: [UInt64] = []
+        for index in 0..<5 {  // five pages of records: more than the log
+            let id = try store.createBlob()
+            try store.setXattr(id, name: "v", value: bytes(UInt64(index), 3000))
+            ids.append(id)
+        }
+        XCTAssertEqual(store.pendingLog.count, 20, "ten transactions of two records wait")
+        let checkpoints = store.superBlock.sequence
+        store.deferCommitFlush = false
+        let last = try store.createBlob()  // immediate: durable on return, after the waiting ones
+        XCTAssertTrue(store.pendingLog.isEmpty)
+        XCTAssertGreaterThan(store.superBlock.sequence, checkpoints, "the waiting transactions took a checkpoint")
+        io.close()  // no unload
+        io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let (loaded, _) = try BlobStore.load(io)
+        XCTAssertEqual(loaded.blobIDList, ids + [last])
+        for (index, id) in ids.enumerated() {
+            XCTAssertEqual(loaded.xattr(id, name: "v"), bytes(UInt64(index), 3000))
+        }
+        try loaded.unload()
+        XCTAssertTrue(Verifier.verify(io).isConsistent)
+        io.close()
+    }
+
     func testRunningOutOfClustersIsAnErrorNotCorruption() throws {
         let (bdev, reactor) = try makeDevice(megabytes: 2)
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
