@@ -30,10 +30,24 @@ extension BlobStore {
                 pendingLog = deferred.log + pendingLog
                 pendingLogBytes += deferred.bytes
                 pendingNeedsDataFlush = pendingNeedsDataFlush || deferred.dataFlush
+                // A flush inside this checkpoint did not make them durable.
+                if !deferred.log.isEmpty { hasUnflushedCommits = true; releasedSinceFlush = true }
             }
         }
         let region = superBlock.metadataPages.pageCount
         let clustersForPages = superBlock.metadataPageIDLimit - region
+        // Not for metadata pages: clusters a write has chosen, and clusters released by the
+        // transactions this checkpoint holds (their release is durable only at its switch;
+        // a crash before it leaves them with their old owner). Returns where to look next.
+        func skipping(_ cluster: UInt64) -> UInt64? {
+            if clustersBeingMapped.contains(cluster) { return cluster + 1 }
+            for extent in releasedUnlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
+                return extent.firstCluster + UInt64(extent.count)
+            }
+            return nil
+        }
+        // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
+        let skipsMax = 2 * (clustersBeingMapped.count + releasedUnlogged.count) + 1
         var pageCursor: UInt64 = 0
         var clusterCursor: UInt64 = 0
         /// A free metadata page: the region's first, then (with the feature) a data cluster.
@@ -47,13 +61,13 @@ extension BlobStore {
             guard clustersForPages > 0 else { return nil }
             var cursor = clusterCursor
             var found: UInt64?
-            for _ in 0...clustersBeingMapped.count {
+            for _ in 0...skipsMax {
                 guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
-                if !clustersBeingMapped.contains(free) {
+                guard let next = skipping(free) else {
                     found = free
                     break
                 }
-                cursor = free + 1
+                cursor = next
             }
             guard let free = found else { return nil }
             clusters.set(free)
@@ -118,6 +132,7 @@ extension BlobStore {
         try writePages(at: UInt64(next.slot), next.encode())
         try flush()
         switched = true
+        releasedUnlogged = []
         superBlock = next
         durableChains = chains
         metadataPageBits = persisted
@@ -297,7 +312,10 @@ extension BlobStore {
         let records = pendingLog, bytes = pendingLogBytes
         pendingLog = []
         pendingLogBytes = 0
-        do { try writeLog(records, applied: true) } catch {
+        do {
+            // Written (or held by a checkpoint): a flush now makes their releases durable.
+            if try writeLog(records, applied: true) { releasedUnlogged = [] }
+        } catch {
             pendingLog = records + pendingLog
             pendingLogBytes += bytes
             throw error
@@ -532,6 +550,7 @@ extension BlobStore {
         if deferCommitFlush {
             releasedSinceFlush = true
             releaseEpoch += 1
+            releasedUnlogged.append(extent)
         }
         releasing.append(extent)
     }

@@ -157,6 +157,11 @@ extension BlobStore {
             mapped.append(Extent(clusterIndex: index, count: 1, firstCluster: cluster))
             hint = cluster + 1
         }
+        // From here until they are mapped, no checkpoint may put metadata pages in the
+        // chosen clusters (they are clear in the bitmap): making a release durable below,
+        // or the commit, may write the waiting transactions and checkpoint (a full log).
+        clustersBeingMapped = reserved
+        defer { clustersBeingMapped = [] }
         // Released clusters may be among the new ones: their release must be durable first.
         if !mapped.isEmpty { try prepareToReuseReleasedClusters() }
         var runStart = 0
@@ -183,10 +188,6 @@ extension BlobStore {
         // The data is durable before the metadata that points at it: flushed now, or in
         // deferred mode before the commit's records are written (`writePendingLog`).
         if deferCommitFlush { pendingNeedsDataFlush = true } else { try flush() }
-        // The commit may checkpoint (a full log), which may take clusters for metadata
-        // pages: not these, which hold the data just written and are set only when applied.
-        clustersBeingMapped = reserved
-        defer { clustersBeingMapped = [] }
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
     }
 

@@ -121,6 +121,9 @@ public final class BlobStore {
     var pendingLogBytes = 0
     /// Deferred mode: allocating writes under `pendingLog` whose data is not yet flushed.
     var pendingNeedsDataFlush = false
+    /// Deferred mode: clusters released by transactions in `pendingLog` (a checkpoint that
+    /// holds those transactions must not put metadata pages in them).
+    var releasedUnlogged: [Extent] = []
     /// Count deferred commits and cluster releases: a flush issued by someone else
     /// (`beginExternalFlush`) covers those made before it was issued.
     var commitEpoch: UInt64 = 0

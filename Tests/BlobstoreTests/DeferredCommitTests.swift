@@ -118,4 +118,44 @@ final class DeferredCommitTests: XCTestCase {
         }
         XCTAssertGreaterThan(cuts, 0, "some power cuts fell inside the sync")
     }
+
+    /// An allocating write that first has to make a release durable can, in deferred mode,
+    /// write the waiting transactions and take a checkpoint (they fill the log) before its
+    /// clusters are mapped: that checkpoint must not put metadata pages in the clusters the
+    /// write has chosen (which it then fills with data).
+    func testACheckpointInsideAnAllocatingWriteLeavesItsClustersAlone() throws {
+        let reactor = try Reactor()
+        let device = Bdev(backend: try MallocBdev(blockCount: 2048))
+        var io = try BdevSyncIO(bdev: device, reactor: reactor)
+        // A region of 16 metadata pages: checkpoints put chains in data clusters.
+        let store = try BlobStore.format(io, options: .init(logPages: 4, metadataPages: 16, blobIDLimit: 128))
+        store.deferCommitFlush = true
+        var blobs: [(UInt64, [UInt8])] = []
+        for index in 0..<24 {
+            let id = try store.createBlob(clusterCount: 1)
+            let data = [UInt8](repeating: UInt8(index + 1), count: 4096)
+            try store.write(blob: id, offsetUnits: 0, data: data)
+            blobs.append((id, data))
+        }
+        try store.sync()
+        // A release, then five pages of waiting records (more than the 4-page log).
+        try store.deleteBlob(blobs.removeLast().0)
+        for (id, _) in blobs.prefix(5) { try store.setXattr(id, name: "v", value: [UInt8](repeating: 7, count: 3000)) }
+        let sequence = store.superBlock.sequence
+        let id = try store.createBlob(clusterCount: 2)
+        let data = [UInt8](repeating: 0xEE, count: 8192)
+        try store.write(blob: id, offsetUnits: 0, data: data)
+        XCTAssertGreaterThan(store.superBlock.sequence, sequence, "the write took a checkpoint")
+        blobs.append((id, data))
+        try store.unload()
+        io.close()
+        io = try BdevSyncIO(bdev: device, reactor: reactor)
+        let (loaded, _) = try BlobStore.load(io)
+        for (id, data) in blobs {
+            XCTAssertTrue(try loaded.read(blob: id, offsetUnits: 0, countUnits: UInt64(data.count / 4096)) == data, "blob \(id)")
+        }
+        try loaded.unload()
+        XCTAssertTrue(Verifier.verify(io).isConsistent, "\(Verifier.verify(io).problems)")
+        io.close()
+    }
 }
