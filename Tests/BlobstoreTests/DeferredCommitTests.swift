@@ -158,4 +158,52 @@ final class DeferredCommitTests: XCTestCase {
         XCTAssertTrue(Verifier.verify(io).isConsistent, "\(Verifier.verify(io).problems)")
         io.close()
     }
+
+    /// A checkpoint that holds waiting transactions (they do not fit the log) makes their
+    /// releases durable only at its switch: until then it puts no metadata page in the
+    /// clusters they released. A power cut at every write of it, with seeds: when the
+    /// delete is lost, the deleted blob's clusters still hold its bytes.
+    func testACheckpointHoldingADeleteLeavesTheReleasedClustersAlone() throws {
+        let reactor = try Reactor()
+        var checkpointed = 0
+        for cut in UInt64(1)...10 {
+            for seed in UInt64(0)..<4 {
+                let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 2048)))
+                let device = Bdev(backend: fault)
+                var io = try BdevSyncIO(bdev: device, reactor: reactor)
+                let store = try BlobStore.format(io, options: .init(logPages: 4, metadataPages: 16, blobIDLimit: 128))
+                store.deferCommitFlush = true
+                let victim = try store.createBlob(clusterCount: 4)
+                let original = [UInt8](repeating: 0xAA, count: 4 * 4096)
+                try store.write(blob: victim, offsetUnits: 0, data: original)
+                var others: [UInt64] = []
+                for index in 0..<20 {
+                    let id = try store.createBlob(clusterCount: 1)
+                    try store.write(blob: id, offsetUnits: 0, data: [UInt8](repeating: UInt8(index), count: 4096))
+                    others.append(id)
+                }
+                try store.sync()
+                try store.deleteBlob(victim)
+                for id in others.prefix(5) { try store.setXattr(id, name: "v", value: [UInt8](repeating: 7, count: 3000)) }
+                let sequence = store.superBlock.sequence
+                fault.powerCut(afterWrites: fault.writeCount + cut)
+                // Allocates (the victim's first cluster, reclaimed), then makes the delete
+                // durable: the waiting records do not fit the log, so a checkpoint holds them.
+                let newcomer = try store.createBlob(clusterCount: 1)
+                _ = try? store.write(blob: newcomer, offsetUnits: 0, data: [UInt8](repeating: 0xBB, count: 4096))
+                if store.superBlock.sequence > sequence { checkpointed += 1 }
+                io.close()
+                let report = try fault.crash(seed: seed, reactor: reactor)
+                io = try BdevSyncIO(bdev: device, reactor: reactor)
+                let loaded = try BlobStore.load(io).0
+                XCTAssertTrue(loaded.verify().isConsistent, "cut \(cut), seed \(seed)")
+                if loaded.blob(victim)?.clusterCount == 4 {
+                    XCTAssertTrue(try loaded.read(blob: victim, offsetUnits: 0, countUnits: 4) == original,
+                                  "cut \(cut), seed \(seed), crash \(report): the delete was lost, so the blob must hold its bytes")
+                }
+                io.close()
+            }
+        }
+        XCTAssertGreaterThan(checkpointed, 0, "some runs took the checkpoint")
+    }
 }
