@@ -19,19 +19,13 @@ extension BlobStore {
         var switched = false
         // Deferred transactions are in the state this checkpoint writes, and the data under
         // them is durable at its flush: they need no log. Back in the queue if it fails.
-        let deferred = (log: pendingLog, bytes: pendingLogBytes, dataFlush: pendingNeedsDataFlush)
-        pendingLog = []
-        pendingLogBytes = 0
+        let deferred = takePendingLog()
         pendingNeedsDataFlush = false
         defer {
             if !switched {
                 allocatedPages.forEach { metadataPageBits.clear($0) }
                 allocatedClusters.forEach { clusters.clear($0) }
-                pendingLog = deferred.log + pendingLog
-                pendingLogBytes += deferred.bytes
-                pendingNeedsDataFlush = pendingNeedsDataFlush || deferred.dataFlush
-                // A flush inside this checkpoint did not make them durable.
-                if !deferred.log.isEmpty { hasUnflushedCommits = true; releasedSinceFlush = true }
+                requeue(deferred, dataFlush: true)
             }
         }
         let region = superBlock.metadataPages.pageCount
@@ -309,17 +303,35 @@ extension BlobStore {
         }
         // Taken out first: the flush an immediate-mode write ends with, or the checkpoint
         // a full log takes (which then holds them), must not write them again.
-        let records = pendingLog, bytes = pendingLogBytes
-        pendingLog = []
-        pendingLogBytes = 0
+        let taken = takePendingLog()
         do {
             // Written (or held by a checkpoint): a flush now makes their releases durable.
-            if try writeLog(records, applied: true) { releasedUnlogged = [] }
+            if try writeLog(taken.records, applied: true) { releasedUnlogged = [] }
         } catch {
-            pendingLog = records + pendingLog
-            pendingLogBytes += bytes
+            requeue(taken, dataFlush: false)
             throw error
         }
+    }
+
+    /// Empties the deferred queue, returning what it held.
+    private func takePendingLog() -> (records: [LoggedRecord], bytes: Int, dataFlush: Bool) {
+        defer {
+            pendingLog = []
+            pendingLogBytes = 0
+        }
+        return (pendingLog, pendingLogBytes, pendingNeedsDataFlush)
+    }
+
+    /// Puts back what `takePendingLog` returned (ahead of anything queued since) after
+    /// the write or checkpoint meant for it failed: nothing of it is durable.
+    private func requeue(_ taken: (records: [LoggedRecord], bytes: Int, dataFlush: Bool), dataFlush: Bool) {
+        guard !taken.records.isEmpty else { return }
+        pendingLog = taken.records + pendingLog
+        pendingLogBytes += taken.bytes
+        if dataFlush && taken.dataFlush { pendingNeedsDataFlush = true }
+        // A flush in between covered none of their commits or releases.
+        hasUnflushedCommits = true
+        if !releasedUnlogged.isEmpty { releasedSinceFlush = true }
     }
 
     /// Writes `logged` after the log head, joining the open page in deferred mode, and
