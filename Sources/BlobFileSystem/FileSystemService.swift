@@ -71,44 +71,66 @@ public final class FileSystemService: @unchecked Sendable {
 
     private var flushChannel: BdevChannel?
     private let flushCompletion = FlushCompletion()
+    /// The waiters of the flush in flight (answered by its completion) and of the next one.
     private var flushing: [(Bool) -> Void] = []
     private var flushQueued: [(Bool) -> Void] = []
+    /// A device flush is in flight: `flushing` belongs to it. At most one at a time.
+    private var flushInFlight = false
 
     /// Makes everything written so far durable and then calls `done` (on the metadata
-    /// reactor). The device flush runs on a channel of the metadata reactor without
-    /// blocking it: reads and writes keep being served. Flushes requested while one is
-    /// in flight share the next one (group commit). Call on the metadata reactor.
+    /// reactor) exactly once. The device flush runs on a channel of the metadata reactor
+    /// without blocking it: reads and writes keep being served. Flushes requested while
+    /// one is in flight share the next one (group commit). A waiter may itself ask for a
+    /// flush (fsync's second half does): it joins the next one. Call on the metadata reactor.
     public func flush(_ done: @escaping (Bool) -> Void) {
         flushQueued.append(done)
-        if flushing.isEmpty { startFlush() }
+        startFlush()
     }
 
+    /// Answers `waiters` in order. A waiter that asks for another flush from here joins
+    /// `flushQueued`; the caller starts it afterwards.
+    private func answer(_ waiters: [(Bool) -> Void], _ ok: Bool) {
+        for waiter in waiters { waiter(ok) }
+    }
+
+    /// Starts the next flush if none is in flight and someone waits for one. Every waiter
+    /// taken here is answered exactly once: by the completion, or at once on a failure to
+    /// begin. Loops (never recurses) while answering failed waiters queues new ones.
     private func startFlush() {
-        guard !flushQueued.isEmpty, let store = try? storeOf() else { return }
-        if flushChannel == nil { flushChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor) }
-        flushing = flushQueued
-        flushQueued = []
-        let token: BlobStore.FlushToken
-        do { token = try store.beginExternalFlush() } catch {
-            let failed = flushing
-            flushing = []
-            for waiter in failed { waiter(false) }
-            return startFlush()
-        }
-        flushCompletion.body = { [self] ok in
-            if ok { (try? storeOf())?.externalFlushCompleted(token) }
-            let finished = flushing
-            flushing = []
-            for waiter in finished { waiter(ok) }
-            startFlush()
-        }
-        do {
-            guard let flushChannel else { throw BdevError.invalidConfiguration("no flush channel") }
-            try flushChannel.flush(handler: flushCompletion)
-        } catch {
-            // No channel: flush synchronously (the store's own path).
-            let ok = (try? store.sync()) != nil
-            flushCompletion.bdevIOCompleted(tag: 0, status: ok ? .success : .failed(.io(errno: EIO)))
+        while !flushInFlight, !flushQueued.isEmpty {
+            let waiters = flushQueued
+            flushQueued = []
+            guard let store = try? storeOf() else {
+                answer(waiters, false)
+                continue
+            }
+            let token: BlobStore.FlushToken
+            do { token = try store.beginExternalFlush() } catch {
+                answer(waiters, false)
+                continue
+            }
+            if flushChannel == nil { flushChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor) }
+            flushing = waiters
+            flushInFlight = true
+            flushCompletion.body = { [self] ok in
+                if ok { (try? storeOf())?.externalFlushCompleted(token) }
+                let finished = flushing
+                flushing = []
+                flushInFlight = false
+                answer(finished, ok)
+                startFlush()
+            }
+            do {
+                guard let flushChannel else { throw BdevError.invalidConfiguration("no flush channel") }
+                try flushChannel.flush(handler: flushCompletion)
+            } catch {
+                // No channel or no room in it: flush synchronously (the store's own path).
+                let ok = (try? store.sync()) != nil
+                flushCompletion.body = nil
+                flushing = []
+                flushInFlight = false
+                answer(waiters, ok)
+            }
         }
     }
 

@@ -165,4 +165,66 @@ final class FileSystemServiceTests: XCTestCase {
         }
         XCTAssertNil(problem)
     }
+
+    /// What FUSE's fsync does under load on a full device with failing flushes: many
+    /// fsyncs of grown files at once (their second halves ask for flushes from inside a
+    /// flush's completion), writes that run out of space, and device flushes that fail.
+    /// Every fsync is answered exactly once, within a time limit; ENOSPC and EIO are fine
+    /// answers, silence is not. (Before the fix, two data-first fsyncs sharing a flush lost
+    /// one of their second flushes' waiters: the caller waited forever.)
+    func testEveryFsyncIsAnsweredOnceOnAFullDeviceWithFailingFlushes() throws {
+        for round in 0..<4 {
+            let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 2048)))
+            let device = Bdev(backend: fault)
+            let service = try FileSystemService(bdev: device, format: BlobStore.Options(logPages: 8))
+            let files = 12
+            let inos = service.perform { fs -> [UInt64] in
+                (0..<files).map { index in
+                    try! fs.create(parent: FileSystem.rootIno, name: Array("f\(index)".utf8), mode: 0o644, caller: .root).ino
+                }
+            }
+            let calls = 40 * files
+            let answers = AnswerCounts(calls)  // touched on the reactor only
+            let answered = Atomic<Int>(0)
+            let errors = Atomic<Int>(0)
+            var random = SplitMix64(seed: UInt64(round) + 1)
+            for wave in 0..<40 {
+                if round >= 2 && wave % 7 == 3 { fault.failIO(from: fault.ioCount + random.next() % 8) }
+                if round >= 2 && wave % 7 == 5 { fault.clearFaults() }
+                let sizes = (0..<files).map { _ in Int(random.next() % 300_000) + 1 }
+                let base = wave * files
+                service.perform { fs in
+                    // Grow every file (the device fills up and writes start failing), then
+                    // ask for every fsync in one go: they share flushes.
+                    for (index, ino) in inos.enumerated() {
+                        let data = [UInt8](repeating: UInt8(truncatingIfNeeded: wave), count: sizes[index])
+                        _ = try? fs.write(ino: ino, offset: UInt64(wave * 4096), data: data)
+                    }
+                    for (index, ino) in inos.enumerated() {
+                        service.fsync(ino: ino) { errno in
+                            answers.counts[base + index] += 1
+                            if errno != 0 { errors.add(1, ordering: .relaxed) }
+                            answered.add(1, ordering: .releasing)
+                        }
+                    }
+                }
+            }
+            let deadline = MonotonicClock.nowNs() + 30_000_000_000
+            while answered.load(ordering: .acquiring) < calls && MonotonicClock.nowNs() < deadline { usleep(1000) }
+            fault.clearFaults()
+            let counts = service.perform { _ in answers.counts }
+            let missing = counts.indices.filter { counts[$0] == 0 }
+            let twice = counts.indices.filter { counts[$0] > 1 }
+            XCTAssertEqual(missing, [], "round \(round): fsyncs never answered (of \(calls))")
+            XCTAssertEqual(twice, [], "round \(round): fsyncs answered more than once")
+            if round >= 2 { XCTAssertGreaterThan(errors.load(ordering: .relaxed), 0, "round \(round): no flush failed") }
+            try? service.stop()
+        }
+    }
+}
+
+/// How many times each call was answered (a class so the reactor's closures share it).
+private final class AnswerCounts: @unchecked Sendable {
+    var counts: [Int]
+    init(_ count: Int) { counts = [Int](repeating: 0, count: count) }
 }
