@@ -89,6 +89,7 @@ let package = Package(
 
         .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
+        .testTarget(name: "FuseFrontendTests", dependencies: ["FuseFrontend"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),
         .testTarget(name: "BlobstoreTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
         .testTarget(name: "BlobcliTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "Env"]),

@@ -17,6 +17,8 @@ public struct FuseOptions: Sendable {
     /// Worker threads reading /dev/fuse (each with its own cloned fd); 0: none, the file
     /// system's reactor reads the requests itself (`runOnReactor`).
     public var threads = 0
+    /// A request held longer than this is logged with its opcode and node (once).
+    public var warnUnansweredSeconds: Double = 30
     public var mountOptions: [String] = []
     public init() {}
 
@@ -34,6 +36,9 @@ public struct FuseOptions: Sendable {
             switch parts[0] {
             case "entry_timeout": entryTimeout = try number()
             case "attr_timeout": attributeTimeout = try number()
+            case "warn_unanswered":
+                warnUnansweredSeconds = try number()
+                guard warnUnansweredSeconds >= 1 else { throw FSError(EINVAL, "mount option \(option): at least 1 second") }
             case "writeback_cache": writebackCache = true
             case "no_writeback_cache": writebackCache = false
             case "direct_io": directIO = true
@@ -56,9 +61,25 @@ public struct FuseOptions: Sendable {
     }
 }
 
-/// A request as the FS thread holds it until it replies (exactly once).
+/// A request as the FS thread holds it until it replies (exactly once): every reply call
+/// takes the raw request through `answer()`, which marks it answered in the ledger.
 struct Request: @unchecked Sendable {
     let raw: fuse_req_t
+    let ticket: RequestLedger.Ticket
+    unowned(unsafe) let server: FuseServer
+
+    /// Takes the request into the ledger. Call on the file system's thread.
+    init(_ raw: fuse_req_t, _ opcode: FuseOpcode, node: UInt64, server: FuseServer) {
+        self.raw = raw
+        self.server = server
+        ticket = server.ledger.take(opcode: opcode.rawValue, nodeID: node)
+    }
+
+    /// The raw request for the reply call (the one and only).
+    func answer() -> fuse_req_t {
+        server.ledger.answer(ticket)
+        return raw
+    }
 }
 
 /// The libfuse3 low-level session: worker threads read requests from /dev/fuse and hand
@@ -69,6 +90,8 @@ public final class FuseServer: @unchecked Sendable {
     let options: FuseOptions
     private var session: OpaquePointer?
     public let mountpoint: String
+    /// The requests taken and not yet answered (the file system's thread only).
+    let ledger = RequestLedger()
 
     public init(service: FileSystemService, mountpoint: String, options: FuseOptions) throws(FSError) {
         self.service = service
@@ -99,6 +122,14 @@ public final class FuseServer: @unchecked Sendable {
     public func run() -> Int32 {
         guard let session else { return 1 }
         guard fuse_set_signal_handlers(session) == 0 else { return 1 }
+        let reactor = service.blobService.reactor
+        let limitNs = UInt64(options.warnUnansweredSeconds * 1e9)
+        let watch = reactor.call { [self] in
+            reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
+                ledger.warnAboutOverdue(limitNs: limitNs)
+                return .idle
+            }
+        }
         let status: Int32
         if options.threads == 0 {
             status = runOnReactor(session)
@@ -108,6 +139,19 @@ public final class FuseServer: @unchecked Sendable {
         }
         fuse_remove_signal_handlers(session)
         fuse_session_unmount(session)
+        // Requests answered from device completions may still be finishing: give them a
+        // moment, then report any the daemon never answered.
+        var report: String? = nil
+        for _ in 0..<100 {
+            report = reactor.call { [self] in ledger.unmountReport() }
+            if report == nil { break }
+            usleep(20_000)
+        }
+        reactor.call { reactor.unregisterPoller(watch) }
+        if let report {
+            Log.logger("fuse").error("unmount: \(report)")
+            return 3
+        }
         return status < 0 ? Int32(-status) : Int32(0)
     }
 
@@ -207,23 +251,23 @@ extension FuseServer {
 
     static func replyError(_ req: Request, _ error: Error) {
         let code = (error as? FSError)?.errno ?? EIO
-        fuse_reply_err(req.raw, code)
+        fuse_reply_err(req.answer(), code)
     }
 
     func replyEntry(_ req: Request, _ attributes: Attributes, forget fs: FileSystem) {
         var param = entry(attributes)
-        if fuse_reply_entry(req.raw, &param) != 0 { fs.forget(ino: attributes.ino, count: 1) }
+        if fuse_reply_entry(req.answer(), &param) != 0 { fs.forget(ino: attributes.ino, count: 1) }
     }
 
     func replyAttributes(_ req: Request, _ attributes: Attributes) {
         var stat = Glibc.stat()
         Self.fill(&stat, attributes)
-        fuse_reply_attr(req.raw, &stat, options.attributeTimeout)
+        fuse_reply_attr(req.answer(), &stat, options.attributeTimeout)
     }
 
     static func replyBytes(_ req: Request, _ bytes: [UInt8]) {
         bytes.withUnsafeBufferPointer { buffer in
-            _ = fuse_reply_buf(req.raw, UnsafeRawPointer(buffer.baseAddress).map { $0.assumingMemoryBound(to: CChar.self) },
+            _ = fuse_reply_buf(req.answer(), UnsafeRawPointer(buffer.baseAddress).map { $0.assumingMemoryBound(to: CChar.self) },
                                buffer.count)
         }
     }
@@ -244,17 +288,20 @@ extension FuseServer {
     }
 
     /// Runs `body` on the file system's thread; a thrown error is the reply.
-    static func handOver(_ req: fuse_req_t?, _ body: @escaping @Sendable (FileSystem, FuseServer, Request) throws -> Void) {
+    static func handOver(_ req: fuse_req_t?, _ opcode: FuseOpcode, _ node: UInt64,
+                         _ body: @escaping @Sendable (FileSystem, FuseServer, Request) throws -> Void) {
         let server = server(req)
-        let request = Request(raw: req!)
+        let raw = RawRequest(req!)
         if server.options.threads == 0 {
             // Decoded on the file system's reactor itself (runOnReactor): run it now.
             server.service.runHere { fs in
+                let request = Request(raw.value, opcode, node: node, server: server)
                 do { try body(fs, server, request) } catch { replyError(request, error) }
             }
             return
         }
         server.service.submit { fs in
+            let request = Request(raw.value, opcode, node: node, server: server)
             do { try body(fs, server, request) } catch { replyError(request, error) }
         }
     }
@@ -275,23 +322,23 @@ extension FuseServer {
         }
         ops.lookup = { req, parent, name in
             let name = FuseServer.name(name)
-            FuseServer.handOver(req) { fs, server, req in server.replyEntry(req, try fs.lookup(parent: parent, name: name), forget: fs) }
+            FuseServer.handOver(req, .lookup, parent) { fs, server, req in server.replyEntry(req, try fs.lookup(parent: parent, name: name), forget: fs) }
         }
         ops.forget = { req, ino, count in
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .forget, ino) { fs, _, req in
                 fs.forget(ino: ino, count: count)
-                fuse_reply_none(req.raw)
+                fuse_reply_none(req.answer())
             }
         }
         ops.forget_multi = { req, count, forgets in
             let list = (0..<count).map { (forgets![$0].ino, forgets![$0].nlookup) }
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .batchForget, 0) { fs, _, req in
                 for (ino, count) in list { fs.forget(ino: ino, count: count) }
-                fuse_reply_none(req.raw)
+                fuse_reply_none(req.answer())
             }
         }
         ops.getattr = { req, ino, _ in
-            FuseServer.handOver(req) { fs, server, req in server.replyAttributes(req, try fs.getAttributes(ino: ino)) }
+            FuseServer.handOver(req, .getattr, ino) { fs, server, req in server.replyAttributes(req, try fs.getAttributes(ino: ino)) }
         }
         ops.setattr = { req, ino, attr, toSet, _ in
             guard let attr else { return }
@@ -315,23 +362,23 @@ extension FuseServer {
             if set & FUSE_SET_ATTR_CTIME != 0 { changes.ctime = ns(attr.pointee.st_ctim) }
             let caller = FuseServer.caller(req)
             let frozen = changes
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .setattr, ino) { fs, server, req in
                 server.replyAttributes(req, try fs.setAttributes(ino: ino, frozen, caller: caller))
             }
         }
         ops.readlink = { req, ino in
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .readlink, ino) { fs, _, req in
                 var target = try fs.readSymlink(ino: ino)
                 target.append(0)
                 target.withUnsafeBufferPointer { buffer in
-                    _ = fuse_reply_readlink(req.raw, UnsafeRawPointer(buffer.baseAddress!).assumingMemoryBound(to: CChar.self))
+                    _ = fuse_reply_readlink(req.answer(), UnsafeRawPointer(buffer.baseAddress!).assumingMemoryBound(to: CChar.self))
                 }
             }
         }
         ops.mknod = { req, parent, name, mode, rdev in
             let name = FuseServer.name(name)
             let caller = FuseServer.caller(req)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .mknod, parent) { fs, server, req in
                 server.replyEntry(req, try fs.make(parent: parent, name: name, mode: mode, rdev: UInt32(truncatingIfNeeded: rdev),
                                                    caller: caller), forget: fs)
             }
@@ -339,7 +386,7 @@ extension FuseServer {
         ops.mkdir = { req, parent, name, mode in
             let name = FuseServer.name(name)
             let caller = FuseServer.caller(req)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .mkdir, parent) { fs, server, req in
                 server.replyEntry(req, try fs.make(parent: parent, name: name, mode: 0o040000 | (mode & 0o7777),
                                                    caller: caller), forget: fs)
             }
@@ -348,37 +395,37 @@ extension FuseServer {
             let name = FuseServer.name(name)
             let target = FuseServer.name(link)
             let caller = FuseServer.caller(req)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .symlink, parent) { fs, server, req in
                 server.replyEntry(req, try fs.make(parent: parent, name: name, mode: 0o120000 | 0o777,
                                                    symlinkTarget: target, caller: caller), forget: fs)
             }
         }
         ops.unlink = { req, parent, name in
             let name = FuseServer.name(name)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .unlink, parent) { fs, _, req in
                 try fs.unlink(parent: parent, name: name)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.rmdir = { req, parent, name in
             let name = FuseServer.name(name)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .rmdir, parent) { fs, _, req in
                 try fs.removeDirectory(parent: parent, name: name)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.rename = { req, parent, name, newParent, newName, flags in
             let name = FuseServer.name(name)
             let newName = FuseServer.name(newName)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .rename, parent) { fs, _, req in
                 try fs.rename(parent: parent, name: name, newParent: newParent, newName: newName,
                               flags: FileSystem.RenameFlags(rawValue: UInt32(flags)))
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.link = { req, ino, newParent, newName in
             let newName = FuseServer.name(newName)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .link, ino) { fs, server, req in
                 server.replyEntry(req, try fs.link(ino: ino, newParent: newParent, newName: newName), forget: fs)
             }
         }
@@ -387,12 +434,12 @@ extension FuseServer {
             let flags = fi.pointee.flags
             let truncate = flags & O_TRUNC != 0
             let info = FileInfo(fi.pointee)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .open, ino) { fs, server, req in
                 try fs.open(ino: ino, truncate: truncate)
                 var reply = info.value
                 reply.fh = 0
                 if server.options.directIO || flags & blobfs_fuse_O_DIRECT != 0 { reply.direct_io = 1 }
-                if fuse_reply_open(req.raw, &reply) != 0 { fs.release(ino: ino) }
+                if fuse_reply_open(req.answer(), &reply) != 0 { fs.release(ino: ino) }
             }
         }
         ops.create = { req, parent, name, mode, fi in
@@ -401,13 +448,13 @@ extension FuseServer {
             let caller = FuseServer.caller(req)
             let flags = fi.pointee.flags
             let info = FileInfo(fi.pointee)
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .create, parent) { fs, server, req in
                 let attributes = try fs.create(parent: parent, name: name, mode: mode, caller: caller)
                 var param = server.entry(attributes)
                 var reply = info.value
                 reply.fh = 0
                 if server.options.directIO || flags & blobfs_fuse_O_DIRECT != 0 { reply.direct_io = 1 }
-                if fuse_reply_create(req.raw, &param, &reply) != 0 {
+                if fuse_reply_create(req.answer(), &param, &reply) != 0 {
                     fs.release(ino: attributes.ino)
                     fs.forget(ino: attributes.ino, count: 1)
                 }
@@ -415,62 +462,66 @@ extension FuseServer {
         }
         ops.read = { req, ino, size, offset, _ in
             // Replied when the device reads complete; the file system serves other requests meanwhile.
-            FuseServer.handOver(req) { _, server, req in
+            FuseServer.handOver(req, .read, ino) { _, server, req in
                 server.service.read(ino: ino, offset: UInt64(max(0, offset)), count: size) { bytes, errno in
-                    if errno != 0 { fuse_reply_err(req.raw, errno); return }
-                    _ = fuse_reply_buf(req.raw, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+                    if errno != 0 { fuse_reply_err(req.answer(), errno); return }
+                    _ = fuse_reply_buf(req.answer(), bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
                 }
             }
         }
         ops.write = { req, ino, buffer, size, offset, fi in
             let server = FuseServer.server(req)
-            let request = Request(raw: req!)
             let offset = UInt64(max(0, offset))
             // With the writeback cache the kernel owns the file position: O_APPEND is its job.
             let append = (fi?.pointee.flags ?? 0) & O_APPEND != 0 && !server.options.writebackCache
             // Replied when the data is on the device (an overwrite in place: asynchronously).
-            let reply: @Sendable (Int, Int32) -> Void = { written, errno in
-                if errno != 0 { fuse_reply_err(request.raw, errno) } else { fuse_reply_write(request.raw, written) }
+            @Sendable func reply(_ request: Request) -> @Sendable (Int, Int32) -> Void {
+                { written, errno in
+                    if errno != 0 { fuse_reply_err(request.answer(), errno) } else { fuse_reply_write(request.answer(), written) }
+                }
             }
             let data = UnsafeRawBufferPointer(start: buffer, count: size)
             if server.options.threads == 0 {
                 // On the file system's reactor, while libfuse's buffer is valid: one copy, into
                 // the device buffer (or the synchronous write's array).
-                server.service.runHere { _ in server.service.write(ino: ino, offset: offset, data: data, append: append, reply) }
+                server.service.runHere { _ in
+                    let request = Request(req!, .write, node: ino, server: server)
+                    server.service.write(ino: ino, offset: offset, data: data, append: append, reply(request))
+                }
                 return
             }
             let copy = [UInt8](data)  // the worker's buffer is reused once this returns
-            FuseServer.handOver(req) { _, server, _ in
-                copy.withUnsafeBytes { server.service.write(ino: ino, offset: offset, data: $0, append: append, reply) }
+            FuseServer.handOver(req, .write, ino) { _, server, request in
+                copy.withUnsafeBytes { server.service.write(ino: ino, offset: offset, data: $0, append: append, reply(request)) }
             }
         }
-        ops.flush = { req, _, _ in
-            FuseServer.handOver(req) { _, _, req in fuse_reply_err(req.raw, 0) }
+        ops.flush = { req, ino, _ in
+            FuseServer.handOver(req, .flush, ino) { _, _, req in fuse_reply_err(req.answer(), 0) }
         }
         ops.release = { req, ino, _ in
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .release, ino) { fs, _, req in
                 fs.release(ino: ino)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.fsync = { req, ino, _, _ in
             // Replied when the flushes complete; the file system serves other requests meanwhile.
-            FuseServer.handOver(req) { _, server, req in
-                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.raw, errno) }
+            FuseServer.handOver(req, .fsync, ino) { _, server, req in
+                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.answer(), errno) }
             }
         }
         ops.opendir = { req, ino, fi in
             guard let fi else { return }
             let info = FileInfo(fi.pointee)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .opendir, ino) { fs, _, req in
                 var reply = info.value
                 reply.fh = try fs.openDirectory(ino: ino)
-                if fuse_reply_open(req.raw, &reply) != 0 { fs.releaseDirectory(ino: ino, handle: reply.fh) }
+                if fuse_reply_open(req.answer(), &reply) != 0 { fs.releaseDirectory(ino: ino, handle: reply.fh) }
             }
         }
         ops.readdir = { req, ino, size, offset, fi in
             let handle = fi?.pointee.fh ?? 0
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .readdir, ino) { fs, _, req in
                 var buffer = [CChar](repeating: 0, count: size)
                 var used = 0
                 try fs.readDirectory(handle: handle, offset: UInt64(max(0, offset))) { entry, next in
@@ -486,12 +537,12 @@ extension FuseServer {
                     used += needed
                     return true
                 }
-                buffer.withUnsafeBufferPointer { _ = fuse_reply_buf(req.raw, $0.baseAddress, used) }
+                buffer.withUnsafeBufferPointer { _ = fuse_reply_buf(req.answer(), $0.baseAddress, used) }
             }
         }
         ops.readdirplus = { req, ino, size, offset, fi in
             let handle = fi?.pointee.fh ?? 0
-            FuseServer.handOver(req) { fs, server, req in
+            FuseServer.handOver(req, .readdirplus, ino) { fs, server, req in
                 var buffer = [CChar](repeating: 0, count: size)
                 var used = 0
                 try fs.readDirectoryPlus(handle: handle, offset: UInt64(max(0, offset))) { entry, attributes, next in
@@ -511,23 +562,23 @@ extension FuseServer {
                     used += needed
                     return true
                 }
-                buffer.withUnsafeBufferPointer { _ = fuse_reply_buf(req.raw, $0.baseAddress, used) }
+                buffer.withUnsafeBufferPointer { _ = fuse_reply_buf(req.answer(), $0.baseAddress, used) }
             }
         }
         ops.releasedir = { req, ino, fi in
             let handle = fi?.pointee.fh ?? 0
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .releasedir, ino) { fs, _, req in
                 fs.releaseDirectory(ino: ino, handle: handle)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.fsyncdir = { req, ino, _, _ in
-            FuseServer.handOver(req) { _, server, req in
-                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.raw, errno) }
+            FuseServer.handOver(req, .fsyncdir, ino) { _, server, req in
+                server.service.fsync(ino: ino) { errno in fuse_reply_err(req.answer(), errno) }
             }
         }
-        ops.statfs = { req, _ in
-            FuseServer.handOver(req) { fs, _, req in
+        ops.statfs = { req, ino in
+            FuseServer.handOver(req, .statfs, ino) { fs, _, req in
                 let statistics = fs.statistics()
                 var out = statvfs()
                 out.f_bsize = UInt(statistics.blockSize)
@@ -539,39 +590,39 @@ extension FuseServer {
                 out.f_ffree = UInt(statistics.freeFiles)
                 out.f_favail = UInt(statistics.freeFiles)
                 out.f_namemax = UInt(statistics.nameMax)
-                fuse_reply_statfs(req.raw, &out)
+                fuse_reply_statfs(req.answer(), &out)
             }
         }
         ops.setxattr = { req, ino, name, value, size, flags in
             let name = String(cString: name!)
             let bytes = [UInt8](UnsafeRawBufferPointer(start: value, count: size))
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .setxattr, ino) { fs, _, req in
                 try fs.setXattr(ino: ino, name: name, value: bytes, create: flags & blobfs_XATTR_CREATE != 0,
                                 replace: flags & blobfs_XATTR_REPLACE != 0)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.getxattr = { req, ino, name, size in
             let name = String(cString: name!)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .getxattr, ino) { fs, _, req in
                 let value = try fs.getXattr(ino: ino, name: name)
                 if size == 0 {
-                    fuse_reply_xattr(req.raw, value.count)
+                    fuse_reply_xattr(req.answer(), value.count)
                 } else if value.count > size {
-                    fuse_reply_err(req.raw, ERANGE)
+                    fuse_reply_err(req.answer(), ERANGE)
                 } else {
                     FuseServer.replyBytes(req, value)
                 }
             }
         }
         ops.listxattr = { req, ino, size in
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .listxattr, ino) { fs, _, req in
                 var list: [UInt8] = []
                 for name in try fs.listXattrs(ino: ino, privileged: FuseServer.caller(req.raw).uid == 0) { list += Array(name.utf8) + [0] }
                 if size == 0 {
-                    fuse_reply_xattr(req.raw, list.count)
+                    fuse_reply_xattr(req.answer(), list.count)
                 } else if list.count > size {
-                    fuse_reply_err(req.raw, ERANGE)
+                    fuse_reply_err(req.answer(), ERANGE)
                 } else {
                     FuseServer.replyBytes(req, list)
                 }
@@ -579,21 +630,27 @@ extension FuseServer {
         }
         ops.removexattr = { req, ino, name in
             let name = String(cString: name!)
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .removexattr, ino) { fs, _, req in
                 try fs.removeXattr(ino: ino, name: name)
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         ops.fallocate = { req, ino, mode, offset, length, _ in
-            FuseServer.handOver(req) { fs, _, req in
+            FuseServer.handOver(req, .fallocate, ino) { fs, _, req in
                 guard offset >= 0, length > 0 else { throw FSError(EINVAL) }
                 try fs.allocate(ino: ino, mode: FileSystem.AllocateMode(rawValue: mode), offset: UInt64(offset),
                                 length: UInt64(length))
-                fuse_reply_err(req.raw, 0)
+                fuse_reply_err(req.answer(), 0)
             }
         }
         return ops
     }
+}
+
+/// A libfuse request handle carried to the file system's thread.
+struct RawRequest: @unchecked Sendable {
+    let value: fuse_req_t
+    init(_ value: fuse_req_t) { self.value = value }
 }
 
 /// A copy of a `fuse_file_info` to reply with from another thread.

@@ -20,7 +20,8 @@ struct Mount: UsageErrorsExitTwo {
             `fusermount3 -u MOUNTPOINT` unmount it and leave the store clean.
             Options (-o, comma-separated): allow_other, ro, noatime, ... (passed to the kernel; \
             default_permissions is always on: the kernel checks permissions), entry_timeout=S, \
-            attr_timeout=S, writeback_cache, direct_io, max_write=BYTES.
+            attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
+            held this long; default 30).
             """)
     @Argument(help: "Image path or device spec (malloc:SIZE is formatted at mount).") var device: String
     @Argument(help: "An existing directory.") var mountpoint: String

@@ -22,7 +22,7 @@ import os
 import random
 import sys
 
-from fscalls import first_difference, libc  # noqa: E402
+from fscalls import check_all_answered, first_difference, libc  # noqa: E402
 PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
@@ -200,6 +200,11 @@ def main():
         crash_mode(args.dir, args.seed, args.ops, args.manifest)
     else:
         exercise(args.dir, args.seed, args.ops, args.files, args.max_size)
+    # Every call returned; the daemon must also hold nothing the kernel still waits for.
+    problem = check_all_answered(args.dir)
+    if problem:
+        print(f"exerciser: {problem}", flush=True)
+        return 1
     return 0
 
 

@@ -89,3 +89,36 @@ class DirTestCase(unittest.TestCase):
     def read(self, name):
         with open(self.path(name), "rb") as f:
             return f.read()
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def fuse_waiting(mountpoint):
+    """The number of requests the kernel has sent to the FUSE daemon of MOUNTPOINT and not
+    had answered (fusectl's `waiting`), or None when fusectl is not reachable. The
+    connection's directory is named after the mount's device number."""
+    if not os.path.isdir(os.path.join(FUSECTL, ".")) or not os.listdir(FUSECTL):
+        # fusectl not mounted yet: mount it (root only; harmless if it fails).
+        os.system(f"mount -t fusectl none {FUSECTL} >/dev/null 2>&1")
+    connection = os.path.join(FUSECTL, str(os.stat(mountpoint).st_dev), "waiting")
+    try:
+        with open(connection) as f:
+            return int(f.read().strip())
+    except OSError:
+        return None
+
+
+def check_all_answered(mountpoint, settle=5.0):
+    """Returns None when every request the kernel sent to MOUNTPOINT's daemon has been
+    answered (waiting drops to 0 within `settle` seconds: releases and forgets may still
+    be on their way), else a message naming how many are still waiting."""
+    import time
+    deadline = time.monotonic() + settle
+    while True:
+        waiting = fuse_waiting(mountpoint)
+        if waiting is None or waiting == 0:
+            return None
+        if time.monotonic() > deadline:
+            return f"{waiting} FUSE requests still unanswered after the workload (fusectl waiting)"
+        time.sleep(0.05)

@@ -9,7 +9,12 @@
 #   3. kill -9 of the daemon in the middle of a workload that fsyncs files; remount
 #      (the replayer runs); every fsync'd file intact; unmount; fsck clean. Twice.
 #   4. fio: every job of the benchmark set runs without error against the mount.
-#   5. bad input: a garbage image, a missing device, an unknown option, a busy image.
+#   5. a full file system under concurrent load: 8 writers with fdatasync past ENOSPC on a
+#      256 MiB image (through the NVMe path and file:); every call returns within a limit.
+#   6. bad input: a garbage image, a missing device, an unknown option, a busy image.
+# Every daemon logs to $work/daemon.log; at the end no request may have been left
+# unanswered or answered twice (the daemon's request ledger), and the exerciser checks
+# fusectl's waiting count after its run.
 # Every mount is unmounted and every daemon gone when this script ends, whatever happens.
 #   BLOBFS=path/to/blobfs (default .build/debug/blobfs)  OPS=100000  BIG_DIR=100000
 set -uo pipefail
@@ -53,7 +58,7 @@ unmount() {
 
 # 1. POSIX suite and exerciser on the default geometry.
 "$BLOBFS" mkfs "$work/a.img" --size 8G --preallocate > /dev/null
-if "$BLOBFS" mount "$work/a.img" "$mnt" -o allow_other,default_permissions > /dev/null; then
+if "$BLOBFS" mount "$work/a.img" "$mnt" -o allow_other,default_permissions --log "$work/daemon.log" > /dev/null; then
   chmod 755 "$mnt"
   check "posix suite (non-root rules, $BIG_DIR-entry directory)" python3 Tests/fs/posix_suite.py "$mnt" --big-dir "$BIG_DIR"
   grep -E "big directory|posix suite" "$work/log" | sed 's/^ */    /'
@@ -68,7 +73,7 @@ fi
 #    threads (--reactors 2) instead of the reactor reading /dev/fuse itself.
 "$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --log-size 1M --preallocate > /dev/null
 check "mkfs --log-size 1M: a 256-page log" bash -c "${BLOBFS%blobfs}blobcli info '$work/b.img' | grep -q 'log 2+256,'"
-if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache --reactors 2 > /dev/null; then
+if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache --reactors 2 --log "$work/daemon.log" > /dev/null; then
   check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, 1 MiB log, writeback cache, 2 FUSE worker threads)" \
     python3 Tests/fs/exerciser.py "$mnt" --seed 2 --ops $((OPS / 4))
   check "unmount" unmount
@@ -90,7 +95,7 @@ for round in 1 2; do
   fusermount3 -u -z "$mnt" 2>/dev/null
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
   echo "    kill -9 round $round: $(wc -l < "$work/manifest") files fsync'd before the kill"
-  if "$BLOBFS" mount "$work/c.img" "$mnt" > /dev/null; then
+  if "$BLOBFS" mount "$work/c.img" "$mnt" --log "$work/daemon.log" > /dev/null; then
     check "kill -9 round $round: every fsync'd file intact after replay" \
       python3 Tests/fs/exerciser.py "$mnt" --verify-manifest "$work/manifest"
     check "unmount" unmount
@@ -117,7 +122,7 @@ fio_jobs() {
   return $status
 }
 "$BLOBFS" mkfs "$work/f.img" --size 2G --preallocate > /dev/null
-if "$BLOBFS" mount "$work/f.img" "$mnt" > /dev/null; then
+if "$BLOBFS" mount "$work/f.img" "$mnt" --log "$work/daemon.log" > /dev/null; then
   check "fio seq 1M read/write, 4k randread/randwrite/randrw; psync and io_uring; direct=0 and 1" fio_jobs
   grep "^    fio" "$work/log"
   check "unmount" unmount
@@ -126,7 +131,30 @@ else
   echo "FAIL mount for fio"; failed=$((failed + 1))
 fi
 
-# 5. Bad input: clear errors, the right exit status, nothing mounted, nothing left running.
+# 5. A full file system under concurrent load: every call returns (ENOSPC is an answer).
+full_load() {  # full_load DEVICE: mkfs 256M, mount, 8 writers past ENOSPC, unmount, fsck
+  local device=$1 image=${1#file:} status=0
+  "$BLOBFS" mkfs "$image" --size 256M --force > /dev/null || return 1
+  "$BLOBFS" mount "$device" "$mnt" --log "$work/daemon.log" > /dev/null || return 1
+  if ! python3 Tests/fs/full_stress.py "$mnt" --workers 8 --seconds "${FULL_SECONDS:-20}" --limit 60; then
+    status=1
+    # A hung request: its callers wait until the daemon dies.
+    for pid in $(daemons); do kill -9 "$pid"; done
+    fusermount3 -u -z "$mnt" 2>/dev/null
+    sleep 1
+    return 1
+  fi
+  unmount || status=1
+  "$BLOBFS" fsck "$device" || status=1
+  return $status
+}
+check "a full file system under 8 concurrent writers with fdatasync: every call returns (NVMe path)" full_load "$work/h.img"
+grep -E "calls returned" "$work/log" | sed 's/^/    /'
+check "the same through file: (io_uring directly)" full_load "file:$work/h.img"
+grep -E "calls returned" "$work/log" | sed 's/^/    /'
+rm -f "$work/h.img"
+
+# 6. Bad input: clear errors, the right exit status, nothing mounted, nothing left running.
 expect_status() {  # expect_status STATUS COMMAND...
   local want=$1; shift
   "$@" > "$work/out" 2>&1
@@ -153,6 +181,10 @@ check "second mount of a mounted image refuses" expect_status 1 "$BLOBFS" mount 
 check "fsck of a mounted image refuses" expect_status 1 "$BLOBFS" fsck "$work/a.img"
 check "unmount" unmount
 mountpoint -q "$mnt" && { echo "FAIL something is still mounted"; failed=$((failed + 1)); }
+ledger_clean() {  # the daemons' request ledgers: nothing overdue, unanswered or answered twice
+  ! grep -E "unanswered for|never answered|answered twice" "$work/daemon.log"
+}
+check "every request answered exactly once (daemon logs)" ledger_clean
 
 echo "file system through FUSE: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
