@@ -49,12 +49,17 @@ package struct Epoll: ~Copyable {
         _ = epoll_ctl(fd, EPOLL_CTL_DEL, watched, nil)
     }
 
-    /// Waits up to `timeoutMs` (-1: forever) for any registered fd; returns how many fired.
-    package func wait(timeoutMs: Int32) -> Int {
-        var events = (epoll_event(), epoll_event(), epoll_event(), epoll_event())
+    /// Waits up to `timeoutMs` (-1: forever) for any registered fd; returns whether
+    /// `watched` was among those that fired (so its owner drains it only then).
+    package func wait(timeoutMs: Int32, watching watched: Int32) -> Bool {
+        var events = (epoll_event(), epoll_event(), epoll_event(), epoll_event(),
+                      epoll_event(), epoll_event(), epoll_event(), epoll_event())
         return withUnsafeMutableBytes(of: &events) { raw in
             let pointer = raw.baseAddress!.assumingMemoryBound(to: epoll_event.self)
-            return Int(epoll_wait(fd, pointer, 4, timeoutMs))
+            let count = Int(epoll_wait(fd, pointer, 8, timeoutMs))
+            guard count > 0 else { return false }
+            for index in 0..<count where pointer[index].data.fd == watched { return true }
+            return false
         }
     }
 }

@@ -28,24 +28,34 @@ public struct PollerID: Hashable, Sendable {
 /// A reactor can also be stepped by hand (`runOnce`, `run(until:)`) on the calling
 /// thread: the deterministic mode tests and offline tools use.
 public final class Reactor: @unchecked Sendable {
+    /// How a reactor waits for work.
+    public enum Polling: Sendable, Equatable {
+        /// It owns a core: it spins while work comes, and sleeps only after
+        /// `idleBeforeSleepNs` without any (SPDK's polled mode, latency first).
+        case spin
+        /// It shares cores with other threads: a pass that finds nothing to do puts it to
+        /// sleep at once, until a message, a registered fd (a FUSE channel, a device's
+        /// completion eventfd) or a timer wakes it (SPDK's interrupt mode). Spinning on a
+        /// core it does not own would take the core from the thread it waits for.
+        case interrupt
+    }
+
     public struct Configuration: Sendable {
         /// CPU to pin the reactor thread to (nil: not pinned).
         public var cpu: Int?
-        /// How long the loop spins without finding work before it sleeps.
+        /// How long a spinning reactor goes on without finding work before it sleeps.
         public var idleBeforeSleepNs: UInt64
         public var messageCapacity: Int
-        /// Whether a pass that finds no work yields the CPU (sched_yield) before the next:
-        /// on a machine with fewer cores than busy threads a spinning reactor otherwise
-        /// takes the core from the thread it waits for. Off when the reactor has a core of
-        /// its own (pinned).
-        public var yieldWhenIdle: Bool
+        public var polling: Polling
 
+        /// `polling` defaults to `.spin` for a pinned reactor (the caller gave it a core)
+        /// and `.interrupt` otherwise.
         public init(cpu: Int? = nil, idleBeforeSleepNs: UInt64 = 200_000, messageCapacity: Int = 4096,
-                    yieldWhenIdle: Bool? = nil) {
+                    polling: Polling? = nil) {
             self.cpu = cpu
             self.idleBeforeSleepNs = idleBeforeSleepNs
             self.messageCapacity = messageCapacity
-            self.yieldWhenIdle = yieldWhenIdle ?? (cpu == nil)
+            self.polling = polling ?? (cpu == nil ? .interrupt : .spin)
         }
     }
 
@@ -143,8 +153,12 @@ public final class Reactor: @unchecked Sendable {
 
     /// Wakes the reactor if it sleeps: for producers that hand it work through shared
     /// memory its pollers watch (an emulated device's doorbells), not through `send`.
+    /// The producer's own stores (a completion entry, a doorbell) are ordered before the
+    /// look at `sleeping` by a full fence: the reactor publishes `sleeping` and then looks
+    /// at the same memory once more, so one of the two sides always sees the other.
     @inline(__always)
     public func wake() {
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         if sleeping.load(ordering: .sequentiallyConsistent) { wakeEvent.signal() }
     }
 
@@ -211,10 +225,13 @@ public final class Reactor: @unchecked Sendable {
         let (busy, pending) = runOnce()
         let now = MonotonicClock.nowNs()
         if busy { lastWorkNs = now; return }
-        if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs {
-            // Spinning without work: let a runnable thread that shares this core go first.
-            if configuration.yieldWhenIdle { sched_yield() }
-            return
+        switch configuration.polling {
+        case .spin:
+            if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs { return }
+        case .interrupt:
+            // Work in flight that no fd announces (a device polled in memory, with no
+            // interrupt): it must be polled, but let the threads sharing this core run first.
+            if pending { sched_yield(); return }
         }
         sleep(now: now)
     }
@@ -226,10 +243,11 @@ public final class Reactor: @unchecked Sendable {
         let (busy, pending) = runOnce()
         if !busy && !pending && ring.isEmpty {
             sleepCounter.add(1, ordering: .relaxed)
-            _ = epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now))
+            if epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now), watching: wakeEvent.fd) {
+                wakeEvent.drain()
+            }
         }
         sleeping.store(false, ordering: .sequentiallyConsistent)
-        wakeEvent.drain()
         // lastWorkNs stays: a wake-up that finds no work (a timer) sleeps again at once
         // instead of spinning for another idle period.
     }

@@ -13,11 +13,18 @@ public protocol NVMeTransport: AnyObject, Sendable {
     func close()
     /// Called after each register write: a software controller wakes up to look.
     func registersWritten()
+    /// Routes interrupt vector `vector` to `reactor` (woken when the controller posts to a
+    /// completion queue created with that vector and interrupts enabled), as MSI-X does;
+    /// false when the transport has no interrupts (completions must be polled).
+    func connectInterrupt(vector: Int, to reactor: Reactor) -> Bool
+    func disconnectInterrupt(vector: Int)
 }
 
 extension NVMeTransport {
     @inline(__always) public func read32(_ offset: Int) -> UInt32 { blobfs_mmio_read32(registers + offset) }
     public func registersWritten() {}
+    public func connectInterrupt(vector: Int, to reactor: Reactor) -> Bool { false }
+    public func disconnectInterrupt(vector: Int) {}
     @inline(__always) public func write32(_ offset: Int, _ value: UInt32) {
         blobfs_mmio_write32(registers + offset, value)
         registersWritten()

@@ -39,11 +39,9 @@ public struct Device {
         let parsed: DeviceSpec
         do { parsed = try DeviceSpec(parsing: text) } catch { throw ValidationError("DEVICE \(text): \(error)") }
         switch parsed {
-        case let .file(path) where !text.hasPrefix("file:") && !text.hasPrefix("uring:"):
-            // A bare path: the software NVMe controller serves the image.
-            spec = .nvmeEmulated(namespace: .file(path: Device.absolute(path)))
-            lockPath = Device.absolute(path)
         case let .file(path):
+            // A bare path is an image file or block device through io_uring (DeviceSpec
+            // decides that for every tool): the cheapest path per I/O measured here.
             spec = .file(path: Device.absolute(path))
             lockPath = Device.absolute(path)
         case let .nvmeEmulated(.file(path)):

@@ -18,9 +18,9 @@ struct Blobfs: UsageErrorsExitTwo {
         commandName: "blobfs",
         abstract: "A POSIX file system on a blob store, mounted through FUSE.",
         discussion: """
-            DEVICE is an image file path (served by the in-process software NVMe controller), \
-            file:PATH (the io_uring module directly), malloc:SIZE (RAM, formatted at mount), \
-            nvme-emu:SPEC or pcie:DDDD:BB:DD.F.
+            DEVICE is an image file or block device path (through io_uring; file:PATH says the \
+            same), malloc:SIZE (RAM, formatted at mount), nvme-emu:PATH (the NVMe driver over the \
+            in-process software controller) or pcie:DDDD:BB:DD.F.
             """,
         subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self])
 }

@@ -184,17 +184,22 @@ public final class NVMeController: @unchecked Sendable {
 
     // MARK: - I/O queues
 
-    /// Creates an I/O completion queue and submission queue pair on the given memory.
-    func createQueuePair(entries: Int, submission: UnsafeRawPointer, completion: UnsafeRawPointer) throws -> Int {
+    /// Creates an I/O completion queue and submission queue pair on the given memory. With
+    /// `interruptsTo`, the completion queue raises interrupt vector = its queue id, routed
+    /// to that reactor, when the transport has interrupts; `interrupts` says whether it has.
+    func createQueuePair(entries: Int, submission: UnsafeRawPointer, completion: UnsafeRawPointer,
+                         interruptsTo reactor: Reactor?) throws -> (queueID: Int, interrupts: Bool) {
         guard let queueID = adminLock.withLock({ _ in freeQueueIDs.popLast() }) else {
             throw InitError.unsupported("all \(ioQueuesGranted) I/O queue pairs are in use")
         }
+        let interrupts = reactor.map { transport.connectInterrupt(vector: queueID, to: $0) } ?? false
         do {
             var command = SubmissionEntry()
             command.opcode = AdminOpcode.createIOCompletionQueue.rawValue
             command.prp1 = busAddress(completion)
             command.cdw10 = UInt32(queueID) | UInt32(entries - 1) << 16
-            command.cdw11 = 1  // physically contiguous, no interrupts: completions are polled
+            // CDW11: PC (physically contiguous), IEN (interrupts enabled), IV in 31:16.
+            command.cdw11 = interrupts ? 1 | 2 | UInt32(queueID) << 16 : 1
             try admin(command)
             command = SubmissionEntry()
             command.opcode = AdminOpcode.createIOSubmissionQueue.rawValue
@@ -203,10 +208,11 @@ public final class NVMeController: @unchecked Sendable {
             command.cdw11 = 1 | UInt32(queueID) << 16
             try admin(command)
         } catch {
+            if interrupts { transport.disconnectInterrupt(vector: queueID) }
             adminLock.withLock { _ in freeQueueIDs.append(queueID) }
             throw error
         }
-        return queueID
+        return (queueID, interrupts)
     }
 
     func deleteQueuePair(_ queueID: Int) {
@@ -216,6 +222,7 @@ public final class NVMeController: @unchecked Sendable {
         _ = try? admin(command)
         command.opcode = AdminOpcode.deleteIOCompletionQueue.rawValue
         _ = try? admin(command)
+        transport.disconnectInterrupt(vector: queueID)
         adminLock.withLock { _ in freeQueueIDs.append(queueID) }
     }
 

@@ -65,6 +65,9 @@ final class NVMeQueuePair: BdevBackendChannel {
     /// Commands whose requests already failed (timeout, fatal status), slots still held.
     private var quarantined = 0
     private let unmapByDeallocate: Bool
+    /// The controller wakes our reactor when it posts completions (an interrupt): commands
+    /// in flight need no polling meanwhile.
+    private let interrupts: Bool
 
     init(controller: NVMeController, reactor: Reactor, entries requested: Int, timeoutNs: UInt64) throws {
         self.controller = controller
@@ -95,7 +98,8 @@ final class NVMeQueuePair: BdevBackendChannel {
         progress = [Int](repeating: 0, count: BdevLimits.queueDepthMax)
         outstanding = [Int](repeating: 0, count: BdevLimits.queueDepthMax)
         failure = [BdevStatus](repeating: .success, count: BdevLimits.queueDepthMax)
-        queueID = try controller.createQueuePair(entries: entries, submission: sqBase, completion: cqBase)
+        (queueID, interrupts) = try controller.createQueuePair(entries: entries, submission: sqBase, completion: cqBase,
+                                                               interruptsTo: reactor)
         sqDoorbell = NVMeRegister.doorbell(queue: queueID, completion: false, strideShift: controller.strideShift)
         cqDoorbell = NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: controller.strideShift)
         timerID = reactor.registerTimedPoller(periodNs: 50_000_000) { [unowned self] in self.checkHealth() }
@@ -334,7 +338,7 @@ final class NVMeQueuePair: BdevBackendChannel {
             doorbellDue = false
         }
         if busy { return .busy }
-        return inFlightCommands > 0 ? .pending : .idle
+        return inFlightCommands > 0 && !interrupts ? .pending : .idle
     }
 
     private func finish(slot index: Int, status: NVMeStatus) {

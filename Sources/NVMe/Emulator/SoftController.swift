@@ -18,6 +18,9 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         public var timeoutUnits = 20         // CAP.TO: 10 s
         public var serialNumber = "BLOBFS-EMU-0001"
         public var modelNumber = "blobfs software NVMe controller"
+        /// A CPU of its own: the device thread is pinned there and spins on its doorbells.
+        /// nil: it sleeps until the driver's register writes wake it (interrupt mode).
+        public var cpu: Int?
         public init() {}
     }
 
@@ -49,7 +52,11 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     }
     /// The submission queues in id order, for the poll loop (rebuilt only when queues change).
     private var queueList: ContiguousArray<SubmissionQueue> = []
-    private var completionQueues: [Int: CompletionQueue] = [:]
+    private var completionQueues: [Int: CompletionQueue] = [:] {
+        didSet { interruptingQueues = ContiguousArray(completionQueues.values.filter { $0.interrupt != nil }) }
+    }
+    /// The completion queues with interrupts enabled, for the post loop.
+    private var interruptingQueues: ContiguousArray<CompletionQueue> = []
     /// Commands in the medium's hands, by tag (a slot index); allocated once.
     private var commands: ContiguousArray<InFlight?> = ContiguousArray(repeating: nil, count: BdevLimits.queueDepthMax)
     private var freeTags: ContiguousArray<Int> = ContiguousArray((0..<BdevLimits.queueDepthMax).reversed())
@@ -76,11 +83,19 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         let entries: Int
         var tail = 0
         var phase = true
-        init(base: UnsafeMutableRawPointer, entries: Int) {
+        /// The host reactor its interrupt vector is routed to (IEN set at creation).
+        let interrupt: Reactor?
+        var raised = false
+        init(base: UnsafeMutableRawPointer, entries: Int, interrupt: Reactor?) {
             self.base = base
             self.entries = entries
+            self.interrupt = interrupt
         }
     }
+
+    /// Interrupt vectors routed to host reactors (the driver's side sets them before it
+    /// creates the queue; the device reads them when the queue is created).
+    let interruptRoutes = Mutex<[Int: Reactor]>([:])
 
     private struct InFlight {
         var queue: Int
@@ -94,7 +109,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         ready.reserveCapacity(BdevLimits.queueDepthMax * 2)
         bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
         bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
-        reactor = try Reactor(name: "nvme-emu", configuration: .init(idleBeforeSleepNs: 1_000_000))
+        reactor = try Reactor(name: "nvme-emu", configuration: .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000))
         let cap = ControllerCapabilities.make(maxQueueEntries: configuration.maxQueueEntries,
                                               timeoutUnits: configuration.timeoutUnits, strideShift: 0)
         MMIO.write64(bar, NVMeRegister.cap, cap.raw)
@@ -169,8 +184,9 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             postReady()
             busy = true
         }
-        if busy { return .busy }
-        return freeTags.count == commands.count ? .idle : .pending
+        // Commands waiting for the namespace: its channel's poller reports whether
+        // something must poll for them (it is a poller of this reactor too).
+        return busy ? .busy : .idle
     }
 
     private func fatal(_ why: String) {
@@ -191,7 +207,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 fatal("enable with an unsupported configuration (CC 0x\(String(cc.raw, radix: 16)), AQA 0x\(String(aqa, radix: 16)))")
                 return
             }
-            completionQueues[0] = CompletionQueue(base: cq, entries: completionEntries)
+            completionQueues[0] = CompletionQueue(base: cq, entries: completionEntries, interrupt: nil)
             submissionQueues[0] = SubmissionQueue(id: 0, base: sq, entries: submissionEntries, completionQueue: 0)
             MMIO.write32(bar, NVMeRegister.csts, 1)
         } else if !cc.enabled && lastCC.enabled {
@@ -247,8 +263,14 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 cq.tail = 0
                 cq.phase.toggle()
             }
+            if cq.interrupt != nil { cq.raised = true }
         }
         ready.removeLast(count - kept)
+        // One interrupt per queue per batch, after its entries are visible.
+        for cq in interruptingQueues where cq.raised {
+            cq.raised = false
+            cq.interrupt!.wake()
+        }
     }
 
     // MARK: - Admin commands
@@ -293,7 +315,9 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             guard command.cdw11 & 1 == 1, let base = hostMemory(command.prp1) else {
                 return complete(queue: 0, commandID: id, status: .invalidField)
             }
-            completionQueues[queueID] = CompletionQueue(base: base, entries: entries)
+            let vector = Int(command.cdw11 >> 16)
+            let interrupt = command.cdw11 & 2 != 0 ? interruptRoutes.withLock { $0[vector] } : nil
+            completionQueues[queueID] = CompletionQueue(base: base, entries: entries, interrupt: interrupt)
             complete(queue: 0, commandID: id, status: .success)
         case .createIOSubmissionQueue:
             let queueID = Int(command.cdw10 & 0xFFFF)
@@ -517,4 +541,9 @@ final class EmulatedTransport: NVMeTransport, @unchecked Sendable {
     func busAddress(of pointer: UnsafeRawPointer) -> UInt64? { UInt64(UInt(bitPattern: pointer)) }
     func close() {}
     func registersWritten() { controller.reactor.wake() }
+    func connectInterrupt(vector: Int, to reactor: Reactor) -> Bool {
+        controller.interruptRoutes.withLock { $0[vector] = reactor }
+        return true
+    }
+    func disconnectInterrupt(vector: Int) { _ = controller.interruptRoutes.withLock { $0.removeValue(forKey: vector) } }
 }
