@@ -28,6 +28,7 @@ let package = Package(
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         .systemLibrary(name: "CVFIO", path: "Sources/CVFIO"),
         .systemLibrary(name: "CFuse", path: "Sources/CFuse", pkgConfig: "fuse3"),
+        .systemLibrary(name: "CFuseKernel", path: "Sources/CFuseKernel"),
 
         .target(
             name: "Env",
@@ -42,6 +43,9 @@ let package = Package(
         .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault", "NVMe", "PCI"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
         .target(
+            name: "AllocationCounting",
+            dependencies: [.product(name: "MallocInterposerSwift", package: "malloc-interposer")]),
+        .target(
             name: "CommandLineSupport",
             dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
@@ -50,11 +54,13 @@ let package = Package(
         .target(
             name: "ToolSupport",
             dependencies: ["Blobstore", "Bdev", "DeviceSpec", "Env", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Env", "CFuse"]),
+        .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "Env", "CFuse", "CFuseKernel", "CURing"],
+                swiftSettings: hotPath),
         .executableTarget(
             name: "blobfs",
             dependencies: [
                 "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport", "ToolSupport",
+                "AllocationCounting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -68,10 +74,9 @@ let package = Package(
         .executableTarget(
             name: "bdevperf",
             dependencies: [
-                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe", "CommandLineSupport",
+                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe", "CommandLineSupport", "AllocationCounting",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
             ],
             swiftSettings: hotPath),
 

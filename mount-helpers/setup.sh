@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Prepares a machine for the polled NVMe driver, after SPDK's scripts/setup.sh:
 #   setup.sh config [--hugepages N] [--driver vfio-pci|uio_pci_generic] [BDF ...]
-#       reserve N 2 MiB hugepages (default 1024) and bind the NVMe controllers
-#       (all, or the BDFs given) to a userspace driver (vfio-pci when an IOMMU is on)
-#   setup.sh status   hugepages and every NVMe controller with its driver
+#       reserve N 2 MiB hugepages (default 1024), turn on FUSE over io_uring where the
+#       kernel has it (6.14+: fuse.enable_uring), and bind the NVMe controllers (all, or
+#       the BDFs given) to a userspace driver (vfio-pci when an IOMMU is on)
+#   setup.sh status   hugepages, FUSE over io_uring, every NVMe controller with its driver
 #   setup.sh reset    give the controllers back to the kernel's nvme driver
 set -euo pipefail
 cmd=${1:-status}; shift || true
@@ -12,7 +13,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --hugepages) hugepages=$2; shift 2 ;;
     --driver) driver=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     -*) echo "setup.sh: unknown option $1" >&2; exit 2 ;;
     *) bdfs+=("$1"); shift ;;
   esac
@@ -45,6 +46,11 @@ case $cmd in
     echo "$hugepages" > /proc/sys/vm/nr_hugepages
     got=$(cat /proc/sys/vm/nr_hugepages)
     [ "$got" -ge "$hugepages" ] || echo "setup.sh: only $got of $hugepages hugepages could be reserved" >&2
+    if [ -w /sys/module/fuse/parameters/enable_uring ]; then
+      echo Y > /sys/module/fuse/parameters/enable_uring && echo "FUSE over io_uring: on"
+    else
+      echo "FUSE over io_uring: this kernel has none (before 6.14); blobfs serves /dev/fuse"
+    fi
     if [ -z "$driver" ]; then
       if [ -n "$(ls -A /sys/kernel/iommu_groups 2>/dev/null)" ]; then driver=vfio-pci; else driver=uio_pci_generic; fi
     fi
@@ -54,6 +60,7 @@ case $cmd in
   status)
     echo "hugepages: $(cat /proc/sys/vm/nr_hugepages) reserved, $(awk '/HugePages_Free/{print $2}' /proc/meminfo) free (2 MiB)"
     echo "IOMMU: $([ -n "$(ls -A /sys/kernel/iommu_groups 2>/dev/null)" ] && echo on || echo off)"
+    echo "FUSE over io_uring: $(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || echo "not in this kernel")"
     [ ${#bdfs[@]} -gt 0 ] || echo "no NVMe controllers"
     for bdf in "${bdfs[@]}"; do echo "$bdf  driver $(current_driver "$bdf")"; done
     ;;

@@ -4,14 +4,15 @@ import Glibc
 import MallocInterposerSwift
 import Synchronization
 
-/// Counts heap allocations during the measured phase with ordo-one's malloc
-/// interposer. The interposer must be loaded before libc's malloc is bound: if it is
-/// not (LD_PRELOAD unset), bdevperf re-executes itself once with it preloaded.
-final class AllocationCounter: Sendable {
-    static let shared = AllocationCounter()
+/// Counts heap allocations with ordo-one's malloc interposer (bdevperf's measured
+/// phase; a blobfs daemon's requests with BLOBFS_COUNT_ALLOCATIONS=1). The interposer
+/// must be loaded before libc's malloc is bound: if it is not (LD_PRELOAD unset), the
+/// program re-executes itself once with it preloaded.
+public final class AllocationCounter: Sendable {
+    public static let shared = AllocationCounter()
     private let counted = Mutex<Int>(0)
 
-    static var isInterposed: Bool {
+    public static var isInterposed: Bool {
         MallocInterposerSwift.initialize()
         MallocInterposerSwift.hook()
         let probe = UnsafeMutableRawPointer.allocate(byteCount: 24, alignment: 8)
@@ -22,11 +23,11 @@ final class AllocationCounter: Sendable {
         return seen > 0
     }
 
-    static func ensureInterposed() {
-        if isInterposed || getenv("BDEVPERF_REEXEC") != nil { return }
+    public static func ensureInterposed() {
+        if isInterposed || getenv("BLOBFS_ALLOCATIONS_REEXEC") != nil { return }
         guard let library = loadedLibrary(named: "libMallocInterposerSwift.so") else { return }
         setenv("LD_PRELOAD", library, 1)
-        setenv("BDEVPERF_REEXEC", "1", 1)
+        setenv("BLOBFS_ALLOCATIONS_REEXEC", "1", 1)
         execv("/proc/self/exe", CommandLine.unsafeArgv)
         // execv returned: run without counting.
     }
@@ -44,16 +45,19 @@ final class AllocationCounter: Sendable {
         return nil
     }
 
-    func start() {
+    public func start() {
         MallocInterposerSwift.reset()
         MallocInterposerSwift.hook()
     }
 
-    func stop() {
+    public func stop() {
         MallocInterposerSwift.unhook()
         let stats = MallocInterposerSwift.getStatistics()
         counted.withLock { $0 = stats.mallocCount }
     }
 
-    var count: Int { counted.withLock { $0 } }
+    public var count: Int { counted.withLock { $0 } }
+
+    /// Allocations since `start`, while counting goes on (any thread).
+    public var running: Int { MallocInterposerSwift.getStatistics().mallocCount }
 }

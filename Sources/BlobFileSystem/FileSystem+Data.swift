@@ -76,44 +76,35 @@ extension FileSystem {
         return Array(bytes[Int(offset - start)..<Int(end - start)])
     }
 
-    /// What an asynchronous read of `count` bytes at `offset` reads from the device: a
-    /// buffer of whole io units, filled run by run (holes and bytes past the blob are
-    /// zeros), of which `answer` is the reply. nil at or past the end of the file.
-    public struct ReadPlan {
-        public var bufferBytes: Int
-        public var runs: [(bytes: Int, deviceBlock: UInt64?)]
-        public var answer: Range<Int>
-    }
-
-    public func readPlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> ReadPlan? {
+    /// Where an asynchronous read of `count` bytes at `offset` goes (`FileSystemService`):
+    /// the file's blob and the window of whole io units it covers; nil at or past the end
+    /// of the file. The access time is updated as for a read.
+    func readWindow(ino: UInt64, offset: UInt64, count: Int) throws(FSError)
+        -> (id: UInt64, start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
         let (id, inode) = try regular(ino)
         guard let window = readWindow(id, inode, offset: offset, count: count) else { return nil }
-        let (start, end, alignedEnd, readEnd) = window
-        var runs: [(bytes: Int, deviceBlock: UInt64?)] = []
-        if readEnd > start {
-            runs = try storeCall { try store.readRuns(blob: id, offsetUnits: start / unitBytes, countUnits: (readEnd - start) / unitBytes) }
-        }
-        if readEnd < alignedEnd { runs.append((Int(alignedEnd - readEnd), nil)) }
         touchAccess(inode)
-        return ReadPlan(bufferBytes: Int(alignedEnd - start), runs: runs, answer: Int(offset - start)..<Int(end - start))
+        return (id, window.start, window.end, window.alignedEnd, window.readEnd)
     }
 
-    /// Where an overwrite of whole io units inside the file and its allocated clusters
-    /// goes on the device, with the file's times updated as for a write; nil when the
-    /// write needs more (allocation, read-modify-write, growth): the synchronous `write`.
-    /// Every run of the result has a device block.
-    public func overwritePlan(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [(bytes: Int, deviceBlock: UInt64?)]? {
+    /// The blob of a write of `count` bytes at `offset` that may go straight to its
+    /// clusters (`FileSystemService`): whole io units inside the file; nil when the write
+    /// needs more (growth, read-modify-write), which the synchronous `write` does.
+    func overwriteTarget(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> UInt64? {
         let (id, inode) = try regular(ino)
         guard count > 0, offset % unitBytes == 0, UInt64(count) % unitBytes == 0,
               offset + UInt64(count) <= inode.attributes.size else { return nil }
-        let runs = try storeCall { try store.readRuns(blob: id, offsetUnits: offset / unitBytes, countUnits: UInt64(count) / unitBytes) }
-        guard !runs.contains(where: { $0.deviceBlock == nil }) else { return nil }
+        return id
+    }
+
+    /// An overwrite went to the device: the file's times change as for a write.
+    func overwritten(_ id: UInt64) {
+        guard let inode = inodes[id] else { return }
         let now = realtimeNs()
         inode.attributes.mtimeNs = now
         inode.attributes.ctimeNs = now
         inode.attributes.mode &= ~UInt32(S_ISUID)
         inode.dirty = true
-        return runs
     }
 
     /// relatime: the access time moves when it is older than the modification or a day old.
@@ -127,14 +118,24 @@ extension FileSystem {
         }
     }
 
-    /// Writes `data` at `offset` (any alignment); returns the bytes written.
+    /// Writes `data` at `offset` (any alignment); returns the bytes written. A write-back
+    /// write (the kernel's page cache writing dirty pages) may use the write-back
+    /// reserve; any other write that may need more clusters than are free beyond it fails
+    /// with ENOSPC before anything changes.
     @discardableResult
-    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool = false) throws(FSError) -> Int {
+    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool = false,
+                      writeBack: Bool = false) throws(FSError) -> Int {
         let (id, inode) = try regular(ino)
         guard !data.isEmpty else { return 0 }
         let offset = append ? inode.attributes.size : offset
         let end = offset + UInt64(data.count)
         guard end <= fileBytesMax else { throw FSError(EFBIG) }
+        if !writeBack, writebackReserveClusters > 0, let blob = store.blob(id) {
+            // The clusters of the range the file does not have yet (zeroing a gap before
+            // it writes only into clusters it already has).
+            let missing = missingClusters(blob, offset / clusterBytes, (end + clusterBytes - 1) / clusterBytes)
+            if missing > freeClustersForWriting() { throw FSError(ENOSPC, "the rest is held for the page cache's write-back") }
+        }
         if offset > inode.attributes.size { try expose(id, inode, from: inode.attributes.size, to: offset) }
         try ensureCapacity(id, bytes: end)
         let start = offset / unitBytes * unitBytes
@@ -328,7 +329,7 @@ extension FileSystem {
         guard let blob = store.blob(id) else { return }
         let first = from / clusterBytes
         let last = (to + clusterBytes - 1) / clusterBytes
-        guard UInt64(store.freeClusterCount) >= missingClusters(blob, first, last) else {
+        guard freeClustersForWriting() >= missingClusters(blob, first, last) else {
             throw FSError(ENOSPC, "fallocate needs more clusters than are free")
         }
         var index = first

@@ -100,6 +100,8 @@ public final class FileSystem {
 
     public let store: BlobStore
     var inodes: [UInt64: Inode] = [:]
+    /// Clusters held back for the kernel's page cache (`writebackReserveBytes`).
+    private(set) var writebackReserveClusters: UInt64 = 0
     /// Directory listings handed out by `openDirectory`, by handle.
     var listings: [UInt64: [DirectoryEntry]] = [:]
     var nextListing: UInt64 = 1
@@ -763,8 +765,27 @@ public final class FileSystem {
 
     // MARK: - Whole file system
 
+    /// Bytes the kernel's page cache may hold dirty for this mount (its writeback cache):
+    /// they were accepted by write() and must find room when written back. Writes that
+    /// are not write-back (direct writes, writes without the page cache), fallocate and
+    /// `statistics()` leave that much free; write-back writes may use it.
+    public var writebackReserveBytes: UInt64 {
+        get { writebackReserveClusters * clusterBytes }
+        set { writebackReserveClusters = (newValue + clusterBytes - 1) / clusterBytes }
+    }
+
+    /// Free data clusters as writers see them: what allocation may hand out, less the
+    /// checkpoints' reserve and, unless `forWriteBack`, the write-back reserve.
+    func freeClustersForWriting(forWriteBack: Bool = false) -> UInt64 {
+        let free = store.freeClusterCount - min(store.freeClusterCount, store.metadataClusterReserve)
+        return forWriteBack ? free : free - min(free, writebackReserveClusters)
+    }
+
+    /// Free bytes for a writer that is not write-back.
+    public var freeBytesForWriting: UInt64 { freeClustersForWriting() * clusterBytes }
+
     public func statistics() -> FileSystemStatistics {
-        FileSystemStatistics(blockSize: clusterBytes, blocks: store.clusterCount, freeBlocks: store.freeClusterCount - min(store.freeClusterCount, store.metadataClusterReserve),
+        FileSystemStatistics(blockSize: clusterBytes, blocks: store.clusterCount, freeBlocks: freeClustersForWriting(),
                              files: store.blobIDLimit, freeFiles: store.blobIDLimit - UInt64(store.blobCount),
                              nameMax: UInt64(Self.nameBytesMax))
     }

@@ -19,15 +19,14 @@ public final class FileSystemService: @unchecked Sendable {
     public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil) throws {
         blobService = try BlobStoreService(bdev: bdev, format: format, cpu: cpu)
         let failure: String? = blobService.reactor.call { [self] in
-            do throws(FSError) {
+            do {
                 let store = try storeOf()
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
-                store.beforeReusingReleasedClusters = { [unowned self] in drainDataIO() }
-            } catch { return error.description }
+                try makeDataChannel(store)
+            } catch let error as FSError { return error.description } catch { return "data channel: \(error)" }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
-                guard let fileSystem, fileSystem.needsWriteBack else { return .idle }
-                try? fileSystem.sync()
-                return .busy
+                closeFinishedHandles()
+                return writeBack()
             }
             return nil
         }
@@ -134,17 +133,37 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
+    private var writeBackInFlight = false
+
+    /// The once-a-second write-back, without holding the reactor: what was written so far
+    /// flushed, then the attributes changed only in memory committed and flushed (a new
+    /// size never durable before the bytes under it), as asynchronous flushes that
+    /// fsyncs share.
+    private func writeBack() -> PollStatus {
+        guard !writeBackInFlight, let fileSystem, fileSystem.needsWriteBack else { return .idle }
+        writeBackInFlight = true
+        flush { [self] ok in
+            guard ok, let fileSystem = self.fileSystem, (try? fileSystem.writeBack()) != nil else {
+                writeBackInFlight = false
+                return
+            }
+            flush { [self] _ in writeBackInFlight = false }
+        }
+        return .busy
+    }
+
     /// fsync without holding the metadata reactor; `done` gets the errno (0 on success).
     /// When the file grew since its data was last flushed: the data flushed, then the
     /// attributes committed and flushed (the new size never durable before the bytes
     /// under it). Otherwise the attributes (times) are committed and one flush makes
-    /// them and the data durable. Call on the reactor.
-    public func fsync(ino: UInt64, _ done: @escaping (Int32) -> Void) {
+    /// them and the data durable; for fdatasync (`dataOnly`) the times need not be, and
+    /// the one flush is all. Call on the reactor.
+    public func fsync(ino: UInt64, dataOnly: Bool = false, _ done: @escaping (Int32) -> Void) {
         guard let fileSystem else { return done(EIO) }
         let plan: (needsAttributes: Bool, dataFirst: UInt64?)
         do throws(FSError) { plan = try fileSystem.fsyncPlan(ino: ino) } catch { return done(error.errno) }
         guard let growths = plan.dataFirst else {
-            if plan.needsAttributes {
+            if plan.needsAttributes && !dataOnly {
                 do throws(FSError) { try fileSystem.commitAttributes(ino: ino) } catch { return done(error.errno) }
             }
             return flush { ok in done(ok ? 0 : EIO) }
@@ -158,126 +177,169 @@ public final class FileSystemService: @unchecked Sendable {
         }
     }
 
-    // MARK: - Asynchronous data I/O (device requests overlap; the reactor serves meanwhile)
+    // MARK: - The data path: reads and writes through the file's blob handle
 
-    /// One read or write in flight: its buffer and its device requests still outstanding.
-    private final class PendingIO: BdevCompletionHandler {
-        let buffer: DMABuffer
-        var outstanding = 0
-        var failed = false
-        let finished: (PendingIO) -> Void
-        unowned let service: FileSystemService
-        /// Channels hold their handlers unowned: the request keeps itself alive until done.
-        var keepAlive: PendingIO?
+    /// An open file's blob handle, shared by every open of the inode.
+    private final class OpenBlob {
+        let handle: BlobHandle
+        var opens = 1
+        init(_ handle: BlobHandle) { self.handle = handle }
+    }
 
-        init(buffer: consuming DMABuffer, service: FileSystemService, finished: @escaping (PendingIO) -> Void) {
-            self.buffer = buffer
-            self.service = service
-            self.finished = finished
-        }
+    /// The metadata reactor's data channel (reads and overwrites of allocated clusters).
+    private var dataBdevChannel: BdevChannel?
+    private var dataChannel: BlobChannel?
+    private var openBlobs: [UInt64: OpenBlob] = [:]
+    /// Handles of files closed while I/O through them was still in flight.
+    private var closingHandles: [BlobHandle] = []
 
-        func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
-            if !status.isSuccess { failed = true }
-            outstanding -= 1
-            guard outstanding == 0 else { return }
-            let keep = keepAlive
-            keepAlive = nil
-            defer { withExtendedLifetime(keep) {} }
-            service.dataIOInFlight -= 1
-            finished(self)
+    /// The file system, for callers already on its reactor (the FUSE front end).
+    public var fileSystemOnReactor: FileSystem {
+        precondition(blobService.reactor.isCurrent, "the file system used off its reactor")
+        return fileSystem!
+    }
+
+    private func makeDataChannel(_ store: BlobStore) throws {
+        let bdevChannel = try blobService.bdev.makeChannel(reactor: blobService.reactor, queueDepth: BdevLimits.queueDepthMax)
+        dataBdevChannel = bdevChannel
+        dataChannel = store.makeChannel(bdevChannel, queueDepth: BdevLimits.queueDepthMax)
+        // An allocation that waits for released clusters waits for handles of this
+        // reactor too: their requests complete only when this channel is polled.
+        store.whileWaitingForReleasedClusters = { [unowned bdevChannel] in _ = bdevChannel.poll() }
+    }
+
+    /// Opens `ino` for the kernel (FUSE OPEN): the file system's open (with O_TRUNC) and
+    /// the blob handle its reads and writes go through. Call on the reactor.
+    public func open(ino: UInt64, truncate: Bool) throws(FSError) {
+        guard let fileSystem else { throw FSError(EIO) }
+        try fileSystem.open(ino: ino, truncate: truncate)
+        takeHandle(fileSystem, ino)
+    }
+
+    /// Creates and opens a regular file (FUSE CREATE). Call on the reactor.
+    public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
+        guard let fileSystem else { throw FSError(EIO) }
+        let attributes = try fileSystem.create(parent: parent, name: name, mode: mode, caller: caller)
+        takeHandle(fileSystem, attributes.ino)
+        return attributes
+    }
+
+    private func takeHandle(_ fileSystem: FileSystem, _ ino: UInt64) {
+        let id = FileSystem.blobID(ino)
+        if let open = openBlobs[id] {
+            open.opens += 1
+        } else if fileSystem.store.blob(id) != nil, let handle = try? fileSystem.store.openBlob(id, owner: blobService.reactor) {
+            openBlobs[id] = OpenBlob(handle)
         }
     }
 
-    private var dataChannel: BdevChannel?
-    fileprivate var dataIOInFlight = 0
-
-    /// Submits one device request per run (`deviceBlock` nil: zeros in the buffer, for a
-    /// read); `finished` runs on the reactor when all have completed.
-    private func submit(_ type: BdevIOType, _ buffer: consuming DMABuffer, _ runs: [(bytes: Int, deviceBlock: UInt64?)],
-                        finished: @escaping (PendingIO) -> Void) {
-        if dataChannel == nil {
-            dataChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor, queueDepth: 1024)
-        }
-        let blockBytes = blobService.bdev.geometry.blockSizeBytes
-        let pending = PendingIO(buffer: buffer, service: self, finished: finished)
-        pending.keepAlive = pending
-        dataIOInFlight += 1
-        pending.outstanding = 1  // released after the submissions: no completion finishes it early
-        var bufferOffset = 0
-        for run in runs {
-            defer { bufferOffset += run.bytes }
-            guard let block = run.deviceBlock else {
-                pending.buffer.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + bufferOffset, 0, run.bytes) }
-                continue
+    /// The kernel released an open of `ino` (FUSE RELEASE): the last one closes the blob
+    /// handle (before the file system may delete an orphan). Call on the reactor.
+    public func release(ino: UInt64) {
+        let id = FileSystem.blobID(ino)
+        if let open = openBlobs[id] {
+            open.opens -= 1
+            if open.opens == 0 {
+                openBlobs[id] = nil
+                close(open.handle)
             }
+        }
+        fileSystem?.release(ino: ino)
+    }
+
+    private func close(_ handle: BlobHandle) {
+        guard handle.ioInFlight == 0 else { return closingHandles.append(handle) }
+        (try? storeOf())?.closeBlob(handle)
+    }
+
+    /// Closes the handles whose last requests have completed since their file was closed.
+    private func closeFinishedHandles() {
+        guard !closingHandles.isEmpty, let store = try? storeOf() else { return }
+        closingHandles.removeAll { handle in
+            guard handle.ioInFlight == 0 else { return false }
+            store.closeBlob(handle)
+            return true
+        }
+    }
+
+    /// What `startRead` began: the answer is `count` bytes at `skip` in the buffer, once
+    /// `handler` has been called (`pending`), or now.
+    public struct ReadStarted: Sendable {
+        public var skip: Int
+        public var count: Int
+        public var pending: Bool
+    }
+
+    /// Reads up to `count` bytes at `offset` of `ino` into `buffer` (DMA memory of at
+    /// least `count` + 2 io units): the whole io units the range covers, holes and bytes
+    /// past the blob as zeros. Device reads go through the file's blob handle and
+    /// complete on `handler` with `tag`; nil at or past the end of the file (nothing to
+    /// read). Allocates nothing. Call on the reactor.
+    public func startRead(ino: UInt64, offset: UInt64, count: Int, into buffer: DMASegment,
+                          handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> ReadStarted? {
+        guard let fileSystem, let dataChannel else { throw FSError(EIO) }
+        guard let window = try fileSystem.readWindow(ino: ino, offset: offset, count: count) else { return nil }
+        let bytes = Int(window.alignedEnd - window.start)
+        guard bytes <= buffer.count else { throw FSError(EINVAL, "read of \(count) bytes into a \(buffer.count)-byte buffer") }
+        let started = ReadStarted(skip: Int(offset - window.start), count: Int(window.end - offset), pending: window.readEnd > window.start)
+        if window.readEnd < window.alignedEnd {
+            let tail = Int(window.readEnd - window.start)
+            (buffer.base + tail).initializeMemory(as: UInt8.self, repeating: 0, count: bytes - tail)
+        }
+        guard started.pending else { return started }
+        let handle = try handle(fileSystem, window.id)
+        let unit = UInt64(fileSystem.store.ioUnitBytes)
+        do {
+            try dataChannel.read(handle, offsetUnits: window.start / unit, countUnits: (window.readEnd - window.start) / unit,
+                                 into: buffer.slice(from: 0, count: Int(window.readEnd - window.start)), handler: handler, tag: tag)
+        } catch { throw FSError(error) }
+        return started
+    }
+
+    /// How `startWrite` went: `pending` (its answer comes to `handler`) or done now with
+    /// `bytes` written.
+    public enum WriteStarted: Sendable {
+        case pending
+        case done(bytes: Int)
+    }
+
+    /// Writes `data` at `offset` of `ino`. Whole io units inside the file over allocated
+    /// clusters go straight from `data` (DMA memory, not copied) to the device through the
+    /// file's blob handle, completing on `handler`; anything else (growth, holes, partial
+    /// units, append) is the file system's synchronous write, done on return. Call on the
+    /// reactor.
+    public func startWrite(ino: UInt64, offset: UInt64, data: DMASegment, append: Bool, writeBack: Bool = false,
+                           handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> WriteStarted {
+        guard let fileSystem, let dataChannel else { throw FSError(EIO) }
+        if !append, let id = try fileSystem.overwriteTarget(ino: ino, offset: offset, count: data.count) {
+            let handle = try handle(fileSystem, id)
+            let unit = UInt64(fileSystem.store.ioUnitBytes)
             do {
-                guard let dataChannel else { throw BdevError.invalidConfiguration("no data channel") }
-                let count = UInt64(run.bytes / blockBytes)
-                if type == .read {
-                    try dataChannel.read(into: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
-                                         countBlocks: count, handler: pending)
-                } else {
-                    try dataChannel.write(from: pending.buffer, bufferOffset: bufferOffset, offsetBlocks: block,
-                                          countBlocks: count, handler: pending)
-                }
-                pending.outstanding += 1
-            } catch {
-                pending.failed = true
-                break
-            }
+                try dataChannel.write(handle, offsetUnits: offset / unit, countUnits: UInt64(data.count) / unit,
+                                      from: data, handler: handler, tag: tag)
+                fileSystem.overwritten(id)
+                return .pending
+            } catch .unallocated {
+                // A hole: the synchronous write allocates.
+            } catch { throw FSError(error) }
         }
-        pending.bdevIOCompleted(tag: 0, status: .success)
+        let bytes = Array(UnsafeRawBufferPointer(start: data.base, count: data.count))
+        return .done(bytes: try fileSystem.write(ino: ino, offset: offset, data: bytes, append: append, writeBack: writeBack))
     }
 
-    /// Reads `count` bytes at `offset` and calls `done` on the metadata reactor with the
-    /// bytes (valid only during the call; empty at end of file) and 0, or with an errno.
-    /// The device reads are submitted and the reactor goes on serving other requests; a
-    /// read costs the metadata thread only its planning and its reply. Call on the reactor.
-    public func read(ino: UInt64, offset: UInt64, count: Int, _ done: @escaping (UnsafeRawBufferPointer, Int32) -> Void) {
-        let none = UnsafeRawBufferPointer(start: nil, count: 0)
-        guard let fileSystem else { return done(none, EIO) }
-        let plan: FileSystem.ReadPlan
-        do throws(FSError) {
-            guard let planned = try fileSystem.readPlan(ino: ino, offset: offset, count: count) else { return done(none, 0) }
-            plan = planned
-        } catch { return done(none, error.errno) }
-        let buffer: DMABuffer
-        do { buffer = try DMABuffer.allocate(bytes: plan.bufferBytes) } catch { return done(none, ENOMEM) }
-        let answer = plan.answer
-        submit(.read, buffer, plan.runs) { pending in
-            if pending.failed { return done(none, EIO) }
-            pending.buffer.withUnsafeBytes { raw in done(UnsafeRawBufferPointer(rebasing: raw[answer]), 0) }
-        }
+    /// The handle of an open file's blob (one is opened if the file was opened before the
+    /// data path knew it).
+    private func handle(_ fileSystem: FileSystem, _ id: UInt64) throws(FSError) -> BlobHandle {
+        if let open = openBlobs[id] { return open.handle }
+        let handle = try storeCall { try fileSystem.store.openBlob(id, owner: blobService.reactor) }
+        openBlobs[id] = OpenBlob(handle)
+        return handle
     }
 
-    /// Writes `data` (read only during this call) at `offset` and calls `done` on the
-    /// metadata reactor with the bytes written or an errno. An overwrite of whole io units inside the file and its
-    /// allocated clusters goes to the device asynchronously (answered on completion, so
-    /// an fsync after it covers it); anything else (allocation, partial units, growth,
-    /// append) is the file system's synchronous write. Call on the reactor.
-    public func write(ino: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, append: Bool,
-                      _ done: @escaping (Int, Int32) -> Void) {
-        guard let fileSystem else { return done(0, EIO) }
-        let count = data.count
-        do throws(FSError) {
-            if !append, let runs = try fileSystem.overwritePlan(ino: ino, offset: offset, count: count) {
-                let buffer: DMABuffer
-                do { buffer = try DMABuffer.allocate(bytes: count) } catch { throw FSError(ENOMEM) }
-                buffer.withUnsafeMutableBytes { $0.copyMemory(from: data) }
-                submit(.write, buffer, runs) { pending in done(pending.failed ? 0 : count, pending.failed ? EIO : 0) }
-                return
-            }
-            done(try fileSystem.write(ino: ino, offset: offset, data: Array(data), append: append), 0)
-        } catch { done(0, error.errno) }
-    }
-
-    /// Polls the data channel until no request is in flight: before clusters released
-    /// since the last flush are handed out again (their old owner's requests must be
-    /// done), and before unmounting.
+    /// Polls the data channel until no request is in flight (before unmounting).
     private func drainDataIO() {
-        while dataIOInFlight > 0, let dataChannel {
-            if dataChannel.poll() != .busy { sched_yield() }
-        }
+        guard let dataBdevChannel else { return }
+        while dataBdevChannel.inFlight > 0 { _ = dataBdevChannel.poll() }
     }
 
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.
@@ -288,8 +350,15 @@ public final class FileSystemService: @unchecked Sendable {
             flushChannel?.close()
             flushChannel = nil
             drainDataIO()
+            for (_, open) in openBlobs { (try? storeOf())?.closeBlob(open.handle) }
+            openBlobs = [:]
+            closingHandles.forEach { (try? storeOf())?.closeBlob($0) }
+            closingHandles = []
+            (try? storeOf())?.whileWaitingForReleasedClusters = nil
             dataChannel?.close()
             dataChannel = nil
+            dataBdevChannel?.close()
+            dataBdevChannel = nil
             do throws(FSError) { try fileSystem?.unmount() } catch { return error.description }
             fileSystem = nil
             return nil

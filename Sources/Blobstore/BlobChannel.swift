@@ -63,6 +63,10 @@ public final class BlobHandle: @unchecked Sendable {
         owner.send { [self] in self.refresh(blob, releasing: ticket) }
     }
 
+    /// Requests through this handle not completed yet (owner thread only): close the
+    /// handle only when this is 0.
+    public var ioInFlight: Int { inFlight + olderInFlight }
+
     /// A request reaching the device under the current map.
     @inline(__always)
     func began() -> UInt32 {
@@ -207,6 +211,20 @@ public final class BlobChannel: BdevCompletionHandler {
         }
         try submit(isRead: false, blob, offsetUnits, countUnits, CollectionOfOne(buffer.segment(offset: bufferOffset, count: bytes)),
                    handler, tag)
+    }
+
+    /// A read into one segment of DMA memory (the FUSE front end's request buffers). Not
+    /// generic, so callers in other modules get the specialized path (an unspecialized
+    /// collection's accessors allocate).
+    public func read(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, into segment: DMASegment,
+                     handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: true, blob, offsetUnits, countUnits, CollectionOfOne(segment), handler, tag)
+    }
+
+    /// A write from one segment of DMA memory (see `read(_:offsetUnits:countUnits:into:handler:tag:)`).
+    public func write(_ blob: BlobHandle, offsetUnits: UInt64, countUnits: UInt64, from segment: DMASegment,
+                      handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BlobStoreError) {
+        try submit(isRead: false, blob, offsetUnits, countUnits, CollectionOfOne(segment), handler, tag)
     }
 
     /// Vectored read: the blob range lands in `segments`, in order.
@@ -413,10 +431,15 @@ struct SegmentWalker<S: Collection<DMASegment>> {
         while remaining > 0 {
             let segment = segments[index]
             let length = min(segment.count - offset, remaining)
-            if count < BdevLimits.segmentCountMax {
-                (scratch + count).initialize(to: segment.slice(from: offset, count: length))
+            let piece = segment.slice(from: offset, count: length)
+            if count > 0, count <= BdevLimits.segmentCountMax, let joined = scratch[count - 1].joined(with: piece) {
+                // Contiguous with the piece before (the same buffer across a cluster
+                // boundary of a physically contiguous run): one iovec.
+                scratch[count - 1] = joined
+            } else {
+                if count < BdevLimits.segmentCountMax { (scratch + count).initialize(to: piece) }
+                count += 1
             }
-            count += 1
             advance(length)
             remaining -= length
         }

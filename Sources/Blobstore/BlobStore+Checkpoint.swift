@@ -540,25 +540,20 @@ extension BlobStore {
         while !quarantine.isEmpty {
             if reclaimReleasedClusters() { return true }
             if MonotonicClock.nowNs() >= deadline { return false }
-            sched_yield()
+            if let poll = whileWaitingForReleasedClusters { poll() } else { sched_yield() }
         }
         return false
     }
 
-    /// Before clusters that may have been released are written again: readers outside
-    /// the store finish with them (`beforeReusingReleasedClusters`), and their release
-    /// is durable (a crash could otherwise undo it and leave the old owner holding the
-    /// new owner's bytes).
+    /// Before clusters that may have been released are written again: their release is
+    /// durable (a crash could otherwise undo it and leave the old owner holding the new
+    /// owner's bytes). Readers and writers through open handles are kept off them by the
+    /// quarantine (`ReleaseTicket`).
     func prepareToReuseReleasedClusters() throws(BlobStoreError) {
-        if releasedSinceDrain {
-            releasedSinceDrain = false
-            beforeReusingReleasedClusters?()
-        }
         if releasedSinceFlush { try flush() }
     }
 
     private func release(_ extent: Extent) {
-        releasedSinceDrain = true
         if deferCommitFlush {
             releasedSinceFlush = true
             releaseEpoch += 1

@@ -207,20 +207,6 @@ extension BlobStore {
         return nil
     }
 
-    /// Where whole io units of a blob are on the device, for a caller that reads them
-    /// itself: runs in order covering the range, each `bytes` long at `deviceBlock` (in
-    /// io units), nil for a hole (reads as zeros). Valid until the next store operation
-    /// that releases clusters (see `beforeReusingReleasedClusters`).
-    public func readRuns(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64)
-        throws(BlobStoreError) -> [(bytes: Int, deviceBlock: UInt64?)] {
-        guard let blob = blobs[id] else { throw .noSuchBlob(id) }
-        let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
-        let clusterBytes = UInt64(clusterSizeBytes)
-        return runs(blob, start, end).map { piece in
-            (Int(piece.end - piece.start), piece.cluster.map { deviceBlock(cluster: $0, byteInCluster: piece.start % clusterBytes) })
-        }
-    }
-
     /// Reads whole io units; unallocated clusters read as zeros. Physically contiguous
     /// clusters are one device read.
     public func read(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) -> [UInt8] {

@@ -106,12 +106,10 @@ public final class BlobStore {
     /// before that release is durable (a crash could otherwise undo the release and leave
     /// the old owner holding the new owner's bytes).
     var releasedSinceFlush = false
-    /// Called before an allocation may hand out clusters released since it last ran:
-    /// a reader with device reads in flight outside the store (the file system's
-    /// asynchronous reads) waits for them here, so none can return the new owner's bytes.
-    public var beforeReusingReleasedClusters: (() -> Void)?
-    /// Clusters were released since `beforeReusingReleasedClusters` last ran.
-    var releasedSinceDrain = false
+    /// Called while an allocation waits for released clusters whose open handles have not
+    /// acknowledged yet: handles owned by this thread finish their requests only when their
+    /// channel is polled, and this polls it (nil: the handles are on other reactors).
+    public var whileWaitingForReleasedClusters: (() -> Void)?
     /// Deferred mode: the records of the last log page written since the last flush, and
     /// its bytes in use; the next commit appends to it.
     var openLogPage: (records: [LoggedRecord], used: Int)?

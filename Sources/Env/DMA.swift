@@ -287,6 +287,14 @@ public struct DMASegment {
         return DMASegment(base: base + offset, count: length, header: header, generation: generation)
     }
 
+    /// This segment and `next` as one, when `next` continues it in the same buffer (a
+    /// request walked cluster by cluster over contiguous memory stays one iovec); nil
+    /// otherwise.
+    public func joined(with next: DMASegment) -> DMASegment? {
+        guard header == next.header, generation == next.generation, base + count == next.base else { return nil }
+        return DMASegment(base: base, count: count + next.count, header: header, generation: generation)
+    }
+
     /// Memory that the caller owns and keeps alive until the I/O completes (e.g. a FUSE
     /// request buffer). Not checked: the caller answers for its lifetime.
     public init(unsafeExternal bytes: UnsafeMutableRawBufferPointer) {

@@ -146,4 +146,11 @@ extension String {
         let tenths = Int((value * 10).rounded())
         self = "\(tenths / 10).\(abs(tenths % 10))"
     }
+
+    /// Two decimal places, without Foundation.
+    init(format2 value: Double) {
+        let hundredths = Int((value * 100).rounded())
+        let rest = abs(hundredths % 100)
+        self = "\(hundredths / 100).\(rest < 10 ? "0" : "")\(rest)"
+    }
 }

@@ -5,7 +5,7 @@ import DeviceSpec
 import Env
 import Foundation
 import Logging
-import MallocInterposerSwift
+import AllocationCounting
 import NVMe
 import Synchronization
 

@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import AllocationCounting
 import Glibc
 #endif
 import Bdev

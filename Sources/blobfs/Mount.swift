@@ -7,6 +7,7 @@ import BlobFileSystem
 import Blobstore
 import CommandLineSupport
 import Env
+import AllocationCounting
 import FuseFrontend
 import Logging
 import ToolSupport
@@ -27,15 +28,16 @@ struct Mount: UsageErrorsExitTwo {
     @Argument(help: "An existing directory.") var mountpoint: String
     @Option(name: .customShort("o"), help: "Mount options, comma-separated.") var options: [String] = []
     @Flag(help: "Stay in the foreground (logs on stderr).") var foreground = false
-    @Option(help: "Threads reading FUSE requests (each with its own cloned /dev/fuse fd); 0 (the default): the file system's reactor reads them itself.") var reactors = 0
     @Option(help: "Log file of the background daemon.") var log: String?
     @Flag(help: "Format DEVICE first (always done for malloc:).") var format = false
-
-    func validate() throws {
-        guard reactors >= 0, reactors <= 64 else { throw ValidationError("--reactors must be 0...64") }
-    }
+    /// The daemon's side of `blobfs mount`: it serves in the foreground and reports the
+    /// outcome on this fd (the parent started it with these arguments).
+    @Option(help: .hidden) var notifyFD: Int32?
 
     func run() throws {
+        // BLOBFS_COUNT_ALLOCATIONS=1: the daemon counts heap allocations (the malloc
+        // interposer, preloaded by re-executing once) and logs them per request every 5 s.
+        if getenv("BLOBFS_COUNT_ALLOCATIONS") != nil { AllocationCounter.ensureInterposed() }
         let device: Device
         var fuseOptions = FuseOptions()
         do {
@@ -44,7 +46,6 @@ struct Mount: UsageErrorsExitTwo {
         } catch let error as FSError {
             throw ValidationError("-o: \(error.message)")
         }
-        fuseOptions.threads = reactors
         if !fuseOptions.mountOptions.contains("default_permissions") { fuseOptions.mountOptions.append("default_permissions") }
         if let path = device.lockPath, !path.contains(",") { fuseOptions.mountOptions.append("fsname=\(path)") }
         let point = Device.absolute(mountpoint)
@@ -53,18 +54,19 @@ struct Mount: UsageErrorsExitTwo {
             fail(Failure("mountpoint \(point) is not an existing directory", status: 2))
         }
         LoggingSystem.bootstrap(StreamLogHandler.standardError)
-        if foreground {
-            Glibc.exit(serve(device, point, fuseOptions, notify: nil))
+        if notifyFD != nil { setsid() }  // the daemon: no controlling terminal, no signals of the shell's
+        if foreground || notifyFD != nil {
+            Glibc.exit(serve(device, point, fuseOptions, notify: notifyFD))
         }
+        // The daemon is this program executed anew (in a session of its own), not a fork:
+        // a forked child inherits the parent's thread-local state, and Swift's Mutex keeps
+        // the owner's thread id there, so a lock taken by the child's first thread would
+        // name a thread of the parent and a second thread could never take it.
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else { fail(Failure("pipe: \(String(cString: strerror(errno)))")) }
-        let pid = fork()
-        guard pid >= 0 else { fail(Failure("fork: \(String(cString: strerror(errno)))")) }
-        if pid == 0 {
-            close(fds[0])
-            setsid()
-            Glibc.exit(serve(device, point, fuseOptions, notify: fds[1]))
-        }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let pid: pid_t
+        do { pid = try spawnDaemon(notifyFD: fds[1]) } catch { fail(error) }
         close(fds[1])
         var answer: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
@@ -75,14 +77,34 @@ struct Mount: UsageErrorsExitTwo {
             answer += chunk[0..<count]
         }
         let text = String(decoding: answer, as: UTF8.self)
-        if text.hasPrefix("OK") {
-            print("blobfs: \(device.text) mounted on \(point) (daemon pid \(pid)); unmount with: blobfs unmount \(point)")
+        if text.hasPrefix("OK ") {
+            print("blobfs: \(device.text) mounted on \(point) (daemon pid \(pid); \(text.dropFirst(3))); "
+                + "unmount with: blobfs unmount \(point)")
             Glibc.exit(0)
         }
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         let message = text.isEmpty ? "the daemon exited before mounting" : text
         fail(Failure(message, status: message.hasPrefix("cannot open") ? 2 : 1))
+    }
+
+    /// Starts `blobfs mount ... --notify-fd FD`, FD inherited (it leaves our session itself).
+    private func spawnDaemon(notifyFD: Int32) throws -> pid_t {
+        var arguments = ["blobfs", "mount", device, mountpoint, "--notify-fd", String(notifyFD)]
+        for list in options { arguments += ["-o", list] }
+        if let log { arguments += ["--log", log] }
+        if format { arguments.append("--format") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        // dup2 onto itself clears FD_CLOEXEC in the child only.
+        posix_spawn_file_actions_adddup2(&actions, notifyFD, notifyFD)
+        var cArguments = arguments.map { strdup($0) } + [nil]
+        defer { cArguments.forEach { free($0) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, "/proc/self/exe", &actions, nil, &cArguments, environ)
+        guard result == 0 else { throw Failure("cannot start the daemon: \(String(cString: strerror(result)))") }
+        return pid
     }
 
     /// Loads the store, mounts and serves until unmounted; returns the exit status.
@@ -118,9 +140,9 @@ struct Mount: UsageErrorsExitTwo {
             try? service.stop()
             return failed(Failure("\(error)"))
         }
-        if let notify {
-            report("OK")
-            _ = notify
+        if notify != nil {
+            // The daemon's output goes to its log from here on; the parent learns the
+            // outcome through the pipe.
             let sink = open(log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
             if sink >= 0 {
                 dup2(sink, 1)
@@ -129,10 +151,18 @@ struct Mount: UsageErrorsExitTwo {
             }
             let null = open("/dev/null", O_RDONLY)
             if null >= 0 { dup2(null, 0); close(null) }
-        } else {
-            print("blobfs: \(device.text) mounted on \(point); Ctrl-C or `blobfs unmount \(point)` unmounts")
         }
-        let status = server.run()
+        if getenv("BLOBFS_COUNT_ALLOCATIONS") != nil && AllocationCounter.isInterposed {
+            AllocationCounter.shared.start()
+            server.allocationCount = { AllocationCounter.shared.running }
+        }
+        let status = server.run { transport in
+            if notify != nil {
+                report("OK \(transport)")
+            } else {
+                print("blobfs: \(device.text) mounted on \(point) (\(transport)); Ctrl-C or `blobfs unmount \(point)` unmounts")
+            }
+        }
         do { try service.stop() } catch {
             let line = "blobfs: unmount of \(device.text): \(error)\n"
             _ = line.withCString { write(2, $0, strlen($0)) }

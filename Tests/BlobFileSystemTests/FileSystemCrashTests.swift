@@ -7,6 +7,7 @@ import BdevFault
 import BdevMalloc
 import Env
 import Blobstore
+import Synchronization
 @testable import BlobFileSystem
 
 /// The fault bdev under the whole file system: power is cut after every write index of a
@@ -40,6 +41,8 @@ final class FileSystemCrashTests: XCTestCase {
         .unlink("c"), .unlink("sub2/x"), .rmdir("sub2"), .openUnlinkWriteRelease("a/b2"), .mkdir("d"),
         .create("d/1"), .create("d/2"), .create("d/3"), .write("d/2", offset: 0, count: 20_000, seed: 4),
         .rename("d/2", "d/1", []), .unlink("d/3"), .write("f1moved", offset: 2_000, count: 100, seed: 5),
+        // Whole io units inside the file: through the service, an asynchronous overwrite.
+        .write("d/1", offset: 4096, count: 8192, seed: 6),
     ]
 
     static func data(_ seed: UInt64, _ count: Int) -> [UInt8] {
@@ -145,7 +148,52 @@ final class FileSystemCrashTests: XCTestCase {
         ProcessInfo.processInfo.environment["BLOBFS_CRASH_SEEDS"].flatMap(UInt64.init) ?? `default`
     }
 
-    private func powerCutAtEveryWriteIndex(options: BlobStore.Options, seeds: Range<UInt64>) throws {
+    /// The same workload through `FileSystemService`, as FUSE drives it: data written with
+    /// `startWrite` (overwrites go to the device from a DMA buffer, answered from their
+    /// completion) and made durable with the service's asynchronous fsync, everything else
+    /// on the service's reactor.
+    func testPowerCutAtEveryWriteIndexThroughTheService() throws {
+        try powerCutAtEveryWriteIndex(options: BlobStore.Options(), seeds: 0..<Self.seedCount(3), throughService: true)
+    }
+
+    /// Runs `op` on the service's reactor; a write's data goes through `startWrite` and its
+    /// fsync is the service's asynchronous one, waited for here.
+    static func run(_ op: Op, _ service: FileSystemService) throws {
+        guard case let .write(path, offset, count, seed) = op else {
+            let failure: String? = service.perform { fs in
+                do { try run(op, fs) } catch { return "\(error)" }
+                return nil
+            }
+            if let failure { throw FSError(EIO, failure) }
+            return
+        }
+        let done = Completion()
+        let failure: String? = service.perform { fs in
+            do {
+                let ino = try ino(fs, path)
+                let buffer = try DMABuffer.allocate(bytes: count)
+                buffer.store(data(seed, count))
+                if case .pending = try service.startWrite(ino: ino, offset: offset, data: buffer.segment(), append: false,
+                                                          handler: done, tag: 0) {
+                    while done.status == nil { service.blobService.reactor.runOnce() }
+                    guard done.status == .success else { return "write failed" }
+                }
+                service.fsync(ino: ino) { errno in done.fsyncErrno.store(errno, ordering: .releasing) }
+                return nil
+            } catch { return "\(error)" }
+        }
+        if let failure { throw FSError(EIO, failure) }
+        while done.fsyncErrno.load(ordering: .acquiring) == -1 { usleep(100) }
+        guard done.fsyncErrno.load(ordering: .acquiring) == 0 else { throw FSError(EIO, "fsync failed") }
+    }
+
+    private final class Completion: BdevCompletionHandler, @unchecked Sendable {
+        var status: BdevStatus?
+        let fsyncErrno = Atomic<Int32>(-1)
+        func bdevIOCompleted(tag: UInt64, status: BdevStatus) { self.status = status }
+    }
+
+    private func powerCutAtEveryWriteIndex(options: BlobStore.Options, seeds: Range<UInt64>, throughService: Bool = false) throws {
         let reactor = try Reactor()
         let deviceBytes: UInt64 = 8 << 20
         let blockSize = 4096
@@ -173,20 +221,32 @@ final class FileSystemCrashTests: XCTestCase {
                 }
                 let fault = FaultBdev(wrapping: inner)
                 let device = Bdev(backend: fault)
-                var io = try BdevSyncIO(bdev: device, reactor: reactor)
-                let fs = try FileSystem.format(try BlobStore.format(io, options: options))
-                fault.powerCut(afterWrites: fault.writeCount + cutIndex)
                 var completed = 0
-                do {
-                    for op in Self.workload {
-                        try Self.run(op, fs)
-                        completed += 1
-                    }
-                } catch {}
+                if throughService {
+                    let service = try FileSystemService(bdev: device, format: options)
+                    fault.powerCut(afterWrites: fault.writeCount + cutIndex)
+                    do {
+                        for op in Self.workload {
+                            try Self.run(op, service)
+                            completed += 1
+                        }
+                    } catch {}
+                    try? service.stop()
+                } else {
+                    let io = try BdevSyncIO(bdev: device, reactor: reactor)
+                    let fs = try FileSystem.format(try BlobStore.format(io, options: options))
+                    fault.powerCut(afterWrites: fault.writeCount + cutIndex)
+                    do {
+                        for op in Self.workload {
+                            try Self.run(op, fs)
+                            completed += 1
+                        }
+                    } catch {}
+                    io.close()
+                }
                 completedAll = completed == Self.workload.count
-                io.close()
                 let report = try fault.crash(seed: seed, reactor: reactor)
-                io = try BdevSyncIO(bdev: device, reactor: reactor)
+                let io = try BdevSyncIO(bdev: device, reactor: reactor)
                 defer { io.close() }
                 let context = "cut after write \(cutIndex), seed \(seed), \(completed) ops done, crash \(report)"
                 let mounted: FileSystem
@@ -224,6 +284,6 @@ final class FileSystemCrashTests: XCTestCase {
             cutIndex += 1
         }
         XCTAssertLessThan(cutIndex, 3000, "the workload never completes")
-        print("file-system crash test (log \(options.logPages.map(String.init) ?? "default") pages): \(cutIndex) write indices × \(seeds.count) seeds = \(recoveries) recoveries")
+        print("file-system crash test (log \(options.logPages.map(String.init) ?? "default") pages\(throughService ? ", through the service" : "")): \(cutIndex) write indices × \(seeds.count) seeds = \(recoveries) recoveries")
     }
 }

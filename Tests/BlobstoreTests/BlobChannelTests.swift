@@ -103,4 +103,32 @@ extension BlobChannelTests {
         channel.close()
         channel.bdevChannel.close()
     }
+
+    /// One buffer over a physically contiguous run of more clusters than a request has
+    /// segments (128 clusters of 4 KiB, 64 segments at most): the pieces of the buffer
+    /// for consecutive clusters are one iovec, so the run is one device request.
+    func testALongContiguousRunFromOneBufferIsOneRequest() throws {
+        let reactor = try Reactor()
+        let bdev = Bdev(backend: try MallocBdev(blockCount: 4096))
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        let store = try BlobStore.format(io, options: BlobStore.Options(clusterSizeBytes: 4096))
+        let id = try store.createBlob(clusterCount: 256)
+        try store.write(blob: id, offsetUnits: 0, data: [UInt8](repeating: 1, count: 256 * 4096))
+        let handle = try store.openBlob(id)
+        let channel = store.makeChannel(try bdev.makeChannel(reactor: reactor))
+        let waiter = Waiter()
+        let buffer = try DMABuffer.allocate(bytes: 1 << 20)
+        let data = BlobStoreCrashTests.data(9, 1 << 20)
+        buffer.store(data)
+        try channel.write(handle, offsetUnits: 0, countUnits: 256, from: buffer, handler: waiter)
+        reactor.run(until: { waiter.done == 1 })
+        XCTAssertEqual(waiter.statuses, [.success], "1 MiB over 256 contiguous clusters")
+        XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 256), data)
+        buffer.fill(0)
+        try channel.read(handle, offsetUnits: 0, countUnits: 256, into: buffer, handler: waiter)
+        reactor.run(until: { waiter.done == 2 })
+        XCTAssertEqual(waiter.statuses, [.success, .success])
+        XCTAssertEqual(buffer.bytes(), data)
+    }
 }

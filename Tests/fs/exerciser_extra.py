@@ -764,7 +764,8 @@ def crash_workload(directory, args):
                     manifest.record("S", *each)
                 pending.clear()
     except OSError as error:
-        gone = error.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV, errno.ESHUTDOWN)
+        # ECANCELED: requests on a FUSE io_uring queue when the daemon died.
+        gone = error.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV, errno.ESHUTDOWN, errno.ECANCELED)
         print(f"exerciser-extra: crash mode stopped at step {index} ({manifest.count} records): "
               f"{'the file system went away' if gone else 'UNEXPECTED ERROR'}: {error}", flush=True)
         return 3 if gone else 4

@@ -3,9 +3,9 @@
 #   1. mkfs, mount with allow_other,default_permissions; the POSIX behaviour suite
 #      (non-root rules included, a 100,000-entry directory); the randomized exerciser
 #      (100,000 operations against an in-memory model); unmount; fsck clean.
-#   2. the same exerciser on 512-byte blocks, 64 KiB clusters, a 1 MiB log (checkpoints
-#      every few hundred operations), the writeback cache and libfuse worker threads
-#      (--reactors 2).
+#   2. the POSIX suite and the exerciser on 512-byte blocks, 64 KiB clusters, a 1 MiB log
+#      (checkpoints every few hundred operations) and the writeback cache, over /dev/fuse
+#      (section 1 uses FUSE over io_uring when the kernel offers it).
 #   3. kill -9 of the daemon in the middle of a workload that fsyncs files; remount
 #      (the replayer runs); every fsync'd file intact; unmount; fsck clean. Twice: on the
 #      default path (io_uring) and through the NVMe driver (nvme-emu:).
@@ -59,8 +59,12 @@ unmount() {
 
 # 1. POSIX suite and exerciser on the default geometry.
 "$BLOBFS" mkfs "$work/a.img" --size 8G --preallocate > /dev/null
-if "$BLOBFS" mount "$work/a.img" "$mnt" -o allow_other,default_permissions --log "$work/daemon.log" > /dev/null; then
+if "$BLOBFS" mount "$work/a.img" "$mnt" -o allow_other,default_permissions --log "$work/daemon.log" > "$work/mount.out"; then
   chmod 755 "$mnt"
+  sed 's/^/    /' "$work/mount.out"
+  if [ "$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null)" = Y ]; then
+    check "FUSE over io_uring is in use (enable_uring is on)" grep -q "io_uring" "$work/mount.out"
+  fi
   check "posix suite (non-root rules, $BIG_DIR-entry directory)" python3 Tests/fs/posix_suite.py "$mnt" --big-dir "$BIG_DIR"
   grep -E "big directory|posix suite" "$work/log" | sed 's/^ */    /'
   check "exerciser seed 1, $OPS operations" python3 Tests/fs/exerciser.py "$mnt" --seed 1 --ops "$OPS"
@@ -70,12 +74,14 @@ else
   echo "FAIL mount"; failed=$((failed + 1))
 fi
 
-# 2. Small blocks, big clusters, a small log, the kernel's writeback cache, libfuse worker
-#    threads (--reactors 2) instead of the reactor reading /dev/fuse itself.
+# 2. Small blocks, big clusters, a small log, the kernel's writeback cache, /dev/fuse.
 "$BLOBFS" mkfs "$work/b.img" --size 2G --block-size 512 --cluster-size 65536 --log-size 1M --preallocate > /dev/null
 check "mkfs --log-size 1M: a 256-page log" bash -c "${BLOBFS%blobfs}blobcli info '$work/b.img' | grep -q 'log 2+256,'"
-if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache --reactors 2 --log "$work/daemon.log" > /dev/null; then
-  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, 1 MiB log, writeback cache, 2 FUSE worker threads)" \
+if "$BLOBFS" mount "$work/b.img" "$mnt" -o writeback_cache,fuse_transport=dev_fuse,allow_other --log "$work/daemon.log" > "$work/mount.out"; then
+  chmod 755 "$mnt"
+  check "mount over /dev/fuse says so" grep -q "/dev/fuse" "$work/mount.out"
+  check "posix suite over /dev/fuse (writeback cache, 512-byte blocks)" python3 Tests/fs/posix_suite.py "$mnt" --big-dir 2000
+  check "exerciser seed 2 (512-byte blocks, 64 KiB clusters, 1 MiB log, writeback cache, /dev/fuse)" \
     python3 Tests/fs/exerciser.py "$mnt" --seed 2 --ops $((OPS / 4))
   check "unmount" unmount
   check "fsck" "$BLOBFS" fsck "$work/b.img"
