@@ -16,12 +16,13 @@ import os
 import re
 import sys
 
-ALL_TARGETS = ["blobfs-image", "blobfs-malloc", "tmpfs", "passthrough-tmpfs",
+ALL_TARGETS = ["blobfs-image", "blobfs-nvme", "blobfs-malloc", "tmpfs", "passthrough-tmpfs",
                "passthrough-disk", "null", "raw-file"]
 # (blobfs target, ceiling): like with like
 RATIOS = [("blobfs-malloc", "passthrough-tmpfs"),
           ("blobfs-image", "passthrough-disk"),
-          ("blobfs-image", "raw-file")]
+          ("blobfs-image", "raw-file"),
+          ("blobfs-nvme", "raw-file")]
 PCTS = [("p50", "50.000000"), ("p99", "99.000000"), ("p99.9", "99.900000")]
 GROUPS = [
     ("seq", "Sequential 1 MiB", "MiB/s"),
@@ -31,7 +32,7 @@ GROUPS = [
     ("fsync", "4 KiB write + fsync after each", "fsync p99 µs"),
     ("meta", "Small-file metadata and directory listing", "ops/s"),
 ]
-COLORS = {"blobfs-image": "#d62728", "blobfs-malloc": "#ff7f0e", "tmpfs": "#7f7f7f",
+COLORS = {"blobfs-image": "#d62728", "blobfs-nvme": "#9467bd", "blobfs-malloc": "#ff7f0e", "tmpfs": "#7f7f7f",
           "passthrough-tmpfs": "#1f77b4", "passthrough-disk": "#17becf", "null": "#bcbd22",
           "raw-file": "#2ca02c"}
 
@@ -573,7 +574,7 @@ def plots(out, combos, res, targets):
         fig, ax = plt.subplots(figsize=(max(8, len(cats) * 0.9 + 3), 5))
         n = len(pair_names)
         w = 0.8 / n
-        pal = ["#ff7f0e", "#17becf", "#2ca02c"]
+        pal = ["#ff7f0e", "#17becf", "#2ca02c", "#9467bd"]
         for i, name in enumerate(pair_names):
             xs = [k + (i - (n - 1) / 2) * w for k in range(len(cats))]
             ys = [vals.get((c, name)) or 0 for c in cats]
@@ -684,8 +685,10 @@ def main():
                                         f"{'jobs' if f[1] == '0' else 'write jobs'} are n/a" for f in nod) + ".", ""]
     md += ["Ceilings, like with like: **blobfs-malloc vs passthrough-tmpfs** (both in memory, both "
            "through FUSE), **blobfs-image vs passthrough-disk** (both through FUSE onto the same "
-           "file system) and **blobfs-image vs raw-file** (the device limit). tmpfs is the memory "
-           "limit without FUSE; null is the bare FUSE protocol limit (no storage).", ""]
+           "file system) and **blobfs-image vs raw-file** (the device limit); blobfs-nvme (the same kind of "
+           "image through the NVMe driver and the software NVMe controller) vs raw-file too, and beside "
+           "blobfs-image. tmpfs is the memory limit without FUSE; null is the bare FUSE protocol limit (no "
+           "storage).", ""]
 
     goals_md, verdicts = goals_section(combos, res, idle)
     md += ["## Goals", "",
