@@ -112,7 +112,22 @@ def fio_metrics(j, meta):
         m["daemon_cpu_us_per_io"] = None
     parts = [m["fio_cpu_us_per_io"], m["daemon_cpu_us_per_io"]]
     m["cpu_us_per_io"] = sum(p for p in parts if p is not None) if m["fio_cpu_us_per_io"] is not None else None
+    machine_metrics(m, meta)
     return m
+
+
+def machine_metrics(m, meta):
+    """The whole machine's CPU over the job (bench/machine_cpu.py wrote it into the meta):
+    busy time of all CPUs in fio's measured phase per I/O, and the busy share."""
+    mc = meta.get("machine") or {}
+    w = mc.get("window") or {}
+    m["machine_cpu_us_per_io"] = meta.get("machine_cpu_us_per_io")
+    m["machine_busy_pct"] = meta.get("machine_busy_pct")
+    m["machine_busy_s"] = w.get("busy_s")
+    m["machine_busy_ticks"] = w.get("busy_ticks")
+    m["machine_window_s"] = w.get("seconds")
+    m["machine_per_cpu_pct"] = w.get("per_cpu_busy_pct")
+    m["machine_tick_ms"] = mc.get("tick_ms")
 
 
 def listing_metrics(j, meta):
@@ -122,6 +137,7 @@ def listing_metrics(j, meta):
     m["iops"] = m["entries_per_s"]
     dcpu = meta.get("daemon_cpu_s")
     m["daemon_cpu_s"] = dcpu
+    machine_metrics(m, meta)
     return m
 
 
@@ -259,7 +275,7 @@ def results_tables(combos, res, targets):
         head = ["job", "target", "MiB/s", "IOPS", "p50 µs", "p99 µs", "p99.9 µs"]
         if fsync:
             head += ["fsync p50 µs", "fsync p99 µs", "fsync p99.9 µs"]
-        head += ["CPU µs/IO fio", "CPU µs/IO daemon", "CPU µs/IO total", "note"]
+        head += ["CPU µs/IO fio", "CPU µs/IO daemon", "CPU µs/IO total", "CPU/IO machine µs", "machine busy %", "note"]
         md += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
         for c in cs:
             per = res.get(c["id"], {})
@@ -278,15 +294,17 @@ def results_tables(combos, res, targets):
                 row = [f"`{c['id']}`", t, cell(r, "mib"), cell(r, "iops"), cell(r, "p50"), cell(r, "p99"), cell(r, "p99.9")]
                 if fsync:
                     row += [cell(r, "fsync", "p50"), cell(r, "fsync", "p99"), cell(r, "fsync", "p99.9")]
-                row += [cell(r, "fio_cpu_us_per_io"), cell(r, "daemon_cpu_us_per_io"), cell(r, "cpu_us_per_io"), note]
+                row += [cell(r, "fio_cpu_us_per_io"), cell(r, "daemon_cpu_us_per_io"), cell(r, "cpu_us_per_io"),
+                        cell(r, "machine_cpu_us_per_io"), cell(r, "machine_busy_pct"), note]
                 md.append("| " + " | ".join(row) + " |")
         md.append("")
     return md
 
 
 def meta_table(cs, res, targets):
-    md = ["| step | target | files/s | p50 µs | p99 µs | p99.9 µs | CPU µs/file fio | CPU µs/file daemon | note |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    md = ["| step | target | files/s | p50 µs | p99 µs | p99.9 µs | CPU µs/file fio | CPU µs/file daemon | "
+          "CPU/file machine µs | machine busy % | note |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in cs:
         if c["id"] == "meta-listing":
             continue
@@ -297,23 +315,26 @@ def meta_table(cs, res, targets):
             note = r["meta"].get("reason", "") if r["status"] == "n/a" else (
                 "failed: " + r["meta"].get("error", "") if r["status"] != "ok" else "")
             md.append(f"| {c['id'][5:]} | {t} | {cell(r, 'iops')} | {cell(r, 'p50')} | {cell(r, 'p99')} | "
-                      f"{cell(r, 'p99.9')} | {cell(r, 'fio_cpu_us_per_io')} | {cell(r, 'daemon_cpu_us_per_io')} | {note} |")
+                      f"{cell(r, 'p99.9')} | {cell(r, 'fio_cpu_us_per_io')} | {cell(r, 'daemon_cpu_us_per_io')} | "
+                      f"{cell(r, 'machine_cpu_us_per_io')} | {cell(r, 'machine_busy_pct')} | {note} |")
     md.append("")
     per = res.get("meta-listing", {})
     if per:
         md += ["Directory listing of the same directory (after `filestat`, before `filedelete`):", "",
-               "| target | entries | os.scandir ms | `ls -f \\| wc -l` ms | scandir + stat ms | entries/s (scandir) | daemon CPU s | note |",
-               "|---|---:|---:|---:|---:|---:|---:|---|"]
+               "| target | entries | os.scandir ms | `ls -f \\| wc -l` ms | scandir + stat ms | entries/s (scandir) | daemon CPU s | "
+               "machine CPU s | machine busy % | note |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for t in targets:
             r = per.get(t)
             if r is None:
                 continue
             if r["status"] != "ok":
-                md.append(f"| {t} | {'n/a' if r['status'] == 'n/a' else 'failed'} | | | | | | {r['meta'].get('reason', '')} |")
+                md.append(f"| {t} | {'n/a' if r['status'] == 'n/a' else 'failed'} | | | | | | | | {r['meta'].get('reason', '')} |")
                 continue
             ms = lambda k: fmt(r[k] * 1000) if r.get(k) is not None else "–"
             md.append(f"| {t} | {fmt(r.get('entries'), 0)} | {ms('scandir_s')} | {ms('ls_f_s')} | {ms('scandir_stat_s')} | "
-                      f"{fmt(r.get('entries_per_s'))} | {fmt(r.get('daemon_cpu_s'))} | |")
+                      f"{fmt(r.get('entries_per_s'))} | {fmt(r.get('daemon_cpu_s'))} | {fmt(r.get('machine_busy_s'))} | "
+                      f"{fmt(r.get('machine_busy_pct'))} | |")
         md.append("")
     return md
 
@@ -548,6 +569,13 @@ def plots(out, combos, res, targets):
         bars(ax, cats, vals, "CPU µs per I/O, fio + FUSE daemon (lower is better)")
         ax.set_title("CPU per I/O (log scale)")
         save(fig, "cpu-per-io.png")
+        vals = {(c["id"], t): val(res[c["id"]].get(t), lambda r: r.get("machine_cpu_us_per_io"))
+                for c in cs for t in targets}
+        if any(isinstance(v, (int, float)) for v in vals.values()):
+            fig, ax = plt.subplots(figsize=(max(8, len(cats) * max(len(targets), 3) * 0.45 + 3), 5))
+            bars(ax, cats, vals, "CPU µs per I/O, all CPUs of the machine (lower is better)")
+            ax.set_title("Whole-machine CPU per I/O, /proc/stat (log scale)")
+            save(fig, "cpu-per-io-machine.png")
 
     # blobfs / ceiling ratios with the goals
     cats, vals = [], {}
@@ -618,6 +646,72 @@ def profiles_section(out):
         lines = text.splitlines()
         md += [f"### {f[:-4]}", "", "```"] + lines[:32] + ["```", ""]
     return md
+
+
+def background_warning(idle_json, limit=10.0):
+    """A warning when the machine was busy with no job running: then the whole-machine CPU
+    figures carry other load (on a saturated machine they measure wall time, not cost)."""
+    w = (idle_json or {}).get("machine", {}).get("window") or {}
+    if not idle_json:
+        return ["The machine's busy share with no job running was not measured in this run (no after-load "
+                "window): whether other load is inside the whole-machine CPU figures is unknown.", ""]
+    bg = w.get("busy_pct")
+    if bg is None or bg <= limit:
+        return []
+    return [f"**The whole-machine CPU figures of this run carry other load: with no job running the machine "
+            f"was {bg:.0f} % busy.** Busy time then fills much of every job's window whatever the job costs "
+            "(when it is near 100 %, CPU/IO machine ≈ CPUs × runtime / I/Os, the inverse of throughput), so the "
+            "whole-machine CPU lines below do not judge cost. Judge them on a machine that is otherwise idle.", ""]
+
+
+def machine_note(res, machine, idle_json):
+    """How the whole-machine columns are computed, their resolution in this run, and the
+    machine's busy share while no job ran (the background inside every figure)."""
+    tick = None
+    busy_ticks, windows, intervals = [], [], []
+    for per in res.values():
+        for r in per.values():
+            if r.get("status") != "ok":
+                continue
+            tick = tick or r.get("machine_tick_ms")
+            mc = r["meta"].get("machine") or {}
+            if r.get("machine_busy_ticks") is not None and r.get("machine_cpu_us_per_io") is not None:
+                busy_ticks.append(r["machine_busy_ticks"])
+                windows.append(r.get("machine_window_s") or 0)
+            if mc.get("sample_interval_s"):
+                intervals.append(mc["sample_interval_s"])
+    if tick is None:
+        hz = machine.get("clk_tck")
+        tick = 1000.0 / float(hz) if hz else None
+    md = ["`CPU/IO machine µs` is the whole machine's: the busy time of all "
+          f"{machine.get('cores', '?')} CPUs (/proc/stat's `cpu` line: user + nice + system + irq + softirq "
+          "+ steal; idle + iowait is idle) over fio's measured phase, divided by the job's I/Os (read + write "
+          "total_ios), in µs. It counts everything that ran: fio, the FUSE daemon and its spinning threads, "
+          "the kernel's FUSE, block and interrupt work, io_uring and kernel workers — and any other load on "
+          "the machine. `machine busy %` is that busy time's share of all CPUs' time over the same phase "
+          "(100 % = every CPU busy all along). bench/run samples /proc/stat (aggregate and per-CPU lines) "
+          "right before fio starts, every 50 ms while it runs and right after it exits; the measured phase is "
+          "fio's runtime ending at its JSON's timestamp (after the ramp), its two ends interpolated between "
+          "the samples around them (bench/machine_cpu.py; the samples and per-CPU shares are in each "
+          "`.meta.json` under `machine`)."]
+    if tick:
+        res_txt = (f" /proc/stat counts in USER_HZ ticks of {tick:g} ms, so each figure is good to about ± 2 "
+                   f"ticks ({2 * tick:g} ms of CPU) over its window")
+        if busy_ticks:
+            i = min(range(len(busy_ticks)), key=lambda k: busy_ticks[k])
+            res_txt += (f"; the smallest here held {busy_ticks[i]:.0f} busy ticks over {windows[i]:.2f} s "
+                        f"(± {200.0 / busy_ticks[i] if busy_ticks[i] else 100:.0f} %), the median "
+                        f"{sorted(busy_ticks)[len(busy_ticks) // 2]:.0f}")
+        if intervals:
+            res_txt += f"; samples every {sorted(intervals)[len(intervals) // 2] * 1000:.0f} ms (median)"
+        md[0] += res_txt + "."
+    w = (idle_json or {}).get("machine", {}).get("window") or {}
+    if w.get("busy_pct") is not None:
+        per = ", ".join(f"{p:g} %" for p in (w.get("per_cpu_busy_pct") or []) if p is not None)
+        md[0] += (f" With no job running (after the last job, {w.get('seconds', 0):.1f} s; the blobfs daemons "
+                  f"mounted and idle) the machine was **{w['busy_pct']:.1f} % busy** (per CPU: {per}): "
+                  "load of that kind is inside every whole-machine figure of this run.")
+    return md + [""]
 
 
 def main():
@@ -691,11 +785,12 @@ def main():
            "storage).", ""]
 
     goals_md, verdicts = goals_section(combos, res, idle)
+    bg_warning = background_warning(read_json(os.path.join(out, "machine-idle.json")))
     md += ["## Goals", "",
            "Held to, not pass/fail: sequential 1 MiB ≥ 0.9 and 4 KiB random ≥ 0.8 of passthrough_ll "
            "over tmpfs (compared with blobfs-malloc: both in memory), fsync p99 ≤ 2× the raw file's, "
            "a mounted idle blobfs under 1 % of a core. One line per job variant of this mode.", ""]
-    md += goals_md
+    md += bg_warning + goals_md
     short = [v for v in verdicts if v.startswith("**")]
     if short:
         md += [f"{len(short)} of {len(verdicts)} goal lines fall short by the amounts above; where the "
@@ -716,8 +811,9 @@ def main():
            "(which includes the kernel's work on its behalf, e.g. the FUSE request path) times its "
            "runtime, divided by the I/Os; `daemon` is the FUSE daemon's utime+stime (from "
            "/proc/PID/stat, 10 ms ticks) over the fio run scaled to the measured phase, divided "
-           "by the same I/Os. tmpfs and raw-file have no daemon. n/a: the target cannot do the job (reason "
-           "in the note).", ""]
+           "by the same I/Os; `total` is the two. tmpfs and raw-file have no daemon. n/a: the target "
+           "cannot do the job (reason in the note).", ""]
+    md += machine_note(res, machine, read_json(os.path.join(out, "machine-idle.json"))) + bg_warning
     md += results_tables(combos, res, targets)
 
     md += ["## Idle CPU of the blobfs daemons", ""]
@@ -726,6 +822,10 @@ def main():
         md += [f"| {i['target']} (pid {i['pid']}) | {i['when']} | {i['secs']:.1f} | {i['pct']:.3f} |" for i in idle]
         md += ["", "after-mount: right after the mount, while the other targets are set up; after-load: "
                "a second after the last job. CPU from /proc/PID/task/*/schedstat (ns).", ""]
+    mi = (read_json(os.path.join(out, "machine-idle.json")) or {}).get("machine", {}).get("window") or {}
+    if mi.get("busy_pct") is not None:
+        md += [f"The whole machine over the after-load window ({mi.get('seconds', 0):.1f} s, from /proc/stat): "
+               f"{mi['busy_pct']:.1f} % of all CPUs busy, {mi.get('busy_s', 0):.2f} CPU s.", ""]
     else:
         md += ["No blobfs target ran.", ""]
 
