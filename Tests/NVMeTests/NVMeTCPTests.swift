@@ -1,0 +1,130 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Bdev
+import BdevConformance
+import Env
+import XCTest
+@testable import NVMe
+
+/// The NVMe/TCP initiator against `FakeTCPTarget`: the conformance suite over every
+/// protocol path (digests, padding, split C2H data, several H2CData PDUs per R2T), and
+/// the fault paths: a corrupted digest, unanswered commands across a dropped connection,
+/// a target that stays away past the loss timeout and comes back.
+final class NVMeTCPTests: XCTestCase {
+    private func options(digests: Bool, lossSeconds: UInt64 = 60) -> NVMeTCPOptions {
+        var options = NVMeTCPOptions(hostNQN: "nqn.2026-12.io.blobfs:test-host")
+        options.headerDigest = digests
+        options.dataDigest = digests
+        options.deviceLossTimeoutNs = lossSeconds * 1_000_000_000
+        options.reconnectDelayNs = 20_000_000
+        options.reconnectDelayMaxNs = 200_000_000
+        return options
+    }
+
+    private func open(_ target: FakeTCPTarget, _ options: NVMeTCPOptions) throws -> Bdev {
+        Bdev(backend: try NVMeTCPBdev(endpoint: TCPEndpoint(host: "127.0.0.1", port: target.port),
+                                      subsystemNQN: "nqn.2026-12.io.blobfs:fake", options: options))
+    }
+
+    func testConformanceWithDigestsPaddingAndSplitTransfers() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        let reactor = try Reactor()
+        let checks = try BdevConformance(reactor: reactor) { try self.open(target, self.options(digests: true)) }.run()
+        XCTAssertTrue(checks.contains("persistence"), "\(checks)")
+    }
+
+    func testConformanceWithoutDigests() throws {
+        var configuration = FakeTCPTarget.Configuration()
+        configuration.controllerAlignment = 0
+        configuration.blockBytes = 512
+        configuration.blockCount = 16384
+        let target = try FakeTCPTarget(configuration: configuration)
+        defer { target.stop() }
+        let reactor = try Reactor()
+        _ = try BdevConformance(reactor: reactor) { try self.open(target, self.options(digests: false)) }.run()
+    }
+
+    func testCorruptDataDigestReconnectsAndTheReadSucceeds() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        let bdev = try open(target, options(digests: true))
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        let pattern = (0..<16384).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        try io.writeBytes(pattern, offsetBlocks: 8)
+        target.update { $0.corruptNextC2HDigest = true }
+        let connectsBefore = target.state.connectsSeen
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 8, countBlocks: 4), pattern)
+        XCTAssertGreaterThanOrEqual(target.state.connectsSeen, connectsBefore + 2, "admin and I/O queue connect again")
+        io.close()
+    }
+
+    func testUnansweredCommandsAreSentAgainAfterTheConnectionDrops() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        let bdev = try open(target, options(digests: false))
+        defer { bdev.close() }
+        let reactor = try Reactor()
+        let channel = try bdev.makeChannel(reactor: reactor)
+        let buffer = try DMABuffer.allocate(bytes: 8 * 4096)
+        buffer.withUnsafeMutableBytes { for index in 0..<$0.count { $0[index] = UInt8(truncatingIfNeeded: index / 4096 + 1) } }
+        final class Done: BdevCompletionHandler {
+            var statuses: [BdevStatus] = []
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) { statuses.append(status) }
+        }
+        let done = Done()
+        target.update { $0.holdIO = true }
+        for index in 0..<8 {
+            try channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(100 + index), countBlocks: 1,
+                              handler: done, tag: UInt64(index))
+        }
+        let deadline = MonotonicClock.nowNs() + 5_000_000_000
+        reactor.run(until: { target.state.heldCount == 8 || MonotonicClock.nowNs() > deadline })
+        XCTAssertEqual(target.state.heldCount, 8, "the target holds every write unanswered")
+        XCTAssertTrue(done.statuses.isEmpty)
+        target.update { $0.holdIO = false }
+        target.dropConnections()
+        let end = MonotonicClock.nowNs() + 10_000_000_000
+        reactor.run(until: { done.statuses.count == 8 || MonotonicClock.nowNs() > end })
+        XCTAssertEqual(done.statuses, [BdevStatus](repeating: .success, count: 8))
+        channel.close()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        let back = try io.readBytes(offsetBlocks: 100, countBlocks: 8)
+        XCTAssertEqual(back, (0..<(8 * 4096)).map { UInt8(truncatingIfNeeded: $0 / 4096 + 1) })
+        io.close()
+    }
+
+    func testATargetThatStaysAwayFailsRequestsAsDeviceLostAndServesAgainWhenBack() throws {
+        let target = try FakeTCPTarget()
+        let bdev = try open(target, options(digests: false, lossSeconds: 1))
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        try io.writeBytes([UInt8](repeating: 0x5A, count: 4096), offsetBlocks: 3)
+        target.stop()
+        let start = MonotonicClock.nowNs()
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 3, countBlocks: 1)) { error in
+            guard case BdevError.deviceLost = error else { return XCTFail("\(error)") }
+        }
+        let waitedMs = (MonotonicClock.nowNs() - start) / 1_000_000
+        XCTAssertGreaterThan(waitedMs, 500, "requests wait for the loss timeout")
+        XCTAssertLessThan(waitedMs, 5_000)
+        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 3, countBlocks: 1)) { error in
+            guard case BdevError.deviceLost = error else { return XCTFail("\(error)") }
+        }
+        try target.restart()
+        defer { target.stop() }
+        let deadline = MonotonicClock.nowNs() + 10_000_000_000
+        var back: [UInt8] = []
+        while MonotonicClock.nowNs() < deadline {
+            if let data = try? io.readBytes(offsetBlocks: 3, countBlocks: 1) {
+                back = data
+                break
+            }
+            usleep(50_000)
+        }
+        XCTAssertEqual(back, [UInt8](repeating: 0x5A, count: 4096), "the device serves again once the target is back")
+        io.close()
+    }
+}
