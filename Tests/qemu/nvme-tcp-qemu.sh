@@ -13,13 +13,14 @@
 #      is intact afterwards, unmount and fsck clean
 # The guest takes commands ("down", "up", "off") on its second serial port (a pipe).
 # QEMU exits 0 whatever the guest did; verdicts come from the host's checks.
-#   Tests/qemu/nvme-tcp-qemu.sh                 BIN=.build/debug (binaries)  OPS=3000
+#   Tests/qemu/nvme-tcp-qemu.sh     BIN=.build/debug (binaries)  OPS=3000  CUT_OPS=200
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${QEMU_WORK:-$top/.build/qemu-tcp}
 bin=${BIN:-$top/.build/debug}
 OPS=${OPS:-3000}
+CUT_OPS=${CUT_OPS:-200}  # files written whole and fsync'd (about 280 KB each) across the cut
 nqn=nqn.2026-12.io.blobfs:tcp-test
 mkdir -p "$work"
 
@@ -30,9 +31,15 @@ done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-for tool in nvme-qemu-check bdevperf blobfs; do
+for tool in nvme-qemu-check blobfs blobcli; do
   [ -x "$bin/$tool" ] || { echo "FAIL nvme-tcp-qemu: $bin/$tool missing (swift build first)"; exit 1; }
 done
+# Allocations per I/O are counted on the release build (scripts/bdevperf-smoke builds it
+# too; after it this is a no-op).
+if [ -z "${BDEVPERF:-}" ]; then
+  (cd "$top" && swift build -c release --product bdevperf 2>&1 | tail -n 1)
+  BDEVPERF="$(cd "$top" && swift build -c release --show-bin-path)/bdevperf"
+fi
 
 # A Debian kernel: the newest linux-image-6.1.0-N-amd64 the archive offers.
 if [ ! -f "$work/kernel/vmlinuz" ]; then
@@ -154,7 +161,7 @@ check() {  # check NAME COMMAND...
   local start=$SECONDS
   if "$@" > "$work/step.log" 2>&1; then
     echo "PASS $name ($((SECONDS - start)) s)"; passed=$((passed + 1))
-    grep -E "^check|IOPS|allocations" "$work/step.log" | cut -c1-200 | sed 's/^/    /' || true
+    grep -E "^check|IOPS,|files fsync|connection lost|reconnected" "$work/step.log" | cut -c1-200 | sed 's/^/    /' || true
   else
     echo "FAIL $name ($((SECONDS - start)) s)"; tail -n 30 "$work/step.log" | sed 's/^/    /'; failed=$((failed + 1))
   fi
@@ -166,10 +173,10 @@ check "nvme-qemu-check with header and data digests" "$bin/nvme-qemu-check" --mo
   --device "$device?hdgst=1&ddgst=1" --seconds 1
 
 # 2. bdevperf: identify, and a measured run with no allocation per I/O.
-check "bdevperf --identify" "$bin/bdevperf" --device "$device" --identify
+check "bdevperf --identify" "$BDEVPERF" --device "$device" --identify
 bdevperf_zero_allocations() {
   local out
-  out=$("$bin/bdevperf" --device "$device" -w randrw -q 16 -o 4096 -t 2 --warmup 0.5 --json) || return 1
+  out=$("$BDEVPERF" --device "$device" -w randrw -q 16 -o 4096 -t 2 --warmup 0.5 --json) || return 1
   echo "$out"
   python3 - "$out" <<'PY'
 import json, sys
@@ -182,30 +189,37 @@ check "bdevperf randrw q16 over nvme-tcp: 0 allocations per I/O" bdevperf_zero_a
 
 # 3. The file system on the remote namespace.
 mkdir -p "$mnt"
+rm -f "$work/daemon.log"
 check "blobfs mkfs $device" "$bin/blobfs" mkfs "$device"
 if "$bin/blobfs" mount "$device" "$mnt" --log "$work/daemon.log" > /dev/null 2>&1; then
   check "exerciser, $OPS operations through the mount" python3 "$top/Tests/fs/exerciser.py" "$mnt" --seed 5 --ops "$OPS"
   check "unmount" "$bin/blobfs" unmount "$mnt"
   check "fsck" "$bin/blobfs" fsck "$device"
+  check "blobcli info and fsck $device" bash -c "'$bin/blobcli' info '$device' && '$bin/blobcli' fsck '$device'"
 else
   echo "FAIL mount $device"; tail -n 20 "$work/daemon.log" 2>/dev/null | sed 's/^/    /'; failed=$((failed + 1))
 fi
 
 # 4. The target's port goes down for 3 s in the middle of a workload that fsyncs files.
 cut_mid_workload() {
+  rm -f "$work/daemon-cut.log"
   "$bin/blobfs" mount "$device" "$mnt" --log "$work/daemon-cut.log" > /dev/null || return 1
-  python3 "$top/Tests/fs/exerciser.py" "$mnt" --seed 6 --ops "$OPS" --manifest "$work/manifest.json" &
+  rm -f "$work/manifest"
+  python3 "$top/Tests/fs/exerciser.py" "$mnt" --seed 6 --ops "$CUT_OPS" --manifest "$work/manifest" &
   local writer=$!
   sleep 3
   guest down BLOBFS-NVMET-DOWN || return 1
+  local before; before=$(wc -l < "$work/manifest")
   sleep 3
+  kill -0 "$writer" 2>/dev/null || { echo "the workload ended before the port came back: no cut mid-workload"; return 1; }
   guest up BLOBFS-NVMET-UP || return 1
   wait "$writer" || { echo "exerciser failed across the cut"; return 1; }
+  echo "files fsync'd: $before before the cut, $(wc -l < "$work/manifest") at the end"
   "$bin/blobfs" unmount "$mnt" || return 1
   grep -E "connection lost|reconnected" "$work/daemon-cut.log" | head -n 4
   grep -q "reconnected" "$work/daemon-cut.log" || { echo "the daemon never reconnected"; return 1; }
   "$bin/blobfs" mount "$device" "$mnt" --log "$work/daemon-cut.log" > /dev/null || return 1
-  python3 "$top/Tests/fs/exerciser.py" "$mnt" --verify-manifest "$work/manifest.json" || return 1
+  python3 "$top/Tests/fs/exerciser.py" "$mnt" --verify-manifest "$work/manifest" || return 1
   "$bin/blobfs" unmount "$mnt" || return 1
   "$bin/blobfs" fsck "$device"
 }
