@@ -14,7 +14,12 @@
 # The guest takes commands ("down", "up", "off") on its second serial port (a pipe).
 # QEMU exits 0 whatever the guest did; verdicts come from the host's checks.
 #   Tests/qemu/nvme-tcp-qemu.sh     BIN=.build/debug (binaries)  OPS=3000  CUT_OPS=200
+#   Tests/qemu/nvme-tcp-qemu.sh --serve FILE: boots the guest, writes the device spec
+#     (nvme-tcp:127.0.0.1:PORT/NQN) into FILE and keeps the target up until FILE is
+#     removed (bench/nvme-tcp.sh uses it)
 set -euo pipefail
+serve=""
+if [ "${1:-}" = --serve ]; then serve=${2:?--serve FILE}; fi
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${QEMU_WORK:-$top/.build/qemu-tcp}
@@ -31,12 +36,14 @@ done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-for tool in nvme-qemu-check blobfs blobcli; do
-  [ -x "$bin/$tool" ] || { echo "FAIL nvme-tcp-qemu: $bin/$tool missing (swift build first)"; exit 1; }
-done
+if [ -z "$serve" ]; then
+  for tool in nvme-qemu-check blobfs blobcli; do
+    [ -x "$bin/$tool" ] || { echo "FAIL nvme-tcp-qemu: $bin/$tool missing (swift build first)"; exit 1; }
+  done
+fi
 # Allocations per I/O are counted on the release build (scripts/bdevperf-smoke builds it
 # too; after it this is a no-op).
-if [ -z "${BDEVPERF:-}" ]; then
+if [ -z "${BDEVPERF:-}" ] && [ -z "$serve" ]; then
   (cd "$top" && swift build -c release --product bdevperf 2>&1 | tail -n 1)
   BDEVPERF="$(cd "$top" && swift build -c release --show-bin-path)/bdevperf"
 fi
@@ -155,6 +162,11 @@ fi
 echo "guest up with nvmet on 127.0.0.1:$port in $((SECONDS - started)) s"
 
 device="nvme-tcp:127.0.0.1:$port/$nqn"
+if [ -n "$serve" ]; then
+  echo "$device" > "$serve"
+  while [ -f "$serve" ] && kill -0 "$qemu" 2>/dev/null; do sleep 0.5; done
+  exit 0
+fi
 passed=0; failed=0
 check() {  # check NAME COMMAND...
   local name=$1; shift
@@ -225,5 +237,6 @@ cut_mid_workload() {
 }
 check "port down 3 s mid-workload: every fsync'd file intact, fsck clean" cut_mid_workload
 
-echo "nvme-tcp-qemu: $passed passed, $failed failed ($((SECONDS - started)) s with the guest up)"
+echo "nvme-tcp-qemu: $((SECONDS - started)) s from boot to the last check"
+echo "nvme-tcp-qemu: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
