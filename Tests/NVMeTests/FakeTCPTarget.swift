@@ -37,6 +37,11 @@ final class FakeTCPTarget: @unchecked Sendable {
         var ioCommandsSeen = 0
         var heldCount = 0
         var connectsSeen = 0
+        /// Every I/O command ends its connection (a command the target cannot take).
+        var dropOnIO = false
+        /// H2CData PDUs that carried less than their whole R2T although it fit MAXH2CDATA
+        /// (Linux 6.1's nvmet then checks the data digest against the whole transfer).
+        var splitH2CPDUs = 0
     }
 
     init(configuration: Configuration = Configuration(), port: UInt16 = 0) throws {
@@ -305,6 +310,7 @@ final class FakeTCPTarget: @unchecked Sendable {
                              && fields.dataBytes == chunk.count && chunk.count <= target.configuration.maxH2CDataBytes,
                              "fake target: bad H2CData \(fields)")
                 precondition((pduHeader[1] & TCPPDU.flagLastPDU != 0) == (data.count + chunk.count == bytes), "fake target: LAST_PDU")
+                if chunk.count < bytes && bytes <= target.configuration.maxH2CDataBytes { target.update { $0.splitH2CPDUs += 1 } }
                 data += chunk
             }
             return data
@@ -367,6 +373,7 @@ final class FakeTCPTarget: @unchecked Sendable {
             let offset = Int(command.startingLBA) * blockBytes
             let bytes = command.blockCount * blockBytes
             target.update { $0.ioCommandsSeen += 1 }
+            if target.state.dropOnIO { return false }
             var payload: [UInt8] = []
             if command.opcode == NVMOpcode.write.rawValue {
                 let identifier = UInt8(command.prp2 >> 56)

@@ -127,4 +127,57 @@ final class NVMeTCPTests: XCTestCase {
         XCTAssertEqual(back, [UInt8](repeating: 0x5A, count: 4096), "the device serves again once the target is back")
         io.close()
     }
+
+    /// Eight 1 MiB writes in flight (64 commands of 128 KiB, R2T each) with data digests:
+    /// each R2T is answered by one H2CData PDU when MAXH2CDATA allows (Linux 6.1's nvmet
+    /// refused split ones with a digest error). This target sends one R2T at a time, so it
+    /// checks the rule but could not show the failure: that needs many R2Ts outstanding,
+    /// as nvmet sends them (Tests/qemu/nvme-tcp-qemu.sh's 1 MiB digest writes do).
+    func testOneH2CDataPDUPerR2TWhenItFits() throws {
+        var configuration = FakeTCPTarget.Configuration()
+        configuration.maxH2CDataBytes = 4 << 20
+        configuration.blockCount = 8192
+        let target = try FakeTCPTarget(configuration: configuration)
+        defer { target.stop() }
+        let bdev = try open(target, options(digests: true))
+        defer { bdev.close() }
+        let reactor = try Reactor()
+        let channel = try bdev.makeChannel(reactor: reactor)
+        let buffer = try DMABuffer.allocate(bytes: 8 << 20)
+        buffer.withUnsafeMutableBytes { for index in stride(from: 0, to: $0.count, by: 512) { $0[index] = UInt8(truncatingIfNeeded: index >> 9) } }
+        final class Done: BdevCompletionHandler {
+            var statuses: [BdevStatus] = []
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) { statuses.append(status) }
+        }
+        let done = Done()
+        for index in 0..<8 {
+            try channel.write(from: buffer, bufferOffset: index << 20, offsetBlocks: UInt64(index * 256), countBlocks: 256,
+                              handler: done, tag: UInt64(index))
+        }
+        let deadline = MonotonicClock.nowNs() + 20_000_000_000
+        reactor.run(until: { done.statuses.count == 8 || MonotonicClock.nowNs() > deadline })
+        XCTAssertEqual(done.statuses, [BdevStatus](repeating: .success, count: 8))
+        XCTAssertEqual(target.state.splitH2CPDUs, 0)
+        channel.close()
+    }
+
+    /// A command whose connection keeps failing is not resent forever: after
+    /// `connectionFailuresMax` failed connections its request fails with EIO, and the
+    /// device serves again once the target takes commands.
+    func testACommandThatKeepsKillingItsConnectionFailsWithEIO() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        let bdev = try open(target, options(digests: false))
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        target.update { $0.dropOnIO = true }
+        XCTAssertThrowsError(try io.writeBytes([UInt8](repeating: 1, count: 4096), offsetBlocks: 1)) { error in
+            XCTAssertEqual(error as? BdevError, .io(errno: EIO))
+        }
+        XCTAssertEqual(target.state.ioCommandsSeen, NVMeTCPQueuePair.connectionFailuresMax)
+        target.update { $0.dropOnIO = false }
+        try io.writeBytes([UInt8](repeating: 2, count: 4096), offsetBlocks: 1)
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 1, countBlocks: 1), [UInt8](repeating: 2, count: 4096))
+        io.close()
+    }
 }

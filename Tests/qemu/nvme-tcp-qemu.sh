@@ -13,7 +13,7 @@
 #      is intact afterwards, unmount and fsck clean
 # The guest takes commands ("down", "up", "off") on its second serial port (a pipe).
 # QEMU exits 0 whatever the guest did; verdicts come from the host's checks.
-#   Tests/qemu/nvme-tcp-qemu.sh     BIN=.build/debug (binaries)  OPS=3000  CUT_OPS=200
+#   Tests/qemu/nvme-tcp-qemu.sh     BIN=.build/debug (binaries)  OPS=3000  CUT_OPS=300
 #   Tests/qemu/nvme-tcp-qemu.sh --serve FILE: boots the guest, writes the device spec
 #     (nvme-tcp:127.0.0.1:PORT/NQN) into FILE and keeps the target up until FILE is
 #     removed (bench/nvme-tcp.sh uses it)
@@ -25,7 +25,7 @@ top=$(cd "$here/../.." && pwd)
 work=${QEMU_WORK:-$top/.build/qemu-tcp}
 bin=${BIN:-$top/.build/debug}
 OPS=${OPS:-3000}
-CUT_OPS=${CUT_OPS:-200}  # files written whole and fsync'd (about 280 KB each) across the cut
+CUT_OPS=${CUT_OPS:-300}  # files written whole and fsync'd (about 280 KB each) across the cut
 nqn=nqn.2026-12.io.blobfs:tcp-test
 mkdir -p "$work"
 
@@ -173,7 +173,7 @@ check() {  # check NAME COMMAND...
   local start=$SECONDS
   if "$@" > "$work/step.log" 2>&1; then
     echo "PASS $name ($((SECONDS - start)) s)"; passed=$((passed + 1))
-    grep -E "^check|IOPS,|files fsync|connection lost|reconnected" "$work/step.log" | cut -c1-200 | sed 's/^/    /' || true
+    grep -E "^check|IOPS,|MiB/s of|files fsync|connection lost|reconnected" "$work/step.log" | cut -c1-200 | sed 's/^/    /' || true
   else
     echo "FAIL $name ($((SECONDS - start)) s)"; tail -n 30 "$work/step.log" | sed 's/^/    /'; failed=$((failed + 1))
   fi
@@ -198,6 +198,20 @@ sys.exit(0 if r["errors"] == 0 and r["ios"] > 0 and r.get("allocationsPerIO") ==
 PY
 }
 check "bdevperf randrw q16 over nvme-tcp: 0 allocations per I/O" bdevperf_zero_allocations
+# 1 MiB writes at depth 8 with digests: 64 R2Ts outstanding, each answered by one
+# H2CData PDU (nvmet 6.1 checks a data digest against the whole transfer).
+bdevperf_big_writes_with_digests() {
+  local out
+  out=$("$BDEVPERF" --device "$device?hdgst=1&ddgst=1" -w write -q 8 -o 1M -t 2 --warmup 0 --json) || return 1
+  echo "$out"
+  python3 - "$out" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1].strip().splitlines()[-1])
+print(f'{r["mibPerSecond"]:.1f} MiB/s of 1 MiB writes with digests, errors {r["errors"]}')
+sys.exit(0 if r["errors"] == 0 and r["ios"] > 0 else 1)
+PY
+}
+check "bdevperf 1 MiB writes q8 with header and data digests" bdevperf_big_writes_with_digests
 
 # 3. The file system on the remote namespace.
 mkdir -p "$mnt"
@@ -217,15 +231,23 @@ cut_mid_workload() {
   rm -f "$work/daemon-cut.log"
   "$bin/blobfs" mount "$device" "$mnt" --log "$work/daemon-cut.log" > /dev/null || return 1
   rm -f "$work/manifest"
-  python3 "$top/Tests/fs/exerciser.py" "$mnt" --seed 6 --ops "$CUT_OPS" --manifest "$work/manifest" &
+  python3 "$top/Tests/fs/exerciser.py" "$mnt" --seed 6 --ops "$CUT_OPS" --manifest "$work/manifest" > "$work/cut-writer.log" 2>&1 &
   local writer=$!
-  sleep 3
+  # The cut comes once 40 files are in: the workload is surely in flight (while the
+  # port is down its fsyncs cannot complete, so it cannot end before the port is back).
+  for _ in $(seq 1 600); do
+    [ "$(wc -l < "$work/manifest" 2>/dev/null || echo 0)" -ge 40 ] && break
+    kill -0 "$writer" 2>/dev/null || break
+    sleep 0.1
+  done
   guest down BLOBFS-NVMET-DOWN || return 1
   local before; before=$(wc -l < "$work/manifest")
   sleep 3
-  kill -0 "$writer" 2>/dev/null || { echo "the workload ended before the port came back: no cut mid-workload"; return 1; }
+  if ! kill -0 "$writer" 2>/dev/null; then
+    echo "the workload ended before the port came back: no cut mid-workload"; tail -n 5 "$work/cut-writer.log"; return 1
+  fi
   guest up BLOBFS-NVMET-UP || return 1
-  wait "$writer" || { echo "exerciser failed across the cut"; return 1; }
+  wait "$writer" || { echo "exerciser failed across the cut"; tail -n 5 "$work/cut-writer.log"; return 1; }
   echo "files fsync'd: $before before the cut, $(wc -l < "$work/manifest") at the end"
   "$bin/blobfs" unmount "$mnt" || return 1
   grep -E "connection lost|reconnected" "$work/daemon-cut.log" | head -n 4

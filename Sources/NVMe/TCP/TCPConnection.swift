@@ -250,13 +250,11 @@ final class NVMeTCPConnection {
                 continue
             }
             let remaining = h2cEnd[slot] - h2cOffset[slot]
-            let room = Limits.sendBufferBytes - (sendTail - sendHead) - overhead
-            var chunk = min(remaining, maxH2CDataBytes)
-            if chunk > room {
-                // Wait for room rather than send slivers, unless the room is sizeable.
-                guard room >= 16 << 10 else { return }
-                chunk = room / 4096 * 4096
-            }
+            // PDUs as large as MAXH2CDATA allows, never cut smaller for want of buffer
+            // room (they wait for it): Linux 6.1's nvmet checks a data digest against
+            // the whole transfer, so with digests it accepts only one H2CData PDU per R2T
+            // when the R2T fits MAXH2CDATA, as its own host sends them.
+            let chunk = min(remaining, maxH2CDataBytes)
             guard let pdu = reserve(overhead + chunk) else { return }
             let last = chunk == remaining
             let dataOffset = alignedDataOffset(TCPPDU.dataHeaderBytes)

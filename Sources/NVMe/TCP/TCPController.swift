@@ -208,7 +208,10 @@ public final class NVMeTCPController: NVMeTCPConnectionDelegate, @unchecked Send
         connectData(controllerID: 0xFFFF).encode(into: UnsafeMutableRawBufferPointer(start: adminBuffer, count: 4096))
         let connected = try execute(connect, dataBytes: ConnectData.bytes, toController: true, deadline: deadline)
         let controllerID = FabricsCommand.controllerID(ofConnect: connected)
-        capabilities = ControllerCapabilities(raw: try getProperty(NVMeRegister.cap, eightBytes: true, deadline: deadline))
+        let cap = ControllerCapabilities(raw: try getProperty(NVMeRegister.cap, eightBytes: true, deadline: deadline))
+        // What I/O queues read (capabilities, identify data, limits) is written by the
+        // first association only, before any queue exists; a reconnect only compares.
+        if !identified { capabilities = cap }
         try enable(deadline: deadline)
         try identify(deadline: deadline)
         try negotiateQueues(deadline: deadline)
@@ -272,6 +275,7 @@ public final class NVMeTCPController: NVMeTCPConnectionDelegate, @unchecked Send
                     "namespace 1 changed across a reconnect: \(namespace.size) × \(namespace.blockSizeBytes) B, "
                     + "was \(namespaceData.size) × \(namespaceData.blockSizeBytes) B")
             }
+            return
         }
         controllerData = controller
         namespaceData = namespace

@@ -26,7 +26,14 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         var submittedNs: UInt64 = 0
         /// Sent on the current connection (false: waits to be sent again after a reconnect).
         var sent = false
+        /// Connections that failed with this command unanswered.
+        var failedConnections = 0
     }
+
+    /// A command whose connection failed this many times fails its request with EIO
+    /// (a command the target cannot take would otherwise be resent forever; the Linux
+    /// host's nvme_max_retries is 5 as well).
+    static let connectionFailuresMax = 5
 
     private enum Link: Equatable {
         case down
@@ -263,6 +270,7 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         slots[slot].data = data
         slots[slot].submittedNs = MonotonicClock.nowNs()
         slots[slot].sent = true
+        slots[slot].failedConnections = 0
         outstanding[io.index] += 1
         inFlightCommands += 1
         return true
@@ -355,7 +363,21 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         unregisterSocket()
         connection.close()
         link = .down
-        for index in 0..<(entries - 1) { slots[index].sent = false }
+        var given = 0
+        for index in 0..<(entries - 1) where slots[index].io != nil {
+            slots[index].sent = false
+            slots[index].failedConnections += 1
+            guard slots[index].failedConnections >= Self.connectionFailuresMax, let io = slots[index].io else { continue }
+            slots[index].io = nil
+            freeSlots.append(index)
+            inFlightCommands -= 1
+            if failure[io.index] == .success { failure[io.index] = .failed(.io(errno: EIO)) }
+            partDone(io)
+            given += 1
+        }
+        if given > 0 {
+            Log.logger("nvme.tcp").error("\(controller.name): \(given) commands failed with EIO after \(Self.connectionFailuresMax) connection failures (last: \(reason))")
+        }
         controller.connectionLost(epoch: epoch, reason: "I/O queue \(queueID): \(reason)")
     }
 
