@@ -42,6 +42,7 @@ final class FakeTCPTarget: @unchecked Sendable {
         /// H2CData PDUs that carried less than their whole R2T although it fit MAXH2CDATA
         /// (Linux 6.1's nvmet then checks the data digest against the whole transfer).
         var splitH2CPDUs = 0
+        var keepAlivesSeen = 0
     }
 
     init(configuration: Configuration = Configuration(), port: UInt16 = 0) throws {
@@ -138,6 +139,7 @@ final class FakeTCPTarget: @unchecked Sendable {
         var headerDigest = false
         var dataDigest = false
         var enabled = false
+        var shutdownRequested = false
         var isAdmin = true
         var held: [(SubmissionEntry, [UInt8])] = []
         /// Capsules that arrived while an R2T's data was awaited (the host pipelines).
@@ -331,11 +333,14 @@ final class FakeTCPTarget: @unchecked Sendable {
                         let cap = ControllerCapabilities.make(maxQueueEntries: 128, timeoutUnits: 1, strideShift: 0)
                         return respond(command, dword0: UInt32(truncatingIfNeeded: cap.raw), dword1: UInt32(cap.raw >> 32))
                     case NVMeRegister.cc: return respond(command, dword0: enabled ? ControllerConfiguration.standard.raw : 0)
-                    case NVMeRegister.csts: return respond(command, dword0: enabled ? 1 : 0)
+                    case NVMeRegister.csts: return respond(command, dword0: (enabled ? 1 : 0) | (shutdownRequested ? 2 << 2 : 0))
                     default: return respond(command, status: .invalidField)
                     }
                 case .propertySet:
-                    if command.cdw11 == UInt32(NVMeRegister.cc) { enabled = command.cdw12 & 1 == 1 }
+                    if command.cdw11 == UInt32(NVMeRegister.cc) {
+                        enabled = command.cdw12 & 1 == 1
+                        shutdownRequested = command.cdw12 >> 14 & 3 != 0
+                    }
                     return respond(command)
                 default: return respond(command, status: .invalidOpcode)
                 }
@@ -361,7 +366,9 @@ final class FakeTCPTarget: @unchecked Sendable {
                     }
                     return sendData(command, bytes) && respond(command)
                 case AdminOpcode.setFeatures.rawValue: return respond(command, dword0: 3 | 3 << 16)
-                case FabricsOpcode.keepAlive: return respond(command)
+                case FabricsOpcode.keepAlive:
+                    target.update { $0.keepAlivesSeen += 1 }
+                    return respond(command)
                 default: return respond(command, status: .invalidOpcode)
                 }
             }

@@ -180,4 +180,28 @@ final class NVMeTCPTests: XCTestCase {
         XCTAssertEqual(try io.readBytes(offsetBlocks: 1, countBlocks: 1), [UInt8](repeating: 2, count: 4096))
         io.close()
     }
+
+    /// The admin reactor sends Keep Alive every half KATO (at least every 500 ms), idle or not.
+    func testKeepAliveEveryHalfKATO() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        var options = options(digests: false)
+        options.keepAliveTimeoutMs = 1000
+        let bdev = try open(target, options)
+        usleep(1_700_000)
+        let seen = target.state.keepAlivesSeen
+        XCTAssertGreaterThanOrEqual(seen, 2)
+        XCTAssertLessThanOrEqual(seen, 4)
+        bdev.close()
+    }
+
+    func testAHostNameIsResolvedOnce() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        let backend = try NVMeTCPBdev(endpoint: TCPEndpoint(host: "localhost", port: target.port),
+                                      subsystemNQN: "nqn.2026-12.io.blobfs:fake", options: options(digests: false))
+        XCTAssertTrue(["127.0.0.1", "::1"].contains(backend.controller.address.host), backend.controller.address.host)
+        XCTAssertEqual(backend.name, "nvme-tcp:localhost:\(target.port)/nqn.2026-12.io.blobfs:fake")
+        backend.close()
+    }
 }

@@ -77,7 +77,10 @@ public struct NVMeTCPOptions: Sendable, Equatable {
 /// `reconnectDelayNs` to `reconnectDelayMaxNs`; past `deviceLossTimeoutNs` the device is
 /// reported lost (requests fail with `BdevError.deviceLost`) while attempts continue.
 public final class NVMeTCPController: NVMeTCPConnectionDelegate, @unchecked Sendable {
+    /// As given (names and messages use it).
     public let endpoint: TCPEndpoint
+    /// Resolved once at open: every connection, also a reconnect, goes to this address.
+    let address: TCPEndpoint
     public let subsystemNQN: String
     public let options: NVMeTCPOptions
     public private(set) var capabilities = ControllerCapabilities(raw: 0)
@@ -125,9 +128,10 @@ public final class NVMeTCPController: NVMeTCPConnectionDelegate, @unchecked Send
     /// the admin reactor.
     public init(endpoint: TCPEndpoint, subsystemNQN: String, options: NVMeTCPOptions) throws {
         self.endpoint = endpoint
+        address = try endpoint.resolved()
         self.subsystemNQN = subsystemNQN
         self.options = options
-        admin = NVMeTCPConnection(endpoint: endpoint, slotCount: Self.adminSlots)
+        admin = NVMeTCPConnection(endpoint: address, slotCount: Self.adminSlots)
         adminBuffer = .allocate(byteCount: 4096, alignment: 4096)
         adminIOVec = .allocate(capacity: 1)
         admin.delegate = self

@@ -86,7 +86,7 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         self.queueID = queueID
         // One slot fewer than entries (a full SQ is entries - 1), plus one for Connect.
         connectSlot = entries - 1
-        connection = NVMeTCPConnection(endpoint: controller.endpoint, slotCount: entries)
+        connection = NVMeTCPConnection(endpoint: controller.address, slotCount: entries)
         slots = ContiguousArray(repeating: Slot(), count: entries)
         freeSlots = ContiguousArray((0..<(entries - 1)).reversed())
         connectBuffer = .allocate(byteCount: ConnectData.bytes, alignment: 64)

@@ -47,6 +47,24 @@ public struct TCPEndpoint: Equatable, Sendable, CustomStringConvertible {
         self.port = port
     }
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    /// The same endpoint with its host as a numeric address: name resolution (which may
+    /// block on DNS) happens once, on the control path, never on a reactor reconnecting.
+    public func resolved() throws(NVMeTCPError) -> TCPEndpoint {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        var list: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, String(port), &hints, &list)
+        guard status == 0, let first = list else { throw .resolve(host: host, reason: String(cString: gai_strerror(status))) }
+        defer { freeaddrinfo(list) }
+        var text = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        guard getnameinfo(first.pointee.ai_addr, first.pointee.ai_addrlen, &text, socklen_t(text.count), nil, 0,
+                          NI_NUMERICHOST) == 0 else {
+            throw .resolve(host: host, reason: "no numeric address")
+        }
+        return TCPEndpoint(host: String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), port: port)
+    }
 }
 
 /// A non-blocking TCP socket: each syscall wrapped once, EINTR handled here, errors typed.
