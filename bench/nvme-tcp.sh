@@ -55,7 +55,11 @@ PY
 done
 {
   echo
-  echo "Commands (bdevperf = \`$(swift build -c release --show-bin-path)/bdevperf\`; the port is the one the run's hostfwd chose):"
+  echo "Initiator CPU per I/O counts the reactor's 200 us of polling before each sleep (bdevperf's default"
+  echo "\`--idle-us\`) and a wake-up per segment the emulated network delivers: against this slow target it"
+  echo "is mostly waiting, not work."
+  echo
+  echo "Commands (bdevperf = \`$(swift build -c release --show-bin-path | sed "s|^$PWD/||")/bdevperf\`; the port is the one the run's hostfwd chose):"
   echo
   echo '```'
   printf '%s\n' "${commands[@]}"
