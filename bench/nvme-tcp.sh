@@ -26,7 +26,7 @@ out=bench/results/nvme-tcp-$(date +%Y-%m-%d).md
   echo
   echo "Initiator: this project's NVMe/TCP driver, release build, one reactor, on the host"
   echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), kernel $(uname -r))."
-  echo "Target: Linux $(ls .build/qemu-tcp/kernel/root/lib/modules 2>/dev/null) nvmet + nvmet-tcp serving a brd ramdisk,"
+  echo "Target: Linux $(ls .build/qemu/kernel/root/lib/modules 2>/dev/null) nvmet + nvmet-tcp serving a brd ramdisk,"
   echo "**inside a QEMU guest under TCG (emulated CPU, no KVM), one vCPU**, reached over QEMU user"
   echo "networking (hostfwd on 127.0.0.1). The target's emulated CPU is the bottleneck: these rows"
   echo "show the initiator works at depth without allocating, not what it does against real hardware."
