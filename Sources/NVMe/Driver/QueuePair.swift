@@ -425,6 +425,12 @@ final class NVMeQueuePair: BdevBackendChannel {
             sqTail = 0
             cqHead = 0
             phase = true
+            doorbellDue = false
+            // A doorbell this thread rang after the reset but before it saw the new
+            // generation left a stale tail in a register the reset had zeroed: zero it
+            // again before the queue exists, or the controller would read that tail.
+            transport.write32(sqDoorbell, 0)
+            transport.write32(cqDoorbell, 0)
             try controller.createQueues(queueID: queueID, entries: entries, submission: sqBase, completion: cqBase)
         } catch {
             failAll(.deviceLost("\(transport.name): controller fatal status and the reset failed: \(error)"))
