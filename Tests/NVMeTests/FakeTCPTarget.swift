@@ -43,6 +43,8 @@ final class FakeTCPTarget: @unchecked Sendable {
         /// (Linux 6.1's nvmet then checks the data digest against the whole transfer).
         var splitH2CPDUs = 0
         var keepAlivesSeen = 0
+        /// CSTS.CFS reads 1 until a controller is enabled again (a new association).
+        var fatal = false
     }
 
     init(configuration: Configuration = Configuration(), port: UInt16 = 0) throws {
@@ -333,13 +335,16 @@ final class FakeTCPTarget: @unchecked Sendable {
                         let cap = ControllerCapabilities.make(maxQueueEntries: 128, timeoutUnits: 1, strideShift: 0)
                         return respond(command, dword0: UInt32(truncatingIfNeeded: cap.raw), dword1: UInt32(cap.raw >> 32))
                     case NVMeRegister.cc: return respond(command, dword0: enabled ? ControllerConfiguration.standard.raw : 0)
-                    case NVMeRegister.csts: return respond(command, dword0: (enabled ? 1 : 0) | (shutdownRequested ? 2 << 2 : 0))
+                    case NVMeRegister.csts:
+                        let fatal = target.state.fatal ? UInt32(2) : 0
+                        return respond(command, dword0: (enabled ? 1 : 0) | fatal | (shutdownRequested ? 2 << 2 : 0))
                     default: return respond(command, status: .invalidField)
                     }
                 case .propertySet:
                     if command.cdw11 == UInt32(NVMeRegister.cc) {
                         enabled = command.cdw12 & 1 == 1
                         shutdownRequested = command.cdw12 >> 14 & 3 != 0
+                        if enabled { target.update { $0.fatal = false } }
                     }
                     return respond(command)
                 default: return respond(command, status: .invalidOpcode)

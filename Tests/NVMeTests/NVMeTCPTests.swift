@@ -204,4 +204,26 @@ final class NVMeTCPTests: XCTestCase {
         XCTAssertEqual(backend.name, "nvme-tcp:localhost:\(target.port)/nqn.2026-12.io.blobfs:fake")
         backend.close()
     }
+
+    /// A controller in fatal status (CSTS.CFS, read with each Keep Alive) is recovered as
+    /// a lost connection: a new association enables a fresh controller, the I/O queue
+    /// reconnects, and I/O goes on with the same bdev.
+    func testFatalStatusMakesANewAssociation() throws {
+        let target = try FakeTCPTarget()
+        defer { target.stop() }
+        var options = options(digests: false)
+        options.keepAliveTimeoutMs = 1000
+        let bdev = try open(target, options)
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        try io.writeBytes([UInt8](repeating: 7, count: 4096), offsetBlocks: 9)
+        let connectsBefore = target.state.connectsSeen
+        target.update { $0.fatal = true }
+        let deadline = MonotonicClock.nowNs() + 5_000_000_000
+        while target.state.fatal && MonotonicClock.nowNs() < deadline { usleep(20_000) }
+        XCTAssertFalse(target.state.fatal, "a new association enabled the controller again")
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 9, countBlocks: 1), [UInt8](repeating: 7, count: 4096))
+        XCTAssertGreaterThanOrEqual(target.state.connectsSeen, connectsBefore + 2, "admin and I/O queue connected again")
+        io.close()
+    }
 }

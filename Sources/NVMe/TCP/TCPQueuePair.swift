@@ -204,8 +204,11 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         if waitingHead < waiting.count || !issue(io) { waiting.append(io) }
     }
 
+    /// Connected under the controller's current association. A connection of an older
+    /// one belongs to a controller the target may still run but the host left: nothing
+    /// more goes on it (the next poll closes it and reconnects).
     private var isLive: Bool {
-        if case .live = link { return true }
+        if case let .live(epoch) = link { return epoch == controller.currentEpoch }
         return false
     }
 
@@ -307,7 +310,11 @@ final class NVMeTCPQueuePair: BdevBackendChannel, NVMeTCPConnectionDelegate {
         var blocked = false
         do {
             switch link {
-            case .live:
+            case let .live(epoch):
+                if epoch != controller.currentEpoch {
+                    connectionFailed("association \(epoch) replaced")
+                    return .busy
+                }
                 if resendPending { resendUnanswered() }
                 switch try connection.poll() {
                 case .busy: busy = true
