@@ -90,7 +90,7 @@ let package = Package(
 
         .executableTarget(
             name: "nvme-qemu-check",
-            dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env"]),
+            dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env", "DeviceSpec"]),
 
         .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),

@@ -65,6 +65,10 @@ public enum BdevError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidConfiguration(String)
     case system(SystemError)
     case closed
+    /// The device has been unreachable past its loss timeout (a remote target that stays
+    /// away): requests fail with this until it returns. Persistent, unlike `.io`: a
+    /// caller that cannot make its state durable should stop writing.
+    case deviceLost(String)
 
     public var description: String {
         switch self {
@@ -82,6 +86,7 @@ public enum BdevError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .invalidConfiguration(what): what
         case let .system(error): error.description
         case .closed: "device closed"
+        case let .deviceLost(why): "device lost: \(why)"
         }
     }
 }

@@ -26,6 +26,7 @@ public final class FileSystemService: @unchecked Sendable {
             } catch let error as FSError { return error.description } catch { return "data channel: \(error)" }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
                 closeFinishedHandles()
+                noteDeviceLoss()
                 return writeBack()
             }
             return nil
@@ -60,12 +61,26 @@ public final class FileSystemService: @unchecked Sendable {
     // MARK: - Asynchronous flushes (the metadata reactor keeps serving meanwhile)
 
     private final class FlushCompletion: BdevCompletionHandler {
-        var body: ((Bool) -> Void)?
+        var body: ((BdevStatus) -> Void)?
         func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
             let body = self.body
             self.body = nil
-            body?(status.isSuccess)
+            body?(status)
         }
+    }
+
+    /// The device was lost (a remote target away past its controller-loss timeout, a
+    /// controller that could not be reset): the store refuses every change from now on,
+    /// so the file system is read-only: changes get EROFS, reads go on where the device
+    /// still answers. Logged once.
+    private var lossReported = false
+
+    public var isReadOnlyAfterDeviceLoss: Bool { (try? storeOf())?.lostDevice != nil }
+
+    private func noteDeviceLoss() {
+        guard !lossReported, let lost = (try? storeOf())?.lostDevice else { return }
+        lossReported = true
+        Log.logger("fs").error("device lost (\(lost)): the file system is read-only; unmount and mount again when the device is back")
     }
 
     private var flushChannel: BdevChannel?
@@ -105,18 +120,24 @@ public final class FileSystemService: @unchecked Sendable {
             }
             let token: BlobStore.FlushToken
             do { token = try store.beginExternalFlush() } catch {
+                noteDeviceLoss()
                 answer(waiters, false)
                 continue
             }
             if flushChannel == nil { flushChannel = try? blobService.bdev.makeChannel(reactor: blobService.reactor) }
             flushing = waiters
             flushInFlight = true
-            flushCompletion.body = { [self] ok in
-                if ok { (try? storeOf())?.externalFlushCompleted(token) }
+            flushCompletion.body = { [self] status in
+                if case let .failed(error) = status {
+                    _ = (try? storeOf())?.externalFlushFailed(error)
+                    noteDeviceLoss()
+                } else {
+                    (try? storeOf())?.externalFlushCompleted(token)
+                }
                 let finished = flushing
                 flushing = []
                 flushInFlight = false
-                answer(finished, ok)
+                answer(finished, status.isSuccess)
                 startFlush()
             }
             do {
@@ -311,6 +332,10 @@ public final class FileSystemService: @unchecked Sendable {
     public func startWrite(ino: UInt64, offset: UInt64, data: DMASegment, append: Bool, writeBack: Bool = false,
                            handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> WriteStarted {
         guard let fileSystem, let dataChannel else { throw FSError(EIO) }
+        if fileSystem.store.lostDevice != nil {
+            noteDeviceLoss()
+            throw FSError(EROFS, "the device was lost")
+        }
         if !append, let id = try fileSystem.overwriteTarget(ino: ino, offset: offset, count: data.count) {
             let handle = try handle(fileSystem, id)
             let unit = UInt64(fileSystem.store.ioUnitBytes)

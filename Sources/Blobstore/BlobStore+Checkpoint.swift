@@ -264,6 +264,7 @@ extension BlobStore {
     /// their data). A log without room forces a checkpoint first.
     package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
+        try refuseIfDeviceLost()
         try keepRoomForCheckpoint(records)
         let first = nextLSN
         let all = records + [.commit(recordCount: UInt32(records.count + 1))]
@@ -297,7 +298,7 @@ extension BlobStore {
     func writePendingLog() throws(BlobStoreError) {
         guard !pendingLog.isEmpty else { return }
         if pendingNeedsDataFlush {
-            do { try io.flush() } catch { throw .device(error) }
+            do { try io.flush() } catch { throw deviceWriteFailed(error) }
             pendingNeedsDataFlush = false
             openLogPage = nil  // durable now: not to be rewritten
         }

@@ -265,6 +265,7 @@ extension BlobStore {
 
     private func writeBlocks(_ bytes: [UInt8], at block: UInt64) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
-        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw .device(error) }
+        try refuseIfDeviceLost()
+        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw deviceWriteFailed(error) }
     }
 }

@@ -98,6 +98,12 @@ public final class BlobStore {
     public var deferCommitFlush = false
     /// Loaded with `readOnly`: commits, checkpoints and data writes are refused.
     public internal(set) var isReadOnly = false
+    /// The device reported itself lost (`BdevError.deviceLost`: a remote target away past
+    /// its loss timeout) during a write or flush. From then on nothing the store writes
+    /// could be promised durable in order, so commits, flushes and metadata writes are
+    /// refused with `BlobStoreError.deviceLost` until the store is loaded again (which
+    /// replays the log). Transient errors (`.io`) do not latch: they may be retried.
+    public internal(set) var lostDevice: BdevError?
     /// The log scan of the last load (what was replayed and where the scan stopped).
     public internal(set) var lastScan: LogScan?
     /// Commits written since the last flush (deferred mode).
@@ -474,7 +480,21 @@ public final class BlobStore {
     func writePages(at page: UInt64, _ bytes: [UInt8]) throws(BlobStoreError) {
         precondition(bytes.count % Self.pageBytes == 0)
         guard !isReadOnly else { throw .readOnly }
-        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw .device(error) }
+        try refuseIfDeviceLost()
+        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw deviceWriteFailed(error) }
+    }
+
+    /// Throws once the device has been lost (see `lostDevice`).
+    @inline(__always)
+    func refuseIfDeviceLost() throws(BlobStoreError) {
+        if let lostDevice { throw .deviceLost(lostDevice) }
+    }
+
+    /// The error for a failed write or flush; a lost device latches `lostDevice`.
+    func deviceWriteFailed(_ error: BdevError) -> BlobStoreError {
+        guard case .deviceLost = error else { return .device(error) }
+        if lostDevice == nil { lostDevice = error }
+        return .deviceLost(error)
     }
 
     /// What a device flush issued outside the store covers (see `beginExternalFlush`).
@@ -489,9 +509,16 @@ public final class BlobStore {
     /// later commit rewrites a page the flush makes durable. Every write completed before
     /// the flush is submitted is covered by it.
     public func beginExternalFlush() throws(BlobStoreError) -> FlushToken {
+        try refuseIfDeviceLost()
         try writePendingLog()
         openLogPage = nil
         return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch)
+    }
+
+    /// The flush begun with `beginExternalFlush` failed with `error`: the store's error
+    /// for it (a lost device latches `lostDevice`, as a flush of its own would).
+    public func externalFlushFailed(_ error: BdevError) -> BlobStoreError {
+        deviceWriteFailed(error)
     }
 
     /// The flush begun with `token` completed: what it covered is durable.
@@ -501,8 +528,9 @@ public final class BlobStore {
     }
 
     func flush() throws(BlobStoreError) {
+        try refuseIfDeviceLost()
         try writePendingLog()
-        do { try io.flush() } catch { throw .device(error) }
+        do { try io.flush() } catch { throw deviceWriteFailed(error) }
         hasUnflushedCommits = false
         releasedSinceFlush = false
         openLogPage = nil

@@ -18,6 +18,9 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     /// A data-path write reached a cluster not yet allocated (allocation belongs to the
     /// metadata owner: `BlobStore.write`).
     case unallocated(blob: UInt64, cluster: UInt64)
+    /// The device was lost during a write or flush (`BdevError.deviceLost`); the store
+    /// refuses every change until it is loaded again (`BlobStore.lostDevice`).
+    case deviceLost(BdevError)
 
     public var description: String {
         switch self {
@@ -31,6 +34,7 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         case .readOnly: "the store is open read-only"
         case let .geometry(what): what
         case let .unallocated(blob, cluster): "blob \(blob): cluster \(cluster) is not allocated"
+        case let .deviceLost(error): "\(error); the store refuses changes until it is loaded again"
         }
     }
 }

@@ -15,12 +15,16 @@ public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
     case nvmeEmulated(namespace: DeviceSpec)
     /// The NVMe driver over a PCIe controller bound to vfio-pci or uio_pci_generic.
     case pcie(address: String)
+    /// The NVMe driver over NVMe/TCP: namespace 1 of a remote subsystem
+    /// (`nvme-tcp:HOST:PORT/SUBSYSTEM-NQN[?option=value&...]`, `NVMeTCPTarget`).
+    case nvmeTCP(NVMeTCPTarget)
 
     public enum ParseError: Error, Equatable, CustomStringConvertible {
         case empty
         case unknownKind(String)
         case badSize(String)
         case badAddress(String)
+        case badTarget(String)
 
         public var description: String {
             switch self {
@@ -29,6 +33,7 @@ public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
                 "unknown device kind '\(kind)' (expected malloc:SIZE, file:PATH, nvme-emu:SPEC, pcie:BDF or a path)"
             case let .badSize(text): "bad size '\(text)' (expected a number with an optional K, M, G or T suffix)"
             case let .badAddress(text): "bad PCI address '\(text)' (expected DDDD:BB:DD.F)"
+            case let .badTarget(why): "bad nvme-tcp target: \(why) (expected nvme-tcp:HOST:PORT/SUBSYSTEM-NQN[?hostnqn=NQN&hdgst=1&ddgst=1&kato=MS&ctrl_loss_tmo=S&io_timeout=S])"
             }
         }
     }
@@ -51,10 +56,12 @@ public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
             let inner = try DeviceSpec(parsing: argument)
             if case .nvmeEmulated = inner { throw .unknownKind("nvme-emu inside nvme-emu") }
             if case .pcie = inner { throw .unknownKind("pcie inside nvme-emu") }
+            if case .nvmeTCP = inner { throw .unknownKind("nvme-tcp inside nvme-emu") }
             self = .nvmeEmulated(namespace: inner)
         case "pcie":
             guard PCIAddress(argument) != nil else { throw .badAddress(argument) }
             self = .pcie(address: argument)
+        case "nvme-tcp": self = .nvmeTCP(try NVMeTCPTarget(parsing: argument))
         default: throw .unknownKind(kind)
         }
     }
@@ -83,6 +90,7 @@ public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
         case let .file(path): "file:\(path)"
         case let .nvmeEmulated(namespace): "nvme-emu:\(namespace)"
         case let .pcie(address): "pcie:\(address)"
+        case let .nvmeTCP(target): "nvme-tcp:\(target)"
         }
     }
 
@@ -105,6 +113,13 @@ public indirect enum DeviceSpec: Equatable, Sendable, CustomStringConvertible {
         case let .pcie(address):
             do { return Bdev(backend: try NVMeBdev.pcie(PCIAddress(address)!)) } catch {
                 throw .invalidConfiguration("pcie:\(address): \(error)")
+            }
+        case let .nvmeTCP(target):
+            do {
+                return Bdev(backend: try NVMeTCPBdev(endpoint: target.endpoint, subsystemNQN: target.subsystemNQN,
+                                                     options: target.options))
+            } catch {
+                throw .invalidConfiguration("nvme-tcp:\(target): \(error)")
             }
         }
     }

@@ -58,7 +58,7 @@ struct BdevPerf: UsageErrorsExitTwo {
     @Flag(name: .long, help: "Run the jobs on one blob spanning a freshly formatted blob store on the device (its data path), instead of the raw device.")
     var blob = false
 
-    @Flag(name: .long, help: "Print the NVMe controller's and namespace's identify data (nvme-emu: and pcie: devices) and exit.")
+    @Flag(name: .long, help: "Print the NVMe controller's and namespace's identify data (nvme-emu:, pcie: and nvme-tcp: devices) and exit.")
     var identify = false
 
     @Flag(name: .long, help: "Print one JSON object instead of text.")
@@ -100,8 +100,15 @@ struct BdevPerf: UsageErrorsExitTwo {
         }
         defer { bdev.close() }
         if identify {
-            guard let nvme = bdev.backend as? NVMeBdev else { throw ValidationError("--identify needs an nvme-emu: or pcie: device") }
-            print(identifyText(nvme.controller))
+            let identity: any NVMeControllerIdentity
+            if let nvme = bdev.backend as? NVMeBdev {
+                identity = nvme.identity
+            } else if let tcp = bdev.backend as? NVMeTCPBdev {
+                identity = tcp.identity
+            } else {
+                throw ValidationError("--identify needs an nvme-emu:, pcie: or nvme-tcp: device")
+            }
+            print(identifyText(identity))
             return
         }
         let ioBytes = Int(try parseSize(ioSize, "-o"))
@@ -126,12 +133,12 @@ struct BdevPerf: UsageErrorsExitTwo {
     }
 }
 
-func identifyText(_ controller: NVMeController) -> String {
+func identifyText(_ controller: any NVMeControllerIdentity) -> String {
     let c = controller.controllerData
     let n = controller.namespaceData
     let cap = controller.capabilities
     return """
-    controller \(controller.transport.name)
+    controller \(controller.name)
       vendor 0x\(String(c.vendorID, radix: 16)) subsystem vendor 0x\(String(c.subsystemVendorID, radix: 16))
       model '\(c.modelNumber)' serial '\(c.serialNumber)' firmware '\(c.firmwareRevision)'
       version \(c.version >> 16).\(c.version >> 8 & 0xFF) controller id \(c.controllerID) namespaces \(c.namespaceCount)

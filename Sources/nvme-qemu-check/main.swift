@@ -1,30 +1,55 @@
-// The NVMe driver against a real PCIe controller (QEMU's -device nvme in the guest of
-// Tests/qemu/nvme-qemu.sh): identify, the bdev conformance suite, and a short random
-// read/write run. Prints one line per step; exits 0 only if every step passed.
+// The NVMe driver against a controller nobody here wrote: QEMU's -device nvme in the guest
+// of Tests/qemu/nvme-qemu.sh (--bdf: PCIe through uio or vfio), or Linux nvmet in the
+// guest of Tests/qemu/nvme-tcp-qemu.sh (--device nvme-tcp:...: NVMe/TCP from the host).
+// Identify, the bdev conformance suite, and a short random read/write run. Prints one
+// line per step; exits 0 only if every step passed.
 #if canImport(Glibc)
 import Glibc
 #endif
 import Bdev
 import BdevConformance
+import DeviceSpec
 import Env
 import NVMe
 import PCI
 
 var mode = "?"
 var bdfText = ""
+var deviceText = ""
+var seconds = 2.0
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
 while let argument = arguments.next() {
     switch argument {
     case "--mode": mode = arguments.next() ?? "?"
     case "--bdf": bdfText = arguments.next() ?? ""
+    case "--device": deviceText = arguments.next() ?? ""
+    case "--seconds": seconds = Double(arguments.next() ?? "") ?? 2
     default:
-        print("usage: nvme-qemu-check --mode uio|vfio --bdf DDDD:BB:DD.F")
+        print("usage: nvme-qemu-check --mode uio|vfio --bdf DDDD:BB:DD.F | --mode NAME --device SPEC [--seconds S]")
         exit(2)
     }
 }
-guard let address = PCIAddress(bdfText) else {
-    print("nvme-qemu-check: bad or missing --bdf '\(bdfText)'")
-    exit(2)
+/// Opens the device under test: a PCIe function or any device spec.
+let openBackend: () throws -> any BdevBackend
+let identity: (any BdevBackend) -> (any NVMeControllerIdentity)?
+if !deviceText.isEmpty {
+    let spec: DeviceSpec
+    do { spec = try DeviceSpec(parsing: deviceText) } catch {
+        print("nvme-qemu-check: \(error)")
+        exit(2)
+    }
+    openBackend = { try spec.open().backend }
+} else {
+    guard let address = PCIAddress(bdfText) else {
+        print("nvme-qemu-check: bad or missing --bdf '\(bdfText)'")
+        exit(2)
+    }
+    openBackend = { try NVMeBdev.pcie(address) }
+}
+identity = { backend in
+    if let nvme = backend as? NVMeBdev { return nvme.identity }
+    if let tcp = backend as? NVMeTCPBdev { return tcp.identity }
+    return nil
 }
 
 @MainActor
@@ -50,9 +75,9 @@ final class Counter: BdevCompletionHandler {
 
 var passed = true
 passed = step("identify") {
-    let backend = try NVMeBdev.pcie(address)
+    let backend = try openBackend()
     defer { backend.close() }
-    let controller = backend.controller
+    guard let controller = identity(backend) else { return "(not an NVMe device)" }
     let data = controller.controllerData
     return "model '\(data.modelNumber)' serial '\(data.serialNumber)' firmware '\(data.firmwareRevision)' "
         + "MDTS \(data.maxDataTransferShift) queues \(controller.ioQueuesGranted) "
@@ -61,12 +86,12 @@ passed = step("identify") {
 
 passed = step("conformance") {
     let reactor = try Reactor()
-    let checks = try BdevConformance(reactor: reactor) { Bdev(backend: try NVMeBdev.pcie(address)) }.run()
+    let checks = try BdevConformance(reactor: reactor) { Bdev(backend: try openBackend()) }.run()
     return "(\(checks.joined(separator: ", ")))"
 } && passed
 
 passed = step("randrw-q32") {
-    let bdev = Bdev(backend: try NVMeBdev.pcie(address))
+    let bdev = Bdev(backend: try openBackend())
     defer { bdev.close() }
     let reactor = try Reactor()
     let channel = try bdev.makeChannel(reactor: reactor, queueDepth: 32)
@@ -78,7 +103,7 @@ passed = step("randrw-q32") {
     var random: UInt64 = 0x9E37_79B9_7F4A_7C15
     var submitted = 0
     let start = MonotonicClock.nowNs()
-    let end = start + 2_000_000_000
+    let end = start + UInt64(seconds * 1e9)
     func submit(_ slot: Int) throws {
         random ^= random << 13; random ^= random >> 7; random ^= random << 17
         let perBlock = UInt64(4096 / bdev.geometry.blockSizeBytes)

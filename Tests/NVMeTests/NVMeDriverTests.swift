@@ -131,18 +131,35 @@ final class NVMeDriverTests: XCTestCase {
         io.close()  // with the lost command still outstanding: deleting the queue ends it
     }
 
-    func testFatalStatusFailsRequestsCleanly() throws {
+    /// CSTS.CFS with commands unanswered: the controller is reset (CC.EN 0 then 1), the
+    /// queue pair made again with its ID, the unanswered write sent again; a second
+    /// channel, on another reactor, finds its queue gone and makes it again too. Before
+    /// this, a fatal status failed every request until a new bdev was opened.
+    func testFatalStatusResetsTheControllerAndResendsWhatWasUnanswered() throws {
         let (backend, bdev) = try emulated()
         let reactor = try Reactor()
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
-        XCTAssertNoThrow(try io.readBytes(offsetBlocks: 0, countBlocks: 1))
+        let other = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
+        try io.writeBytes([UInt8](repeating: 0xA1, count: 4096), offsetBlocks: 0)
+        XCTAssertEqual(try other.readBytes(offsetBlocks: 0, countBlocks: 1), [UInt8](repeating: 0xA1, count: 4096))
         backend.emulator!.raiseFatalStatus()
         XCTAssertTrue(backend.controller.isFatal)
-        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 0, countBlocks: 1)) {
-            XCTAssertEqual($0 as? BdevError, .io(errno: EIO))
-        }
-        XCTAssertThrowsError(try io.readBytes(offsetBlocks: 1, countBlocks: 1), "a failed controller fails at once")
+        // Submitted to a controller that no longer executes anything: it must be resent.
+        let buffer = try DMABuffer.allocate(bytes: 4096)
+        buffer.fill(0xB2)
+        let collector = Collector()
+        try io.channel.write(from: buffer, offsetBlocks: 5, countBlocks: 1, handler: collector, tag: 1)
+        let deadline = MonotonicClock.nowNs() + 5_000_000_000
+        reactor.run(until: { collector.results[1] != nil || MonotonicClock.nowNs() > deadline })
+        XCTAssertEqual(collector.results[1], .success)
+        XCTAssertFalse(backend.controller.isFatal)
+        XCTAssertEqual(backend.controller.fatalResets, 1)
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 5, countBlocks: 1), [UInt8](repeating: 0xB2, count: 4096))
+        XCTAssertEqual(try other.readBytes(offsetBlocks: 5, countBlocks: 1), [UInt8](repeating: 0xB2, count: 4096),
+                       "the other channel's queue was made again too")
+        XCTAssertEqual(backend.controller.fatalResets, 1, "one reset for both channels")
         io.close()
+        other.close()
         bdev.close()
     }
 }

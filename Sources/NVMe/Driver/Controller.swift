@@ -30,6 +30,11 @@ public final class NVMeController: @unchecked Sendable {
     private let adminLock = Mutex(())
     private var freeQueueIDs: [Int] = []
     var strideShift: Int { capabilities.doorbellStrideShift }
+    /// Incremented by every reset after a fatal status: I/O queues made before it are gone
+    /// and their channels re-create them (same queue IDs) and resend what was unanswered.
+    private let resetGeneration = Atomic<UInt64>(0)
+    private let recoveryLock = Mutex(())
+    public private(set) var fatalResets = 0
 
     public enum InitError: Error, CustomStringConvertible {
         case timeout(String)
@@ -172,14 +177,39 @@ public final class NVMeController: @unchecked Sendable {
         }
     }
 
+    @inline(__always) var generation: UInt64 { resetGeneration.load(ordering: .acquiring) }
+
+    /// Resets a controller in fatal status (CSTS.CFS): CC.EN to 0 and 1 again (CAP.TO
+    /// bounded), the admin queue reprogrammed, the number of queues negotiated again.
+    /// Called by the first queue pair that sees the status (`seenGeneration` is the
+    /// generation it knew); others that arrive meanwhile find the generation moved on
+    /// and only re-create their queues. Per the spec the controller stops all DMA once
+    /// CSTS.RDY reads 0, so the unanswered commands can then be sent again.
+    func recoverFromFatalStatus(seenGeneration: UInt64) throws {
+        try recoveryLock.withLock { _ throws in
+            guard resetGeneration.load(ordering: .acquiring) == seenGeneration else { return }
+            Log.logger("nvme").warning("\(transport.name): controller fatal status (CSTS.CFS): resetting")
+            try adminLock.withLock { _ throws in try resetAndEnable() }
+            try negotiateQueues()
+            fatalResets += 1
+            resetGeneration.add(1, ordering: .releasing)
+        }
+    }
+
     private func negotiateQueues() throws {
         var command = SubmissionEntry()
         command.opcode = AdminOpcode.setFeatures.rawValue
         command.cdw10 = UInt32(FeatureID.numberOfQueues.rawValue)
         command.cdw11 = 15 | 15 << 16  // ask for 16 pairs
         let done = try admin(command)
-        ioQueuesGranted = Int(min(done.commandSpecific & 0xFFFF, done.commandSpecific >> 16)) + 1
-        freeQueueIDs = Array((1...ioQueuesGranted).reversed())
+        let granted = Int(min(done.commandSpecific & 0xFFFF, done.commandSpecific >> 16)) + 1
+        if ioQueuesGranted == 0 {
+            ioQueuesGranted = granted
+            freeQueueIDs = Array((1...ioQueuesGranted).reversed())
+        } else if granted < ioQueuesGranted {
+            // Queue pairs keep their IDs across a reset: fewer would strand some.
+            throw InitError.unsupported("\(granted) I/O queues after a reset, \(ioQueuesGranted) before")
+        }
     }
 
     // MARK: - I/O queues
@@ -194,25 +224,33 @@ public final class NVMeController: @unchecked Sendable {
         }
         let interrupts = reactor.map { transport.connectInterrupt(vector: queueID, to: $0) } ?? false
         do {
-            var command = SubmissionEntry()
-            command.opcode = AdminOpcode.createIOCompletionQueue.rawValue
-            command.prp1 = busAddress(completion)
-            command.cdw10 = UInt32(queueID) | UInt32(entries - 1) << 16
-            // CDW11: PC (physically contiguous), IEN (interrupts enabled), IV in 31:16.
-            command.cdw11 = interrupts ? 1 | 2 | UInt32(queueID) << 16 : 1
-            try admin(command)
-            command = SubmissionEntry()
-            command.opcode = AdminOpcode.createIOSubmissionQueue.rawValue
-            command.prp1 = busAddress(submission)
-            command.cdw10 = UInt32(queueID) | UInt32(entries - 1) << 16
-            command.cdw11 = 1 | UInt32(queueID) << 16
-            try admin(command)
+            try createQueues(queueID: queueID, entries: entries, submission: submission, completion: completion,
+                             interrupts: interrupts)
         } catch {
             if interrupts { transport.disconnectInterrupt(vector: queueID) }
             adminLock.withLock { _ in freeQueueIDs.append(queueID) }
             throw error
         }
         return (queueID, interrupts)
+    }
+
+    /// Creates the completion and submission queues `queueID` (after a reset: again), the
+    /// completion queue raising interrupt vector `queueID` when `interrupts`.
+    func createQueues(queueID: Int, entries: Int, submission: UnsafeRawPointer, completion: UnsafeRawPointer,
+                      interrupts: Bool) throws {
+        var command = SubmissionEntry()
+        command.opcode = AdminOpcode.createIOCompletionQueue.rawValue
+        command.prp1 = busAddress(completion)
+        command.cdw10 = UInt32(queueID) | UInt32(entries - 1) << 16
+        // CDW11: PC (physically contiguous), IEN (interrupts enabled), IV in 31:16.
+        command.cdw11 = interrupts ? 1 | 2 | UInt32(queueID) << 16 : 1
+        try admin(command)
+        command = SubmissionEntry()
+        command.opcode = AdminOpcode.createIOSubmissionQueue.rawValue
+        command.prp1 = busAddress(submission)
+        command.cdw10 = UInt32(queueID) | UInt32(entries - 1) << 16
+        command.cdw11 = 1 | UInt32(queueID) << 16
+        try admin(command)
     }
 
     func deleteQueuePair(_ queueID: Int) {

@@ -12,8 +12,11 @@ import Synchronization
 /// buffer. The SQ tail doorbell is rung once per poll, the CQ head doorbell once per
 /// batch of completions. A full queue parks requests in a preallocated list. Commands
 /// older than the timeout are aborted (Abort admin command) and fail their request with
-/// ETIMEDOUT (the slot stays reserved until the controller answers); a controller fatal
-/// status fails everything with EIO.
+/// ETIMEDOUT (the slot stays reserved until the controller answers). A controller fatal
+/// status (CSTS.CFS) resets the controller (`NVMeController.recoverFromFatalStatus`); the
+/// queue pair is then created again with its queue ID and every unanswered command sent
+/// again (writes, write zeroes and flushes are idempotent); if the reset fails, requests
+/// fail with `BdevError.deviceLost`.
 final class NVMeQueuePair: BdevBackendChannel {
     private final class Slot {
         unowned(unsafe) var io: BdevIO?
@@ -23,6 +26,8 @@ final class NVMeQueuePair: BdevBackendChannel {
         var bytes = 0
         var submittedNs: UInt64 = 0
         var timedOut = false
+        /// The entry as sent, to send again after a controller reset.
+        var command = SubmissionEntry()
         init() throws { prpList = try DMABuffer.allocate(bytes: 4096) }
     }
 
@@ -58,6 +63,9 @@ final class NVMeQueuePair: BdevBackendChannel {
     private var outstanding: [Int]
     private var failure: [BdevStatus]
     private var failed = false
+    private var failedError = BdevError.io(errno: EIO)
+    /// The controller's reset generation this queue was created under.
+    private var generation: UInt64
     private var timerID: PollerID?
     private(set) var lastError: NVMeStatus?
     private var inFlightCommands = 0
@@ -98,6 +106,7 @@ final class NVMeQueuePair: BdevBackendChannel {
         progress = [Int](repeating: 0, count: BdevLimits.queueDepthMax)
         outstanding = [Int](repeating: 0, count: BdevLimits.queueDepthMax)
         failure = [BdevStatus](repeating: .success, count: BdevLimits.queueDepthMax)
+        generation = controller.generation
         (queueID, interrupts) = try controller.createQueuePair(entries: entries, submission: sqBase, completion: cqBase,
                                                                interruptsTo: reactor)
         sqDoorbell = NVMeRegister.doorbell(queue: queueID, completion: false, strideShift: controller.strideShift)
@@ -119,7 +128,7 @@ final class NVMeQueuePair: BdevBackendChannel {
         progress[io.index] = 0
         outstanding[io.index] = 0
         failure[io.index] = .success
-        if failed { return io.complete(.failed(.io(errno: EIO))) }
+        if failed { return io.complete(.failed(failedError)) }
         if waitingHead < waiting.count || !issue(io) { waiting.append(io) }
     }
 
@@ -203,6 +212,7 @@ final class NVMeQueuePair: BdevBackendChannel {
         record.byteOffset = byteOffset
         record.timedOut = false
         record.submittedNs = MonotonicClock.nowNs()
+        record.command = entry
         entry.store(to: sqBase + sqTail * SubmissionEntry.bytes)
         sqTail = sqTail + 1 == entries ? 0 : sqTail + 1
         doorbellDue = true
@@ -302,6 +312,10 @@ final class NVMeQueuePair: BdevBackendChannel {
 
     func poll() -> PollStatus {
         var busy = false
+        if generation != controller.generation && !failed {
+            recover()  // another queue pair reset the controller: this queue is gone
+            busy = true
+        }
         if doorbellDue {
             transport.write32(sqDoorbell, UInt32(sqTail))
             doorbellDue = false
@@ -378,9 +392,9 @@ final class NVMeQueuePair: BdevBackendChannel {
 
     /// Timed poller: command timeouts and controller fatal status.
     private func checkHealth() -> PollStatus {
-        guard inFlightCommands > 0 || waitingHead < waiting.count else { return .idle }
-        if controller.isFatal {
-            failAll()
+        guard inFlightCommands > 0 || waitingHead < waiting.count, !failed else { return .idle }
+        if generation != controller.generation || controller.isFatal {
+            recover()
             return .busy
         }
         let now = MonotonicClock.nowNs()
@@ -402,19 +416,66 @@ final class NVMeQueuePair: BdevBackendChannel {
         return .idle
     }
 
-    private func failAll() {
+    /// After a controller reset (by this queue pair or another): the queues are gone, so
+    /// they are made again on the same memory and ID; commands that timed out are
+    /// forgotten (their requests already failed), the others are sent again.
+    private func recover() {
+        do {
+            let seen = generation
+            if controller.generation == seen { try controller.recoverFromFatalStatus(seenGeneration: seen) }
+            generation = controller.generation
+            submissionQueue.fill(0)
+            completionQueue.fill(0)
+            sqTail = 0
+            cqHead = 0
+            phase = true
+            doorbellDue = false
+            // A doorbell this thread rang after the reset but before it saw the new
+            // generation left a stale tail in a register the reset had zeroed: zero it
+            // again before the queue exists, or the controller would read that tail.
+            transport.write32(sqDoorbell, 0)
+            transport.write32(cqDoorbell, 0)
+            try controller.createQueues(queueID: queueID, entries: entries, submission: sqBase, completion: cqBase,
+                                        interrupts: interrupts)
+        } catch {
+            failAll(.deviceLost("\(transport.name): controller fatal status and the reset failed: \(error)"))
+            return
+        }
+        let now = MonotonicClock.nowNs()
+        for index in slots.indices where slots[index].io != nil {
+            let slot = slots[index]
+            if slot.timedOut {
+                slot.io = nil
+                if slot.bounce >= 0 {
+                    freeBounces.append(slot.bounce)
+                    slot.bounce = -1
+                }
+                freeSlots.append(index)
+                inFlightCommands -= 1
+                quarantined -= 1
+                continue
+            }
+            slot.command.store(to: sqBase + sqTail * SubmissionEntry.bytes)
+            sqTail = sqTail + 1 == entries ? 0 : sqTail + 1
+            slot.submittedNs = now
+            doorbellDue = true
+        }
+    }
+
+    private func failAll(_ error: BdevError) {
         failed = true
+        failedError = error
         for slot in slots where slot.io != nil && !slot.timedOut {
             slot.timedOut = true
             quarantined += 1
             let io = slot.io!
-            if failure[io.index] == .success { failure[io.index] = .failed(.io(errno: EIO)) }
+            if failure[io.index] == .success { failure[io.index] = .failed(error) }
             partDone(io)
         }
         while waitingHead < waiting.count {
             let io = waiting[waitingHead]
             waitingHead += 1
-            if outstanding[io.index] == 0 { io.complete(.failed(.io(errno: EIO))) } else {
+            if outstanding[io.index] == 0 { io.complete(.failed(error)) } else {
                 progress[io.index] = io.type == .read || io.type == .write ? io.byteCount : Int(io.countBlocks)
                 if io.type == .flush { progress[io.index] = 1 }
             }

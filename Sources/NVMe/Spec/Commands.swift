@@ -100,6 +100,8 @@ public struct SubmissionEntry: Equatable, Sendable {
 public struct CompletionEntry: Equatable, Sendable {
     public static let bytes = 16
     public var commandSpecific: UInt32 = 0
+    /// DW1: reserved in NVMe over PCIe; the high half of an 8-byte Fabrics Property Get value.
+    public var commandSpecificHigh: UInt32 = 0
     public var submissionQueueHead: UInt16 = 0
     public var submissionQueueID: UInt16 = 0
     public var commandID: UInt16 = 0
@@ -110,7 +112,7 @@ public struct CompletionEntry: Equatable, Sendable {
 
     public func store(to memory: UnsafeMutableRawPointer) {
         memory.storeBytes(of: commandSpecific.littleEndian, toByteOffset: 0, as: UInt32.self)
-        memory.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
+        memory.storeBytes(of: commandSpecificHigh.littleEndian, toByteOffset: 4, as: UInt32.self)
         memory.storeBytes(of: (UInt32(submissionQueueHead) | UInt32(submissionQueueID) << 16).littleEndian,
                           toByteOffset: 8, as: UInt32.self)
         // The dword holding the phase bit goes last, after a release fence: the host polls it.
@@ -121,6 +123,7 @@ public struct CompletionEntry: Equatable, Sendable {
 
     public init(loadingFrom memory: UnsafeRawPointer) {
         commandSpecific = UInt32(littleEndian: memory.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
+        commandSpecificHigh = UInt32(littleEndian: memory.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
         let dword2 = UInt32(littleEndian: memory.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
         let dword3 = UInt32(littleEndian: memory.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
         submissionQueueHead = UInt16(dword2 & 0xFFFF)

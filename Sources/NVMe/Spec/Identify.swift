@@ -18,8 +18,21 @@ public struct IdentifyController: Equatable, Sendable {
     /// Optional NVM command support (bit 2: dataset management, bit 3: write zeroes).
     public var optionalCommands: UInt16 = 0
     public var volatileWriteCache: UInt8 = 0
+    /// Keep-alive granularity (KAS, 100 ms units; 0: keep alive unsupported).
+    public var keepAliveSupport: UInt16 = 0
+    /// SGL support (SGLS): bits 1:0 non-zero when SGLs are supported, bit 20 for offset
+    /// (in-capsule) data blocks.
+    public var sglSupport: UInt32 = 0
+    /// NVMe over Fabrics: I/O queue command capsule size in 16-byte units (IOCCSZ, 64
+    /// bytes of command plus the in-capsule data the controller accepts) and the offset
+    /// of in-capsule data (ICDOFF, 16-byte units).
+    public var ioCommandCapsuleUnits: UInt32 = 0
+    public var inCapsuleDataOffsetUnits: UInt16 = 0
 
     public init() {}
+
+    /// Bytes of write data an I/O command capsule may carry (0: none).
+    public var inCapsuleDataBytes: Int { max(0, Int(ioCommandCapsuleUnits) * 16 - SubmissionEntry.bytes) }
 
     public var supportsDatasetManagement: Bool { optionalCommands >> 2 & 1 == 1 }
     public var supportsWriteZeroes: Bool { optionalCommands >> 3 & 1 == 1 }
@@ -36,6 +49,10 @@ public struct IdentifyController: Equatable, Sendable {
         put32(&bytes, 516, namespaceCount)
         put16(&bytes, 520, optionalCommands)
         bytes[525] = volatileWriteCache
+        put16(&bytes, 320, keepAliveSupport)
+        put32(&bytes, 536, sglSupport)
+        put32(&bytes, 1792, ioCommandCapsuleUnits)
+        put16(&bytes, 1800, inCapsuleDataOffsetUnits)
         return bytes
     }
 
@@ -50,6 +67,10 @@ public struct IdentifyController: Equatable, Sendable {
         namespaceCount = get32(bytes, 516)
         optionalCommands = get16(bytes, 520)
         volatileWriteCache = bytes[525]
+        keepAliveSupport = get16(bytes, 320)
+        sglSupport = get32(bytes, 536)
+        ioCommandCapsuleUnits = get32(bytes, 1792)
+        inCapsuleDataOffsetUnits = get16(bytes, 1800)
     }
 }
 
