@@ -48,9 +48,9 @@ let package = Package(
         .target(
             name: "CommandLineSupport",
             dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .target(name: "Blobstore", dependencies: ["Bdev", "Env"]),
+        .target(name: "Blobstore", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
 
-        .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"]),
+        .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"], swiftSettings: hotPath),
         .target(
             name: "ToolSupport",
             dependencies: ["Blobstore", "Bdev", "DeviceSpec", "Env", .product(name: "ArgumentParser", package: "swift-argument-parser")]),

@@ -240,7 +240,7 @@ public final class FileSystem {
         return (Self.blobID(ino), inode)
     }
 
-    private func entry(in directoryID: UInt64, _ name: [UInt8]) -> (id: UInt64, type: UInt32)? {
+    private func entry<Name: Collection<UInt8>>(in directoryID: UInt64, _ name: Name) -> (id: UInt64, type: UInt32)? {
         store.xattr(directoryID, name: Key.entry(name), isInternal: true).flatMap(Key.decodeEntry)
     }
 
@@ -257,6 +257,11 @@ public final class FileSystem {
     // MARK: - Lookup
 
     public func lookup(parent: UInt64, name: [UInt8]) throws(FSError) -> Attributes {
+        try lookup(parent: parent, nameBytes: name)
+    }
+
+    /// `lookup` of a name given as bytes (the FUSE request's own buffer: no copy).
+    public func lookup<Name: Collection<UInt8>>(parent: UInt64, nameBytes name: Name) throws(FSError) -> Attributes {
         let (directoryID, _) = try directory(ino: parent)
         guard name.count <= Self.nameBytesMax else { throw FSError(ENAMETOOLONG) }
         guard let found = entry(in: directoryID, name) else { throw FSError(ENOENT) }

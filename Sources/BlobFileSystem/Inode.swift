@@ -96,7 +96,8 @@ enum Key {
 
     /// A directory entry: "d" + the name when it is UTF-8 (names compare as bytes), else
     /// "x" + the name in hex. The value is the child's blob id (8 bytes) and its type (1).
-    static func entry(_ name: [UInt8]) -> String {
+    static func entry<Name: Collection<UInt8>>(_ name: Name) -> String {
+        // A key of up to 15 bytes is a small string: a lookup of a short name allocates nothing.
         if let text = String(validating: name, as: UTF8.self) { return "d" + text }
         let digits = Array("0123456789abcdef".utf8)
         var hex = [UInt8(ascii: "x")]

@@ -72,8 +72,9 @@ extension FuseSession {
     // MARK: - Namespace
 
     func lookup(_ slot: FuseSlot) {
+        let name = slot.payload.prefix { $0 != 0 }  // no copy: looked up from the request's buffer
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.lookup(parent: slot.nodeID, name: name(slot.payload).name)))
+            slot.reply(entry(try fs.lookup(parent: slot.nodeID, nameBytes: name)))
         }
     }
 

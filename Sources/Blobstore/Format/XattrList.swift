@@ -9,9 +9,19 @@ public struct XattrList: RandomAccessCollection, Sendable, ExpressibleByArrayLit
     /// would make two spellings of one Unicode character the same name).
     private var index: [Key: Int] = [:]
 
+    /// The name, compared and hashed by its UTF-8 bytes. It keeps the String itself (a
+    /// name of up to 15 bytes is stored inline: a lookup allocates nothing).
     private struct Key: Hashable, Sendable {
-        let bytes: [UInt8]
-        init(_ name: String) { bytes = Array(name.utf8) }
+        let name: String
+        init(_ name: String) { self.name = name }
+
+        static func == (left: Key, right: Key) -> Bool { left.name.utf8.elementsEqual(right.name.utf8) }
+
+        func hash(into hasher: inout Hasher) {
+            var name = name
+            name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+            hasher.combine(name.utf8.count)
+        }
     }
 
     public init() {}
