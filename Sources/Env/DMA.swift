@@ -162,7 +162,7 @@ public final class DMAPool: @unchecked Sendable {
                     return state.hugepagesAvailable == nil
                 }
                 if first {
-                    Self.logger.info(
+                    Self.logger.debug(
                         "DMA pool: no 2 MiB hugepages reserved (/proc/sys/vm/nr_hugepages); using 4 KiB pages")
                 }
             }

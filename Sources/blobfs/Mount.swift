@@ -119,6 +119,18 @@ struct Mount: UsageErrorsExitTwo {
             if notify != nil { report(failure.message) } else { fail(failure) }
             return failure.status
         }
+        if notify != nil {
+            // The daemon's output goes to its log from the start; the parent learns the
+            // outcome through the pipe.
+            let sink = open(log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            if sink >= 0 {
+                dup2(sink, 1)
+                dup2(sink, 2)
+                close(sink)
+            }
+            let null = open("/dev/null", O_RDONLY)
+            if null >= 0 { dup2(null, 0); close(null) }
+        }
         let lock: Int32?
         let bdev: Bdev
         do {
@@ -140,18 +152,8 @@ struct Mount: UsageErrorsExitTwo {
             try? service.stop()
             return failed(Failure("\(error)"))
         }
-        if notify != nil {
-            // The daemon's output goes to its log from here on; the parent learns the
-            // outcome through the pipe.
-            let sink = open(log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-            if sink >= 0 {
-                dup2(sink, 1)
-                dup2(sink, 2)
-                close(sink)
-            }
-            let null = open("/dev/null", O_RDONLY)
-            if null >= 0 { dup2(null, 0); close(null) }
-        }
+        let memory = DMAPool.shared.usesHugepages == true ? "2 MiB hugepages" : "4 KiB pages (no hugepages reserved)"
+        Log.logger("mount").info("\(device.text) on \(point): DMA memory from \(memory)")
         if getenv("BLOBFS_COUNT_ALLOCATIONS") != nil && AllocationCounter.isInterposed {
             AllocationCounter.shared.start()
             server.allocationCount = { AllocationCounter.shared.running }
