@@ -529,6 +529,10 @@ def inprocess_section(out):
                 overhead.append(f"- 4 KiB {w} q32: blob store on malloc / raw malloc = **{blob[0] / plain[0]:.2f}**")
         if overhead:
             md += ["Blob store overhead, same run:", ""] + overhead + [""]
+    allocations = read_text(os.path.join(out, "allocations.txt")).strip()
+    if allocations:
+        md += ["Heap allocations per FUSE request in steady state (`bench/allocations.sh`: the daemon counts "
+               "every allocation of its process over 5 s windows):", "", "```", allocations, "```", ""]
     bb = read_text(os.path.join(out, "inprocess", "blobbench.txt")).strip()
     if bb:
         md += ["blobbench (blob store format and recovery time against the log tail):", "", "```", bb, "```", ""]
