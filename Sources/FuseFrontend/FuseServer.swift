@@ -127,9 +127,10 @@ public final class FuseServer: @unchecked Sendable {
 
     /// Serves until unmounted or signalled (SIGINT, SIGTERM, SIGHUP), then unmounts.
     /// `onReady` gets a line naming the transport once the kernel's INIT is answered and
-    /// the transport is set up. Returns 0 on a clean end, 3 when requests were left
-    /// unanswered (logged), 1 when serving could not start.
-    public func run(onReady: (String) -> Void) -> Int32 {
+    /// the transport is set up (true), or why the mount never became live (false).
+    /// Returns 0 on a clean end, 3 when requests were left unanswered (logged), 1 when
+    /// serving could not start.
+    public func run(onReady: (String, Bool) -> Void) -> Int32 {
         guard let session else { return 1 }
         guard fuse_set_signal_handlers(session) == 0 else { return 1 }
         defer {
@@ -152,11 +153,11 @@ public final class FuseServer: @unchecked Sendable {
                 announced = true
                 var line = now.initialized ? now.transport : "the kernel has not sent INIT yet"
                 if now.writeback { line += "; writeback cache, \(holdRoomForWriteBack() >> 20) MiB held for it" }
-                onReady(line)
+                onReady(line, true)
             }
             usleep(20_000)
         }
-        if !announced { onReady("the session ended before INIT") }
+        if !announced { onReady("the FUSE session ended before the kernel's INIT", false) }
         reactor.call { [self] in
             devFuse?.stop()
             ring?.stop()

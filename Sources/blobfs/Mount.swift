@@ -158,11 +158,14 @@ struct Mount: UsageErrorsExitTwo {
             AllocationCounter.shared.start()
             server.allocationCount = { AllocationCounter.shared.running }
         }
-        let status = server.run { transport in
+        let status = server.run { line, live in
             if notify != nil {
-                report("OK \(transport)")
+                report(live ? "OK \(line)" : line)
+            } else if live {
+                print("blobfs: \(device.text) mounted on \(point) (\(line)); Ctrl-C or `blobfs unmount \(point)` unmounts")
             } else {
-                print("blobfs: \(device.text) mounted on \(point) (\(transport)); Ctrl-C or `blobfs unmount \(point)` unmounts")
+                let text = "blobfs: \(line)\n"
+                _ = text.withCString { write(2, $0, strlen($0)) }
             }
         }
         do { try service.stop() } catch {
