@@ -49,7 +49,10 @@ let package = Package(
         .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"]),
         .target(
             name: "ToolSupport",
-            dependencies: ["Blobstore", "Bdev", "DeviceSpec", "Env", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: [
+                "Blobstore", "BlobFileSystem", "Bdev", "DeviceSpec", "Env",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
         .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Env", "CFuse"]),
         .executableTarget(
             name: "blobfs",
