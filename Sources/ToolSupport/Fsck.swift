@@ -91,6 +91,12 @@ public enum Fsck {
         do { io = try BdevSyncIO(bdev: bdev, reactor: try Reactor()) } catch { throw Failure("\(device.text): \(error)", status: 2) }
         defer { io.close() }
         let before = check(io)
+        // Nothing to check without a super block: unreadable input, as for every command.
+        if let slots = try? SuperBlockSlots.read(io), slots.current == nil,
+           case let .failure(first) = slots.slots[0], case let .failure(second) = slots.slots[1] {
+            throw Failure("\(device.text): no valid super block: slot 0: \(first); slot 1: \(second)"
+                + (request.repair ? "; not repairable, nothing was written" : ""), status: 2)
+        }
         var report: RepairReport?
         var after: Verification?
         if request.repair && !before.clean {
