@@ -90,7 +90,9 @@ let package = Package(
             name: "nvme-qemu-check",
             dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env"]),
 
-        .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
+        .testTarget(
+            name: "BlobFileSystemTests",
+            dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env", "ToolSupport"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "FuseFrontendTests", dependencies: ["FuseFrontend"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),

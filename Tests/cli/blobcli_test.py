@@ -56,18 +56,20 @@ def record(name, ok, detail=""):
     print(f"{'PASS' if ok else 'FAIL'} {name}" + (f"\n    {detail}" if detail and not ok else ""), flush=True)
 
 
-def make_image(name, populate=True):
+def make_image(name, populate=True, size="256M", dirs=1, files=5):
     path = os.path.join(WORK, name)
-    run(BLOBFS, "mkfs", path, "--size", "256M")
+    run(BLOBFS, "mkfs", path, "--size", size)
     if populate:
         mnt = os.path.join(WORK, "mnt")
         os.makedirs(mnt, exist_ok=True)
         assert run(BLOBFS, "mount", path, mnt).returncode == 0
         try:
-            os.mkdir(os.path.join(mnt, "d"))
-            for index in range(5):
-                with open(os.path.join(mnt, "d", f"f{index}"), "wb") as f:
-                    f.write(os.urandom(20000 + index))
+            for d in range(dirs):
+                directory = os.path.join(mnt, "d" if dirs == 1 else f"d{d}")
+                os.mkdir(directory)
+                for index in range(files):
+                    with open(os.path.join(directory, f"f{index}"), "wb") as f:
+                        f.write(os.urandom(20000 + index))
         finally:
             run(BLOBFS, "unmount", mnt)
     return path
@@ -361,6 +363,28 @@ def files_of(path):
     return found
 
 
+def files_via_mount(path):
+    """Every regular file of the image's tree, read through a read-only mount (one daemon
+    rather than a blobcli process per file): {path: bytes}."""
+    mnt = os.path.join(WORK, "mnt")
+    os.makedirs(mnt, exist_ok=True)
+    out = run(BLOBFS, "mount", path, mnt, "-o", "ro")
+    if out.returncode != 0:
+        raise RuntimeError("mount failed: " + out.stdout + out.stderr)
+    found = {}
+    try:
+        for directory, _, names in os.walk(mnt):
+            for name in names:
+                full = os.path.join(directory, name)
+                if os.path.islink(full) or not os.path.isfile(full):
+                    continue
+                with open(full, "rb") as f:
+                    found[full[len(mnt):]] = f.read()
+    finally:
+        run(BLOBFS, "unmount", mnt)
+    return found
+
+
 def test_dry_run_and_undo():
     path = make_image("undo.img")
     offset, _ = chain_offset(path, 1)  # the directory /d: its files go to /lost+found
@@ -419,19 +443,24 @@ def test_both_super_blocks_destroyed():
            out.returncode == 2 and "slot 0" in out.stderr and "slot 1" in out.stderr and same, out.stdout + out.stderr)
 
 
-def test_repair_campaign(seeds):
+def test_repair_campaign(seeds, size="256M", dirs=1, files=5, anywhere=False):
     """A few seeds of the damage campaign through the command line (the in-process one,
     RepairCampaignTests, runs many more): bit flips and zeroed pages in the metadata
-    regions, then fsck --repair, fsck clean, and every file of the tree read back."""
-    base = make_image("campaign-base.img")
+    regions, then fsck --repair, fsck clean, and every file of the tree read back.
+    `anywhere`: as issue 21 was found — 1 to 8 bit flips at random offsets anywhere before
+    the data clusters (most land in unused bytes)."""
+    base = make_image(f"campaign-base-{size}.img", size=size, dirs=dirs, files=files)
     data = info(base)
     geometry = data["geometry"]
     regions = [(0, 2)] + [(geometry[name]["start_page"], geometry[name]["pages"] * (1 if name in ("log", "metadata_pages") else 2))
                           for name in ("log", "table", "bitmaps", "metadata_pages")]
-    originals = files_of(base)
+    data_start = geometry["data_start_page"]
+    originals = files_via_mount(base)
     rng = random.Random(2121)
     target = os.path.join(WORK, "campaign.img")
     failures = []
+    damaged = 0
+    started = time.time()
     for seed in range(seeds):
         shutil.copyfile(base, target)
         start, count = regions[seed % len(regions)]
@@ -439,8 +468,18 @@ def test_repair_campaign(seeds):
             count = 1  # one slot: both is the one damage a repair refuses
             start = rng.randrange(2)
         with open(target, "r+b") as f:
-            page = start + rng.randrange(count)
-            if rng.random() < 0.5:
+            # Mostly the first pages of a region, where a small image's metadata is.
+            page = start + rng.randrange(min(count, 8) if rng.random() < 0.75 else count)
+            if anywhere:
+                for _ in range(rng.randrange(1, 9)):
+                    at = rng.randrange(data_start * PAGE)
+                    if at < 2 * PAGE and at // PAGE != seed % 2:
+                        at = (seed % 2) * PAGE + at % PAGE  # never both super block slots
+                    f.seek(at)
+                    byte = f.read(1)[0]
+                    f.seek(at)
+                    f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+            elif rng.random() < 0.5:
                 f.seek(page * PAGE)
                 f.write(bytes(PAGE))
             else:
@@ -450,12 +489,19 @@ def test_repair_campaign(seeds):
                     byte = f.read(1)[0]
                     f.seek(at)
                     f.write(bytes([byte ^ (1 << rng.randrange(8))]))
-        repaired = cli("fsck", target, "--repair", timeout=60)
-        checked = cli("fsck", target, timeout=60)
+        if cli("fsck", target, timeout=120).returncode != 0:
+            damaged += 1
+        repaired = cli("fsck", target, "--repair", timeout=120)
+        checked = cli("fsck", target, timeout=120)
         if repaired.returncode != 0 or checked.returncode != 0:
             failures.append((seed, page, repaired.stdout[-300:] + repaired.stderr[-300:], checked.stdout[-200:]))
             continue
-        for name, content in files_of(target).items():
+        try:
+            now = files_via_mount(target)
+        except RuntimeError as error:
+            failures.append((seed, page, f"the repaired image does not mount: {error}", ""))
+            continue
+        for name, content in now.items():
             original = originals.get(name)
             if original is not None and content != original and not name.startswith("/lost+found"):
                 # A file at its old path whose inode the repair touched may differ; never
@@ -463,8 +509,9 @@ def test_repair_campaign(seeds):
                 if any(content[i:i + 4096] in other and other is not original
                        for other in originals.values() for i in range(0, len(content), 4096) if any(content[i:i + 4096])):
                     failures.append((seed, page, f"{name} reads another file's bytes", ""))
-    record(f"repair campaign through blobcli: {seeds} damaged images, every one clean after fsck --repair, every file readable",
-           not failures, str(failures[:3]))
+    record(f"repair campaign through blobcli ({size}, {dirs}x{files} files{', flips anywhere' if anywhere else ''}): "
+           f"{seeds} images, {damaged} found damaged by fsck, every one clean after fsck --repair, every file readable "
+           f"({time.time() - started:.0f} s)", not failures, str(failures[:3]))
 
 
 def test_fuzz(iterations):
@@ -499,10 +546,18 @@ def main():
     parser.add_argument("--blobcli", default=".build/debug/blobcli")
     parser.add_argument("--fuzz", type=int, default=150)
     parser.add_argument("--campaign", type=int, default=15)
+    parser.add_argument("--only-campaign", metavar="SIZE:DIRSxFILES", help="run only the command-line campaign, "
+                        "on an image of SIZE with DIRS directories of FILES files, flips anywhere in the metadata "
+                        "(issue 21's reproduction: 1G:10x50)")
     args = parser.parse_args()
     BLOBFS, BLOBCLI = os.path.abspath(args.blobfs), os.path.abspath(args.blobcli)
     WORK = tempfile.mkdtemp(prefix="blobcli-test.", dir="/var/tmp")
     try:
+        if args.only_campaign:
+            size, shape = args.only_campaign.split(":")
+            dirs, files = (int(part) for part in shape.split("x"))
+            test_repair_campaign(args.campaign, size=size, dirs=dirs, files=files, anywhere=True)
+            return 1 if results.count(False) else 0
         test_clean_image()
         test_bad_metadata_crc()
         test_leaked_cluster()
