@@ -11,8 +11,8 @@ import ToolSupport
 
 /// The damage campaign of `fsck --repair` (issue 21): populated images — files of many
 /// sizes, fragmented files, a directory of many entries, nested directories, symlinks,
-/// hard links, xattrs; one unmounted cleanly, one with a log of changes after its last
-/// checkpoint — get seeded random bit flips and zeroed pages in a metadata region (a super
+/// hard links, xattrs; in two geometries; one unmounted cleanly, one with a log of changes
+/// after its last checkpoint — get seeded random bit flips and zeroed pages in a metadata region (a super
 /// block slot, the log, the table, the bitmaps, the metadata pages, chain pages in
 /// clusters, or two of them). Each goes through fsck, the repair both tools run
 /// (`ToolSupport.Fsck.repair`), fsck again (must be clean), a mount and a walk that reads
@@ -21,11 +21,25 @@ import ToolSupport
 /// the repair does not name as touched, whose last change the log replay reached, reads
 /// back exactly (data, size, xattrs, symlink target).
 ///
-/// Seeds: `REPAIR_CAMPAIGN_SEEDS` (default 300, about 35 s in a debug build here; release
+/// Seeds: `REPAIR_CAMPAIGN_SEEDS` (default 300, under a minute in a debug build here; release
 /// checks run 5000: docs/BLOBCLI.md). `REPAIR_CAMPAIGN_FIRST` starts elsewhere.
 final class RepairCampaignTests: XCTestCase {
-    static let megabytes: UInt64 = 16
-    static let blockBytes = 4096
+    /// The stores the campaign damages: the default layout (metadata pages spill into
+    /// clusters), and 512-byte blocks with 16 KiB clusters (a page is 8 blocks; no
+    /// metadata pages in clusters).
+    struct Geometry {
+        var name: String
+        var megabytes: UInt64
+        var blockBytes: Int
+        var clusterBytes: Int
+    }
+
+    static let geometries = [
+        Geometry(name: "4 KiB blocks and clusters", megabytes: 16, blockBytes: 4096, clusterBytes: 4096),
+        Geometry(name: "512-byte blocks, 16 KiB clusters", megabytes: 40, blockBytes: 512, clusterBytes: 16384),
+    ]
+    /// Clusters of each fragmented file: an extent each, more than one page holds.
+    static let fragmentClusters = 210
 
     /// What a file should hold.
     struct Expected {
@@ -43,6 +57,7 @@ final class RepairCampaignTests: XCTestCase {
     /// A populated image: its bytes, and what each file holds.
     struct Image {
         var name: String
+        var geometry: Int
         var bytes: [UInt8]
         var files: [UInt64: Expected]
         /// Device pages worth aiming at: chain pages (region and clusters), the log in use.
@@ -85,30 +100,38 @@ final class RepairCampaignTests: XCTestCase {
 
     private static func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
 
-    /// The two images, made once for every test of the class.
+    /// The images (for each geometry, unmounted cleanly and with a log after the
+    /// checkpoint), made once for every test of the class.
     nonisolated(unsafe) static var images: [Image]?
+
+    static func device(_ geometry: Geometry) throws -> Bdev {
+        Bdev(backend: try MallocBdev(blockCount: (geometry.megabytes << 20) / UInt64(geometry.blockBytes),
+                                     blockSizeBytes: geometry.blockBytes))
+    }
 
     static func makeImages() throws -> [Image] {
         if let images { return images }
-        let bdev = Bdev(backend: try MallocBdev(blockCount: (megabytes << 20) / UInt64(blockBytes), blockSizeBytes: blockBytes))
-        let reactor = try Reactor()
-        var files: [UInt64: Expected] = [:]
         var made: [Image] = []
-        try withIO(bdev, reactor) { io in
-            let store = try BlobStore.format(io)
-            let fs = try FileSystem.format(store)
-            try populate(fs, &files)
-            try fs.unmount()
-            try store.unload()
+        let reactor = try Reactor()
+        for (index, geometry) in geometries.enumerated() {
+            let bdev = try device(geometry)
+            var files: [UInt64: Expected] = [:]
+            try withIO(bdev, reactor) { io in
+                let store = try BlobStore.format(io, options: BlobStore.Options(clusterSizeBytes: geometry.clusterBytes))
+                let fs = try FileSystem.format(store)
+                try populate(fs, &files, clusterBytes: geometry.clusterBytes)
+                try fs.unmount()
+                try store.unload()
+            }
+            made.append(try snapshot(bdev, reactor, name: "clean, \(geometry.name)", geometry: index, files: files))
+            try withIO(bdev, reactor) { io in
+                let (store, _) = try BlobStore.load(io)
+                let fs = try FileSystem.mount(store)
+                try changeAfterTheCheckpoint(fs, &files)
+                // As a power cut after a sync leaves it: the log holds the changes.
+            }
+            made.append(try snapshot(bdev, reactor, name: "log after checkpoint, \(geometry.name)", geometry: index, files: files))
         }
-        made.append(try snapshot(bdev, reactor, name: "clean", files: files))
-        try withIO(bdev, reactor) { io in
-            let (store, _) = try BlobStore.load(io)
-            let fs = try FileSystem.mount(store)
-            try changeAfterTheCheckpoint(fs, &files)
-            // As a power cut after a sync leaves it: the log holds the changes.
-        }
-        made.append(try snapshot(bdev, reactor, name: "log after checkpoint", files: files))
         images = made
         return made
     }
@@ -150,7 +173,7 @@ final class RepairCampaignTests: XCTestCase {
         try fs.make(parent: parent, name: bytes(name), mode: UInt32(S_IFDIR) | 0o755, caller: .root).ino
     }
 
-    private static func populate(_ fs: FileSystem, _ files: inout [UInt64: Expected]) throws {
+    private static func populate(_ fs: FileSystem, _ files: inout [UInt64: Expected], clusterBytes: Int) throws {
         let sizes: [UInt64] = [0, 1, 100, 4095, 4096, 5000, 12288, 20000, 40000, 70001]
         for d in 0..<5 {
             let dir = try directory(fs, parent: 1, "d\(d)")
@@ -171,16 +194,17 @@ final class RepairCampaignTests: XCTestCase {
         // two pages.
         let a = try fs.create(parent: 1, name: bytes("frag-a"), mode: 0o600, caller: .root).ino
         let b = try fs.create(parent: 1, name: bytes("frag-b"), mode: 0o600, caller: .root).ino
-        let (dataA, dataB) = (content(ino: a, size: 260 * 4096), content(ino: b, size: 260 * 4096))
-        for cluster in 0..<260 {
-            let range = (cluster * 4096)..<((cluster + 1) * 4096)
+        let fragmentBytes = UInt64(fragmentClusters * clusterBytes)
+        let (dataA, dataB) = (content(ino: a, size: fragmentBytes), content(ino: b, size: fragmentBytes))
+        for cluster in 0..<fragmentClusters {
+            let range = (cluster * clusterBytes)..<((cluster + 1) * clusterBytes)
             _ = try fs.write(ino: a, offset: UInt64(range.lowerBound), data: Array(dataA[range]))
             _ = try fs.write(ino: b, offset: UInt64(range.lowerBound), data: Array(dataB[range]))
         }
         fs.release(ino: a)
         fs.release(ino: b)
-        files[a] = Expected(ino: a, path: "/frag-a", mode: UInt32(S_IFREG), size: 260 * 4096)
-        files[b] = Expected(ino: b, path: "/frag-b", mode: UInt32(S_IFREG), size: 260 * 4096)
+        files[a] = Expected(ino: a, path: "/frag-a", mode: UInt32(S_IFREG), size: fragmentBytes)
+        files[b] = Expected(ino: b, path: "/frag-b", mode: UInt32(S_IFREG), size: fragmentBytes)
         try synced(fs, &files, a)
         try synced(fs, &files, b)
         // Symlinks (one of two target pieces), a hard link, xattrs (one large).
@@ -234,7 +258,8 @@ final class RepairCampaignTests: XCTestCase {
         return current
     }
 
-    private static func snapshot(_ bdev: Bdev, _ reactor: Reactor, name: String, files: [UInt64: Expected]) throws -> Image {
+    private static func snapshot(_ bdev: Bdev, _ reactor: Reactor, name: String, geometry: Int,
+                                 files: [UInt64: Expected]) throws -> Image {
         try withIO(bdev, reactor) { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
             let block = store.superBlock
@@ -247,7 +272,7 @@ final class RepairCampaignTests: XCTestCase {
             let scan = try XCTUnwrap(store.lastScan)
             let log = (block.logTailSequence..<scan.endSequence).map { block.log.startPage + $0 % block.log.pageCount }
             let bytes = try io.readBytes(offsetBlocks: 0, countBlocks: bdev.geometry.blockCount)
-            return Image(name: name, bytes: bytes, files: files, chainRegionPages: region, chainClusterPages: inClusters,
+            return Image(name: name, geometry: geometry, bytes: bytes, files: files, chainRegionPages: region, chainClusterPages: inClusters,
                          logPagesInUse: log, block: block)
         }
     }
@@ -330,8 +355,7 @@ final class RepairCampaignTests: XCTestCase {
         let seeds = environment["REPAIR_CAMPAIGN_SEEDS"].flatMap(Int.init) ?? 300
         let first = environment["REPAIR_CAMPAIGN_FIRST"].flatMap(UInt64.init) ?? 0
         let images = try Self.makeImages()
-        let bdev = Bdev(backend: try MallocBdev(blockCount: (Self.megabytes << 20) / UInt64(Self.blockBytes),
-                                                blockSizeBytes: Self.blockBytes))
+        let devices = try Self.geometries.map(Self.device)
         let reactor = try Reactor()
         var expectedContent: [UInt64: [UInt8]] = [:]
         for image in images {
@@ -356,7 +380,7 @@ final class RepairCampaignTests: XCTestCase {
             let what = Self.damage(&bytes, image, regions, &random)
             let context = "seed \(seed) (\(image.name) image; \(what))"
             let seedStarted = ContinuousClock.now
-            try Self.withIO(bdev, reactor) { io in
+            try Self.withIO(devices[image.geometry], reactor) { io in
                 try io.writeBytes(bytes, offsetBlocks: 0)
                 try runSeed(io, image: image, expected: expectedContent, context: context, tally: &tally)
             }
