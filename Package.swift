@@ -53,7 +53,10 @@ let package = Package(
         .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"], swiftSettings: hotPath),
         .target(
             name: "ToolSupport",
-            dependencies: ["Blobstore", "Bdev", "DeviceSpec", "Env", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: [
+                "Blobstore", "BlobFileSystem", "Bdev", "DeviceSpec", "Env",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
         .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "Env", "CFuse", "CFuseKernel", "CURing"],
                 swiftSettings: hotPath),
         .executableTarget(
@@ -92,7 +95,9 @@ let package = Package(
             name: "nvme-qemu-check",
             dependencies: ["NVMe", "PCI", "Bdev", "BdevConformance", "Env", "DeviceSpec"]),
 
-        .testTarget(name: "BlobFileSystemTests", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env"]),
+        .testTarget(
+            name: "BlobFileSystemTests",
+            dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "BdevMalloc", "BdevFault", "Env", "ToolSupport"]),
         .testTarget(name: "EnvTests", dependencies: ["Env"]),
         .testTarget(name: "FuseFrontendTests", dependencies: ["FuseFrontend"]),
         .testTarget(name: "NVMeTests", dependencies: ["NVMe", "Bdev", "BdevMalloc", "BdevURing", "BdevConformance", "Env"]),

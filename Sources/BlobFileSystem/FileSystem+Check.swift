@@ -101,7 +101,33 @@ extension FileSystem {
             if id != 0, links[id] == nil, !orphans.contains(id) {
                 report.problems.append("inode \(ino(id)): not named in any directory and not an orphan (leaked)")
             }
+            if links[id] != nil, orphans.contains(id) {
+                // A mount deletes orphans: it would leave the names pointing at nothing.
+                report.problems.append("inode \(ino(id)): marked an orphan, yet named in a directory")
+            }
+            report.problems += sizeProblems(store, id, inode)
         }
         return report
+    }
+}
+
+extension FileSystem {
+    /// A symlink's size is its target's length, and it has one; a regular file's size is
+    /// within its blob (a file grows its blob before its size).
+    static func sizeProblems(_ store: BlobStore, _ id: UInt64, _ inode: InodeAttributes) -> [String] {
+        if inode.isSymlink {
+            var length = 0
+            var index = 0
+            while let piece = store.xattr(id, name: Key.symlinkPiece(index), isInternal: true) {
+                length += piece.count
+                index += 1
+            }
+            if index == 0 { return ["symlink inode \(ino(id)): no target"] }
+            if inode.size != UInt64(length) { return ["symlink inode \(ino(id)): size \(inode.size), target of \(length) bytes"] }
+        } else if inode.isRegular, let blob = store.blob(id) {
+            let capacity = blob.clusterCount * UInt64(store.clusterSizeBytes)
+            if inode.size > capacity { return ["inode \(ino(id)): size \(inode.size) beyond its blob's \(capacity) bytes"] }
+        }
+        return []
     }
 }

@@ -245,7 +245,7 @@ extension BlobStore {
     /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
     /// per contiguous run); unallocated ones already read as zeros and stay unallocated.
     public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
-        guard !isReadOnly else { throw .readOnly }
+        guard !isReadOnly, !discardsWrites, writeObserver == nil else { throw .readOnly }
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
         for piece in runs(blob, start, end) {
@@ -264,7 +264,7 @@ extension BlobStore {
     }
 
     private func writeBlocks(_ bytes: [UInt8], at block: UInt64) throws(BlobStoreError) {
-        guard !isReadOnly else { throw .readOnly }
+        guard !isReadOnly, !discardsWrites, writeObserver == nil else { throw .readOnly }
         try refuseIfDeviceLost()
         do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw deviceWriteFailed(error) }
     }

@@ -104,6 +104,13 @@ public final class BlobStore {
     /// refused with `BlobStoreError.deviceLost` until the store is loaded again (which
     /// replays the log). Transient errors (`.io`) do not latch: they may be retried.
     public internal(set) var lostDevice: BdevError?
+    /// Offline repair: told of every metadata page before it is overwritten (the undo
+    /// file keeps the old bytes). Data writes are refused while it is set: the undo file
+    /// would not cover them.
+    public var writeObserver: (any MetadataWriteObserver)?
+    /// Offline repair's dry run: metadata writes change the state in memory and never
+    /// reach the device (data writes are refused).
+    public var discardsWrites = false
     /// The log scan of the last load (what was replayed and where the scan stopped).
     public internal(set) var lastScan: LogScan?
     /// Commits written since the last flush (deferred mode).
@@ -134,7 +141,7 @@ public final class BlobStore {
     var releaseEpoch: UInt64 = 0
     private let blocksPerPage: UInt64
 
-    private init(io: BdevSyncIO, superBlock: SuperBlock) {
+    init(io: BdevSyncIO, superBlock: SuperBlock) {
         self.io = io
         self.superBlock = superBlock
         clusters = Bitmap(count: superBlock.clusterCount)
@@ -286,17 +293,25 @@ public final class BlobStore {
         let active = superBlock.activeCopy
         copyDifferences[ArrayCopyKey(kind: .table, copy: active)] = []
         copyDifferences[ArrayCopyKey(kind: .bitmap, copy: active)] = []
-        guard var changed = superBlock.changedSincePrevious, let otherSlot else { return }
-        if otherSlot.isCheckpointIntent {
-            guard otherSlot.sequence == superBlock.sequence + 1, let announced = otherSlot.changedSincePrevious else { return }
-            changed += announced
-        } else {
-            guard otherSlot.sequence < superBlock.sequence else { return }
-        }
+        guard let changed = Self.inactiveCopyDifferences(superBlock, otherSlot: otherSlot) else { return }
         let tablePages = superBlock.table.pageCount
         copyDifferences[ArrayCopyKey(kind: .table, copy: 1 - active)] = Set(changed.filter { UInt64($0) < tablePages }.map { Int($0) })
         copyDifferences[ArrayCopyKey(kind: .bitmap, copy: 1 - active)] = Set(changed.filter { UInt64($0) >= tablePages }
             .map { Int(UInt64($0) - tablePages) })
+    }
+
+    /// The pages (table pages, then bitmap pages after them, as in the super block's list)
+    /// in which the inactive copy may differ from the active one of `block`, given what
+    /// the other slot holds; nil when that is unknown. See `knowArrayCopies`.
+    static func inactiveCopyDifferences(_ block: SuperBlock, otherSlot: SuperBlock?) -> [UInt32]? {
+        guard var changed = block.changedSincePrevious, let otherSlot else { return nil }
+        if otherSlot.isCheckpointIntent {
+            guard otherSlot.sequence == block.sequence + 1, let announced = otherSlot.changedSincePrevious else { return nil }
+            changed += announced
+        } else {
+            guard otherSlot.sequence < block.sequence else { return nil }
+        }
+        return changed
     }
 
     /// Reads the active table and every chain it names; derives the bitmaps. Chains are
@@ -481,6 +496,8 @@ public final class BlobStore {
         precondition(bytes.count % Self.pageBytes == 0)
         guard !isReadOnly else { throw .readOnly }
         try refuseIfDeviceLost()
+        try writeObserver?.willOverwrite(pages: page..<(page + UInt64(bytes.count / Self.pageBytes)))
+        guard !discardsWrites else { return }
         do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw deviceWriteFailed(error) }
     }
 
@@ -535,4 +552,10 @@ public final class BlobStore {
         releasedSinceFlush = false
         openLogPage = nil
     }
+}
+
+/// Sees the device pages a store is about to overwrite with metadata, before the write
+/// is issued; a throw stops the write (nothing of it reaches the device).
+public protocol MetadataWriteObserver: AnyObject {
+    func willOverwrite(pages: Range<UInt64>) throws(BlobStoreError)
 }

@@ -118,6 +118,12 @@ public enum Verifier {
                 guard let bytes = readAhead[pageID] ?? read(page, 1)?[...] else { break }
                 do {
                     let decoded = try MetadataPage.decodePage(bytes, offset: page * UInt64(pageBytes), pageID: pageID)
+                    // Chains are written before the super block that names them: a newer page
+                    // was reused by a later checkpoint (or an older super block is current).
+                    guard decoded.checkpointSequence <= block.sequence else {
+                        report.problems.append("blob \(id): metadata page \(pageID) at byte \(page * UInt64(pageBytes) + 24) was written by checkpoint \(decoded.checkpointSequence), after the current super block's \(block.sequence)")
+                        break
+                    }
                     pages.append(decoded)
                     ids.append(pageID)
                     next = decoded.nextPage
@@ -192,6 +198,13 @@ public enum Verifier {
             return (try BlobStore.readPages(io, at: page, count: 1), page * UInt64(pageBytes))
         }
         report.pendingTransactions = scan.transactions.count
+        // The committed log must apply to the checkpoint (a load replays it): a record that
+        // contradicts it (a blob created twice, a cluster mapped twice) refuses every load.
+        if report.problems.isEmpty, !scan.transactions.isEmpty {
+            do throws(BlobStoreError) { _ = try BlobStore.load(io, readOnly: true) } catch {
+                report.problems.append("the log after the checkpoint does not replay: \(error)")
+            }
+        }
         return report
     }
 }

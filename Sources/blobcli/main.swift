@@ -20,12 +20,12 @@ struct BlobCLI: UsageErrorsExitTwo {
         discussion: """
             DEVICE is an image path or a device spec (file:PATH, nvme-emu:SPEC, pcie:BDF). \
             Read commands load the store read-only (the log is replayed in memory, nothing is \
-            written). Writing commands (import, xattr set/rm, replay, fsck --repair) take the \
+            written). Writing commands (import, xattr set/rm, replay, fsck --repair, undo) take the \
             device lock and refuse a mounted store. Exit status: 0 ok, 1 inconsistencies \
             found, 2 usage error or unreadable input.
             """,
         subcommands: [Info.self, List.self, Show.self, Dump.self, Import.self, Xattr.self, DumpMetadata.self, Log.self,
-                      Replay.self, Fsck.self, Ls.self, Stat.self, Cat.self, Tree.self, Get.self])
+                      Replay.self, Fsck.self, Undo.self, Ls.self, Stat.self, Cat.self, Tree.self, Get.self])
 }
 
 struct DeviceArgument: ParsableArguments {
@@ -652,148 +652,57 @@ struct Replay: ParsableCommand {
 
 struct Fsck: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Verify the blob store (and the file system on it); --repair fixes what is safe (writes).",
-        discussion: "Exit status 0 clean (or repaired), 1 inconsistencies remain, 2 unreadable.")
+        abstract: "Verify the blob store and the file system on it; --repair makes them consistent (writes), listing every change.",
+        discussion: """
+            --repair ends with a store that passes fsck whatever the damage, short of both super \
+            block slots: unreadable metadata is dropped, what it held salvaged where it can be, \
+            unnamed inodes linked into /lost+found (docs/BLOBCLI.md). Exit status 0 clean (or \
+            repaired), 1 problems remain (or --dry-run found some), 2 unreadable or not repairable \
+            (nothing written).
+            """)
     @OptionGroup var options: DeviceArgument
-    @Flag(help: "Rebuild the bitmaps and the checkpoint from the metadata (frees leaked clusters, pages and ids).") var repair = false
+    @Flag(help: "Repair what fsck finds (writes).") var repair = false
+    @Flag(help: "With --repair: list every change the repair would make, and write nothing.") var dryRun = false
+    @Option(help: "With --repair: keep the old contents of every page the repair overwrites in this new file (blobcli undo FILE DEVICE puts them back).")
+    var undo: String?
+
+    func validate() throws {
+        if dryRun && !repair { throw ValidationError("--dry-run goes with --repair") }
+        if undo != nil && !repair { throw ValidationError("--undo goes with --repair") }
+        if undo != nil && dryRun { throw ValidationError("--undo with --dry-run: a dry run writes nothing to undo") }
+    }
 
     func run() {
         blobcli.run {
-            let device = try Device(options.device)
-            let lock = try device.lock()
-            defer { if let lock { Glibc.close(lock) } }
-            let before = (try check(device), false)
-            var after: (Verification, Bool)?
-            var changes: RepairReport?
-            if repair && !before.0.clean {
-                // Loading derives the bitmaps from the chains and writes a checkpoint with them:
-                // leaked clusters, pages and ids are freed and stale bitmaps replaced. The
-                // report compares the persisted bitmaps before and after, bit by bit.
-                let report = try withIO(device) { StoreRepair.repair($0) }
-                if report.outcome == .notRepairable {
-                    let why = report.refusal.map { "\($0)" } ?? "refused"
-                    throw Failure("repair: cannot load the store: \(why); not repairable here", status: 1)
-                }
-                changes = report
-                after = (try check(device), true)
-            }
-            let final = after?.0 ?? before.0
-            let value = JSON.object([
-                ("clean", .bool(final.clean)),
-                ("problems", .array(before.0.problems.map { .string($0) })),
-                ("repaired", .bool(after != nil)),
-                ("problems_after_repair", after.map { .array($0.0.problems.map { .string($0) }) } ?? .null),
-                ("repair_changes", changes.map(repairChangesJSON) ?? .null),
-                ("blobs", .int(Int64(final.blobs))), ("clusters_in_use", .uint(final.clusters)),
-                ("file_system", final.fileSystem.map { .object([("directories", .int(Int64($0.directories))),
-                                                               ("files", .int(Int64($0.files))), ("orphans", .int(Int64($0.orphans)))]) } ?? .null),
-            ])
-            emit(options.json, value) {
-                var lines = before.0.problems.map { "problem: \($0)" }
-                if let after {
-                    let fixed = before.0.problems.filter { !after.0.problems.contains($0) }
-                    lines += fixed.map { "repaired: \($0)" }
-                    lines += changes.map(repairChangeLines)?.map { "changed: \($0)" } ?? []
-                    lines += after.0.problems.map { "still: \($0)" }
-                }
-                let fs = final.fileSystem.map {
-                    ", \($0.directories) directories, \($0.files) files, \($0.orphans) orphans"
-                        + ($0.foreignBlobs > 0 ? ", \($0.foreignBlobs) blobs outside the file system" : "")
-                } ?? ""
-                lines.append("blobcli fsck: \(final.blobs) blobs, \(final.clusters) clusters in use\(fs); "
-                             + (final.clean ? (after != nil ? "repaired, now clean" : "clean") : "\(final.problems.count) problems"))
-                return lines.joined(separator: "\n")
-            }
-            if !final.clean { Glibc.exit(1) }
+            let status = try ToolSupport.Fsck.run(try Device(options.device),
+                                                  .init(tool: "blobcli", repair: repair, dryRun: dryRun, undoPath: undo, json: options.json))
+            if status != 0 { Glibc.exit(status) }
         }
     }
+}
 
-    /// What the repair wrote, one line per kind of change (bitmap bits by index).
-    func repairChangeLines(_ report: RepairReport) -> [String] {
-        if report.outcome == .clean { return ["nothing written: the blob store is consistent (file-system problems are not repaired)"] }
-        var lines = report.rewrittenSuperBlockSlots.map { "rewrote super block slot \($0.slot) (it did not decode: \($0.problem))" }
-        if report.replayedTransactions > 0 { lines.append("replayed \(report.replayedTransactions) committed log transactions") }
-        if report.discardedRecords > 0 { lines.append("discarded \(report.discardedRecords) uncommitted log records") }
-        if report.bitmapsWereUnreadable {
-            lines.append("rewrote the allocation bitmaps whole (the old ones did not decode: no bit-by-bit list)")
+// MARK: - undo
+
+struct Undo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Put back the pages an fsck --repair --undo FILE overwrote (writes).",
+        discussion: """
+            Checks the whole undo file first, that it belongs to DEVICE (size, block size) and, \
+            when the repair finished, that the super block pages are still what it left (the \
+            device was not mounted or repaired since; --force overrides). Exit 0 restored, 2 \
+            refused (nothing written).
+            """)
+    @Argument(help: "The undo file fsck --repair --undo wrote.") var file: String
+    @OptionGroup var options: DeviceArgument
+    @Flag(help: "Apply even when the super block pages changed since the repair.") var force = false
+    @Flag(help: "Check and list the pages, write nothing.") var dryRun = false
+
+    func run() {
+        blobcli.run {
+            let status = try ToolSupport.Fsck.undo(path: file, device: try Device(options.device), force: force, dryRun: dryRun,
+                                                   json: options.json)
+            if status != 0 { Glibc.exit(status) }
         }
-        // With replayed transactions a changed bit may be the log's doing, not damage.
-        let fromDamage = report.replayedTransactions == 0
-        for change in report.bitmapChanges {
-            if change.freedCount > 0 {
-                lines.append("freed \(change.freedCount) \(fromDamage ? "leaked " : "")\(noun(change.section, change.freedCount)): "
-                             + indexList(change.freed, total: change.freedCount))
-            }
-            if change.markedCount > 0 {
-                lines.append("marked \(change.markedCount) \(noun(change.section, change.markedCount)) used"
-                             + (fromDamage ? " (in use, free in the old bitmap)" : "") + ": " + indexList(change.marked, total: change.markedCount))
-            }
-        }
-        if lines.isEmpty { lines.append("rewrote the checkpoint (no bitmap bit changed)") }
-        return lines
-    }
-
-    func noun(_ section: BitmapChange.Section, _ count: UInt64) -> String {
-        section.rawValue + (count == 1 ? "" : "s")
-    }
-
-    func indexList(_ listed: [UInt64], total: UInt64) -> String {
-        listed.map(String.init).joined(separator: ", ") + (total > UInt64(listed.count) ? ", … (first \(listed.count) of \(total))" : "")
-    }
-
-    func repairChangesJSON(_ report: RepairReport) -> JSON {
-        .object([
-            ("outcome", .string(report.outcome.rawValue)),
-            ("replayed_transactions", .int(Int64(report.replayedTransactions))),
-            ("discarded_records", .int(Int64(report.discardedRecords))),
-            ("super_block_slots_rewritten", .array(report.rewrittenSuperBlockSlots.map {
-                .object([("slot", .int(Int64($0.slot))), ("problem", .string("\($0.problem)"))])
-            })),
-            ("bitmaps_rewritten_whole", .bool(report.bitmapsWereUnreadable)),
-            ("bitmaps", .array(report.bitmapChanges.map { change in
-                let name = switch change.section {
-                case .clusters: "clusters"
-                case .metadataPages: "metadata_pages"
-                case .blobIDs: "blob_ids"
-                }
-                return .object([("bitmap", .string(name)),
-                                ("freed_count", .uint(change.freedCount)), ("freed", .array(change.freed.map { .uint($0) })),
-                                ("marked_count", .uint(change.markedCount)), ("marked", .array(change.marked.map { .uint($0) }))])
-            })),
-        ])
-    }
-
-    struct Verification {
-        var problems: [String]
-        var blobs: Int
-        var clusters: UInt64
-        var fileSystem: FileSystemCheckReport?
-        var clean: Bool { problems.isEmpty }
-    }
-
-    /// The verifier on the device as it is, then the file-system walk on the replayed state.
-    func check(_ device: Device) throws -> Verification {
-        let bdev = try device.open()
-        defer { bdev.close() }
-        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
-        defer { io.close() }
-        let verifying = Ticker("fsck: verifying the blob store (page CRCs, chains, cluster owners, bitmaps)")
-        let report = Verifier.verify(io)
-        verifying.finish()
-        var verification = Verification(problems: report.problems, blobs: report.blobCount, clusters: report.clustersInUse)
-        let loading = Ticker("fsck: loading the store for the file-system walk")
-        let loaded = try? BlobStore.load(io, readOnly: true)
-        loading.finish()
-        if let (store, _) = loaded, store.superBlobID == 0 {
-            let walking = Ticker("fsck: walking the file system (directories, links, orphans)")
-            defer { walking.finish() }
-            let fs = FileSystem.check(store)
-            if fs.directories > 0 || !fs.problems.isEmpty {
-                verification.fileSystem = fs
-                verification.problems += fs.problems.map { "file system: \($0)" }
-            }
-        }
-        return verification
     }
 }
 

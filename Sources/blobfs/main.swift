@@ -163,47 +163,36 @@ func fixed(_ value: Double, _ digits: Int) -> String {
 
 // MARK: - fsck
 
+/// The same check and repair as `blobcli fsck` (ToolSupport's `Fsck`).
 struct Fsck: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(
-        abstract: "Check the blob store and the file system on DEVICE (replays the log as a mount would).",
-        discussion: "Exit status: 0 clean, 1 inconsistencies found, 2 unreadable device or usage error.")
+        abstract: "Check the blob store and the file system on DEVICE; --repair makes them consistent (writes).",
+        discussion: """
+            Read-only unless --repair: the log after the checkpoint is replayed in memory, as a \
+            mount would. --repair ends with a store that passes fsck and mounts, whatever the \
+            damage short of both super block slots, and lists every change (docs/BLOBCLI.md). \
+            Exit status: 0 clean (or repaired), 1 problems remain, 2 unreadable, not repairable \
+            or usage error (nothing written).
+            """)
     @Argument(help: "Image path or device spec.") var device: String
+    @Flag(help: "Repair what fsck finds (writes).") var repair = false
+    @Flag(help: "With --repair: list every change the repair would make, and write nothing.") var dryRun = false
+    @Option(help: "With --repair: keep the old contents of every page the repair overwrites in this new file (blobcli undo FILE DEVICE puts them back).")
+    var undo: String?
+    @Flag(help: "Machine-readable output (schema: docs/BLOBCLI.md, fsck).") var json = false
 
-    func run() throws {
-        do { try check() } catch { fail(error) }
+    func validate() throws {
+        if dryRun && !repair { throw ValidationError("--dry-run goes with --repair") }
+        if undo != nil && !repair { throw ValidationError("--undo goes with --repair") }
+        if undo != nil && dryRun { throw ValidationError("--undo with --dry-run: a dry run writes nothing to undo") }
     }
 
-    private func check() throws {
-        let device = try Device(device)
-        let lock = try device.lock()
-        defer { if let lock { close(lock) } }
-        let bdev = try device.open()
-        defer { bdev.close() }
-        let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
-        defer { io.close() }
-        let store: BlobStore
-        let report: BlobStore.LoadReport
-        let loading = Ticker("blobfs fsck: loading \(device.text) (replaying the log if it was not unmounted cleanly)")
-        do { (store, report) = try BlobStore.load(io) } catch {
-            loading.finish()
-            throw Failure("\(device.text): \(error)", status: 2)
-        }
-        loading.finish()
-        if !report.wasClean {
-            print("blob store: not cleanly unmounted; replayed \(report.replayedTransactions) transactions"
-                  + (report.discardedRecords > 0 ? ", discarded \(report.discardedRecords) uncommitted records" : ""))
-        }
-        let checking = Ticker("blobfs fsck: verifying the blob store and walking the file system")
-        let blobReport = store.verify()
-        let fsReport = FileSystem.check(store)
-        checking.finish()
-        try? store.unload()
-        for problem in blobReport.problems { print("blob store: \(problem)") }
-        for problem in fsReport.problems { print("file system: \(problem)") }
-        print("blobfs fsck: \(fsReport.directories) directories, \(fsReport.files) files, \(fsReport.orphans) orphans, "
-              + "\(blobReport.clustersInUse) clusters in use; "
-              + (blobReport.isConsistent && fsReport.isConsistent ? "clean" : "\(blobReport.problems.count + fsReport.problems.count) problems"))
-        if !(blobReport.isConsistent && fsReport.isConsistent) { Glibc.exit(1) }
+    func run() throws {
+        do {
+            let status = try ToolSupport.Fsck.run(try Device(device),
+                                                  .init(tool: "blobfs", repair: repair, dryRun: dryRun, undoPath: undo, json: json))
+            if status != 0 { Glibc.exit(status) }
+        } catch { fail(error) }
     }
 }
 

@@ -12,10 +12,13 @@ import Env
 final class DamagedImageTests: XCTestCase {
     // MARK: - Metadata page
 
-    func testBadCRCInAMetadataPageIsNamedWithItsOffsetAndNotRepaired() throws {
+    func testBadCRCInAMetadataPageIsNamedWithItsOffsetAndRepairRemovesTheBlob() throws {
         let image = try TestImage.populated()
         let pageID = try image.chain(of: image.blobs[1])[0]
         let page = try image.metadataPage(pageID)
+        let lostCluster = try image.with { io in
+            try XCTUnwrap(try BlobStore.load(io, readOnly: true).0.blob(image.blobs[1])?.extents.first).firstCluster
+        }
         try image.edit(page: page) { $0[300] ^= 0x40 }
         let crcOffset = page * UInt64(TestImage.pageBytes) + 4
 
@@ -23,8 +26,6 @@ final class DamagedImageTests: XCTestCase {
         XCTAssertFalse(report.isConsistent)
         XCTAssertMentions(report.problems[0], "blob \(image.blobs[1])", "metadata page \(pageID)", "at byte \(crcOffset)",
                           "CRC32C mismatch")
-        // The blob's cluster, its chain unreadable, looks leaked to the bitmap comparison:
-        // a repair must not free it (it refuses, below).
         XCTAssertLessThanOrEqual(report.problems.count, 2, "\(report.problems)")
 
         // Read commands cannot load it: a typed error naming the page and the offset (exit 2).
@@ -39,13 +40,24 @@ final class DamagedImageTests: XCTestCase {
         // The log does not need the metadata: it still reads.
         XCTAssertNoThrow(try image.with { try LogInspection.inspect($0) })
 
-        // Not repairable (the blob's metadata is gone; guessing loses data): nothing written.
-        let before = try image.snapshot()
+        // Repair: the blob's metadata is gone, so the blob is removed (said, with the page and
+        // its offset) and its cluster freed; the other blobs are untouched.
         let repair = try image.with { StoreRepair.repair($0) }
-        XCTAssertEqual(repair.outcome, .notRepairable)
-        XCTAssertEqual(repair.refusal.map { "\($0)" }.map { $0.contains("metadata page \(pageID)") }, true)
-        XCTAssertEqual(repair.remaining, report.problems)
-        XCTAssertTrue(try image.snapshot() == before, "a refused repair writes nothing")
+        XCTAssertEqual(repair.outcome, .repaired, "\(repair.remaining)")
+        XCTAssertEqual(repair.removedBlobs, [image.blobs[1]])
+        let removal = try XCTUnwrap(repair.changes.first { $0.kind == "blob_removed" })
+        XCTAssertEqual(removal.blob, image.blobs[1])
+        XCTAssertMentions(removal.text, "metadata page \(pageID)", "at byte \(crcOffset)", "removed")
+        XCTAssertEqual(repair.bitmapChanges.first { $0.section == .clusters }?.freed, [lostCluster])
+        XCTAssertEqual(try image.with { Verifier.verify($0) }.problems, [])
+        try image.with { io in
+            let (store, _) = try BlobStore.load(io, readOnly: true)
+            XCTAssertNil(store.blob(image.blobs[1]))
+            XCTAssertNil(store.superBlobID, "the super blob was the removed blob")
+            XCTAssertEqual(try store.read(blob: image.blobs[0], offsetUnits: 0, countUnits: 2),
+                           (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+            XCTAssertEqual(store.blob(image.blobs[0])?.xattrs.first { $0.name == "name" }?.value, Array("data".utf8))
+        }
     }
 
     func testChainPagesShowAPageDamagedAfterLoading() throws {
@@ -67,17 +79,20 @@ final class DamagedImageTests: XCTestCase {
 
     // MARK: - Ownership
 
-    func testDoublyOwnedClusterIsNamedAndNotRepaired() throws {
+    func testDoublyOwnedClusterIsNamedAndUnmappedFromBothOwners() throws {
         let image = try TestImage.populated()
         // Rewrite blob 1's chain (valid CRC) so that its extent points at blob 0's first cluster.
         let (owner, victim) = (image.blobs[0], image.blobs[1])
         var (stolen, chain, metadata): (UInt64, [UInt32], BlobMetadata) = (0, [], BlobMetadata(id: 0))
+        var ownerExtents: [Extent] = []
         try image.with { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
-            stolen = try XCTUnwrap(store.blob(owner)?.extents.first).firstCluster
+            ownerExtents = try XCTUnwrap(store.blob(owner)?.extents)
+            stolen = ownerExtents[0].firstCluster
             chain = store.chainPages(victim).map(\.pageID)
             metadata = try XCTUnwrap(store.blob(victim))
         }
+        let victimCluster = metadata.extents[0].firstCluster
         metadata.extents[0].firstCluster = stolen
         let sequence = try image.superBlock().sequence
         for (pageID, bytes) in zip(chain, MetadataPage.encodeChain(metadata, pageIDs: chain, checkpointSequence: sequence)) {
@@ -92,10 +107,23 @@ final class DamagedImageTests: XCTestCase {
                 XCTAssertMentions(what, "cluster \(stolen)", "owned twice")
             }
         }
-        let before = try image.snapshot()
+        // Which owner is right is not knowable: neither keeps the cluster (both read zeros
+        // there), so neither can read the other's bytes. Both are named.
         let repair = try image.with { StoreRepair.repair($0) }
-        XCTAssertEqual(repair.outcome, .notRepairable)
-        XCTAssertTrue(try image.snapshot() == before, "a refused repair writes nothing")
+        XCTAssertEqual(repair.outcome, .repaired, "\(repair.remaining)")
+        XCTAssertEqual(Set(repair.changes.filter { $0.kind == "clusters_unmapped" }.compactMap(\.blob)), [owner, victim])
+        XCTAssertEqual(repair.affectedBlobs, [owner, victim])
+        XCTAssertEqual(try image.with { Verifier.verify($0) }.problems, [])
+        try image.with { io in
+            let (store, _) = try BlobStore.load(io, readOnly: true)
+            XCTAssertEqual(try store.read(blob: owner, offsetUnits: 0, countUnits: 1), [UInt8](repeating: 0, count: 4096))
+            XCTAssertEqual(try store.read(blob: owner, offsetUnits: 1, countUnits: 1),
+                           (4096..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7) }, "the owner's other clusters stay")
+            XCTAssertEqual(try store.read(blob: victim, offsetUnits: 0, countUnits: 1), [UInt8](repeating: 0, count: 4096))
+            XCTAssertEqual(store.blob(owner)?.extents.contains { $0.firstCluster <= stolen && stolen < $0.firstCluster + UInt64($0.count) }, false)
+        }
+        XCTAssertEqual(repair.bitmapChanges.first { $0.section == .clusters }?.freed, [stolen, victimCluster].sorted(),
+                       "the contested cluster and the victim's own (no longer mapped) are free")
     }
 
     // MARK: - Bitmaps (repairable)

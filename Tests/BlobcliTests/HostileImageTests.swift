@@ -64,6 +64,19 @@ final class HostileImageTests: XCTestCase {
                     XCTAssertTrue(after.isConsistent, "iteration \(iteration), page \(page): a rebuilt store verifies: \(after.problems)")
                 }
             }
+            // Whatever the edit, a repair ends with a store that verifies; only a super block
+            // the edit made unusable may be refused (the other slot is as old as the log).
+            let repair = try image.with { StoreRepair.repair($0) }
+            outcomes["repair \(repair.outcome.rawValue)", default: 0] += 1
+            switch repair.outcome {
+            case .clean, .repaired:
+                let after = try image.with { Verifier.verify($0) }
+                XCTAssertTrue(after.isConsistent, "iteration \(iteration), page \(page): after repair: \(after.problems)")
+            case .notRepairable:
+                XCTAssertLessThan(page, 2, "iteration \(iteration), page \(page): \(repair.refusal.map { "\($0)" } ?? "")")
+            case .incomplete, .planned:
+                XCTFail("iteration \(iteration), page \(page): \(repair.outcome): \(repair.refusal.map { "\($0)" } ?? "") \(repair.remaining)")
+            }
             XCTAssertLessThan(ContinuousClock.now - iterationStart, .seconds(5), "iteration \(iteration), page \(page)")
             try image.restore(pristine)
         }
@@ -122,8 +135,12 @@ final class HostileImageTests: XCTestCase {
 
     /// Every reader blobcli has, on `image`: none may trap; the verifier must not call it
     /// clean unless `consistent`; loads must refuse (`loadRefuses`) with a typed error.
+    /// `repairs`: a repair rebuilds the store (the damage is in one blob's chain, which it
+    /// removes) and it verifies after; otherwise the repair refuses and writes nothing
+    /// (no usable super block).
     private func assertRefused(_ image: TestImage, mentioning parts: [String], verifierMentions: [String]? = nil,
-                               logInspects: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws {
+                               logInspects: Bool = true, repairs: Bool = false,
+                               file: StaticString = #filePath, line: UInt = #line) throws {
         let started = ContinuousClock.now
         let report = try image.with { Verifier.verify($0) }
         XCTAssertFalse(report.isConsistent, "the verifier calls it clean", file: file, line: line)
@@ -149,8 +166,14 @@ final class HostileImageTests: XCTestCase {
         }
         let before = try image.snapshot()
         let repair = try image.with { StoreRepair.repair($0) }
-        XCTAssertEqual(repair.outcome, .notRepairable, file: file, line: line)
-        XCTAssertTrue(try image.snapshot() == before, "a refused repair writes nothing", file: file, line: line)
+        if repairs {
+            XCTAssertEqual(repair.outcome, .repaired, "\(repair.remaining)", file: file, line: line)
+            XCTAssertEqual(repair.removedBlobs.count, 1, "\(repair.changes)", file: file, line: line)
+            XCTAssertTrue(try image.with { Verifier.verify($0) }.isConsistent, file: file, line: line)
+        } else {
+            XCTAssertEqual(repair.outcome, .notRepairable, file: file, line: line)
+            XCTAssertTrue(try image.snapshot() == before, "a refused repair writes nothing", file: file, line: line)
+        }
         XCTAssertLessThan(ContinuousClock.now - started, .seconds(5), file: file, line: line)
     }
 
@@ -232,7 +255,7 @@ final class HostileImageTests: XCTestCase {
         let (pageID, _) = try craftChain(image, blob: image.blobs[2], [
             Self.blobInfo(clusterCount: 0), Self.xattr(name: [UInt8](repeating: 0x61, count: 600), value: [1, 2]),
         ])
-        try assertRefused(image, mentioning: ["metadata page \(pageID)", "xattr name", "600"])
+        try assertRefused(image, mentioning: ["metadata page \(pageID)", "xattr name", "600"], repairs: true)
     }
 
     /// Was: arithmetic overflow in MetadataPage.decodeBlob (the last extent's end against the
@@ -245,12 +268,12 @@ final class HostileImageTests: XCTestCase {
         ])
         // The extent's first field: page header, blob info descriptor, extents descriptor header, count.
         let extentAt = offset + UInt64(MetadataPage.headerBytes + 36 + 4 + 2)
-        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent"])
+        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent"], repairs: true)
         try image.restore(pristine)
         (pageID, offset) = try craftChain(image, blob: image.blobs[2], [
             Self.blobInfo(clusterCount: 4), Self.extents([(0, 4, UInt64.max - 1)]),
         ])
-        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent"])
+        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent"], repairs: true)
     }
 
     /// Was: the test process died (the verifier listed each of ~4 billion clusters beyond
@@ -261,7 +284,7 @@ final class HostileImageTests: XCTestCase {
             Self.blobInfo(clusterCount: UInt64(UInt32.max)), Self.extents([(0, UInt32.max, 10)]),
         ])
         let extentAt = offset + UInt64(MetadataPage.headerBytes + 36 + 4 + 2)
-        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent", "device"])
+        try assertRefused(image, mentioning: ["metadata page \(pageID)", "at byte \(extentAt)", "extent", "device"], repairs: true)
     }
 
     /// Was: arithmetic overflow in the log scanner (tail sequence + log pages), in the

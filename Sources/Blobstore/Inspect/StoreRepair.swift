@@ -90,16 +90,21 @@ public struct RepairReport: Sendable {
         case clean
         /// Rebuilt; the verifier is clean now.
         case repaired
-        /// Not rebuilt: loading refused the store (`refusal` says why); nothing was written.
+        /// Not rebuilt: the store cannot be read at all (no super block, a truncated image,
+        /// a device error before anything was written; `refusal` says why); nothing written.
         case notRepairable = "not-repairable"
-        /// Rebuilt, yet the verifier still reports problems (`after`).
+        /// Rebuilt, yet the verifier still reports problems (`after`), or the rebuild
+        /// stopped part way (`refusal`; the undo file has what it overwrote).
         case incomplete
+        /// A dry run: `changes` is what a repair would do; nothing was written.
+        case planned
     }
 
     public var outcome: Outcome
     public var before: VerifyReport
     public var after: VerifyReport?
     public var refusal: BlobStoreError?
+    public var dryRun = false
     /// Committed log transactions the rebuild applied, and uncommitted records it discarded.
     public var replayedTransactions = 0
     public var discardedRecords = 0
@@ -109,71 +114,134 @@ public struct RepairReport: Sendable {
     public var bitmapsWereUnreadable = false
     /// Super block slots that did not decode before and were rewritten, with what was wrong.
     public var rewrittenSuperBlockSlots: [(slot: Int, problem: FormatError)] = []
+    /// Every change, in the order it was made: the blob store's, then the layer above's.
+    public var changes: [RepairChange] = []
+    /// Blobs whose content may differ from what it was before the damage (see
+    /// `SalvageReport.affectedBlobs`), the blob store's and the layer above's.
+    public var affectedBlobs: Set<UInt64> = []
+    public var removedBlobs: Set<UInt64> = []
+    /// The first LSN the log replay did not reach (transactions from there on are lost).
+    public var replayEndLSN: UInt64 = 0
+    /// Log pages past the new tail that were zeroed (their sequences).
+    public var clearedLogPages: [UInt64] = []
+    /// The undo file written and how many device pages it holds.
+    public var undoPath: String?
+    public var undoPageCount = 0
     /// Problems of `before` that are gone, and those that remain.
     public var fixed: [String] = []
     public var remaining: [String] = []
 }
 
-/// fsck --repair for the blob store: fixes what can be fixed without losing anything —
-/// leaked clusters, metadata pages and blob ids, stale or damaged bitmap pages, a damaged
-/// super block slot, an unreplayed log — by rebuilding the checkpoint from the metadata:
-/// the store is loaded for writing (the log is replayed; the bitmaps are derived from the
-/// metadata chains, and a damaged chain or a cluster or page owned twice makes the load
-/// refuse) and unloaded clean, which writes two checkpoints: both copies of the table and
-/// bitmaps and both super block slots are rewritten. A damaged chain, a doubly-owned
-/// cluster, a damaged active table page are not repaired: which owner is right is not
-/// knowable here, and guessing loses data.
+/// How `StoreRepair.repair` runs.
+public struct RepairOptions {
+    /// Work out every change without writing a byte.
+    public var dryRun = false
+    /// Keep the old bytes of every page overwritten in this new file (`UndoFile`).
+    public var undoPath: String?
+    /// Repair even when the blob store verifies (the layer above reported problems).
+    public var force = false
+    /// The layer above (the file system): runs on the salvaged store after its first
+    /// checkpoint; returns its changes and the blobs whose content they touched.
+    public var upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<UInt64>))?
+
+    public init(dryRun: Bool = false, undoPath: String? = nil, force: Bool = false,
+                upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<UInt64>))? = nil) {
+        self.dryRun = dryRun
+        self.undoPath = undoPath
+        self.force = force
+        self.upperLayer = upperLayer
+    }
+}
+
+/// fsck --repair for the blob store: `BlobStore.salvage` reads what can be read and drops
+/// what cannot (see there: super block, table, chains, ownership, log), the result is
+/// checkpointed twice (both copies of the table and bitmaps and both super block slots
+/// rewritten whole), the layer above repairs itself in between, and log pages past the
+/// new tail are zeroed. Every change is listed. Only a store without a usable super block
+/// (both slots damaged, a truncated image) is refused, with nothing written.
 ///
 /// The caller holds the device lock (`ToolSupport.Device.lock()`): this writes.
 public enum StoreRepair {
-    public static func repair(_ io: BdevSyncIO) -> RepairReport {
+    public static func repair(_ io: BdevSyncIO, options: RepairOptions = RepairOptions()) -> RepairReport {
         let before = Verifier.verify(io)
         var report = RepairReport(outcome: .clean, before: before)
+        report.dryRun = options.dryRun
+        guard !before.isConsistent || options.force else { return report }
         let slotsBefore = try? SuperBlockSlots.read(io)
-        let current = slotsBefore?.current?.block
-        let capacityPages = io.geometry.capacityBytes / UInt64(SuperBlock.pageBytes)
-        if let current, current.devicePages > capacityPages {
-            // A truncated image: what is missing cannot be rebuilt.
-            report.outcome = .notRepairable
-            report.refusal = .geometry("store of \(current.devicePages) pages on a device of \(io.geometry.capacityBytes) bytes (truncated image?)")
-            report.remaining = before.problems
-            return report
-        }
-        guard !before.isConsistent else { return report }
-        let oldBitmaps = current.flatMap { PersistedBitmaps.read(io, $0) }
-        do {
-            let (store, loaded) = try BlobStore.load(io, rewriteArrays: true)
-            report.replayedTransactions = loaded.replayedTransactions
-            report.discardedRecords = loaded.discardedRecords
-            try store.unload()
-        } catch {
+        let oldBitmaps = slotsBefore?.current.flatMap { PersistedBitmaps.read(io, $0.block) }
+        let store: BlobStore
+        let salvage: SalvageReport
+        do { (store, salvage) = try BlobStore.salvage(io) } catch {
             report.outcome = .notRepairable
             report.refusal = error
             report.remaining = before.problems
             return report
         }
-        let after = Verifier.verify(io)
-        report.after = after
-        report.outcome = after.isConsistent ? .repaired : .incomplete
-        report.fixed = before.problems.filter { !after.problems.contains($0) }
-        report.remaining = after.problems
-        let slotsAfter = try? SuperBlockSlots.read(io)
-        if let slotsBefore, let slotsAfter {
+        var recorder: UndoRecorder?
+        if let path = options.undoPath, !options.dryRun {
+            do { recorder = try UndoRecorder(path: path, io: io, storeID: store.superBlock.storeID) } catch {
+                report.outcome = .notRepairable
+                report.refusal = .invalidArgument("undo file: \(error)")
+                report.remaining = before.problems
+                return report
+            }
+            store.writeObserver = recorder
+            report.undoPath = path
+        }
+        store.discardsWrites = options.dryRun
+        report.replayedTransactions = salvage.replayedTransactions
+        report.discardedRecords = salvage.discardedRecords
+        report.replayEndLSN = salvage.replayEndLSN
+        report.removedBlobs = salvage.removedBlobs
+        var changes = salvage.changes
+        var affected = salvage.affectedBlobs
+        do {
+            try store.checkpoint()
+            if let upperLayer = options.upperLayer {
+                let (upperChanges, upperAffected) = try upperLayer(store, salvage)
+                changes += upperChanges
+                affected.formUnion(upperAffected)
+            }
+            try store.unload()
+            report.clearedLogPages = try store.clearStaleLogPages()
+            if !report.clearedLogPages.isEmpty {
+                let listed = report.clearedLogPages.prefix(16).map(String.init).joined(separator: ", ")
+                changes.append(RepairChange("log_cleared", "log: zeroed \(report.clearedLogPages.count) pages past the new tail that still held records of this store (sequences \(listed)\(report.clearedLogPages.count > 16 ? ", …" : ""))"))
+            }
+            try recorder?.finish()
+        } catch {
+            report.outcome = .incomplete
+            report.refusal = (error as? BlobStoreError) ?? .corrupt("\(error)")
+        }
+        report.changes = changes
+        report.affectedBlobs = affected
+        report.undoPageCount = recorder?.savedPageCount ?? 0
+        if let slotsBefore {
             for (slot, result) in slotsBefore.slots.enumerated() {
-                guard case let .failure(problem) = result, case .success = slotsAfter.slots[slot] else { continue }
+                guard case let .failure(problem) = result else { continue }
                 report.rewrittenSuperBlockSlots.append((slot, problem))
             }
         }
-        if let oldBitmaps, let block = slotsAfter?.current?.block,
-           let newBitmaps = PersistedBitmaps.read(io, block) {
+        if let oldBitmaps {
+            let now = store.bitmapsInMemory
             report.bitmapChanges = [
-                BitmapChange.between(oldBitmaps.clusters, newBitmaps.clusters, .clusters),
-                BitmapChange.between(oldBitmaps.metadataPages, newBitmaps.metadataPages, .metadataPages),
-                BitmapChange.between(oldBitmaps.blobIDs, newBitmaps.blobIDs, .blobIDs),
+                BitmapChange.between(oldBitmaps.clusters, now.clusters, .clusters),
+                BitmapChange.between(oldBitmaps.metadataPages, now.metadataPages, .metadataPages),
+                BitmapChange.between(oldBitmaps.blobIDs, now.blobIDs, .blobIDs),
             ].compactMap { $0 }
         } else {
             report.bitmapsWereUnreadable = true
         }
+        if options.dryRun {
+            if report.outcome != .incomplete { report.outcome = .planned }
+            report.remaining = before.problems
+            return report
+        }
+        let after = Verifier.verify(io)
+        report.after = after
+        if report.outcome != .incomplete { report.outcome = after.isConsistent ? .repaired : .incomplete }
+        report.fixed = before.problems.filter { !after.problems.contains($0) }
+        report.remaining = after.problems
         return report
     }
 }

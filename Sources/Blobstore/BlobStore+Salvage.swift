@@ -1,0 +1,662 @@
+import Bdev
+import Env
+
+/// One change a repair makes (or, in a dry run, would make).
+public struct RepairChange: Sendable, Equatable {
+    /// What kind of change, in snake_case: `super_block`, `table_page`, `blob_recovered`,
+    /// `blob_cut`, `blob_removed`, `clusters_unmapped`, `super_blob`, `log_replayed`,
+    /// `log_records_dropped`, `log_cleared`, and the file system's (`FileSystem.repair`).
+    public var kind: String
+    /// The blob it concerns, if one.
+    public var blob: UInt64?
+    public var text: String
+
+    public init(_ kind: String, blob: UInt64? = nil, _ text: String) {
+        self.kind = kind
+        self.blob = blob
+        self.text = text
+    }
+}
+
+/// What `BlobStore.salvage` found and changed in memory.
+public struct SalvageReport: Sendable {
+    /// The super block slot the salvage started from.
+    public var superBlockSlot: Int
+    public var changes: [RepairChange] = []
+    /// Blobs whose content (data, xattrs, size) may differ from what they held before the
+    /// damage: removed, cut to their readable metadata pages, clusters taken from them,
+    /// log records about them dropped.
+    public var affectedBlobs: Set<UInt64> = []
+    public var removedBlobs: Set<UInt64> = []
+    public var replayedTransactions = 0
+    public var discardedRecords = 0
+    public var droppedRecords = 0
+    /// The first LSN replay did not reach: transactions from there on are lost.
+    public var replayEndLSN: UInt64 = 0
+    public var logStop: FormatError?
+    /// The super blob as the super block named it (the file system's root is blob 0).
+    public var superBlobBefore: UInt64?
+}
+
+extension BlobStore {
+    /// Loads what can be read of a damaged store, for `fsck --repair`: where a load refuses,
+    /// this drops what is unreadable and keeps the rest, and says what it did. Nothing is
+    /// written; the caller checkpoints the result (both copies of the table and bitmaps
+    /// are written whole: `copyDifferences` is empty).
+    ///
+    /// - Super block: the valid slot with the higher sequence; without one, the fields of a
+    ///   checkpoint's announcement (they are the super block it announced from). Refused
+    ///   (typed error) when neither slot decodes or the device is smaller than the store.
+    /// - Blob table: a page that does not decode is taken from the other copy when the
+    ///   last checkpoint left that page the same there, else rebuilt from the metadata
+    ///   chains (the newest first page of each blob id it covers that the persisted
+    ///   bitmaps do not show free).
+    /// - Chains: a chain is read up to its first page that is unreadable, outside the
+    ///   store, of another blob, out of order, already in another chain or written after
+    ///   this super block; the blob keeps what the pages before it hold (its chain is
+    ///   rewritten) or, without them, is removed.
+    /// - Ownership: metadata pages come first; a cluster two blobs map, or that holds a
+    ///   metadata page, is unmapped from every blob that maps it (reads as zeros): no blob
+    ///   reads another's bytes.
+    /// - Log: committed transactions are replayed record by record; a record that does
+    ///   not apply (its blob is gone, its cluster is taken) is dropped. A `create blob`
+    ///   for an id in use, or an extent over another blob's cluster, wins over the
+    ///   checkpoint: the log is the newer of the two.
+    public static func salvage(_ io: BdevSyncIO) throws(BlobStoreError) -> (BlobStore, SalvageReport) {
+        let chosen = try chooseSuperBlock(io)
+        let store = BlobStore(io: io, superBlock: chosen.block)
+        var report = SalvageReport(superBlockSlot: chosen.slot)
+        report.changes = chosen.changes
+        report.superBlobBefore = chosen.block.superBlobID
+        let differing = inactiveCopyDifferences(chosen.block, otherSlot: chosen.other).map { pages in
+            let tablePages = chosen.block.table.pageCount
+            return (table: Set(pages.filter { UInt64($0) < tablePages }.map(Int.init)),
+                    bitmap: Set(pages.filter { UInt64($0) >= tablePages }.map { Int(UInt64($0) - tablePages) }))
+        }
+        let roots = try store.salvageTable(otherTableDiffers: differing?.table, otherBitmapDiffers: differing?.bitmap,
+                                           report: &report)
+        let walks = try store.walkChainsSalvaging(roots)
+        store.adoptSalvaged(walks, report: &report)
+        try store.replaySalvaging(report: &report)
+        _ = store.clusters.takeChangedPages()
+        _ = store.metadataPageBits.takeChangedPages()
+        _ = store.blobIDs.takeChangedPages()
+        store.copyDifferences = [:]
+        return (store, report)
+    }
+
+    // MARK: - Super block
+
+    private static func chooseSuperBlock(_ io: BdevSyncIO) throws(BlobStoreError)
+        -> (slot: Int, block: SuperBlock, other: SuperBlock?, changes: [RepairChange]) {
+        let raw = try readPages(io, at: 0, count: 2)
+        var decoded: [Result<SuperBlock, FormatError>] = []
+        for slot in 0..<2 {
+            do throws(FormatError) {
+                decoded.append(.success(try SuperBlock.decode(raw[(slot * pageBytes)..<((slot + 1) * pageBytes)],
+                                                              offset: UInt64(slot * pageBytes))))
+            } catch { decoded.append(.failure(error)) }
+        }
+        // Regular slots, newer first, then announcements: an announcement carries the fields
+        // of the super block it was announced from (which is current unless it is lost).
+        var candidates: [(slot: Int, block: SuperBlock, announced: Bool)] = []
+        for (slot, result) in decoded.enumerated() {
+            if case let .success(block) = result { candidates.append((slot, block, block.isCheckpointIntent)) }
+        }
+        candidates.sort { ($0.announced ? 1 : 0, $1.block.sequence) < ($1.announced ? 1 : 0, $0.block.sequence) }
+        guard !candidates.isEmpty else {
+            guard case let .failure(first) = decoded[0], case let .failure(second) = decoded[1] else {
+                throw .corrupt("no super block slot decodes")
+            }
+            throw .noSuperBlock(slot0: first, slot1: second)
+        }
+        let capacityPages = io.geometry.capacityBytes / UInt64(pageBytes)
+        var refusals: [String] = []
+        for candidate in candidates {
+            var block = candidate.block
+            let offset = UInt64(candidate.slot * pageBytes)
+            guard Int(block.blockSizeBytes) == io.geometry.blockSizeBytes else {
+                refusals.append("super block slot \(candidate.slot): formatted with \(block.blockSizeBytes)-byte blocks; the device has \(io.geometry.blockSizeBytes)")
+                continue
+            }
+            guard block.devicePages <= capacityPages else {
+                refusals.append("super block slot \(candidate.slot): a store of \(block.devicePages) pages on a device of \(io.geometry.capacityBytes) bytes (truncated image?)")
+                continue
+            }
+            if let error = block.bitmapRegionError(slotOffset: offset) {
+                refusals.append("\(error)")
+                continue
+            }
+            var changes: [RepairChange] = []
+            let otherSlot = 1 - candidate.slot
+            var other = try? decoded[otherSlot].get()
+            if candidate.announced {
+                guard block.sequence > 1 else { continue }
+                block.isCheckpointIntent = false
+                block.sequence -= 1
+                block.changedSincePrevious = nil
+                other = nil
+                changes.append(RepairChange("super_block", "super block slot \(candidate.slot) holds only the announcement of checkpoint \(block.sequence + 1): the super block it was announced from (sequence \(block.sequence)) is rebuilt from it"))
+            }
+            switch decoded[otherSlot] {
+            case let .failure(error):
+                changes.append(RepairChange("super_block", "\(error): slot \(otherSlot) is rewritten; the store is read from slot \(candidate.slot) (sequence \(block.sequence)), its log replayed from there"))
+            case let .success(otherBlock) where !otherBlock.isCheckpointIntent && otherBlock.sequence > block.sequence:
+                changes.append(RepairChange("super_block", "super block slot \(otherSlot) (sequence \(otherBlock.sequence)) cannot serve (\(refusals.first ?? "unusable")): the store is read from slot \(candidate.slot) (sequence \(block.sequence)); slot \(otherSlot) is rewritten"))
+            default:
+                break
+            }
+            return (candidate.slot, block, other, changes)
+        }
+        throw .geometry(refusals.joined(separator: "; "))
+    }
+
+    // MARK: - Blob table
+
+    /// Pages from `page` on, read in one request, or page by page where that fails (an
+    /// unreadable page is nil: a bad sector damages one page, not the whole read).
+    func readPagesTolerant(at page: UInt64, count: UInt64) -> [[UInt8]?] {
+        if let bytes = try? readPages(at: page, count: count) {
+            return (0..<Int(count)).map { Array(bytes[($0 * Self.pageBytes)..<(($0 + 1) * Self.pageBytes)]) }
+        }
+        return (0..<count).map { try? readPages(at: page + $0, count: 1) }
+    }
+
+    /// The table's roots, every page taken from the active copy, the other copy or the chains.
+    private func salvageTable(otherTableDiffers: Set<Int>?, otherBitmapDiffers: Set<Int>?,
+                              report: inout SalvageReport) throws(BlobStoreError) -> [(id: UInt64, root: UInt32)] {
+        let block = superBlock
+        let count = block.table.pageCount
+        let active = block.activeCopy
+        let activeStart = block.table.startPage + UInt64(active) * count
+        let otherStart = block.table.startPage + UInt64(1 - active) * count
+        let activePages = readPagesTolerant(at: activeStart, count: count)
+        var otherPages: [[UInt8]?]?
+        var roots: [(id: UInt64, root: UInt32)] = []
+        var lost: [(index: Int, problem: String)] = []
+        for index in 0..<Int(count) {
+            let problem: String
+            do throws(FormatError) {
+                guard let bytes = activePages[index] else {
+                    throw FormatError("blob table page \(index)", offset: (activeStart + UInt64(index)) * UInt64(Self.pageBytes),
+                                      .invalidField(name: "device read failed", value: 0))
+                }
+                let payload = try ArrayPage.decode(bytes[...], kind: .table, pageIndex: UInt32(index),
+                                                   offset: (activeStart + UInt64(index)) * UInt64(Self.pageBytes)).payload
+                roots += tableEntries(payload, page: index)
+                continue
+            } catch { problem = "\(error)" }
+            if let otherTableDiffers, !otherTableDiffers.contains(index) {
+                if otherPages == nil { otherPages = readPagesTolerant(at: otherStart, count: count) }
+                if let bytes = otherPages?[index],
+                   let payload = try? ArrayPage.decode(bytes[...], kind: .table, pageIndex: UInt32(index),
+                                                       offset: (otherStart + UInt64(index)) * UInt64(Self.pageBytes)).payload {
+                    roots += tableEntries(payload, page: index)
+                    report.changes.append(RepairChange("table_page", "\(problem): rebuilt from copy \(1 - active), which the last checkpoint left the same"))
+                    continue
+                }
+            }
+            lost.append((index, problem))
+        }
+        guard !lost.isEmpty else { return roots }
+        let perPage = UInt64(TablePage.entriesPerPage)
+        let lostPages = Set(lost.map { UInt64($0.index) })
+        let bits = PersistedBitLookup(self, otherDiffers: otherBitmapDiffers)
+        let found = scanChainHeads(wanted: { lostPages.contains($0 / perPage) }, bits: bits)
+        for (index, problem) in lost {
+            let ids = found.keys.filter { $0 / perPage == UInt64(index) }.sorted()
+            let listed = ids.prefix(32).map { "\($0) (page \(found[$0]!.page))" }.joined(separator: ", ")
+            report.changes.append(RepairChange("table_page", "\(problem): rebuilt from the metadata chains: \(ids.count) blobs found"
+                + (ids.isEmpty ? "" : ": " + listed + (ids.count > 32 ? ", …" : ""))))
+            for id in ids {
+                roots.append((id, found[id]!.page))
+                report.changes.append(RepairChange("blob_recovered", blob: id, "blob \(id): found by the first page of its chain (metadata page \(found[id]!.page), written by checkpoint \(found[id]!.sequence))"))
+            }
+            // Blobs the bitmap (or the other copy's page, however old) says existed, whose
+            // first page the scan did not find: lost with their table entry. Named, so
+            // that nobody takes what they held for intact.
+            var known = Set<UInt64>()
+            let first = UInt64(index) * perPage
+            for id in first..<min(first + perPage, block.blobIDLimit) where bits.blobID(id) == true { known.insert(id) }
+            if otherPages == nil { otherPages = readPagesTolerant(at: otherStart, count: count) }
+            if let bytes = otherPages?[index],
+               let payload = try? ArrayPage.decode(bytes[...], kind: .table, pageIndex: UInt32(index),
+                                                   offset: (otherStart + UInt64(index)) * UInt64(Self.pageBytes)).payload {
+                known.formUnion(tableEntries(payload, page: index).map(\.id))
+            }
+            for id in known.subtracting(ids).sorted() {
+                report.removedBlobs.insert(id)
+                report.affectedBlobs.insert(id)
+                report.changes.append(RepairChange("blob_lost", blob: id, "blob \(id): in use as far as the bitmaps or the other table copy say, but neither its table entry nor the first page of its chain can be read: lost"))
+            }
+        }
+        return roots.sorted { $0.id < $1.id }
+    }
+
+    private func tableEntries(_ payload: ArraySlice<UInt8>, page: Int) -> [(id: UInt64, root: UInt32)] {
+        var roots: [(id: UInt64, root: UInt32)] = []
+        for entry in 0..<TablePage.entriesPerPage {
+            let id = UInt64(page * TablePage.entriesPerPage + entry)
+            guard id < superBlock.blobIDLimit else { break }
+            let at = payload.startIndex + entry * 4
+            let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16 | UInt32(payload[at + 3]) << 24
+            if value != 0 { roots.append((id, value - 1)) }
+        }
+        return roots
+    }
+
+    /// The first pages of chains whose blob `wanted` takes, in the metadata page region and
+    /// (with the feature) in clusters the persisted bitmap does not show free: for each
+    /// blob, the one the latest checkpoint wrote, not after this super block's, whose blob
+    /// id and page the persisted bitmaps do not show free.
+    private func scanChainHeads(wanted: (UInt64) -> Bool, bits: PersistedBitLookup) -> [UInt64: (page: UInt32, sequence: UInt64)] {
+        var best: [UInt64: (page: UInt32, sequence: UInt64)] = [:]
+        let block = superBlock
+        func consider(_ pageID: UInt32, _ bytes: [UInt8]) {
+            let offset = block.metadataPageAddress(pageID) * UInt64(Self.pageBytes)
+            guard let page = try? MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID), page.chainIndex == 0,
+                  page.blobID < block.blobIDLimit, wanted(page.blobID), page.checkpointSequence <= block.sequence,
+                  bits.blobID(page.blobID) != false, bits.metadataPage(pageID, block) != false else { return }
+            if let known = best[page.blobID], known.sequence >= page.checkpointSequence { return }
+            best[page.blobID] = (pageID, page.checkpointSequence)
+        }
+        let region = block.metadataPages.pageCount
+        for start in stride(from: UInt64(0), to: region, by: Self.chainReadBatch) {
+            let count = min(UInt64(Self.chainReadBatch), region - start)
+            for (offset, bytes) in readPagesTolerant(at: block.metadataPages.startPage + start, count: count).enumerated() {
+                if let bytes { consider(UInt32(start) + UInt32(offset), bytes) }
+            }
+        }
+        let inClusters = block.metadataPageIDLimit - region
+        var cluster: UInt64 = 0
+        while cluster < inClusters {
+            guard bits.cluster(cluster) != false else {
+                cluster += 1
+                continue
+            }
+            var end = cluster + 1
+            while end < inClusters, end - cluster < UInt64(Self.chainReadBatch), bits.cluster(end) != false { end += 1 }
+            for (offset, bytes) in readPagesTolerant(at: block.dataStartPage + cluster, count: end - cluster).enumerated() {
+                if let bytes { consider(UInt32(region + cluster) + UInt32(offset), bytes) }
+            }
+            cluster = end
+        }
+        return best
+    }
+
+    // MARK: - Chains
+
+    /// One blob's chain as far as it reads.
+    struct SalvageWalk {
+        let id: UInt64
+        var pages: [MetadataPage.Page] = []
+        var ids: [UInt32] = []
+        var next: UInt32?
+        /// Why the walk stopped before the chain's end.
+        var problem: String?
+    }
+
+    private func walkChainsSalvaging(_ roots: [(id: UInt64, root: UInt32)]) throws(BlobStoreError) -> [SalvageWalk] {
+        let buffer: DMABuffer
+        do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
+        let block = superBlock
+        var claimed: [UInt32: UInt64] = [:]
+        var result: [SalvageWalk] = []
+        result.reserveCapacity(roots.count)
+        for batchStart in stride(from: 0, to: roots.count, by: Self.chainReadBatch) {
+            var walks = roots[batchStart..<min(roots.count, batchStart + Self.chainReadBatch)].map { SalvageWalk(id: $0.id, next: $0.root) }
+            while true {
+                var step: [Int] = []
+                for index in walks.indices {
+                    guard let pageID = walks[index].next else { continue }
+                    guard UInt64(pageID) < block.metadataPageIDLimit else {
+                        walks[index].problem = "blob \(walks[index].id): chain points at metadata page \(pageID), outside the store's \(block.metadataPageIDLimit)"
+                        walks[index].next = nil
+                        continue
+                    }
+                    step.append(index)
+                }
+                if step.isEmpty { break }
+                let pageIDs = step.map { walks[$0].next! }
+                let pages: [[UInt8]?]
+                if let bytes = try? Self.readMetadataPages(io, block, pageIDs, buffer: buffer) {
+                    pages = pageIDs.indices.map { Array(bytes[($0 * Self.pageBytes)..<(($0 + 1) * Self.pageBytes)]) }
+                } else {
+                    pages = pageIDs.map { try? readPages(at: block.metadataPageAddress($0), count: 1) }
+                }
+                for (slot, index) in step.enumerated() {
+                    let pageID = pageIDs[slot]
+                    let id = walks[index].id
+                    let offset = block.metadataPageAddress(pageID) * UInt64(Self.pageBytes)
+                    walks[index].next = nil
+                    if let owner = claimed[pageID] {
+                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset) is in the chain of blob \(owner)"
+                        continue
+                    }
+                    guard let bytes = pages[slot] else {
+                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset): the device cannot read it"
+                        continue
+                    }
+                    let page: MetadataPage.Page
+                    do throws(FormatError) { page = try MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID) } catch {
+                        walks[index].problem = "blob \(id): \(error)"
+                        continue
+                    }
+                    let position = walks[index].pages.count
+                    if page.blobID != id {
+                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 8) belongs to blob \(page.blobID)"
+                    } else if page.chainIndex != UInt32(truncatingIfNeeded: position) {
+                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 16) is page \(page.chainIndex) of a chain, where page \(position) was expected"
+                    } else if page.checkpointSequence > block.sequence {
+                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 24) was written by checkpoint \(page.checkpointSequence), after this super block's \(block.sequence) (the page was reused)"
+                    } else {
+                        claimed[pageID] = id
+                        walks[index].pages.append(page)
+                        walks[index].ids.append(pageID)
+                        walks[index].next = page.nextPage
+                    }
+                }
+            }
+            result += walks
+        }
+        return result
+    }
+
+    /// Decodes each walk into its blob (cut to the pages that decode together), takes
+    /// ownership of pages and clusters with conflicts resolved, and installs the result.
+    private func adoptSalvaged(_ walks: [SalvageWalk], report: inout SalvageReport) {
+        var kept: [(blob: BlobMetadata, chain: [UInt32])] = []
+        for walk in walks {
+            var keep = walk.pages.count
+            var problem = walk.problem
+            var blob: BlobMetadata?
+            while keep > 0 {
+                let ids = Array(walk.ids[0..<keep])
+                let offsets = ids.map { superBlock.metadataPageAddress($0) * UInt64(Self.pageBytes) }
+                do throws(FormatError) {
+                    blob = try MetadataPage.decodeBlob(Array(walk.pages[0..<keep]), pageIDs: ids, offsets: offsets,
+                                                       clusterLimit: superBlock.clusterCount)
+                    break
+                } catch {
+                    // The page the error names goes, with those after it.
+                    problem = "blob \(walk.id): \(error)"
+                    if let page = offsets.firstIndex(where: { $0 <= error.offset && error.offset < $0 + UInt64(Self.pageBytes) }),
+                       page < keep - 1 {
+                        keep = page
+                    } else {
+                        keep -= 1
+                    }
+                }
+            }
+            guard let blob else {
+                report.removedBlobs.insert(walk.id)
+                report.affectedBlobs.insert(walk.id)
+                report.changes.append(RepairChange("blob_removed", blob: walk.id,
+                    "\(problem ?? "blob \(walk.id): no readable metadata"): the blob is removed from the table; its clusters and metadata pages are free"))
+                continue
+            }
+            if let problem {
+                report.affectedBlobs.insert(walk.id)
+                let mapped = blob.extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+                report.changes.append(RepairChange("blob_cut", blob: walk.id,
+                    "\(problem): the blob keeps what its first \(keep) metadata page\(keep == 1 ? "" : "s") hold (\(blob.clusterCount) clusters of size, \(mapped) mapped, \(blob.xattrs.count) xattrs, \(blob.internalXattrs.count) internal xattrs); what the rest held is lost and its chain is rewritten"))
+            }
+            kept.append((blob, Array(walk.ids[0..<keep])))
+        }
+        // Metadata pages first: a cluster holding a live chain page is the chain's.
+        var metadataClusters: Set<UInt64> = []
+        for (_, chain) in kept {
+            for page in chain {
+                if let cluster = superBlock.metadataPageCluster(page) {
+                    clusters.set(cluster)
+                    metadataClusters.insert(cluster)
+                    metadataPagesInClusterCount += 1
+                } else {
+                    metadataPageBits.set(UInt64(page))
+                }
+            }
+        }
+        var contested: Set<UInt64> = []
+        for (blob, _) in kept {
+            for extent in blob.extents {
+                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
+                    if clusters[cluster] { contested.insert(cluster) } else { clusters.set(cluster) }
+                }
+            }
+        }
+        var claimants: [UInt64: [UInt64]] = [:]
+        if !contested.isEmpty {
+            for index in kept.indices {
+                var blob = kept[index].blob
+                var lost: [UInt64] = []
+                blob.extents = blob.extents.flatMap { extent -> [Extent] in
+                    var pieces: [Extent] = []
+                    var start: UInt64?
+                    for offset in 0..<UInt64(extent.count) {
+                        let cluster = extent.firstCluster + offset
+                        if contested.contains(cluster) {
+                            lost.append(cluster)
+                            if let first = start {
+                                pieces.append(Extent(clusterIndex: extent.clusterIndex + first, count: UInt32(offset - first),
+                                                     firstCluster: extent.firstCluster + first))
+                                start = nil
+                            }
+                        } else if start == nil {
+                            start = offset
+                        }
+                    }
+                    if let first = start {
+                        pieces.append(Extent(clusterIndex: extent.clusterIndex + first, count: UInt32(UInt64(extent.count) - first),
+                                             firstCluster: extent.firstCluster + first))
+                    }
+                    return pieces
+                }
+                guard !lost.isEmpty else { continue }
+                for cluster in lost { claimants[cluster, default: []].append(blob.id) }
+                kept[index].blob = blob
+            }
+            for cluster in contested where !metadataClusters.contains(cluster) { clusters.clear(cluster) }
+            var byBlob: [UInt64: [UInt64]] = [:]
+            for (cluster, owners) in claimants { for owner in owners { byBlob[owner, default: []].append(cluster) } }
+            for (id, lost) in byBlob.sorted(by: { $0.key < $1.key }) {
+                let sorted = lost.sorted()
+                let others = Set(sorted.flatMap { cluster in
+                    (claimants[cluster] ?? []).filter { $0 != id }.map { "blob \($0)" } + (metadataClusters.contains(cluster) ? ["a metadata page"] : [])
+                }).sorted()
+                report.affectedBlobs.insert(id)
+                report.changes.append(RepairChange("clusters_unmapped", blob: id,
+                    "blob \(id): \(sorted.count) cluster\(sorted.count == 1 ? "" : "s") it maps \(sorted.count == 1 ? "is" : "are") also claimed by \(others.joined(separator: ", ")) — unmapped from every blob (\(sorted.count == 1 ? "it reads" : "they read") as zeros): \(sorted.prefix(32).map(String.init).joined(separator: ", "))\(sorted.count > 32 ? ", …" : "")"))
+            }
+        }
+        for (blob, chain) in kept {
+            blobs[blob.id] = blob
+            durableChains[blob.id] = chain
+            blobIDs.set(blob.id)
+            if report.affectedBlobs.contains(blob.id) { markRewritten(blob.id) }
+        }
+        if let superBlob = superBlock.superBlobID, blobs[superBlob] == nil {
+            superBlock.superBlobID = nil
+            report.changes.append(RepairChange("super_blob", blob: superBlob, "super blob \(superBlob) is gone: the store names none"))
+        }
+    }
+
+    /// The next checkpoint writes the blob's chain afresh (as after a change by a record).
+    private func markRewritten(_ id: UInt64) {
+        dirtyBlobs.insert(id)
+        guard blobs[id] != nil, countedDirty.insert(id).inserted else { return }
+        dirtyChainPages += chainPagesEstimate(id)
+    }
+
+    // MARK: - Log
+
+    private func replaySalvaging(report: inout SalvageReport) throws(BlobStoreError) {
+        let block = superBlock
+        let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
+                                   storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
+            let page = block.log.startPage + sequence % block.log.pageCount
+            return (try self.readPages(at: page, count: 1), page * UInt64(Self.pageBytes))
+        }
+        var dropped: [UInt64: (count: Int, first: UInt64, last: UInt64, why: String)] = [:]
+        var storeWide: [String] = []
+        for transaction in scan.transactions {
+            for logged in transaction {
+                do { try applySalvaging(logged.record, report: &report) } catch {
+                    report.droppedRecords += 1
+                    guard let id = logged.record.blobID else {
+                        storeWide.append("LSN \(logged.lsn) (\(logged.record)): \(error)")
+                        continue
+                    }
+                    report.affectedBlobs.insert(id)
+                    if let known = dropped[id] {
+                        dropped[id] = (known.count + 1, known.first, logged.lsn, known.why)
+                    } else {
+                        dropped[id] = (1, logged.lsn, logged.lsn, "\(error)")
+                    }
+                }
+            }
+        }
+        logHead = scan.endSequence
+        nextLSN = scan.nextLSN
+        lastScan = scan
+        report.replayedTransactions = scan.transactions.count
+        report.discardedRecords = scan.uncommittedRecords
+        report.replayEndLSN = scan.nextLSN
+        report.logStop = scan.stop
+        if !scan.transactions.isEmpty || scan.uncommittedRecords > 0 {
+            let lsns = scan.transactions.first.flatMap { first in scan.transactions.last.map { (first.first?.lsn, $0.last?.lsn) } }
+            report.changes.append(RepairChange("log_replayed",
+                "log: replayed \(scan.transactions.count) committed transactions"
+                    + (lsns.flatMap { pair in pair.0.flatMap { a in pair.1.map { " (LSN \(a)–\($0))" } } } ?? "")
+                    + (scan.uncommittedRecords > 0 ? ", discarded \(scan.uncommittedRecords) records of a transaction without its commit" : "")
+                    + "; the valid log ends there" + (scan.stop.map { " (\($0))" } ?? "")))
+        }
+        for (id, entry) in dropped.sorted(by: { $0.key < $1.key }) {
+            report.changes.append(RepairChange("log_records_dropped", blob: id,
+                "log: dropped \(entry.count) record\(entry.count == 1 ? "" : "s") about blob \(id) (LSN \(entry.first)\(entry.count > 1 ? "–\(entry.last)" : "")): \(entry.why)"))
+        }
+        for text in storeWide { report.changes.append(RepairChange("log_records_dropped", "log: dropped \(text)")) }
+    }
+
+    /// Applies one replayed record to a salvaged state; throws, changing nothing, when it
+    /// does not apply. Where the record and the checkpoint disagree about who owns an id
+    /// or a cluster, the record wins: it is the newer.
+    private func applySalvaging(_ record: LogRecord, report: inout SalvageReport) throws(BlobStoreError) {
+        switch record {
+        case let .createBlob(id) where id < superBlock.blobIDLimit && blobs[id] != nil:
+            try apply(.deleteBlob(id: id), replaying: true)
+            report.affectedBlobs.insert(id)
+            report.changes.append(RepairChange("blob_removed", blob: id,
+                "blob \(id): the log creates it anew after the checkpoint, so the blob the checkpoint had under that id is stale: removed"))
+        case let .mapExtent(id, extent) where blobs[id] != nil && extent.firstCluster <= superBlock.clusterCount
+            && UInt64(extent.count) <= superBlock.clusterCount - extent.firstCluster:
+            var taken: [(cluster: UInt64, owner: UInt64, index: UInt64)] = []
+            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) where clusters[cluster] {
+                guard let (owner, index) = extentOwner(of: cluster), owner != id else {
+                    throw .corrupt("replaying \(record): cluster \(cluster) holds a metadata page or is the blob's already")
+                }
+                taken.append((cluster, owner, index))
+            }
+            for (cluster, owner, index) in taken {
+                try apply(.unmapClusters(id: owner, clusterIndex: index, count: 1), replaying: true)
+                report.affectedBlobs.insert(owner)
+                report.changes.append(RepairChange("clusters_unmapped", blob: owner,
+                    "blob \(owner): cluster \(cluster) (its cluster \(index)) is mapped to blob \(id) by the log after the checkpoint: unmapped from blob \(owner) (reads as zeros)"))
+            }
+        default:
+            break
+        }
+        try apply(record, replaying: true)
+    }
+
+    /// The blob whose extents map device cluster `cluster`, and the blob cluster it maps
+    /// (a walk over every blob: only for the rare conflict).
+    private func extentOwner(of cluster: UInt64) -> (UInt64, UInt64)? {
+        for (id, blob) in blobs {
+            for extent in blob.extents where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
+                return (id, extent.clusterIndex + (cluster - extent.firstCluster))
+            }
+        }
+        return nil
+    }
+
+    /// After a repair's checkpoint: overwrites with zeros every page of the log region that
+    /// holds a page of this store at or after the tail. Replay stops before them today,
+    /// but after new commits fill the pages before them they could line up with the next
+    /// sequence and LSN and be replayed as if they were new. Returns the sequences cleared.
+    public func clearStaleLogPages() throws(BlobStoreError) -> [UInt64] {
+        let block = superBlock
+        var cleared: [UInt64] = []
+        let zeros = [UInt8](repeating: 0, count: Self.pageBytes)
+        for start in stride(from: UInt64(0), to: block.log.pageCount, by: Self.chainReadBatch) {
+            let count = min(UInt64(Self.chainReadBatch), block.log.pageCount - start)
+            for (offset, bytes) in readPagesTolerant(at: block.log.startPage + start, count: count).enumerated() {
+                let page = block.log.startPage + start + UInt64(offset)
+                guard let bytes, let decoded = try? LogPage.decode(bytes[...], offset: page * UInt64(Self.pageBytes)),
+                      decoded.storeTag == block.storeID.0, decoded.sequence >= block.logTailSequence else { continue }
+                try writePages(at: page, zeros)
+                cleared.append(decoded.sequence)
+            }
+        }
+        if !cleared.isEmpty { try flush() }
+        return cleared.sorted()
+    }
+
+    /// Bitmaps as the store holds them in memory (after a checkpoint: as persisted).
+    public var bitmapsInMemory: PersistedBitmaps {
+        PersistedBitmaps(clusters: clusters, metadataPages: metadataPageBits, blobIDs: blobIDs)
+    }
+}
+
+/// Bits of the persisted bitmaps, page by page: from the active copy, or from the other
+/// copy where the active page does not decode and the last checkpoint left the two the
+/// same; nil where neither says.
+struct PersistedBitLookup {
+    private var pages: [ArraySlice<UInt8>?]
+    private let clusterStart: Int
+    private let metadataStart: Int
+    private let idStart: Int
+
+    init(_ store: BlobStore, otherDiffers: Set<Int>?) {
+        let block = store.superBlock
+        let count = block.bitmaps.pageCount
+        let activeStart = block.bitmaps.startPage + UInt64(block.activeCopy) * count
+        let otherStart = block.bitmaps.startPage + UInt64(1 - block.activeCopy) * count
+        let layout = BlobStore.BitmapLayout(block)
+        clusterStart = 0
+        metadataStart = layout.metadataStart
+        idStart = layout.idStart
+        var pages: [ArraySlice<UInt8>?] = []
+        var other: [[UInt8]?]?
+        for (index, bytes) in store.readPagesTolerant(at: activeStart, count: count).enumerated() {
+            let offset = (activeStart + UInt64(index)) * UInt64(SuperBlock.pageBytes)
+            if let bytes, let payload = try? ArrayPage.decode(bytes[...], kind: .bitmap, pageIndex: UInt32(index), offset: offset).payload {
+                pages.append(payload)
+                continue
+            }
+            if let otherDiffers, !otherDiffers.contains(index) {
+                if other == nil { other = store.readPagesTolerant(at: otherStart, count: count) }
+                if let bytes = other?[index],
+                   let payload = try? ArrayPage.decode(bytes[...], kind: .bitmap, pageIndex: UInt32(index), offset: 0).payload {
+                    pages.append(payload)
+                    continue
+                }
+            }
+            pages.append(nil)
+        }
+        self.pages = pages
+    }
+
+    private func bit(_ index: UInt64, from start: Int) -> Bool? {
+        let page = start + Int(index / UInt64(BitmapPage.bitsPerPage))
+        guard page < pages.count, let payload = pages[page] else { return nil }
+        let within = Int(index % UInt64(BitmapPage.bitsPerPage))
+        return payload[payload.startIndex + within / 8] >> (within % 8) & 1 == 1
+    }
+
+    func cluster(_ cluster: UInt64) -> Bool? { bit(cluster, from: clusterStart) }
+    func blobID(_ id: UInt64) -> Bool? { bit(id, from: idStart) }
+    func metadataPage(_ page: UInt32, _ block: SuperBlock) -> Bool? {
+        if let cluster = block.metadataPageCluster(page) { return self.cluster(cluster) }
+        return bit(UInt64(page), from: metadataStart)
+    }
+}
