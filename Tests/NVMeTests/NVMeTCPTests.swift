@@ -223,6 +223,13 @@ final class NVMeTCPTests: XCTestCase {
         while target.state.fatal && MonotonicClock.nowNs() < deadline { usleep(20_000) }
         XCTAssertFalse(target.state.fatal, "a new association enabled the controller again")
         XCTAssertEqual(try io.readBytes(offsetBlocks: 9, countBlocks: 1), [UInt8](repeating: 7, count: 4096))
+        // The I/O queue moves to the new association when it next submits after the
+        // admin queue made it (a read racing the re-association may still go out on the
+        // old connection): keep reading until it has.
+        while target.state.connectsSeen < connectsBefore + 2 && MonotonicClock.nowNs() < deadline {
+            XCTAssertEqual(try io.readBytes(offsetBlocks: 9, countBlocks: 1), [UInt8](repeating: 7, count: 4096))
+            usleep(20_000)
+        }
         XCTAssertGreaterThanOrEqual(target.state.connectsSeen, connectsBefore + 2, "admin and I/O queue connected again")
         io.close()
     }
