@@ -9,6 +9,7 @@
 #      anyone asking (the log goes at the next checkpoint); after unmount (a checkpoint),
 #      within 1 %. fstrim over /dev/fuse works there too.
 #   3. blobcli trim IMAGE, offline after unmount; it refuses the image while mounted.
+#   4. through the NVMe driver (nvme-emu:), 256 MiB on a 1 GiB image: -o discard, fstrim.
 # "Empty" is a fresh image after mkfs, mount and unmount. fsck is clean after each way,
 # and the daemons' request ledgers hold no unanswered or twice-answered request.
 # Every mount is unmounted and every daemon this script started gone when it ends.
@@ -149,6 +150,29 @@ else
   record FAIL "mount for blobcli trim"
 fi
 echo "    blobcli trim: $((SECONDS - start)) s"
+
+# 4. The same through the NVMe driver (nvme-emu:, unmap = Write Zeroes with deallocate),
+#    smaller: 256 MiB on a 1 GiB image, -o discard then fstrim.
+start=$SECONDS
+"$BLOBFS" mkfs "$work/d.img" --size 1G > /dev/null 2>> "$work/tools.log"
+mount_image "nvme-emu:$work/d.img" && "$BLOBFS" unmount "$mnt"
+empty=$(allocated "$work/d.img")
+echo "    empty 1G file system: $(kib "$empty") allocated"
+if mount_image "nvme-emu:$work/d.img" discard; then
+  SIZE_MB=256 fill_and_delete "$work/d.img" || record FAIL "writing 256 MiB through the mount"
+  for _ in $(seq 100); do
+    [ $(($(allocated "$work/d.img") * 100)) -le $((empty * 101 + $(live_log_bytes "$work/d.img") * 100)) ] && break
+    sleep 0.2
+  done
+  within_one_percent "nvme-emu: -o discard, mounted" "$(allocated "$work/d.img")" "$(live_log_bytes "$work/d.img")"
+  check "nvme-emu: fstrim" fstrim "$mnt"
+  check "unmount" "$BLOBFS" unmount "$mnt"
+  within_one_percent "nvme-emu: after fstrim and unmount" "$(allocated "$work/d.img")"
+  check "fsck after nvme-emu:" "$BLOBFS" fsck "nvme-emu:$work/d.img"
+else
+  record FAIL "mount nvme-emu: -o discard"
+fi
+echo "    nvme-emu: $((SECONDS - start)) s"
 
 ledger_clean() { ! grep -E "unanswered for|never answered|answered twice" "$work/daemon.log"; }
 check "every request answered exactly once (daemon logs)" ledger_clean
