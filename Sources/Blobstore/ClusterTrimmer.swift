@@ -112,6 +112,9 @@ public final class ClusterTrimmer: BdevCompletionHandler {
     /// explicit trim; answers a trim that finished. The trimmer's poller.
     func poll() -> PollStatus {
         var worked = false
+        // Released clusters whose handles have settled join the queue now, not at the next
+        // allocating write (which is when allocation would take them back).
+        if store.discardsReleasedClusters { store.reclaimReleasedClusters() }
         while !freeSlots.isEmpty, store.hasDiscardsReady {
             for run in store.takeDiscards(runsMax: freeSlots.count, clustersMax: Self.runBytesMax / clusterBytes) {
                 submit(run, job: nil)
@@ -176,10 +179,10 @@ public final class ClusterTrimmer: BdevCompletionHandler {
     /// Submits every ready discard and finishes every trim, polling until nothing is in
     /// flight (before unloading the store). Call on the store's thread.
     public func drain() {
-        while store.hasDiscardsReady || inFlight > 0 || !jobs.isEmpty {
+        repeat {
             _ = poll()
             _ = channel.poll()
-        }
+        } while store.hasDiscardsReady || inFlight > 0 || !jobs.isEmpty
     }
 
     /// Drains, then stops the poller and closes the channel (once).
