@@ -158,7 +158,8 @@ public final class ClusterTrimmer: BdevCompletionHandler {
         slots[Int(tag)] = nil
         freeSlots.append(Int(tag))
         entry.job?.inFlight -= 1
-        if case let .failed(error) = status { finished(entry.run, job: entry.job, error: error) } else { finished(entry.run, job: entry.job, error: nil) }
+        let error: BdevError? = if case let .failed(error) = status { error } else { nil }
+        finished(entry.run, job: entry.job, error: error)
     }
 
     /// An unmap ended: its clusters go back to allocation (free whether the device
@@ -169,6 +170,10 @@ public final class ClusterTrimmer: BdevCompletionHandler {
         if let job {
             if let error { job.error = job.error ?? .device(error) } else { job.trimmedBytes += bytes }
         } else if let error {
+            // Said once: a device that refuses unmaps refuses them all.
+            if failedDiscards == 0 {
+                Log.logger("blobstore.discard").warning("online discard: the device failed an unmap (\(error)); its clusters are free all the same")
+            }
             failedDiscards += 1
             lastDiscardError = error
         } else {
