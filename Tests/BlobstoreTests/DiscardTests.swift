@@ -21,8 +21,11 @@ final class DiscardTests: XCTestCase {
         var store: BlobStore
         var trimmer: ClusterTrimmer
 
-        init(blocks: UInt64 = 1024, discard: Bool = true, options: BlobStore.Options = BlobStoreTests.options) throws {
-            fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: blocks)))
+        /// `pages`: the device's size in 4 KiB pages, whatever its block size.
+        init(pages: UInt64 = 1024, blockSize: Int = 4096, discard: Bool = true,
+             options: BlobStore.Options = BlobStoreTests.options) throws {
+            fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: pages * UInt64(4096 / blockSize),
+                                                                     blockSizeBytes: blockSize)))
             device = Bdev(backend: fault)
             io = try BdevSyncIO(bdev: device, reactor: reactor)
             store = try BlobStore.format(io, options: options)
@@ -42,7 +45,7 @@ final class DiscardTests: XCTestCase {
             return try answer!.get()
         }
 
-        /// Device blocks of blob `id`'s clusters.
+        /// Device blocks of blob `id`'s clusters (4 KiB blocks).
         func blocks(of id: UInt64) -> [UInt64] {
             store.blob(id)!.extents.flatMap { extent in
                 (0..<UInt64(extent.count)).map { store.clusterOffsetBytes(extent.firstCluster + $0) / 4096 }
@@ -86,9 +89,9 @@ final class DiscardTests: XCTestCase {
         return id
     }
 
-    /// Every unmap since the last call touched only blocks nothing in `store` uses: no
+    /// Every unmap since the last call touched only pages nothing in `store` uses: no
     /// blob's cluster, no chain page of the checkpoint, no log page replay reads, no super
-    /// block, table or bitmap page.
+    /// block, table or bitmap page (live pages in 4 KiB pages, unmaps in device blocks).
     @discardableResult
     static func checkUnmaps(_ fault: FaultBdev, _ store: BlobStore,
                             _ context: String) -> [(writeIndex: UInt64, offsetBlocks: UInt64, countBlocks: UInt64)] {
@@ -107,9 +110,11 @@ final class DiscardTests: XCTestCase {
             }
         }
         let unmaps = fault.takeUnmaps()
+        let blocksPerPage = UInt64(4096 / fault.geometry.blockSizeBytes)
         for unmap in unmaps {
-            let hit = (unmap.offsetBlocks..<(unmap.offsetBlocks + unmap.countBlocks)).first { live.contains($0) }
-            XCTAssertNil(hit, "\(context): unmap of blocks \(unmap.offsetBlocks)+\(unmap.countBlocks) hits live block \(hit ?? 0)")
+            let pages = (unmap.offsetBlocks / blocksPerPage)...((unmap.offsetBlocks + unmap.countBlocks - 1) / blocksPerPage)
+            let hit = pages.first { live.contains($0) }
+            XCTAssertNil(hit, "\(context): unmap of blocks \(unmap.offsetBlocks)+\(unmap.countBlocks) hits live page \(hit ?? 0)")
         }
         return unmaps
     }
@@ -434,10 +439,19 @@ final class DiscardTests: XCTestCase {
     /// would read zeros), every blob synced and not deleted is there, and no unmap ever
     /// touched a block in use when it was submitted.
     func testPowerCutDuringDiscardsLosesNothing() throws {
+        try powerCutAtEveryWriteAndUnmap(blockSize: 4096, seeds: BlobStoreCrashTests.seedCount(4))
+    }
+
+    /// The same on 512-byte blocks (a cluster is 8 blocks; unmaps and tears in sectors).
+    func testPowerCutDuringDiscardsLosesNothingOn512ByteBlocks() throws {
+        try powerCutAtEveryWriteAndUnmap(blockSize: 512, seeds: BlobStoreCrashTests.seedCount(2))
+    }
+
+    private func powerCutAtEveryWriteAndUnmap(blockSize: Int, seeds: UInt64) throws {
         let total: UInt64
         var unmapIndices = Set<UInt64>()
         do {
-            let rig = try Rig()
+            let rig = try Rig(blockSize: blockSize)
             // What the reference run unmaps (checkUnmaps takes them after each step).
             let outcome = Self.run(rig, context: "no cut") { unmapIndices.formUnion($0.map(\.writeIndex)) }
             XCTAssertTrue(outcome.completed)
@@ -446,10 +460,10 @@ final class DiscardTests: XCTestCase {
         }
         XCTAssertGreaterThan(unmapIndices.count, 8, "the workload unmaps: online, after checkpoints, in trims")
         for cut in 1...total {
-            for seed in UInt64(0)..<BlobStoreCrashTests.seedCount(4) {
-                let rig = try Rig()
+            for seed in UInt64(0)..<seeds {
+                let rig = try Rig(blockSize: blockSize)
                 rig.fault.powerCut(afterWrites: cut)
-                let context = "cut \(cut), seed \(seed)"
+                let context = "\(blockSize)-byte blocks, cut \(cut), seed \(seed)"
                 let expected = Self.run(rig, context: context)
                 let loaded = try rig.crashAndLoad(.random(seed: seed), context)
                 var found: [String: UInt64] = [:]
@@ -462,9 +476,10 @@ final class DiscardTests: XCTestCase {
                     XCTAssertTrue(expected.mayExist[name]?.contains(blob.clusterCount) ?? false,
                                   "\(context): \(name) of \(blob.clusterCount) clusters")
                     found[name] = blob.clusterCount
+                    let units = UInt64(4096 / loaded.ioUnitBytes)
                     for extent in blob.extents {
                         for index in extent.clusterIndex..<(extent.clusterIndex + UInt64(extent.count)) {
-                            XCTAssertTrue(try loaded.read(blob: id, offsetUnits: index, countUnits: 1) == Self.pattern(name, index),
+                            XCTAssertTrue(try loaded.read(blob: id, offsetUnits: index * units, countUnits: units) == Self.pattern(name, index),
                                           "\(context): cluster \(index) of \(name) does not hold its bytes")
                         }
                     }
