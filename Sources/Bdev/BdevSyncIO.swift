@@ -112,6 +112,30 @@ public final class BdevSyncIO: BdevCompletionHandler {
         }
     }
 
+    /// Unmaps every range, up to the channel's queue depth in flight; returns when all
+    /// have completed. The first error is thrown, after every submitted unmap completed.
+    public func unmapScattered(_ ranges: some Collection<(offsetBlocks: UInt64, countBlocks: UInt64)>) throws(BdevError) {
+        var submitError: BdevError?
+        for range in ranges {
+            if channel.inFlight >= channel.queueDepth {
+                channel.reactor.run(until: { channel.inFlight < channel.queueDepth })
+            }
+            do {
+                try channel.unmap(offsetBlocks: range.offsetBlocks, countBlocks: range.countBlocks, handler: self)
+            } catch {
+                submitError = error
+                break
+            }
+            outstanding += 1
+            if firstError != nil { break }
+        }
+        channel.reactor.run(until: { outstanding == 0 })
+        if let error = submitError ?? firstError {
+            firstError = nil
+            throw error
+        }
+    }
+
     /// Reads `countBlocks` blocks into a new array (tests and tools).
     public func readBytes(offsetBlocks: UInt64, countBlocks: UInt64) throws(BdevError) -> [UInt8] {
         let bytes = Int(countBlocks) * geometry.blockSizeBytes

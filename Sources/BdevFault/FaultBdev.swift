@@ -61,6 +61,16 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
     public var unflushedWriteCount: Int { state.withLock { $0.records.count } }
     public var isPoweredOff: Bool { state.withLock { $0.poweredOff } }
 
+    /// The unmaps accepted since the last call (their index among the writes, offset and
+    /// length in blocks), in order: what a test checks against the blocks that were live
+    /// when each was submitted, and where it cuts the power.
+    public func takeUnmaps() -> [(writeIndex: UInt64, offsetBlocks: UInt64, countBlocks: UInt64)] {
+        state.withLock { state in
+            defer { state.unmaps = [] }
+            return state.unmaps
+        }
+    }
+
     // MARK: - Crash
 
     public enum CrashPolicy: Sendable {
@@ -148,6 +158,7 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
             state.poweredOff = false
             state.ioCount = 0
             state.writeCount = 0
+            state.unmaps = []
         }
         return report
     }
@@ -180,6 +191,7 @@ struct FaultState {
     /// A channel is writing the overlay through: one flush at a time per device.
     var flushing = false
     var corruptBlocks: Set<UInt64> = []
+    var unmaps: [(writeIndex: UInt64, offsetBlocks: UInt64, countBlocks: UInt64)] = []
 
     mutating func clearTriggers() {
         failAt = []

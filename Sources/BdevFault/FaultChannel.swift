@@ -87,7 +87,10 @@ final class FaultChannel: BdevBackendChannel, BdevCompletionHandler {
         case .write, .writeZeroes, .unmap:
             var data = [UInt8](repeating: 0, count: Int(io.countBlocks) * blockBytes)
             if io.type == .write { data.withUnsafeMutableBytes { io.gather(into: $0.baseAddress!) } }
-            bdev.state.withLock { $0.record(offsetBlocks: io.offsetBlocks, data: data, blockBytes: blockBytes) }
+            bdev.state.withLock { state in
+                state.record(offsetBlocks: io.offsetBlocks, data: data, blockBytes: blockBytes)
+                if io.type == .unmap { state.unmaps.append((state.writeCount, io.offsetBlocks, io.countBlocks)) }
+            }
             finish(io, .success)
         case .read:
             startRead(io)

@@ -55,9 +55,24 @@ final class MallocChannel: BdevBackendChannel {
         case .read: io.scatter(from: start)
         case .write: io.gather(into: start)
         case .flush: break
-        case .writeZeroes, .unmap: memset(start, 0, Int(io.countBlocks) * blockSizeBytes)
+        case .writeZeroes: memset(start, 0, Int(io.countBlocks) * blockSizeBytes)
+        case .unmap: Self.release(start, Int(io.countBlocks) * blockSizeBytes)
         }
         io.complete(.success)
+    }
+
+    /// Unmapped blocks give their memory back: the whole pages inside the range are
+    /// dropped (a private anonymous mapping reads them back as zeros), the edges zeroed.
+    private static func release(_ start: UnsafeMutableRawPointer, _ count: Int) {
+        let pageBytes = 4096
+        let first = (Int(bitPattern: start) + pageBytes - 1) & ~(pageBytes - 1)
+        let end = (Int(bitPattern: start) + count) & ~(pageBytes - 1)
+        guard end > first, madvise(UnsafeMutableRawPointer(bitPattern: first), end - first, MADV_DONTNEED) == 0 else {
+            memset(start, 0, count)
+            return
+        }
+        memset(start, 0, first - Int(bitPattern: start))
+        memset(UnsafeMutableRawPointer(bitPattern: end)!, 0, Int(bitPattern: start) + count - end)
     }
 
     func poll() -> PollStatus { .idle }

@@ -16,13 +16,16 @@ public final class FileSystemService: @unchecked Sendable {
     private var writeBackPoller: PollerID?
 
     /// Loads (or formats, `format` given) the store on `bdev` and mounts the file system.
-    public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil) throws {
+    /// `discard`: freed clusters are unmapped on the device once their release is durable
+    /// (`blobfs mount -o discard`); `trim` works either way.
+    public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil, discard: Bool = false) throws {
         blobService = try BlobStoreService(bdev: bdev, format: format, cpu: cpu)
         let failure: String? = blobService.reactor.call { [self] in
             do {
                 let store = try storeOf()
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
                 try makeDataChannel(store)
+                try blobService.startTrimmer(discardReleasedClusters: discard)
             } catch let error as FSError { return error.description } catch { return "data channel: \(error)" }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
                 closeFinishedHandles()
@@ -195,6 +198,25 @@ public final class FileSystemService: @unchecked Sendable {
             fileSystem.dataFlushed(ino: ino, growths: growths)
             do throws(FSError) { try fileSystem.commitAttributes(ino: ino) } catch { return done(error.errno) }
             flush { ok in done(ok ? 0 : EIO) }
+        }
+    }
+
+    // MARK: - Trim (FITRIM)
+
+    /// Unmaps the free space within device bytes [startBytes, startBytes + lengthBytes)
+    /// in runs of at least `minimumBytes` (the blob store's `ClusterTrimmer`: a checkpoint,
+    /// then the dead log and free metadata pages, then free clusters without holding the
+    /// reactor); `done` gets the bytes unmapped or the errno, exactly once. Call on the reactor.
+    public func trim(startBytes: UInt64, lengthBytes: UInt64, minimumBytes: UInt64,
+                     _ done: @escaping (Result<UInt64, FSError>) -> Void) {
+        guard let trimmer = blobService.trimmerOnReactor else { return done(.failure(FSError(EOPNOTSUPP, "no trimmer"))) }
+        trimmer.trimFreeSpace(startBytes: startBytes, lengthBytes: lengthBytes, minimumBytes: minimumBytes) { result in
+            done(result.mapError { error in
+                switch error {
+                case .device(.unsupported), .device(.io(errno: EOPNOTSUPP)): FSError(EOPNOTSUPP, "\(error)")
+                default: FSError(error)
+                }
+            })
         }
     }
 

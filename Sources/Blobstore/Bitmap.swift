@@ -77,6 +77,77 @@ public struct Bitmap: Equatable, Sendable {
         noteChange(index)
     }
 
+    /// Sets bits [first, first + count), every one of them clear (a word at a time: a
+    /// discard holds runs of up to a whole device).
+    public mutating func set(run first: UInt64, count: UInt64) {
+        Self.forEachWord(first, count, of: self.count) { word, mask in
+            precondition(words[word] & mask == 0, "bit in \(first)+\(count) set twice")
+            words[word] |= mask
+            setCount += UInt64(mask.nonzeroBitCount)
+        }
+        noteChanges(first, count)
+    }
+
+    /// Clears bits [first, first + count), every one of them set.
+    public mutating func clear(run first: UInt64, count: UInt64) {
+        Self.forEachWord(first, count, of: self.count) { word, mask in
+            precondition(words[word] & mask == mask, "bit in \(first)+\(count) cleared twice")
+            words[word] &= ~mask
+            setCount -= UInt64(mask.nonzeroBitCount)
+        }
+        noteChanges(first, count)
+    }
+
+    /// Calls `body` with each word bits [first, first + count) touch and the mask of
+    /// those bits in it.
+    private static func forEachWord(_ first: UInt64, _ count: UInt64, of bits: UInt64, _ body: (Int, UInt64) -> Void) {
+        precondition(first <= bits && count <= bits - first, "run \(first)+\(count) of \(bits) bits")
+        let end = first + count
+        var index = first
+        while index < end {
+            let bit = index % 64
+            let width = min(64 - bit, end - index)
+            body(Int(index / 64), width == 64 ? UInt64.max : ((1 << width) - 1) << bit)
+            index += width
+        }
+    }
+
+    private mutating func noteChanges(_ first: UInt64, _ count: UInt64) {
+        guard count > 0 else { return }
+        let pageBits = UInt64(BitmapPage.bitsPerPage)
+        for page in (first / pageBits)...((first + count - 1) / pageBits) { changed[Int(page / 64)] |= 1 << (page % 64) }
+    }
+
+    /// First clear bit in [start, limit), without wrapping; nil when there is none.
+    public func firstClear(from start: UInt64, before limit: UInt64) -> UInt64? {
+        let end = min(limit, count)
+        var index = start
+        while index < end {
+            let word = ~words[Int(index / 64)] & ~((1 << (index % 64)) &- 1)
+            if word != 0 {
+                let bit = (index / 64) * 64 + UInt64(word.trailingZeroBitCount)
+                return bit < end ? bit : nil
+            }
+            index = (index / 64 + 1) * 64
+        }
+        return nil
+    }
+
+    /// First set bit in [start, limit), without wrapping; nil when there is none.
+    public func firstSet(from start: UInt64, before limit: UInt64) -> UInt64? {
+        let end = min(limit, count)
+        var index = start
+        while index < end {
+            let word = words[Int(index / 64)] & ~((1 << (index % 64)) &- 1)
+            if word != 0 {
+                let bit = (index / 64) * 64 + UInt64(word.trailingZeroBitCount)
+                return bit < end ? bit : nil
+            }
+            index = (index / 64 + 1) * 64
+        }
+        return nil
+    }
+
     /// First clear bit at or after `start`, wrapping around; nil when all are set.
     public func firstClear(from start: UInt64 = 0) -> UInt64? {
         guard setCount < count else { return nil }

@@ -53,6 +53,9 @@ extension BlobStore {
                 return UInt32(free)
             }
             guard clustersForPages > 0 else { return nil }
+            // Clusters held for discard and not yet submitted are free: a checkpoint that
+            // needs them takes them back rather than fail.
+            if clusters.firstClear(from: clusterCursor) == nil { giveUpDiscardHolds() }
             var cursor = clusterCursor
             var found: UInt64?
             for _ in 0...skipsMax {
@@ -127,11 +130,18 @@ extension BlobStore {
         try flush()
         switched = true
         releasedUnlogged = []
+        let oldTailSequence = superBlock.logTailSequence
         superBlock = next
         durableChains = chains
         metadataPageBits = persisted
         _ = metadataPageBits.takeChangedPages()  // noted by writeTableAndBitmaps
-        supersededClusters.forEach { clusters.clear($0) }
+        // Everything applied so far is in this checkpoint, durable since its switch.
+        releasesBecameDurable(through: releaseEpoch)
+        for cluster in supersededClusters { returnReleased(Extent(clusterIndex: 0, count: 1, firstCluster: cluster), epoch: releaseEpoch) }
+        if discardsReleasedClusters {
+            discardAfterCheckpoint(oldTailSequence: oldTailSequence,
+                                   supersededRegionPages: superseded.filter { superBlock.metadataPageCluster($0) == nil })
+        }
         metadataPagesInClusterCount += UInt64(allocatedClusters.count)
         metadataPagesInClusterCount -= UInt64(supersededClusters.count)
         dirtyBlobs = []
@@ -158,15 +168,22 @@ extension BlobStore {
         let bitmapKeys = [ArrayCopyKey(kind: .bitmap, copy: 0), ArrayCopyKey(kind: .bitmap, copy: 1)]
         let perPage = UInt64(TablePage.entriesPerPage)
         let tableChanges = Set(dirtyBlobs.map { Int($0 / perPage) })
-        var clusterMasks: [Int: [UInt64]] = [:]
-        for cluster in freeClusters { clusterMasks[layout.page(ofCluster: cluster), default: []].append(cluster) }
-        for entry in quarantine {
-            for extent in entry.extents {
-                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
-                    clusterMasks[layout.page(ofCluster: cluster), default: []].append(cluster)
-                }
+        // Clusters set in memory that the persisted bitmap shows free, by bitmap page: the
+        // given ones, quarantined ones, and those held for discard.
+        var clusterMasks: [Int: [ClusterRun]] = [:]
+        func mask(_ run: ClusterRun) {
+            var first = run.first
+            while first < run.end {
+                let page = layout.page(ofCluster: first)
+                let pageEnd = UInt64(page + 1) * UInt64(BitmapPage.bitsPerPage)
+                let piece = ClusterRun(first: first, count: min(run.end, pageEnd) - first)
+                clusterMasks[page, default: []].append(piece)
+                first = piece.end
             }
         }
+        for cluster in freeClusters { mask(ClusterRun(first: cluster, count: 1)) }
+        for entry in quarantine { for extent in entry.extents { mask(ClusterRun(extent)) } }
+        for run in discards.allRuns { mask(run) }
         var bitmapChanges = Set(clusters.takeChangedPages())
         bitmapChanges.formUnion(clusterMasks.keys)
         bitmapChanges.formUnion(metadataBits.takeChangedPages().map { layout.metadataStart + $0 })
@@ -206,9 +223,11 @@ extension BlobStore {
                             at: block.bitmaps.startPage + UInt64(copy) * block.bitmaps.pageCount) { page in
             if page < layout.metadataStart {
                 var payload = clusters.pageBytes(page)
-                for cluster in clusterMasks[page] ?? [] {
-                    let bit = Int(cluster - UInt64(page) * UInt64(BitmapPage.bitsPerPage))
-                    payload[bit / 8] &= ~(1 << UInt8(bit % 8))
+                for run in clusterMasks[page] ?? [] {
+                    for cluster in run.first..<run.end {
+                        let bit = Int(cluster - UInt64(page) * UInt64(BitmapPage.bitsPerPage))
+                        payload[bit / 8] &= ~(1 << UInt8(bit % 8))
+                    }
                 }
                 return payload
             }
@@ -409,6 +428,10 @@ extension BlobStore {
             added += chainPagesEstimate(id)
         }
         guard freeMetadataPageCount < checkpointPagesNeeded + added else { return }
+        // Clusters held for discard are free: taken back (or waited for) before anything else.
+        if giveUpDiscardHolds(), freeMetadataPageCount >= checkpointPagesNeeded + added { return }
+        waitForDiscardsInFlight()
+        guard freeMetadataPageCount < checkpointPagesNeeded + added else { return }
         if !dirtyBlobs.isEmpty { try checkpoint() }
         guard frees || freeMetadataPageCount >= checkpointPagesNeeded + added else {
             throw .noSpace("no room for the metadata pages a checkpoint would need (\(freeMetadataPageCount) free)")
@@ -497,11 +520,13 @@ extension BlobStore {
             var ticket: ReleaseTicket?
             if !releasing.isEmpty && !handles.isEmpty {
                 let held = ReleaseTicket(handles: handles.count)
-                quarantine.append((held, releasing))
+                quarantine.append((held, releasing, releaseEpoch))
                 quarantinedClusterCount += releasing.reduce(0) { $0 + UInt64($1.count) }
                 ticket = held
             } else {
-                for extent in releasing { clearClusters(extent) }
+                for extent in releasing {
+                    if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releaseEpoch) }
+                }
             }
             if !handles.isEmpty {
                 let snapshot = blobs[id] ?? BlobMetadata(id: id)
@@ -511,39 +536,44 @@ extension BlobStore {
         releasing.removeAll(keepingCapacity: true)
     }
 
-    private func clearClusters(_ extent: Extent) {
+    func clearClusters(_ extent: Extent) {
         for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
     }
 
-    /// Returns to allocation the released clusters whose handles have all acknowledged;
-    /// true when some came back.
+    /// Returns the released clusters whose handles have all acknowledged to allocation
+    /// (or, with online discard, to their unmap: `returnReleased`); true when some settled.
     @discardableResult
     func reclaimReleasedClusters() -> Bool {
         guard !quarantine.isEmpty else { return false }
-        var reclaimed = false
+        var settled = false
         quarantine.removeAll { entry in
             guard entry.ticket.isSettled else { return false }
             for extent in entry.extents {
-                clearClusters(extent)
                 quarantinedClusterCount -= UInt64(extent.count)
+                returnReleased(extent, epoch: entry.epoch)
             }
-            reclaimed = true
+            settled = true
             return true
         }
-        return reclaimed
+        return settled
     }
 
     /// Allocation found no free cluster while released ones wait for handles on other
-    /// reactors: waits for their acknowledgements (a reactor answers within its next
-    /// pass), up to `quarantineWaitNs`. True when some clusters came back.
+    /// reactors, or for their unmap: takes back those held for discard and not submitted,
+    /// and waits for the handles' acknowledgements (a reactor answers within its next
+    /// pass) and the unmaps in flight, up to `quarantineWaitNs`. True when some clusters
+    /// came back.
     func waitForReleasedClusters() -> Bool {
         let deadline = MonotonicClock.nowNs() + quarantineWaitNs
-        while !quarantine.isEmpty {
-            if reclaimReleasedClusters() { return true }
-            if MonotonicClock.nowNs() >= deadline { return false }
+        let setBefore = clusters.setCount
+        while true {
+            reclaimReleasedClusters()
+            giveUpDiscardHolds()
+            if clusters.setCount < setBefore { return true }
+            guard !quarantine.isEmpty || !discards.inFlight.isEmpty, MonotonicClock.nowNs() < deadline else { return false }
+            if !discards.inFlight.isEmpty { whileWaitingForDiscards?() }
             if let poll = whileWaitingForReleasedClusters { poll() } else { sched_yield() }
         }
-        return false
     }
 
     /// Before clusters that may have been released are written again: their release is

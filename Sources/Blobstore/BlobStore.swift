@@ -77,7 +77,7 @@ public final class BlobStore {
     /// Released clusters still reachable through open handles' old maps: their bits stay
     /// set in `clusters` (so allocation passes them by) until the ticket settles; the
     /// persisted bitmaps show them free.
-    var quarantine: [(ticket: ReleaseTicket, extents: [Extent])] = []
+    var quarantine: [(ticket: ReleaseTicket, extents: [Extent], epoch: UInt64)] = []
     var quarantinedClusterCount: UInt64 = 0
     /// The durable chain pages of the blobs changed since the checkpoint, plus one each:
     /// with the log pages in use, a bound on the pages the next checkpoint writes.
@@ -139,6 +139,20 @@ public final class BlobStore {
     /// (`beginExternalFlush`) covers those made before it was issued.
     var commitEpoch: UInt64 = 0
     var releaseEpoch: UInt64 = 0
+    /// Releases up to this `releaseEpoch` are durable (in a flushed log page or a switched
+    /// checkpoint): their clusters may be unmapped.
+    var durableReleaseEpoch: UInt64 = 0
+    /// Online discard (`blobfs mount -o discard`): clusters released once no handle can
+    /// reach them are held (set in `clusters`) until their release is durable and their
+    /// unmap completed (`ClusterTrimmer`), and each checkpoint unmaps the log pages and
+    /// region pages it made dead. Off: released clusters go straight back to allocation.
+    public var discardsReleasedClusters = false {
+        didSet { if !discardsReleasedClusters { giveUpDiscardHolds() } }
+    }
+    /// Clusters on their way to an unmap (BlobStore+Discard.swift).
+    var discards = DiscardQueue()
+    /// Polls the channel of the unmaps in flight, while an allocation waits for them.
+    var whileWaitingForDiscards: (() -> Void)?
     private let blocksPerPage: UInt64
 
     init(io: BdevSyncIO, superBlock: SuperBlock) {
@@ -466,7 +480,9 @@ public final class BlobStore {
     public var clusterCount: UInt64 { superBlock.clusterCount }
     /// Free as the metadata has it (clusters released while open handles finish with
     /// them count as free).
-    public var freeClusterCount: UInt64 { clusters.count - clusters.setCount + quarantinedClusterCount }
+    public var freeClusterCount: UInt64 {
+        clusters.count - clusters.setCount + quarantinedClusterCount + discards.heldClusterCount
+    }
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
     /// The unit of blob reads and writes: the device block.
     public var ioUnitBytes: Int { io.geometry.blockSizeBytes }
@@ -518,6 +534,8 @@ public final class BlobStore {
     public struct FlushToken: Sendable {
         let commitEpoch: UInt64
         let releaseEpoch: UInt64
+        /// Every release up to `releaseEpoch` was in the log when the flush was issued.
+        let releasesLogged: Bool
     }
 
     /// For a flush the caller issues on its own channel (so that its thread can serve
@@ -529,7 +547,7 @@ public final class BlobStore {
         try refuseIfDeviceLost()
         try writePendingLog()
         openLogPage = nil
-        return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch)
+        return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch, releasesLogged: releasedUnlogged.isEmpty)
     }
 
     /// The flush begun with `beginExternalFlush` failed with `error`: the store's error
@@ -542,6 +560,7 @@ public final class BlobStore {
     public func externalFlushCompleted(_ token: FlushToken) {
         if commitEpoch == token.commitEpoch { hasUnflushedCommits = false }
         if releaseEpoch == token.releaseEpoch { releasedSinceFlush = false }
+        if token.releasesLogged { releasesBecameDurable(through: token.releaseEpoch) }
     }
 
     func flush() throws(BlobStoreError) {
@@ -551,6 +570,9 @@ public final class BlobStore {
         hasUnflushedCommits = false
         releasedSinceFlush = false
         openLogPage = nil
+        // Inside a checkpoint that holds releasing transactions they are durable only at
+        // its switch (which says so then).
+        if releasedUnlogged.isEmpty { releasesBecameDurable(through: releaseEpoch) }
     }
 }
 

@@ -10,6 +10,7 @@ public final class BlobStoreService: @unchecked Sendable {
     private let ioReactor: Reactor
     private var store: BlobStore?   // metadata thread only
     private var io: BdevSyncIO?     // metadata thread only
+    private var trimmer: ClusterTrimmer?  // metadata thread only
     public let bdev: Bdev
     /// Fixed at format: what data channels need, readable from any thread.
     private var dataStartBytes: UInt64 = 0
@@ -52,6 +53,21 @@ public final class BlobStoreService: @unchecked Sendable {
     /// after `stop`).
     public var storeOnReactor: BlobStore? { reactor.isCurrent ? store : nil }
 
+    /// Starts unmapping free space from the metadata reactor, on a channel of its own:
+    /// explicit trims (`trimmerOnReactor`), and with `discardReleasedClusters` online
+    /// discard (`BlobStore.discardsReleasedClusters`). Call on the metadata reactor.
+    public func startTrimmer(discardReleasedClusters: Bool) throws {
+        precondition(reactor.isCurrent, "startTrimmer off the metadata reactor")
+        guard trimmer == nil, let store else { return }
+        let channel = try bdev.makeChannel(reactor: reactor, queueDepth: ClusterTrimmer.requestsInFlightMax)
+        trimmer = ClusterTrimmer(store: store, channel: channel)
+        store.discardsReleasedClusters = discardReleasedClusters
+    }
+
+    /// The trimmer, for code already running on the metadata reactor (nil elsewhere, and
+    /// before `startTrimmer`).
+    public var trimmerOnReactor: ClusterTrimmer? { reactor.isCurrent ? trimmer : nil }
+
     /// Runs `body` on the metadata reactor without waiting.
     public func submit(_ body: @escaping @Sendable (BlobStore) -> Void) {
         reactor.send { [self] in body(store!) }
@@ -80,6 +96,9 @@ public final class BlobStoreService: @unchecked Sendable {
                 io = nil
                 store = nil
             }
+            // Discards whose release is durable go out before the store is unloaded.
+            trimmer?.close()
+            trimmer = nil
             do { try store?.unload() } catch { return "\(error)" }
             return nil
         }

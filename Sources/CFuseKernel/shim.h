@@ -69,3 +69,20 @@ _Static_assert(sizeof(struct fuse_read_in) == 40, "fuse_read_in");
 static const int blobfs_fuse_kernel_O_DIRECT = __O_DIRECT;
 static const int blobfs_kernel_XATTR_CREATE = XATTR_CREATE;
 static const int blobfs_kernel_XATTR_REPLACE = XATTR_REPLACE;
+
+// FITRIM (<linux/fs.h>, the ioctl fstrim(8) sends to the mount's root directory) and its
+// argument, declared here rather than by including <linux/fs.h>, whose mount flags clash
+// with glibc's. FUSE passes it through as a restricted ioctl: the kernel copies in and out
+// the struct's 24 bytes, the size and direction encoded in the number.
+#include <linux/ioctl.h>
+struct blobfs_fstrim_range {
+    uint64_t start;
+    uint64_t len;
+    uint64_t minlen;
+};
+#define BLOBFS_FITRIM _IOWR('X', 121, struct blobfs_fstrim_range)
+_Static_assert(BLOBFS_FITRIM == 0xC0185879u, "FITRIM");
+_Static_assert(sizeof(struct blobfs_fstrim_range) == 24, "fstrim_range");
+_Static_assert(sizeof(struct fuse_ioctl_in) == 32, "fuse_ioctl_in");
+_Static_assert(sizeof(struct fuse_ioctl_out) == 16, "fuse_ioctl_out");
+static const uint32_t blobfs_FITRIM = BLOBFS_FITRIM;

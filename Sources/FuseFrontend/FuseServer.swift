@@ -32,6 +32,9 @@ public struct FuseOptions: Sendable {
     public var transport = Transport.auto
     /// A request held longer than this is logged with its opcode and node (once).
     public var warnUnansweredSeconds: Double = 30
+    /// Freed clusters are unmapped on the device as their release becomes durable
+    /// (`discard`; `nodiscard`, the default, leaves it to fstrim).
+    public var discard = false
     public var mountOptions: [String] = []
     public init() {}
 
@@ -55,6 +58,8 @@ public struct FuseOptions: Sendable {
             case "writeback_cache": writebackCache = true
             case "no_writeback_cache": writebackCache = false
             case "direct_io": directIO = true
+            case "discard": discard = true
+            case "nodiscard": discard = false
             case "fuse_transport":
                 guard let value, let chosen = Transport(rawValue: value) else {
                     throw FSError(EINVAL, "mount option \(option): expected auto, io_uring or dev_fuse")

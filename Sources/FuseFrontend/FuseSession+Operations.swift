@@ -313,6 +313,37 @@ extension FuseSession {
         slot.reply(out)
     }
 
+    // MARK: - ioctl
+
+    /// FITRIM (`fstrim MOUNTPOINT`), the one ioctl served; anything else is ENOTTY. A
+    /// restricted ioctl: the kernel copies struct fstrim_range (start, len, minlen; bytes
+    /// of the device) in after fuse_ioctl_in and copies the answer's back, whose len is
+    /// the bytes trimmed. Answered when the trim completes (the reactor serves other
+    /// requests meanwhile). Privileged, as on ext4 and XFS: root, or the user the daemon
+    /// runs as.
+    func ioctl(_ slot: FuseSlot) {
+        let request = slot.argument(fuse_ioctl_in.self)
+        let rangeBytes = MemoryLayout<blobfs_fstrim_range>.size
+        guard request.cmd == blobfs_FITRIM else { return slot.replyError(ENOTTY) }
+        guard request.flags & UInt32(FUSE_IOCTL_UNRESTRICTED) == 0, request.in_size >= rangeBytes,
+              request.out_size >= rangeBytes, slot.payload.count >= rangeBytes else { return slot.replyError(EINVAL) }
+        guard slot.header.uid == 0 || slot.header.uid == geteuid() else { return slot.replyError(EPERM) }
+        let range = slot.payload.loadUnaligned(as: blobfs_fstrim_range.self)
+        service.trim(startBytes: range.start, lengthBytes: range.len, minimumBytes: range.minlen) { result in
+            switch result {
+            case let .failure(error):
+                slot.replyError(error.errno)
+            case let .success(bytes):
+                var answer = range
+                answer.len = bytes
+                let header = MemoryLayout<fuse_ioctl_out>.size
+                slot.scratch.storeBytes(of: unsafe_zeroed(fuse_ioctl_out.self), as: fuse_ioctl_out.self)  // result 0
+                (slot.scratch + header).storeBytes(of: answer, as: blobfs_fstrim_range.self)
+                slot.replyScratch(header + rangeBytes)
+            }
+        }
+    }
+
     // MARK: - Extended attributes
 
     func setxattr(_ slot: FuseSlot) {

@@ -122,7 +122,8 @@ final class FuseSession {
 
     /// Settles the protocol: the minor both sides speak, what the kernel may do (async
     /// reads, parallel directory operations, readdirplus, the writeback cache when asked,
-    /// 1 MiB requests, mmap of direct-I/O files) and how many requests it may keep in
+    /// 1 MiB requests, mmap of direct-I/O files, ioctls on directories: fstrim's FITRIM
+    /// goes to the mount's root) and how many requests it may keep in
     /// flight in the background.
     func initialize(_ slot: FuseSlot) {
         let request = slot.argument(fuse_init_in.self)
@@ -144,7 +145,7 @@ final class FuseSession {
         // chown and on a write by another user itself, with a SETATTR.
         var wanted: UInt64 = UInt64(FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
             | FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS
-            | FUSE_MAX_PAGES | FUSE_INIT_EXT)
+            | FUSE_MAX_PAGES | FUSE_INIT_EXT | FUSE_HAS_IOCTL_DIR)
         wanted |= blobfs_FUSE_DIRECT_IO_ALLOW_MMAP
         if options.writebackCache { wanted |= UInt64(FUSE_WRITEBACK_CACHE) }
         let granted = wanted & (offered | UInt64(FUSE_INIT_EXT))
@@ -209,7 +210,7 @@ final class FuseSession {
             slot.replyEmpty()
         case .fallocate: fallocate(slot)
         case .syncfs: syncfs(slot)
-        case .ioctl: slot.replyError(ENOTTY)
+        case .ioctl: ioctl(slot)
         case .getlk, .setlk, .setlkw, .access, .bmap, .poll, .lseek, .copyFileRange, .tmpfile, .statx,
              .notifyReply, .setupMapping, .removeMapping:
             // Not served: the kernel falls back (local locks, its own permission checks,

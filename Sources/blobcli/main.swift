@@ -20,12 +20,12 @@ struct BlobCLI: UsageErrorsExitTwo {
         discussion: """
             DEVICE is an image path or a device spec (file:PATH, nvme-emu:SPEC, pcie:BDF). \
             Read commands load the store read-only (the log is replayed in memory, nothing is \
-            written). Writing commands (import, xattr set/rm, replay, fsck --repair, undo) take the \
+            written). Writing commands (import, xattr set/rm, replay, fsck --repair, undo, trim) take the \
             device lock and refuse a mounted store. Exit status: 0 ok, 1 inconsistencies \
             found, 2 usage error or unreadable input.
             """,
         subcommands: [Info.self, List.self, Show.self, Dump.self, Import.self, Xattr.self, DumpMetadata.self, Log.self,
-                      Replay.self, Fsck.self, Undo.self, Ls.self, Stat.self, Cat.self, Tree.self, Get.self])
+                      Replay.self, Fsck.self, Undo.self, Trim.self, Ls.self, Stat.self, Cat.self, Tree.self, Get.self])
 }
 
 struct DeviceArgument: ParsableArguments {
@@ -643,6 +643,51 @@ struct Replay: ParsableCommand {
             emit(options.json, .object([("replayed_transactions", .int(Int64(report.replayedTransactions))),
                                         ("discarded_records", .int(Int64(report.discardedRecords)))])) {
                 "replayed \(report.replayedTransactions) transactions, discarded \(report.discardedRecords) uncommitted records; checkpoint written, store clean"
+            }
+        }
+    }
+}
+
+// MARK: - trim
+
+struct Trim: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Unmap the free space on the device: free clusters, the log before its tail, free metadata pages (writes).",
+        discussion: """
+            What fstrim does on a mounted file system, offline: loads the store (a checkpoint, \
+            after which the whole log is free), unmaps, and unloads it clean. An image file gets \
+            holes punched (its allocated size shrinks); an NVMe namespace gets Write Zeroes with \
+            deallocate or Dataset Management. Refuses a mounted store.
+            """)
+    @OptionGroup var options: DeviceArgument
+    @Option(help: "Only free space at or after this byte of the device.") var offset: UInt64 = 0
+    @Option(help: "Only free space within this many bytes from --offset (default: to the end).") var length: UInt64?
+    @Option(help: "Skip free runs shorter than this many bytes.") var minimum: UInt64 = 0
+
+    func run() {
+        blobcli.run {
+            let opened = try openWritable(options.device, force: false)
+            let result: Result<UInt64, BlobStoreError>
+            do {
+                // The trimmer's channel needs a reactor of its own (the store's steps its I/O).
+                let reactor = try Reactor(name: "trim")
+                let trimmer = ClusterTrimmer(store: opened.store, channel: try opened.bdev.makeChannel(
+                    reactor: reactor, queueDepth: ClusterTrimmer.requestsInFlightMax))
+                var answer: Result<UInt64, BlobStoreError>?
+                trimmer.trimFreeSpace(startBytes: offset, lengthBytes: length ?? .max, minimumBytes: minimum) { answer = $0 }
+                reactor.run(until: { answer != nil })
+                trimmer.close()
+                result = answer!
+            }
+            try opened.close()
+            let trimmed: UInt64
+            switch result {
+            case let .success(bytes): trimmed = bytes
+            case let .failure(.invalidArgument(what)): throw Failure(what, status: 2)
+            case let .failure(error): throw Failure("\(options.device): trim: \(error)", status: 1)
+            }
+            emit(options.json, .object([("device", .string(options.device)), ("trimmed_bytes", .uint(trimmed))])) {
+                "\(options.device): \(bytes(trimmed)) (\(trimmed) bytes) trimmed"
             }
         }
     }

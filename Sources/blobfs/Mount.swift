@@ -22,7 +22,8 @@ struct Mount: UsageErrorsExitTwo {
             Options (-o, comma-separated): allow_other, ro, noatime, ... (passed to the kernel; \
             default_permissions is always on: the kernel checks permissions), entry_timeout=S, \
             attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
-            held this long; default 30).
+            held this long; default 30), discard (unmap freed clusters on the device as their release \
+            becomes durable; without it, fstrim MOUNTPOINT does it on demand).
             """)
     @Argument(help: "Image path or device spec (malloc:SIZE is formatted at mount).") var device: String
     @Argument(help: "An existing directory.") var mountpoint: String
@@ -143,7 +144,8 @@ struct Mount: UsageErrorsExitTwo {
         }
         let service: FileSystemService
         do {
-            service = try FileSystemService(bdev: bdev, format: device.isRAM || format ? BlobStore.Options() : nil)
+            service = try FileSystemService(bdev: bdev, format: device.isRAM || format ? BlobStore.Options() : nil,
+                                            discard: options.discard)
         } catch {
             return failed(Failure("\(device.text): \(error)", status: 1))
         }

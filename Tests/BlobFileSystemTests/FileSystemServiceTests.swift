@@ -34,6 +34,67 @@ final class FileSystemServiceTests: XCTestCase {
         try body(try FileSystem.mount(try BlobStore.load(io, readOnly: true).0))
     }
 
+    /// Waits on the test thread for something the service answers on its reactor.
+    private func waitFor<T: Sendable>(_ service: FileSystemService, _ start: @escaping @Sendable (@escaping @Sendable (T) -> Void) -> Void) -> T {
+        let answer = Mutex<T?>(nil)
+        service.blobService.reactor.send { start { value in answer.withLock { $0 = value } } }
+        while true {
+            if let value = answer.withLock({ $0 }) { return value }
+            usleep(1000)
+        }
+    }
+
+    /// FITRIM below FUSE (`FileSystemService.trim`) and `-o discard`: an unlinked file's
+    /// clusters are unmapped once a flush made the unlink durable (with discard) or by the
+    /// trim (either way); the file kept survives a power cut, the unlinked one stays gone.
+    func testTrimAndOnlineDiscardGiveBackAnUnlinkedFile() throws {
+        for discard in [false, true] {
+            let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 8192)))
+            let device = Bdev(backend: fault)
+            let service = try FileSystemService(bdev: device, format: BlobStore.Options(), discard: discard)
+            let keep = (0..<40_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+            let goneBytes = 100 * 4096
+            service.perform { fs in
+                for (name, data) in [("keep", keep), ("gone", [UInt8](repeating: 0x6B, count: goneBytes))] {
+                    let made = try! fs.create(parent: FileSystem.rootIno, name: Array(name.utf8), mode: 0o644, caller: .root)
+                    try! fs.write(ino: made.ino, offset: 0, data: data)
+                    fs.release(ino: made.ino)
+                }
+                try! fs.sync()
+                let gone = try! fs.lookup(parent: FileSystem.rootIno, name: Array("gone".utf8))
+                try! fs.unlink(parent: FileSystem.rootIno, name: Array("gone".utf8))
+                fs.forget(ino: gone.ino, count: 2)  // the kernel forgets it: the blob goes
+            }
+            _ = fault.takeUnmaps()
+            XCTAssertTrue(waitFor(service) { done in service.flush { done($0) } })
+            // Online discard is the reactor's, after the flush: give it a moment.
+            var unmappedBlocks: UInt64 = 0
+            for _ in 0..<(discard ? 2000 : 50) where unmappedBlocks < UInt64(goneBytes / 4096) {
+                unmappedBlocks += fault.takeUnmaps().reduce(0) { $0 + $1.countBlocks }
+                usleep(1000)
+            }
+            if discard {
+                XCTAssertEqual(unmappedBlocks, UInt64(goneBytes / 4096), "the unlinked file's clusters, after the flush")
+            } else {
+                XCTAssertEqual(unmappedBlocks, 0, "nothing without -o discard")
+            }
+            let trimmed: Result<UInt64, FSError> = waitFor(service) { done in
+                service.trim(startBytes: 0, lengthBytes: .max, minimumBytes: 0) { done($0) }
+            }
+            let free = service.perform { $0.store.freeClusterCount }
+            XCTAssertGreaterThanOrEqual(try trimmed.get(), free * 4096, "every free cluster (and the dead log)")
+            let invalid: Result<UInt64, FSError> = waitFor(service) { done in
+                service.trim(startBytes: 1 << 40, lengthBytes: .max, minimumBytes: 0) { done($0) }
+            }
+            if case let .failure(error) = invalid { XCTAssertEqual(error.errno, EINVAL, "a range past the device") } else { XCTFail("a range past the device") }
+            try afterPowerCut(fault, device, service) { fs in
+                let found = try fs.lookup(parent: FileSystem.rootIno, name: Array("keep".utf8))
+                XCTAssertTrue(try fs.read(ino: found.ino, offset: 0, count: keep.count) == keep, "discard \(discard)")
+                XCTAssertThrowsError(try fs.lookup(parent: FileSystem.rootIno, name: Array("gone".utf8)))
+            }
+        }
+    }
+
     func testAsynchronousFsyncIsDurable() throws {
         for round in 0..<3 {
             let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))

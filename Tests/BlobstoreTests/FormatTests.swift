@@ -383,6 +383,29 @@ final class FormatTests: XCTestCase {
         XCTAssertEqual(large.setCount, 1)
     }
 
+    /// Runs (what a discard holds) set and clear a word at a time, across word and page
+    /// boundaries, as bit-by-bit would; the searches that find free runs stop at a limit.
+    func testBitmapRunsMatchBitByBit() {
+        let bitsPerPage = UInt64(BitmapPage.bitsPerPage)
+        for (first, count) in [(0, 1), (0, 64), (1, 63), (63, 2), (5, 200), (bitsPerPage - 3, 70), (100, 3 * bitsPerPage)] as [(UInt64, UInt64)] {
+            var runs = Bitmap(count: 4 * bitsPerPage)
+            var bits = runs
+            _ = runs.takeChangedPages()
+            runs.set(run: first, count: count)
+            for bit in first..<(first + count) { bits.set(bit) }
+            XCTAssertEqual(runs, bits, "set \(first)+\(count)")
+            XCTAssertEqual(runs.setCount, count)
+            XCTAssertEqual(runs.takeChangedPages(), Array(Int(first / bitsPerPage)...Int((first + count - 1) / bitsPerPage)))
+            XCTAssertEqual(runs.firstSet(from: 0, before: runs.count), first)
+            XCTAssertEqual(runs.firstClear(from: first, before: runs.count), first + count < runs.count ? first + count : nil)
+            XCTAssertNil(runs.firstSet(from: 0, before: first), "none before the run")
+            XCTAssertNil(runs.firstClear(from: first, before: first + count), "none inside it")
+            runs.clear(run: first, count: count)
+            XCTAssertEqual(runs.setCount, 0)
+            XCTAssertEqual(runs, Bitmap(count: 4 * bitsPerPage))
+        }
+    }
+
     /// Reserved bytes are checked eight at a time where aligned: a non-zero byte at any
     /// offset, from any alignment of the structure in memory, is found and named exactly.
     func testReservedBytesNameTheFirstNonZeroByteAtEveryOffset() {

@@ -30,6 +30,37 @@ final class NVMeDriverTests: XCTestCase {
         }.run()
     }
 
+    /// Unmap through the driver is Write Zeroes with DEAC; the software controller
+    /// deallocates for it (DLFEAT bit 3), so a file namespace gets a hole: its allocated
+    /// size falls, the range reads zeros, write-zeroes (no DEAC) still allocates.
+    func testUnmapDeallocatesAFileNamespace() throws {
+        let path = "/var/tmp/blobfs-nvme-unmap-\(getpid()).img"
+        unlink(path)
+        defer { unlink(path) }
+        let reactor = try Reactor()
+        let file = Bdev(backend: try URingBdev(path: path, blockSizeBytes: 4096, createSizeBytes: 16 << 20))
+        let bdev = Bdev(backend: try NVMeBdev.emulated(namespace: file))
+        defer { bdev.close() }
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        func allocated() -> Int {
+            var info = stat()
+            stat(path, &info)
+            return Int(info.st_blocks) * 512
+        }
+        XCTAssertTrue((bdev.backend as! NVMeBdev).controller.namespaceData.writeZeroesDeallocates)
+        try io.writeBytes([UInt8](repeating: 0x3C, count: 8 << 20), offsetBlocks: 0)
+        try io.flush()
+        let written = allocated()
+        XCTAssertGreaterThanOrEqual(written, 8 << 20)
+        try io.unmap(offsetBlocks: 256, countBlocks: 1024)  // 4 MiB from 1 MiB
+        XCTAssertLessThanOrEqual(allocated(), written - (4 << 20), "a hole")
+        XCTAssertTrue(try io.readBytes(offsetBlocks: 256, countBlocks: 1024) == [UInt8](repeating: 0, count: 4 << 20))
+        XCTAssertTrue(try io.readBytes(offsetBlocks: 255, countBlocks: 1) == [UInt8](repeating: 0x3C, count: 4096))
+        try io.writeZeroes(offsetBlocks: 256, countBlocks: 1024)
+        XCTAssertTrue(try io.readBytes(offsetBlocks: 256, countBlocks: 1024) == [UInt8](repeating: 0, count: 4 << 20))
+    }
+
     func testIdentifyReportsTheNamespace() throws {
         let (backend, bdev) = try emulated(blocks: 1000, blockSize: 512)
         defer { bdev.close() }

@@ -94,5 +94,9 @@ final class SpecTests: XCTestCase {
         XCTAssertEqual(nsBytes[4], 1)       // NSZE bit 32
         XCTAssertEqual(nsBytes[128 + 2], 9) // LBAF0.LBADS
         XCTAssertEqual(nsBytes.withUnsafeBytes { IdentifyNamespace(decoding: $0) }.blockSizeBytes, 512)
+        namespace.deallocatedReadsZeros = true
+        namespace.writeZeroesDeallocates = true
+        XCTAssertEqual(namespace.encode()[33], 0x09, "DLFEAT: read zeros (001b), Write Zeroes deallocates (bit 3)")
+        XCTAssertEqual(namespace.encode().withUnsafeBytes { IdentifyNamespace(decoding: $0) }, namespace)
     }
 }

@@ -339,6 +339,9 @@ def test_mounted_store_refuses_writes():
                out.returncode == 1 and "in use" in out.stderr, out.stdout + out.stderr)
         out = cli("info", path)
         record("info of a mounted store still reads (read-only)", out.returncode == 0, out.stderr)
+        out = cli("trim", path)
+        record("trim of a mounted store refuses (exit 1, says it is in use)",
+               out.returncode == 1 and "in use" in out.stderr, out.stdout + out.stderr)
     finally:
         run(BLOBFS, "unmount", mnt)
 
@@ -514,6 +517,28 @@ def test_repair_campaign(seeds, size="256M", dirs=1, files=5, anywhere=False):
            f"({time.time() - started:.0f} s)", not failures, str(failures[:3]))
 
 
+def test_trim():
+    """blobcli trim gives an image back the space of deleted files; the store stays clean."""
+    path = make_image("trim.img")
+    mnt = os.path.join(WORK, "mnt")
+    assert run(BLOBFS, "mount", path, mnt).returncode == 0
+    try:
+        for index in range(5):
+            os.unlink(os.path.join(mnt, "d", f"f{index}"))
+    finally:
+        run(BLOBFS, "unmount", mnt)
+    before = os.stat(path).st_blocks * 512
+    out = cli("trim", path, "--json")
+    after = os.stat(path).st_blocks * 512
+    trimmed = json.loads(out.stdout)["trimmed_bytes"] if out.returncode == 0 else 0
+    record(f"trim: exit 0, {trimmed} bytes trimmed, allocated {before} -> {after} bytes",
+           out.returncode == 0 and trimmed > 0 and after + 100_000 <= before, out.stdout + out.stderr)
+    out = cli("fsck", path)
+    record("fsck after trim: clean", out.returncode == 0, out.stdout + out.stderr)
+    out = cli("trim", path, "--offset", str(1 << 40))
+    record("trim --offset past the device: exit 2", out.returncode == 2, out.stdout + out.stderr)
+
+
 def test_fuzz(iterations):
     base = make_image("fuzz-base.img")
     data = info(base)
@@ -569,6 +594,7 @@ def main():
         test_both_super_blocks_destroyed()
         test_repair_campaign(args.campaign)
         test_mounted_store_refuses_writes()
+        test_trim()
         test_fuzz(args.fuzz)
     finally:
         mnt = os.path.join(WORK, "mnt")

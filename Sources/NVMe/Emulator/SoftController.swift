@@ -383,6 +383,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         data.utilization = geometry.blockCount
         data.lbaDataSizeShifts = [UInt8(geometry.blockSizeBytes.trailingZeroBitCount)]
         data.deallocatedReadsZeros = true  // every bdev module here reads unmapped blocks as zeros
+        data.writeZeroesDeallocates = true  // DEAC becomes the namespace's unmap (a hole in a file)
         return data
     }
 
@@ -435,7 +436,12 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 try channel.flush(handler: self, tag: tag)
             case .writeZeroes:
                 commands[slot] = inFlight
-                try channel.writeZeroes(offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+                // DEAC (CDW12 bit 25): deallocate, which reads back as zeros here (DLFEAT).
+                if command.cdw12 >> 25 & 1 == 1 {
+                    try channel.unmap(offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+                } else {
+                    try channel.writeZeroes(offsetBlocks: lba, countBlocks: UInt64(command.blockCount), handler: self, tag: tag)
+                }
             case .datasetManagement:
                 // Deallocate each range; the command completes when all have.
                 freeTags.append(slot)

@@ -87,6 +87,8 @@ public struct IdentifyNamespace: Equatable, Sendable {
     public var lbaDataSizeShifts: [UInt8] = [12]
     /// DLFEAT bits 2:0 = 001b: deallocated blocks read as zeros.
     public var deallocatedReadsZeros = false
+    /// DLFEAT bit 3: Write Zeroes honours its deallocate bit (DEAC).
+    public var writeZeroesDeallocates = false
 
     public init() {}
 
@@ -97,7 +99,7 @@ public struct IdentifyNamespace: Equatable, Sendable {
         put64(&bytes, 0, size); put64(&bytes, 8, capacity); put64(&bytes, 16, utilization)
         bytes[25] = UInt8(formatCount - 1)
         bytes[26] = UInt8(formatIndex & 0xF)
-        bytes[33] = deallocatedReadsZeros ? 1 : 0
+        bytes[33] = (deallocatedReadsZeros ? 1 : 0) | (writeZeroesDeallocates ? 1 << 3 : 0)
         for (index, shift) in lbaDataSizeShifts.enumerated() { bytes[128 + index * 4 + 2] = shift }
         return bytes
     }
@@ -107,6 +109,7 @@ public struct IdentifyNamespace: Equatable, Sendable {
         formatCount = Int(bytes[25]) + 1
         formatIndex = Int(bytes[26] & 0xF)
         deallocatedReadsZeros = bytes[33] & 0x7 == 1
+        writeZeroesDeallocates = bytes[33] & 0x8 != 0
         lbaDataSizeShifts = (0..<min(formatCount, 64)).map { bytes[128 + $0 * 4 + 2] }
         if formatIndex >= lbaDataSizeShifts.count { formatIndex = 0 }
     }
