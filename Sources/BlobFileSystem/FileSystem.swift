@@ -224,6 +224,10 @@ public final class FileSystem {
 
     var hasDirtyInodes: Bool { inodes.values.contains { $0.dirty } }
 
+    /// Inodes whose attributes changed only in memory, and inodes held in memory.
+    public var dirtyInodeCount: Int { inodes.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
+    public var cachedInodeCount: Int { inodes.count }
+
     /// Something only in memory or not yet flushed: the write-back has work.
     public var needsWriteBack: Bool { store.hasUnflushedCommits || hasDirtyInodes }
 

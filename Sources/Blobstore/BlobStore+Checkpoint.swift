@@ -137,6 +137,8 @@ extension BlobStore {
         dirtyBlobs = []
         countedDirty = []
         dirtyChainPages = 0
+        checkpointCount += 1
+        lastCheckpointNs = MonotonicClock.nowNs()
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free

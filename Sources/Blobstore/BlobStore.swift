@@ -100,6 +100,10 @@ public final class BlobStore {
     public internal(set) var isReadOnly = false
     /// The log scan of the last load (what was replayed and where the scan stopped).
     public internal(set) var lastScan: LogScan?
+    /// Checkpoints written since the load, and when the last one switched the super block
+    /// (monotonic ns; 0: none yet). For `blobfs status`.
+    public internal(set) var checkpointCount: UInt64 = 0
+    public internal(set) var lastCheckpointNs: UInt64 = 0
     /// Commits written since the last flush (deferred mode).
     public internal(set) var hasUnflushedCommits = false
     /// Clusters were released by a commit not yet flushed: they must not receive new data

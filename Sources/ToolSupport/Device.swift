@@ -59,6 +59,25 @@ public struct Device {
         return false
     }
 
+    /// What the device is, for `blobfs status`: io_uring (a file or block device), nvme-emu,
+    /// pcie or ram.
+    public var kind: String {
+        switch spec {
+        case .file: "io_uring"
+        case .nvmeEmulated: "nvme-emu"
+        case .pcie: "pcie"
+        case .malloc: "ram"
+        }
+    }
+
+    /// The absolute path with symlinks resolved when it exists (mountpoints: the daemon and
+    /// the control commands derive the same socket path from it), else `absolute`.
+    public static func canonical(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return absolute(path) }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
     public static func absolute(_ path: String) -> String {
         if path.hasPrefix("/") { return path }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))

@@ -40,15 +40,16 @@ struct Mount: UsageErrorsExitTwo {
         if getenv("BLOBFS_COUNT_ALLOCATIONS") != nil { AllocationCounter.ensureInterposed() }
         let device: Device
         var fuseOptions = FuseOptions()
+        var control = ControlOptions()
         do {
             device = try Device(self.device)
-            for list in options { try fuseOptions.parse(list) }
+            for list in options { try fuseOptions.parse(try control.parse(list)) }
         } catch let error as FSError {
             throw ValidationError("-o: \(error.message)")
         }
         if !fuseOptions.mountOptions.contains("default_permissions") { fuseOptions.mountOptions.append("default_permissions") }
         if let path = device.lockPath, !path.contains(",") { fuseOptions.mountOptions.append("fsname=\(path)") }
-        let point = Device.absolute(mountpoint)
+        let point = Device.canonical(mountpoint)
         var info = stat()
         guard stat(point, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
             fail(Failure("mountpoint \(point) is not an existing directory", status: 2))
@@ -56,7 +57,7 @@ struct Mount: UsageErrorsExitTwo {
         LoggingSystem.bootstrap(StreamLogHandler.standardError)
         if notifyFD != nil { setsid() }  // the daemon: no controlling terminal, no signals of the shell's
         if foreground || notifyFD != nil {
-            Glibc.exit(serve(device, point, fuseOptions, notify: notifyFD))
+            Glibc.exit(serve(device, point, fuseOptions, control, notify: notifyFD))
         }
         // The daemon is this program executed anew (in a session of its own), not a fork:
         // a forked child inherits the parent's thread-local state, and Swift's Mutex keeps
@@ -108,7 +109,8 @@ struct Mount: UsageErrorsExitTwo {
     }
 
     /// Loads the store, mounts and serves until unmounted; returns the exit status.
-    private func serve(_ device: Device, _ point: String, _ options: FuseOptions, notify: Int32?) -> Int32 {
+    private func serve(_ device: Device, _ point: String, _ options: FuseOptions, _ control: ControlOptions,
+                       notify: Int32?) -> Int32 {
         func report(_ text: String) {
             guard let notify else { return }
             _ = text.withCString { write(notify, $0, strlen($0)) }
@@ -121,9 +123,17 @@ struct Mount: UsageErrorsExitTwo {
         }
         let lock: Int32?
         let bdev: Bdev
+        // Statistics on: the device's requests are counted on their way (CountingBdev).
+        var counting: CountingBdev?
         do {
             lock = try device.lock()
-            bdev = try device.open()
+            let opened = try device.open()
+            if options.statistics {
+                counting = CountingBdev(wrapping: opened.backend)
+                bdev = Bdev(backend: counting!)
+            } else {
+                bdev = opened
+            }
         } catch { return failed(error) }
         defer {
             bdev.close()
@@ -156,18 +166,67 @@ struct Mount: UsageErrorsExitTwo {
             AllocationCounter.shared.start()
             server.allocationCount = { AllocationCounter.shared.running }
         }
+        // The control socket, served off the request path (docs/CONTROL.md).
+        let mountControl = MountControl(mountpoint: point, deviceText: device.text, deviceKind: device.kind, bdev: bdev,
+                                        counting: counting, service: service, server: server)
+        catchHangup()
+        var controlServer: ControlServer?
+        let socketPath = control.socketPath ?? ControlSocket.path(for: point)
+        do {
+            controlServer = try ControlServer(path: socketPath, mode: control.mode) { request, connection in
+                mountControl.handle(request, connection)
+            }
+            mountControl.socketPath = socketPath
+            controlServer?.start()
+        } catch {
+            Log.logger("control").warning("no control socket: \(error)")
+        }
+        defer { controlServer?.stop() }
+        let controlLine = controlServer.map { "; control socket \($0.path)" } ?? "; no control socket"
         let status = server.run { transport in
             if notify != nil {
-                report("OK \(transport)")
+                report("OK \(transport)\(controlLine)")
             } else {
-                print("blobfs: \(device.text) mounted on \(point) (\(transport)); Ctrl-C or `blobfs unmount \(point)` unmounts")
+                print("blobfs: \(device.text) mounted on \(point) (\(transport)\(controlLine)); Ctrl-C or `blobfs unmount \(point)` unmounts")
             }
         }
+        // No control request may wait on the reactor once the store stops.
+        controlServer?.stop()
         do { try service.stop() } catch {
             let line = "blobfs: unmount of \(device.text): \(error)\n"
             _ = line.withCString { write(2, $0, strlen($0)) }
             return 1
         }
         return status == 0 ? 0 : 1
+    }
+}
+
+/// The control socket's mount options (taken out of -o before the FUSE options):
+/// `control_socket=PATH` (default: derived from the mountpoint, ControlSocket.path) and
+/// `control_mode=OCTAL` (default 0600: root, or the user running the daemon).
+struct ControlOptions: Sendable {
+    var socketPath: String?
+    var mode: mode_t = 0o600
+
+    /// `list` without the control options.
+    mutating func parse(_ list: String) throws(FSError) -> String {
+        var rest: [Substring] = []
+        for option in list.split(separator: ",") {
+            if option.hasPrefix("control_socket=") {
+                let path = String(option.dropFirst("control_socket=".count))
+                guard path.hasPrefix("/"), ControlSocket.address(path) != nil else {
+                    throw FSError(EINVAL, "mount option \(option): an absolute path of at most 107 bytes")
+                }
+                socketPath = path
+            } else if option.hasPrefix("control_mode=") {
+                guard let value = mode_t(option.dropFirst("control_mode=".count), radix: 8), value & ~0o777 == 0 else {
+                    throw FSError(EINVAL, "mount option \(option): octal permission bits, e.g. 0660")
+                }
+                mode = value
+            } else {
+                rest.append(option)
+            }
+        }
+        return rest.joined(separator: ",")
     }
 }
