@@ -27,8 +27,10 @@ struct Mount: UsageErrorsExitTwo {
     @Argument(help: "Image path or device spec (malloc:SIZE is formatted at mount).") var device: String
     @Argument(help: "An existing directory.") var mountpoint: String
     @Option(name: .customShort("o"), help: "Mount options, comma-separated.") var options: [String] = []
-    @Flag(help: "Stay in the foreground (logs on stderr).") var foreground = false
-    @Option(help: "Log file of the background daemon.") var log: String?
+    @Flag(help: "Stay in the foreground (logs on stderr unless --log).") var foreground = false
+    @Option(help: "Log file (default: stderr in the foreground, syslog in the background); SIGHUP reopens it.")
+    var log: String?
+    @Option(help: "Least level logged: trace, debug, info, notice, warning, error or critical.") var logLevel: String = "info"
     @Flag(help: "Format DEVICE first (always done for malloc:).") var format = false
     /// The daemon's side of `blobfs mount`: it serves in the foreground and reports the
     /// outcome on this fd (the parent started it with these arguments).
@@ -54,7 +56,16 @@ struct Mount: UsageErrorsExitTwo {
         guard stat(point, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
             fail(Failure("mountpoint \(point) is not an existing directory", status: 2))
         }
-        LoggingSystem.bootstrap(StreamLogHandler.standardError)
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw ValidationError("--log-level: trace, debug, info, notice, warning, error or critical (not \(logLevel))")
+        }
+        if let log {
+            // Everything the daemon says goes there from the start (libfuse's messages too).
+            guard foreground || notifyFD != nil ? DaemonLog.redirect(to: Device.absolute(log)) : true else {
+                fail(Failure("--log \(log): \(String(cString: strerror(errno)))", status: 2))
+            }
+        }
+        DaemonLog.bootstrap(log != nil ? .file(Device.absolute(log!)) : notifyFD != nil ? .syslog : .standardError, level: level)
         if notifyFD != nil { setsid() }  // the daemon: no controlling terminal, no signals of the shell's
         if foreground || notifyFD != nil {
             Glibc.exit(serve(device, point, fuseOptions, control, notify: notifyFD))
@@ -93,7 +104,8 @@ struct Mount: UsageErrorsExitTwo {
     private func spawnDaemon(notifyFD: Int32) throws -> pid_t {
         var arguments = ["blobfs", "mount", device, mountpoint, "--notify-fd", String(notifyFD)]
         for list in options { arguments += ["-o", list] }
-        if let log { arguments += ["--log", log] }
+        if let log { arguments += ["--log", Device.absolute(log)] }
+        arguments += ["--log-level", logLevel]
         if format { arguments.append("--format") }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -151,14 +163,9 @@ struct Mount: UsageErrorsExitTwo {
             return failed(Failure("\(error)"))
         }
         if notify != nil {
-            // The daemon's output goes to its log from here on; the parent learns the
-            // outcome through the pipe.
-            let sink = open(log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-            if sink >= 0 {
-                dup2(sink, 1)
-                dup2(sink, 2)
-                close(sink)
-            }
+            // The daemon's output goes to its log file (already) or nowhere (its log to
+            // syslog) from here on; the parent learns the outcome through the pipe.
+            if log == nil { DaemonLog.redirect(to: "/dev/null") }
             let null = open("/dev/null", O_RDONLY)
             if null >= 0 { dup2(null, 0); close(null) }
         }
@@ -177,6 +184,15 @@ struct Mount: UsageErrorsExitTwo {
                 mountControl.handle(request, connection)
             }
             mountControl.socketPath = socketPath
+            let logFile = log.map { Device.absolute($0) }
+            controlServer?.onHangup = {
+                if let logFile {
+                    let reopened = DaemonLog.redirect(to: logFile)
+                    Log.logger("control").notice(reopened ? "SIGHUP: log file reopened" : "SIGHUP: cannot reopen \(logFile)")
+                } else {
+                    Log.logger("control").notice("SIGHUP: no log file to reopen")
+                }
+            }
             controlServer?.start()
         } catch {
             Log.logger("control").warning("no control socket: \(error)")
@@ -184,19 +200,23 @@ struct Mount: UsageErrorsExitTwo {
         defer { controlServer?.stop() }
         let controlLine = controlServer.map { "; control socket \($0.path)" } ?? "; no control socket"
         let status = server.run { transport in
+            // systemd (Type=notify): the mount is live now.
+            SystemdNotify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=\(device.text) mounted on \(point)")
+            Log.logger("mount").notice("\(device.text) mounted on \(point) (\(transport)\(controlLine))")
             if notify != nil {
                 report("OK \(transport)\(controlLine)")
             } else {
                 print("blobfs: \(device.text) mounted on \(point) (\(transport)\(controlLine)); Ctrl-C or `blobfs unmount \(point)` unmounts")
             }
         }
+        SystemdNotify.send("STOPPING=1\nSTATUS=unmounting \(point)")
         // No control request may wait on the reactor once the store stops.
         controlServer?.stop()
         do { try service.stop() } catch {
-            let line = "blobfs: unmount of \(device.text): \(error)\n"
-            _ = line.withCString { write(2, $0, strlen($0)) }
+            Log.logger("mount").error("unmount of \(device.text): \(error)")
             return 1
         }
+        Log.logger("mount").notice("\(point) unmounted; \(device.text) left clean")
         return status == 0 ? 0 : 1
     }
 }
