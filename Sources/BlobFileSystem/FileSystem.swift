@@ -149,6 +149,8 @@ public final class FileSystem {
         // Namespace changes are durable at fsync/sync (and within a second: the
         // service's write-back), not each on its own flush.
         store.deferCommitFlush = true
+        // A failed device write or flush: every later write gets EROFS, none hangs.
+        store.readOnlyOnDeviceError = true
         try fs.deleteOrphans()
         return fs
     }

@@ -357,6 +357,8 @@ public final class FileSystemService: @unchecked Sendable {
             lastFlushNs = MonotonicClock.nowNs()
         } else {
             flushFailures += 1
+            // What the log holds past the last good flush is unknown now: read-only.
+            (try? storeOf())?.externalFlushFailed(.io(errno: EIO))
         }
     }
 
@@ -408,8 +410,8 @@ public final class FileSystemService: @unchecked Sendable {
             dirtyInodes: fileSystem.dirtyInodeCount, cachedInodes: fileSystem.cachedInodeCount, openFiles: openBlobs.count,
             unflushedCommits: store.hasUnflushedCommits, checkpointSequence: block.sequence,
             checkpoints: store.checkpointCount, lastCheckpointNs: store.lastCheckpointNs, flushes: flushCount,
-            flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.isReadOnly, readOnlyReason: nil,
-            deviceErrors: 0)
+            flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.isReadOnly, readOnlyReason: store.deviceFailure,
+            deviceErrors: store.deviceErrorCount)
     }
 
     /// `blobfs sync`: attributes changed in memory written back, everything flushed, and a

@@ -299,7 +299,7 @@ extension BlobStore {
     func writePendingLog() throws(BlobStoreError) {
         guard !pendingLog.isEmpty else { return }
         if pendingNeedsDataFlush {
-            do { try io.flush() } catch { throw .device(error) }
+            do { try io.flush() } catch { throw deviceFailed(error, "device flush") }
             pendingNeedsDataFlush = false
             openLogPage = nil  // durable now: not to be rewritten
         }

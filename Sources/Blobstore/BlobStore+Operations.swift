@@ -253,7 +253,7 @@ extension BlobStore {
             do {
                 try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: piece.start % UInt64(clusterSizeBytes)),
                                    countBlocks: (piece.end - piece.start) / UInt64(ioUnitBytes))
-            } catch { throw .device(error) }
+            } catch { throw deviceFailed(error, "write-zeroes of blob \(id)") }
         }
     }
 
@@ -265,6 +265,6 @@ extension BlobStore {
 
     private func writeBlocks(_ bytes: [UInt8], at block: UInt64) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
-        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw .device(error) }
+        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw deviceFailed(error, "data write at block \(block)") }
     }
 }

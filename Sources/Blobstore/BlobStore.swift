@@ -96,8 +96,19 @@ public final class BlobStore {
     /// half of one. The file system sets it (POSIX promises durability at fsync/sync);
     /// off by default: every commit durable on return.
     public var deferCommitFlush = false
-    /// Loaded with `readOnly`: commits, checkpoints and data writes are refused.
+    /// Loaded with `readOnly`, or read-only since a device error (`readOnlyOnDeviceError`):
+    /// commits, checkpoints and data writes are refused.
     public internal(set) var isReadOnly = false
+    /// When set, the first device write or flush of the store that fails makes it
+    /// read-only (`deviceFailure` says why; logged once): after a failed write or flush
+    /// what the device holds is no longer known, and a commit that builds on it could make
+    /// things worse. The file system sets it; off by default (a failed commit leaves the
+    /// state as it was and may be retried).
+    public var readOnlyOnDeviceError = false
+    /// The device failure that made the store read-only.
+    public internal(set) var deviceFailure: String?
+    /// Device writes and flushes of the store that failed.
+    public internal(set) var deviceErrorCount: UInt64 = 0
     /// The log scan of the last load (what was replayed and where the scan stopped).
     public internal(set) var lastScan: LogScan?
     /// Checkpoints written since the load, and when the last one switched the super block
@@ -478,7 +489,27 @@ public final class BlobStore {
     func writePages(at page: UInt64, _ bytes: [UInt8]) throws(BlobStoreError) {
         precondition(bytes.count % Self.pageBytes == 0)
         guard !isReadOnly else { throw .readOnly }
-        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw .device(error) }
+        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch {
+            throw deviceFailed(error, "metadata write at page \(page)")
+        }
+    }
+
+    /// A device write or flush of the store failed: counted, and with
+    /// `readOnlyOnDeviceError` the store turns read-only (the first failure is logged).
+    /// Returns the error to throw.
+    func deviceFailed(_ error: BdevError, _ what: String) -> BlobStoreError {
+        deviceErrorCount += 1
+        if readOnlyOnDeviceError && deviceFailure == nil {
+            deviceFailure = "\(what): \(error)"
+            isReadOnly = true
+            Log.logger("blobstore").error("device error (\(what): \(error)): the store takes no more writes; every write gets EROFS until it is mounted again (the log replays what was flushed)")
+        }
+        return .device(error)
+    }
+
+    /// A flush the caller issued on its own channel (`beginExternalFlush`) failed.
+    public func externalFlushFailed(_ error: BdevError) {
+        _ = deviceFailed(error, "device flush")
     }
 
     /// What a device flush issued outside the store covers (see `beginExternalFlush`).
@@ -493,6 +524,7 @@ public final class BlobStore {
     /// later commit rewrites a page the flush makes durable. Every write completed before
     /// the flush is submitted is covered by it.
     public func beginExternalFlush() throws(BlobStoreError) -> FlushToken {
+        guard deviceFailure == nil else { throw .readOnly }
         try writePendingLog()
         openLogPage = nil
         return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch)
@@ -506,7 +538,7 @@ public final class BlobStore {
 
     func flush() throws(BlobStoreError) {
         try writePendingLog()
-        do { try io.flush() } catch { throw .device(error) }
+        do { try io.flush() } catch { throw deviceFailed(error, "device flush") }
         hasUnflushedCommits = false
         releasedSinceFlush = false
         openLogPage = nil
