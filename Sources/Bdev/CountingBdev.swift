@@ -22,6 +22,8 @@ public final class CountingBdev: BdevBackend, @unchecked Sendable {
 
     public func close() { inner.close() }
 
+    public func refreshGeometry() throws(BdevError) -> BdevGeometry { try inner.refreshGeometry() }
+
     /// What every channel made so far submitted (closed channels included).
     public struct Totals: Sendable, Equatable {
         public var reads: UInt64 = 0

@@ -24,7 +24,7 @@ public final class BlobStore {
     /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
     /// metadata page region go to data clusters (`metadataPagesInClusters`), so the
     /// region's size does not limit the number of blobs; the blob id limit does: by
-    /// default half the device's pages, up to 1 Mi (131,072 in 1 GiB).
+    /// default half the device's pages, up to 16 Mi (131,072 in 1 GiB; `defaultBlobIDLimit`).
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
         public var logPages: UInt64?
@@ -152,6 +152,7 @@ public final class BlobStore {
         logHead = superBlock.logTailSequence
         nextLSN = superBlock.checkpointLSN + 1
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
+        ioUnitBytes = io.geometry.blockSizeBytes
     }
 
     // MARK: - Format
@@ -178,10 +179,12 @@ public final class BlobStore {
         }
         // Defaults: metadata pages for a sixty-fourth of the device when more can go to data
         // clusters, else an eighth, up to 4 Mi pages (16 GiB); blob ids: half the device's
-        // pages with metadata pages in clusters, else one per metadata page, up to 1 Mi.
+        // pages with metadata pages in clusters, else one per metadata page, up to 16 Mi
+        // (`defaultBlobIDLimit`).
         // Without that feature many small blobs need more: see Options.
         let metadataPages = options.metadataPages ?? min(max(devicePages / (pagesInClusters ? 64 : 8), 64), 1 << 22)
-        let idLimit = options.blobIDLimit ?? min(pagesInClusters ? max(metadataPages, devicePages / 2) : metadataPages, 1 << 20)
+        let idLimit = options.blobIDLimit
+            ?? defaultBlobIDLimit(devicePages: devicePages, metadataPages: metadataPages, pagesInClusters: pagesInClusters)
         let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
         let clusterBound = devicePages / clusterPages
         let bitmapPages = BitmapPage.pages(forBits: clusterBound) + BitmapPage.pages(forBits: metadataPages)
@@ -462,8 +465,8 @@ public final class BlobStore {
     /// them count as free).
     public var freeClusterCount: UInt64 { clusters.count - clusters.setCount + quarantinedClusterCount }
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
-    /// The unit of blob reads and writes: the device block.
-    public var ioUnitBytes: Int { io.geometry.blockSizeBytes }
+    /// The unit of blob reads and writes: the device block (fixed: read once, not per request).
+    public let ioUnitBytes: Int
     public var logPagesInUse: UInt64 { logHead - superBlock.logTailSequence }
 
     // MARK: - Device helpers
