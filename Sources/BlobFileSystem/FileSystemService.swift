@@ -429,6 +429,14 @@ public final class FileSystemService: @unchecked Sendable {
         try storeCall { try store.checkpoint() }
     }
 
+    /// `blobfs grow`: the store extended onto `devicePages` pages of its device (nil: all
+    /// of it, as `Bdev.refreshGeometry` last found it). On the reactor, which it holds for a
+    /// checkpoint and the write of the new table and bitmaps (FORMAT.md, "Online grow").
+    public func growNow(toDevicePages devicePages: UInt64?) throws(FSError) -> BlobStore.GrowReport {
+        guard let store = fileSystem?.store else { throw FSError(EIO, "not mounted") }
+        return try storeCall { try store.grow(toDevicePages: devicePages) }
+    }
+
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.
     public func stop() throws {
         let failure: String? = blobService.reactor.call { [self] in

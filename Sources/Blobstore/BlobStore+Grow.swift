@@ -36,7 +36,8 @@ extension BlobStore {
     /// (never lowered). Sequence, active copy and records are the caller's.
     static func grownGeometry(_ block: SuperBlock, devicePages: UInt64) throws(BlobStoreError) -> SuperBlock {
         guard devicePages > block.devicePages, devicePages <= SuperBlock.devicePagesMax else {
-            throw .invalidArgument("the store covers \(block.devicePages) pages: \(devicePages) is no growth")
+            throw .invalidArgument("the store already covers \(block.devicePages * UInt64(pageBytes)) bytes; "
+                + "\(devicePages * UInt64(pageBytes)) is no growth (grow the image file or device first, or give a larger size)")
         }
         let clusterPages = block.clusterPages
         var idLimit = max(block.blobIDLimit, defaultBlobIDLimit(devicePages: devicePages, metadataPages: block.metadataPages.pageCount,

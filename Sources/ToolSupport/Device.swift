@@ -28,7 +28,7 @@ public func fail(_ error: Error, tool: String = "blobfs") -> Never {
 }
 
 /// A device named on the command line, and how blobfs opens it.
-public struct Device {
+public struct Device: Sendable {
     public let text: String
     public let spec: DeviceSpec
     /// The file the lock is taken on (image files), nil for RAM and PCIe.

@@ -176,6 +176,7 @@ struct Mount: UsageErrorsExitTwo {
         // The control socket, served off the request path (docs/CONTROL.md).
         let mountControl = MountControl(mountpoint: point, deviceText: device.text, deviceKind: device.kind, bdev: bdev,
                                         counting: counting, service: service, server: server)
+        mountControl.grow = { sizeBytes in try Self.grow(device, bdev, service, sizeBytes) }
         catchHangup()
         var controlServer: ControlServer?
         let socketPath = control.socketPath ?? ControlSocket.path(for: point)
@@ -218,6 +219,46 @@ struct Mount: UsageErrorsExitTwo {
         }
         Log.logger("mount").notice("\(point) unmounted; \(device.text) left clean")
         return status == 0 ? 0 : 1
+    }
+}
+
+extension Mount {
+    /// `blobfs grow`: an image file shorter than `sizeBytes` is extended (sparse), the device
+    /// asked for its size again, and the store grown onto it (all of it without a size).
+    /// On a control thread; the grow itself runs on the file system's reactor.
+    static func grow(_ device: Device, _ bdev: Bdev, _ service: FileSystemService, _ sizeBytes: UInt64?) throws -> String {
+        let started = MonotonicClock.nowNs()
+        if let sizeBytes, case let .file(path) = device.spec {
+            var info = stat()
+            guard stat(path, &info) == 0 else { throw Failure("\(path): \(String(cString: strerror(errno)))") }
+            if (info.st_mode & S_IFMT) == S_IFREG && UInt64(info.st_size) < sizeBytes {
+                guard truncate(path, off_t(sizeBytes)) == 0 else {
+                    throw Failure("extending \(path) to \(sizeBytes) bytes: \(String(cString: strerror(errno)))")
+                }
+                Log.logger("mount").notice("grow: \(path) extended to \(formatBytes(sizeBytes))")
+            }
+        }
+        let geometry: BdevGeometry
+        do { geometry = try bdev.refreshGeometry() } catch { throw Failure("\(device.text): \(error)") }
+        if let sizeBytes, sizeBytes > geometry.capacityBytes {
+            throw Failure("\(device.text) holds \(geometry.capacityBytes) bytes, less than \(sizeBytes) (a \(device.kind) device grows outside blobfs)")
+        }
+        let pages = sizeBytes.map { $0 / UInt64(SuperBlock.pageBytes) }
+        let result: Result<BlobStore.GrowReport, FSError> = service.blobService.reactor.call {
+            do throws(FSError) { return .success(try service.growNow(toDevicePages: pages)) } catch { return .failure(error) }
+        }
+        let report: BlobStore.GrowReport
+        switch result {
+        case let .success(value): report = value
+        case let .failure(error): throw Failure(error.message.isEmpty ? "\(error)" : error.message)
+        }
+        let page = UInt64(SuperBlock.pageBytes)
+        let elapsed = milliseconds(MonotonicClock.nowNs() - started)
+        let line = "grown from \(formatBytes(report.devicePagesBefore * page)) to \(formatBytes(report.devicePagesAfter * page)): "
+            + "\(report.clustersBefore) to \(report.clustersAfter) clusters, \(report.blobIDLimitBefore) to \(report.blobIDLimitAfter) inodes "
+            + "(\(formatBytes(report.arrayPagesWritten * page)) of new table and bitmaps written; \(elapsed) ms)"
+        Log.logger("mount").notice("grow: \(line)")
+        return line
     }
 }
 

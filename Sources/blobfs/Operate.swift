@@ -101,3 +101,23 @@ struct Checkpoint: UsageErrorsExitTwo {
 
     func run() throws { target.converse("checkpoint") }
 }
+
+struct Grow: UsageErrorsExitTwo {
+    static let configuration = CommandConfiguration(
+        abstract: "Grow a mounted file system onto its grown image file or device.",
+        discussion: """
+            Without --size the store takes the whole device as it is now (grow the image file or \
+            block device first); with --size an image file shorter than SIZE is extended (sparse) \
+            first. The new table and bitmaps are written copy-on-write past the old end, and one \
+            super block switches to them: a crash at any moment leaves the old size or the new one. \
+            The growth must hold them (about 2 x 4 bytes per inode and 2 bits per cluster).
+            """)
+    @OptionGroup var target: ControlTarget
+    @Option(help: "The size to grow to (e.g. 64G).") var size: String?
+
+    func run() throws {
+        var request = "grow"
+        if let size { request += " size=\(try parseSize(size, "--size"))" }
+        target.converse(request)
+    }
+}

@@ -22,7 +22,7 @@ struct Blobfs: UsageErrorsExitTwo {
             same), malloc:SIZE (RAM, formatted at mount), nvme-emu:PATH (the NVMe driver over the \
             in-process software controller) or pcie:DDDD:BB:DD.F.
             """,
-        subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self, Status.self, Stats.self, Sync.self, Checkpoint.self])
+        subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self, Status.self, Stats.self, Sync.self, Checkpoint.self, Grow.self])
 }
 
 // MARK: - mkfs
