@@ -56,9 +56,12 @@ final class FuseSession {
         entryValid = split(options.entryTimeout)
         attributeValid = split(options.attributeTimeout)
         statistics = options.statistics ? OperationHistograms(rows: 64) : nil
+        reactor = service.blobService.reactor
     }
 
     var fs: FileSystem { service.fileSystemOnReactor }
+    /// The reactor the session runs on (the file system's): its pass start stamps requests.
+    private unowned(unsafe) let reactor: Reactor
 
     // MARK: - Requests in and out
 
@@ -66,7 +69,9 @@ final class FuseSession {
     func received(_ slot: FuseSlot) {
         let opcode = slot.opcode
         requestCounts[min(Int(opcode), 63)] &+= 1
-        if statistics != nil { slot.receivedNs = MonotonicClock.nowNs() }
+        // The pass that found the request began after it arrived: its start stamps the
+        // request (no clock read here; the answer reads one).
+        if statistics != nil { slot.receivedNs = reactor.passStartNs }
         if opcode != FuseOpcode.forget.rawValue && opcode != FuseOpcode.batchForget.rawValue
             && opcode != FuseOpcode.interrupt.rawValue {
             slot.ticket = ledger.take(opcode: opcode, nodeID: slot.nodeID)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Operating a mount, through real mounts (part of scripts/test; issue 17):
+#   0. mkfs's inode default scales with the device.
 #   1. the control socket: `blobfs status` and `stats` (text and JSON, checked field by
 #      field), `stats --interval`, `sync`, `checkpoint`; status and stats answer in under
 #      50 ms while fio runs on the mount; root only (another user is refused); a socket
@@ -73,6 +74,15 @@ wait_for() {  # wait_for SECONDS COMMAND...: until it succeeds
   for _ in $(seq "$limit"); do "$@" 2>/dev/null && return 0; sleep 0.1; done
   return 1
 }
+
+# mkfs: inodes scale with the device (one per 8 KiB with 4 KiB clusters, up to 16 Mi).
+inodes_scale() {
+  "$BLOBFS" mkfs "$work/big.img" --size 64G | tee /dev/stderr | grep -q "up to 8388608 inodes" || return 1
+  "$BLOBFS" mkfs "$work/huge.img" --size 1T | tee /dev/stderr | grep -q "up to 16777216 inodes"
+}
+check "mkfs: 8 Mi inodes on 64 GiB, 16 Mi (the default's limit) on 1 TiB" inodes_scale
+show
+rm -f "$work/big.img" "$work/huge.img"
 
 # 1. The control socket.
 "$BLOBFS" mkfs "$work/a.img" --size 4G > /dev/null
