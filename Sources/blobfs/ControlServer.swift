@@ -158,8 +158,11 @@ final class ControlServer: @unchecked Sendable {
                 close(fd)
                 connections.withLock { $0 -= 1 }
             }
+            // A client that neither sends nor reads (`blobfs stats --interval 1 | sleep 1000`)
+            // cannot hold the connection, and with it the unmount, past these.
             var timeout = timeval(tv_sec: 5, tv_usec: 0)
             setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             guard let line = ControlSocket.readLine(fd) else { return }
             guard let request = ControlRequest(line) else {
                 ControlSocket.sendFrame(fd, ok: false, "bad request '\(line)'")

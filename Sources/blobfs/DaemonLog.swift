@@ -29,14 +29,14 @@ enum DaemonLog {
         }
     }
 
-    /// Points stdout and stderr at `path` (appending; made 0640 if missing). Returns false
-    /// when it cannot be opened. Called at start and on SIGHUP: a rotated file is let go
-    /// and a new one made at the same path.
+    /// Points stderr (and stdout, `alsoStandardOutput`: the background daemon's) at `path`
+    /// (appending; made 0640 if missing). Returns false when it cannot be opened. Called at
+    /// start and on SIGHUP: a rotated file is let go and a new one made at the same path.
     @discardableResult
-    static func redirect(to path: String) -> Bool {
+    static func redirect(to path: String, alsoStandardOutput: Bool = true) -> Bool {
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
         guard fd >= 0 else { return false }
-        dup2(fd, 1)
+        if alsoStandardOutput { dup2(fd, 1) }
         dup2(fd, 2)
         close(fd)
         return true

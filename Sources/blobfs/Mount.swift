@@ -61,7 +61,8 @@ struct Mount: UsageErrorsExitTwo {
         }
         if let log {
             // Everything the daemon says goes there from the start (libfuse's messages too).
-            guard foreground || notifyFD != nil ? DaemonLog.redirect(to: Device.absolute(log)) : true else {
+            // In the foreground stdout stays: the "mounted on" line is the user's.
+            guard foreground || notifyFD != nil ? DaemonLog.redirect(to: Device.absolute(log), alsoStandardOutput: notifyFD != nil) : true else {
                 fail(Failure("--log \(log): \(String(cString: strerror(errno)))", status: 2))
             }
         }
@@ -188,7 +189,7 @@ struct Mount: UsageErrorsExitTwo {
             let logFile = log.map { Device.absolute($0) }
             controlServer?.onHangup = {
                 if let logFile {
-                    let reopened = DaemonLog.redirect(to: logFile)
+                    let reopened = DaemonLog.redirect(to: logFile, alsoStandardOutput: notify != nil)
                     Log.logger("control").notice(reopened ? "SIGHUP: log file reopened" : "SIGHUP: cannot reopen \(logFile)")
                 } else {
                     Log.logger("control").notice("SIGHUP: no log file to reopen")
