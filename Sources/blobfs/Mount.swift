@@ -22,7 +22,11 @@ struct Mount: UsageErrorsExitTwo {
             Options (-o, comma-separated): allow_other, ro, noatime, ... (passed to the kernel; \
             default_permissions is always on: the kernel checks permissions), entry_timeout=S, \
             attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
-            held this long; default 30).
+            held this long; default 30), no_stats (keep no per-request statistics), control_socket=PATH \
+            and control_mode=OCTAL (the control socket `blobfs status` asks; default derived from the \
+            mountpoint, 0600).
+            Logs go to stderr in the foreground, to syslog in the background, or to --log FILE \
+            (reopened on SIGHUP). Under systemd (Type=notify) READY=1 is sent once the mount is live.
             """)
     @Argument(help: "Image path or device spec (malloc:SIZE is formatted at mount).") var device: String
     @Argument(help: "An existing directory.") var mountpoint: String
