@@ -99,7 +99,7 @@ final class FuseSession {
         if slot.opcode == FuseOpcode.write.rawValue && errno == 0 { moved = UInt64(slot.argument(fuse_write_in.self).size) }
         statistics.record(row: min(Int(slot.opcode), 63), ns: MonotonicClock.nowNs() &- slot.receivedNs, bytes: moved,
                           failed: errno != 0)
-        if errno != 0 { errorCounts[min(Int(errno), 255)] &+= 1 }
+        if errno != 0 { errorCounts[min(Int(UInt32(bitPattern: errno)), 255)] &+= 1 }
     }
 
     /// The bytes of each opcode's fixed argument struct (`in_args[0]`); 0 when the
