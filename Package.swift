@@ -86,7 +86,7 @@ let package = Package(
         .executableTarget(
             name: "blobbench",
             dependencies: [
-                "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport",
+                "Blobstore", "Bdev", "BdevMalloc", "Env", "DeviceSpec", "CommandLineSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -39,6 +39,11 @@ public final class Bdev: Sendable {
     }
 
     public func close() { backend.close() }
+
+    /// The device's geometry after looking at its size again (see
+    /// `BdevBackend.refreshGeometry`); channels take a larger size at their next request
+    /// beyond the old one.
+    public func refreshGeometry() throws(BdevError) -> BdevGeometry { try backend.refreshGeometry() }
 }
 
 /// A reactor's path to a device: a pool of requests, a poller that reaps and delivers.
@@ -49,7 +54,9 @@ public final class BdevChannel {
     public let queueDepth: Int
     let backend: any BdevBackendChannel
     private let blockSizeBytes: Int
-    private let blockCount: UInt64
+    /// The device's size when last looked at: a request beyond it looks again (the
+    /// device may have grown), so the common path reads no shared state.
+    private var blockCount: UInt64
     private let alignmentMask: Int
     private var requests: ContiguousArray<BdevIO> = []
     private var freeIndices: ContiguousArray<Int> = []
@@ -147,7 +154,9 @@ public final class BdevChannel {
     @inline(__always)
     private func requestBytes(_ countBlocks: UInt64) throws(BdevError) -> Int {
         guard countBlocks > 0 else { throw .emptyRequest }
-        guard countBlocks <= blockCount else { throw .outOfRange(offsetBlocks: 0, countBlocks: countBlocks, blockCount: blockCount) }
+        guard countBlocks <= blockCount || countBlocks <= grownBlockCount() else {
+            throw .outOfRange(offsetBlocks: 0, countBlocks: countBlocks, blockCount: blockCount)
+        }
         return Int(countBlocks) * blockSizeBytes
     }
 
@@ -155,9 +164,16 @@ public final class BdevChannel {
     private func checkRange(_ offsetBlocks: UInt64, _ countBlocks: UInt64) throws(BdevError) {
         guard countBlocks > 0 else { throw .emptyRequest }
         let (end, overflow) = offsetBlocks.addingReportingOverflow(countBlocks)
-        guard !overflow, end <= blockCount else {
+        guard !overflow, end <= blockCount || end <= grownBlockCount() else {
             throw .outOfRange(offsetBlocks: offsetBlocks, countBlocks: countBlocks, blockCount: blockCount)
         }
+    }
+
+    /// Out of range as last known: the device's size now (slow path, off the common one).
+    @inline(never)
+    private func grownBlockCount() -> UInt64 {
+        blockCount = max(blockCount, bdev.geometry.blockCount)
+        return blockCount
     }
 
     private func submitRange(_ type: BdevIOType, _ offsetBlocks: UInt64, _ countBlocks: UInt64,

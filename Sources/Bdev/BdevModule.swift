@@ -14,6 +14,15 @@ public protocol BdevBackend: AnyObject, Sendable {
     func makeChannel(reactor: Reactor) throws(BdevError) -> any BdevBackendChannel
     /// Releases the device; every channel is closed before.
     func close()
+    /// Looks at the device's size again (an image file or block device grown while open:
+    /// `blobfs grow`) and returns the geometry now. A device never shrinks under its user:
+    /// a smaller size is an error and the geometry stays. Control path, any thread.
+    func refreshGeometry() throws(BdevError) -> BdevGeometry
+}
+
+extension BdevBackend {
+    /// Devices whose size cannot change (RAM, an NVMe namespace here) keep theirs.
+    public func refreshGeometry() throws(BdevError) -> BdevGeometry { geometry }
 }
 
 /// Per-reactor submission and completion path of a backend.

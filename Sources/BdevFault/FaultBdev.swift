@@ -37,6 +37,8 @@ public final class FaultBdev: BdevBackend, @unchecked Sendable {
 
     public func close() { inner.close() }
 
+    public func refreshGeometry() throws(BdevError) -> BdevGeometry { try inner.refreshGeometry() }
+
     // MARK: - Triggers and counters
 
     /// Fails exactly the `n`-th request (counted from 1 over every type) with EIO.

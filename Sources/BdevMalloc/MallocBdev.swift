@@ -3,21 +3,31 @@ import Glibc
 #endif
 import Bdev
 import Env
+import Synchronization
 
 /// A RAM block device. Memory is reserved lazily (untouched blocks cost nothing and
 /// read as zeros), so `malloc:1G` is cheap until written.
 public final class MallocBdev: BdevBackend, @unchecked Sendable {
     public let name: String
-    public let geometry: BdevGeometry
+    private let blockSizeBytes: Int
+    private let blockCount: Atomic<UInt64>
+    /// Blocks reserved: the device may grow up to them (`grow`, for tests of online grow).
+    public let reservedBlockCount: UInt64
     private let memory: UnsafeMutableRawPointer
     private let bytes: Int
 
-    public init(name: String = "malloc", blockCount: UInt64, blockSizeBytes: Int = 4096) throws(BdevError) {
+    public var geometry: BdevGeometry {
+        BdevGeometry(blockSizeBytes: blockSizeBytes, blockCount: blockCount.load(ordering: .acquiring), isPersistent: false)
+    }
+
+    public init(name: String = "malloc", blockCount: UInt64, blockSizeBytes: Int = 4096,
+                reservedBlockCount: UInt64? = nil) throws(BdevError) {
         guard BdevGeometry.supportedBlockSizes.contains(blockSizeBytes) else {
             throw .invalidConfiguration("malloc bdev: block size \(blockSizeBytes) (512 or 4096)")
         }
         guard blockCount > 0 else { throw .invalidConfiguration("malloc bdev: zero blocks") }
-        let (bytes, overflow) = blockCount.multipliedReportingOverflow(by: UInt64(blockSizeBytes))
+        let reserved = max(blockCount, reservedBlockCount ?? blockCount)
+        let (bytes, overflow) = reserved.multipliedReportingOverflow(by: UInt64(blockSizeBytes))
         guard !overflow, bytes <= UInt64(Int.max) else { throw .invalidConfiguration("malloc bdev: size overflows") }
         let memory = mmap(nil, Int(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let memory, memory != MAP_FAILED else {
@@ -26,7 +36,16 @@ public final class MallocBdev: BdevBackend, @unchecked Sendable {
         self.name = name
         self.bytes = Int(bytes)
         self.memory = memory
-        geometry = BdevGeometry(blockSizeBytes: blockSizeBytes, blockCount: blockCount, isPersistent: false)
+        self.blockSizeBytes = blockSizeBytes
+        self.blockCount = Atomic(blockCount)
+        self.reservedBlockCount = reserved
+    }
+
+    /// Grows the device to `blockCount` blocks (within the reservation); the new blocks read as zeros.
+    public func grow(to blockCount: UInt64) {
+        precondition(blockCount >= self.blockCount.load(ordering: .acquiring) && blockCount <= reservedBlockCount,
+                     "malloc bdev grown to \(blockCount) blocks (reserved \(reservedBlockCount))")
+        self.blockCount.store(blockCount, ordering: .releasing)
     }
 
     deinit { munmap(memory, bytes) }

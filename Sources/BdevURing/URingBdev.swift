@@ -4,6 +4,7 @@ import Glibc
 import Bdev
 import CURing
 import Env
+import Synchronization
 
 /// A file or block device served through io_uring: one ring per channel (per reactor),
 /// submissions batched per poll, completions reaped by the reactor's poller and
@@ -16,8 +17,13 @@ import Env
 /// ZERO_RANGE). Both read back as zeros.
 public final class URingBdev: BdevBackend, @unchecked Sendable {
     public let name: String
-    public let geometry: BdevGeometry
     public let path: String
+    private let blockSizeBytes: Int
+    /// Grows when `refreshGeometry` finds the file or device larger (`blobfs grow`).
+    private let blockCount: Atomic<UInt64>
+    public var geometry: BdevGeometry {
+        BdevGeometry(blockSizeBytes: blockSizeBytes, blockCount: blockCount.load(ordering: .acquiring), isPersistent: true)
+    }
     let bufferedFD: Int32
     let directFD: Int32  // -1 when O_DIRECT is not available
     let directAlignmentBytes: Int
@@ -80,7 +86,27 @@ public final class URingBdev: BdevBackend, @unchecked Sendable {
         isBlockDevice = isBlock
         self.path = path
         self.name = name ?? path
-        geometry = BdevGeometry(blockSizeBytes: blockSizeBytes, blockCount: blockCount, isPersistent: true)
+        self.blockSizeBytes = blockSizeBytes
+        self.blockCount = Atomic(blockCount)
+    }
+
+    /// The file's size (fstat) or the block device's (BLKGETSIZE64) now, in whole blocks.
+    public func refreshGeometry() throws(BdevError) -> BdevGeometry {
+        var bytes: UInt64 = 0
+        if isBlockDevice {
+            guard ioctl(bufferedFD, blobfs_BLKGETSIZE64, &bytes) == 0 else { throw .system(SystemError("ioctl(BLKGETSIZE64, \(path))")) }
+        } else {
+            var info = stat()
+            guard fstat(bufferedFD, &info) == 0 else { throw .system(SystemError("fstat(\(path))")) }
+            bytes = UInt64(info.st_size)
+        }
+        let now = bytes / UInt64(blockSizeBytes)
+        let known = blockCount.load(ordering: .acquiring)
+        guard now >= known else {
+            throw .invalidConfiguration("\(path) shrank to \(now) blocks under a user of \(known): its size is kept")
+        }
+        blockCount.store(now, ordering: .releasing)
+        return geometry
     }
 
     public var usesDirectIO: Bool { directFD >= 0 }

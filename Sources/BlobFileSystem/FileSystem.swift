@@ -149,6 +149,8 @@ public final class FileSystem {
         // Namespace changes are durable at fsync/sync (and within a second: the
         // service's write-back), not each on its own flush.
         store.deferCommitFlush = true
+        // A failed device write or flush: every later write gets EROFS, none hangs.
+        store.readOnlyOnDeviceError = true
         try fs.deleteOrphans()
         return fs
     }
@@ -223,6 +225,10 @@ public final class FileSystem {
     }
 
     var hasDirtyInodes: Bool { inodes.values.contains { $0.dirty } }
+
+    /// Inodes whose attributes changed only in memory, and inodes held in memory.
+    public var dirtyInodeCount: Int { inodes.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
+    public var cachedInodeCount: Int { inodes.count }
 
     /// Something only in memory or not yet flushed: the write-back has work.
     public var needsWriteBack: Bool { store.hasUnflushedCommits || hasDirtyInodes }

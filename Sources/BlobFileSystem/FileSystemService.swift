@@ -132,11 +132,14 @@ public final class FileSystemService: @unchecked Sendable {
             flushInFlight = true
             flushCompletion.body = { [self] status in
                 if case let .failed(error) = status {
-                    _ = (try? storeOf())?.externalFlushFailed(error)
+                    // What the log holds past the last good flush is unknown now: the store
+                    // turns read-only (a lost device, or readOnlyOnDeviceError).
+                    (try? storeOf())?.externalFlushFailed(error)
                     noteDeviceLoss()
                 } else {
                     (try? storeOf())?.externalFlushCompleted(token)
                 }
+                noteFlush(status.isSuccess)
                 let finished = flushing
                 flushing = []
                 flushInFlight = false
@@ -387,6 +390,98 @@ public final class FileSystemService: @unchecked Sendable {
     private func drainDataIO() {
         guard let dataBdevChannel else { return }
         while dataBdevChannel.inFlight > 0 { _ = dataBdevChannel.poll() }
+    }
+
+    // MARK: - Operating a mount (control path: `blobfs status`, `sync`, `checkpoint`)
+
+    /// Device flushes completed (failed ones apart) and when the last one completed
+    /// (monotonic ns; 0: none yet). Reactor thread only.
+    private var flushCount: UInt64 = 0
+    private var flushFailures: UInt64 = 0
+    private var lastFlushNs: UInt64 = 0
+
+    private func noteFlush(_ ok: Bool) {
+        if ok {
+            flushCount += 1
+            lastFlushNs = MonotonicClock.nowNs()
+        } else {
+            flushFailures += 1
+        }
+    }
+
+    /// The store and the file system as `blobfs status` shows them.
+    public struct Status: Sendable {
+        public var storeBytes: UInt64
+        public var clusterBytes: UInt64
+        public var clusters: UInt64
+        public var freeClusters: UInt64
+        /// What statfs reports free: less the checkpoints' and the writeback cache's reserves.
+        public var freeBytesForWriting: UInt64
+        public var writebackReserveBytes: UInt64
+        public var metadataRegionPages: UInt64
+        public var metadataRegionFreePages: UInt64
+        public var metadataPagesInClusters: UInt64
+        public var logPages: UInt64
+        public var logPagesInUse: UInt64
+        public var blobIDLimit: UInt64
+        public var blobs: UInt64
+        public var dirtyInodes: Int
+        public var cachedInodes: Int
+        public var openFiles: Int
+        public var unflushedCommits: Bool
+        public var checkpointSequence: UInt64
+        public var checkpoints: UInt64
+        public var lastCheckpointNs: UInt64
+        public var flushes: UInt64
+        public var flushFailures: UInt64
+        public var lastFlushNs: UInt64
+        public var readOnly: Bool
+        /// Why the store stopped taking writes (a device error), nil when it did not.
+        public var readOnlyReason: String?
+        /// Device requests of the store that failed.
+        public var deviceErrors: UInt64
+    }
+
+    /// Call on the reactor (the control socket asks with `Reactor.call`).
+    public func statusOnReactor() -> Status? {
+        precondition(blobService.reactor.isCurrent, "FileSystemService.statusOnReactor off its reactor")
+        guard let fileSystem, let store = try? storeOf() else { return nil }
+        let block = store.superBlock
+        return Status(
+            storeBytes: block.devicePages * UInt64(SuperBlock.pageBytes), clusterBytes: UInt64(store.clusterSizeBytes),
+            clusters: store.clusterCount, freeClusters: store.freeClusterCount,
+            freeBytesForWriting: fileSystem.freeBytesForWriting, writebackReserveBytes: fileSystem.writebackReserveBytes,
+            metadataRegionPages: store.metadataPageCount, metadataRegionFreePages: store.freeRegionMetadataPageCount,
+            metadataPagesInClusters: store.metadataPagesInClusterCount, logPages: block.log.pageCount,
+            logPagesInUse: store.logPagesInUse, blobIDLimit: store.blobIDLimit, blobs: UInt64(store.blobCount),
+            dirtyInodes: fileSystem.dirtyInodeCount, cachedInodes: fileSystem.cachedInodeCount, openFiles: openBlobs.count,
+            unflushedCommits: store.hasUnflushedCommits, checkpointSequence: block.sequence,
+            checkpoints: store.checkpointCount, lastCheckpointNs: store.lastCheckpointNs, flushes: flushCount,
+            flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.isReadOnly, readOnlyReason: store.deviceFailure,
+            deviceErrors: store.deviceErrorCount)
+    }
+
+    /// `blobfs sync`: attributes changed in memory written back, everything flushed, and a
+    /// checkpoint (the log emptied). On the reactor; it holds the reactor for the checkpoint.
+    public func syncNow() throws(FSError) {
+        guard let fileSystem else { throw FSError(EIO, "not mounted") }
+        try fileSystem.sync()
+        try storeCall { try fileSystem.store.checkpoint() }
+    }
+
+    /// `blobfs checkpoint`: what is committed goes to its home pages and the log is emptied
+    /// (attributes changed only in memory are not committed). On the reactor.
+    public func checkpointNow() throws(FSError) {
+        guard let store = fileSystem?.store else { throw FSError(EIO, "not mounted") }
+        try storeCall { try store.checkpoint() }
+    }
+
+    /// `blobfs grow`: the store extended onto `devicePages` pages of its device (nil: all
+    /// of it, as `Bdev.refreshGeometry` last found it). On the reactor, which it holds for a
+    /// checkpoint and the write of the new table and bitmaps (FORMAT.md, "Online grow").
+    public func growNow(toDevicePages devicePages: UInt64?) throws(FSError) -> BlobStore.GrowReport {
+        guard let store = fileSystem?.store else { throw FSError(EIO, "not mounted") }
+        return try storeCall { try store.grow(toDevicePages: devicePages) }
     }
 
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.

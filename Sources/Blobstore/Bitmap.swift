@@ -18,6 +18,18 @@ public struct Bitmap: Equatable, Sendable {
 
     public static func == (lhs: Bitmap, rhs: Bitmap) -> Bool { lhs.count == rhs.count && lhs.words == rhs.words }
 
+    /// The same bits in a bitmap of `newCount` (at least `count`) bits; the new ones clear.
+    /// Every page is noted as changed.
+    public func grown(to newCount: UInt64) -> Bitmap {
+        precondition(newCount >= count, "a bitmap of \(count) bits grown to \(newCount)")
+        var result = Bitmap(count: newCount)
+        // Bits past `count` are never set, so whole words copy as they are.
+        result.words = ZeroedWords(count: result.words.count, copying: words)
+        result.setCount = setCount
+        for index in result.changed.indices { result.changed[index] = ~0 }
+        return result
+    }
+
     @inline(__always)
     private mutating func noteChange(_ index: UInt64) {
         let page = index / UInt64(BitmapPage.bitsPerPage)
@@ -252,6 +264,12 @@ struct ZeroedWords: Equatable, @unchecked Sendable {
     private var storage: Storage
 
     init(count: Int) { storage = Storage(count: count) }
+
+    /// `count` words, the first ones `other`'s (at most `count` of them).
+    init(count: Int, copying other: ZeroedWords) {
+        storage = Storage(count: count)
+        storage.base.update(from: other.storage.base, count: min(count, other.count))
+    }
 
     var count: Int { storage.count }
 

@@ -147,6 +147,8 @@ extension BlobStore {
         dirtyBlobs = []
         countedDirty = []
         dirtyChainPages = 0
+        checkpointCount += 1
+        lastCheckpointNs = MonotonicClock.nowNs()
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
@@ -317,7 +319,7 @@ extension BlobStore {
     func writePendingLog() throws(BlobStoreError) {
         guard !pendingLog.isEmpty else { return }
         if pendingNeedsDataFlush {
-            do { try io.flush() } catch { throw deviceWriteFailed(error) }
+            do { try io.flush() } catch { throw deviceWriteFailed(error, "device flush") }
             pendingNeedsDataFlush = false
             openLogPage = nil  // durable now: not to be rewritten
         }

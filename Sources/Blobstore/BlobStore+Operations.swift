@@ -253,7 +253,7 @@ extension BlobStore {
             do {
                 try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: piece.start % UInt64(clusterSizeBytes)),
                                    countBlocks: (piece.end - piece.start) / UInt64(ioUnitBytes))
-            } catch { throw .device(error) }
+            } catch { throw deviceWriteFailed(error, "write-zeroes of blob \(id)") }
         }
     }
 
@@ -266,6 +266,6 @@ extension BlobStore {
     private func writeBlocks(_ bytes: [UInt8], at block: UInt64) throws(BlobStoreError) {
         guard !isReadOnly, !discardsWrites, writeObserver == nil else { throw .readOnly }
         try refuseIfDeviceLost()
-        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw deviceWriteFailed(error) }
+        do { try io.writeBytes(bytes, offsetBlocks: block) } catch { throw deviceWriteFailed(error, "data write at block \(block)") }
     }
 }

@@ -24,7 +24,7 @@ public final class BlobStore {
     /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
     /// metadata page region go to data clusters (`metadataPagesInClusters`), so the
     /// region's size does not limit the number of blobs; the blob id limit does: by
-    /// default half the device's pages, up to 1 Mi (131,072 in 1 GiB).
+    /// default half the device's pages, up to 16 Mi (131,072 in 1 GiB; `defaultBlobIDLimit`).
     public struct Options: Sendable {
         public var clusterSizeBytes = 4096
         public var logPages: UInt64?
@@ -96,7 +96,8 @@ public final class BlobStore {
     /// half of one. The file system sets it (POSIX promises durability at fsync/sync);
     /// off by default: every commit durable on return.
     public var deferCommitFlush = false
-    /// Loaded with `readOnly`: commits, checkpoints and data writes are refused.
+    /// Loaded with `readOnly`, or read-only since a device error (`readOnlyOnDeviceError`):
+    /// commits, checkpoints and data writes are refused.
     public internal(set) var isReadOnly = false
     /// The device reported itself lost (`BdevError.deviceLost`: a remote target away past
     /// its loss timeout) during a write or flush. From then on nothing the store writes
@@ -111,8 +112,22 @@ public final class BlobStore {
     /// Offline repair's dry run: metadata writes change the state in memory and never
     /// reach the device (data writes are refused).
     public var discardsWrites = false
+    /// When set, the first device write or flush of the store that fails makes it
+    /// read-only (`deviceFailure` says why; logged once): after a failed write or flush
+    /// what the device holds is no longer known, and a commit that builds on it could make
+    /// things worse. The file system sets it; off by default (a failed commit leaves the
+    /// state as it was and may be retried).
+    public var readOnlyOnDeviceError = false
+    /// The device failure that made the store read-only.
+    public internal(set) var deviceFailure: String?
+    /// Device writes and flushes of the store that failed.
+    public internal(set) var deviceErrorCount: UInt64 = 0
     /// The log scan of the last load (what was replayed and where the scan stopped).
     public internal(set) var lastScan: LogScan?
+    /// Checkpoints written since the load, and when the last one switched the super block
+    /// (monotonic ns; 0: none yet). For `blobfs status`.
+    public internal(set) var checkpointCount: UInt64 = 0
+    public internal(set) var lastCheckpointNs: UInt64 = 0
     /// Commits written since the last flush (deferred mode).
     public internal(set) var hasUnflushedCommits = false
     /// Clusters were released by a commit not yet flushed: they must not receive new data
@@ -164,6 +179,7 @@ public final class BlobStore {
         logHead = superBlock.logTailSequence
         nextLSN = superBlock.checkpointLSN + 1
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
+        ioUnitBytes = io.geometry.blockSizeBytes
     }
 
     // MARK: - Format
@@ -190,10 +206,12 @@ public final class BlobStore {
         }
         // Defaults: metadata pages for a sixty-fourth of the device when more can go to data
         // clusters, else an eighth, up to 4 Mi pages (16 GiB); blob ids: half the device's
-        // pages with metadata pages in clusters, else one per metadata page, up to 1 Mi.
+        // pages with metadata pages in clusters, else one per metadata page, up to 16 Mi
+        // (`defaultBlobIDLimit`).
         // Without that feature many small blobs need more: see Options.
         let metadataPages = options.metadataPages ?? min(max(devicePages / (pagesInClusters ? 64 : 8), 64), 1 << 22)
-        let idLimit = options.blobIDLimit ?? min(pagesInClusters ? max(metadataPages, devicePages / 2) : metadataPages, 1 << 20)
+        let idLimit = options.blobIDLimit
+            ?? defaultBlobIDLimit(devicePages: devicePages, metadataPages: metadataPages, pagesInClusters: pagesInClusters)
         let tablePages = (idLimit + UInt64(TablePage.entriesPerPage) - 1) / UInt64(TablePage.entriesPerPage)
         let clusterBound = devicePages / clusterPages
         let bitmapPages = BitmapPage.pages(forBits: clusterBound) + BitmapPage.pages(forBits: metadataPages)
@@ -484,8 +502,8 @@ public final class BlobStore {
         clusters.count - clusters.setCount + quarantinedClusterCount + discards.heldClusterCount
     }
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
-    /// The unit of blob reads and writes: the device block.
-    public var ioUnitBytes: Int { io.geometry.blockSizeBytes }
+    /// The unit of blob reads and writes: the device block (fixed: read once, not per request).
+    public let ioUnitBytes: Int
     public var logPagesInUse: UInt64 { logHead - superBlock.logTailSequence }
 
     // MARK: - Device helpers
@@ -514,7 +532,9 @@ public final class BlobStore {
         try refuseIfDeviceLost()
         try writeObserver?.willOverwrite(pages: page..<(page + UInt64(bytes.count / Self.pageBytes)))
         guard !discardsWrites else { return }
-        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch { throw deviceWriteFailed(error) }
+        do { try io.writeBytes(bytes, offsetBlocks: page * blocksPerPage) } catch {
+            throw deviceWriteFailed(error, "metadata write at page \(page)")
+        }
     }
 
     /// Throws once the device has been lost (see `lostDevice`).
@@ -523,11 +543,27 @@ public final class BlobStore {
         if let lostDevice { throw .deviceLost(lostDevice) }
     }
 
-    /// The error for a failed write or flush; a lost device latches `lostDevice`.
-    func deviceWriteFailed(_ error: BdevError) -> BlobStoreError {
-        guard case .deviceLost = error else { return .device(error) }
-        if lostDevice == nil { lostDevice = error }
-        return .deviceLost(error)
+    /// A device write or flush of the store failed (`what`): counted; a lost device
+    /// latches `lostDevice`; and when the device is lost or `readOnlyOnDeviceError` is
+    /// set, the store turns read-only (the first failure is logged). Returns the error to
+    /// throw: `.deviceLost` for a lost device, else `.device`.
+    func deviceWriteFailed(_ error: BdevError, _ what: String) -> BlobStoreError {
+        deviceErrorCount += 1
+        if case .deviceLost = error, lostDevice == nil { lostDevice = error }
+        if (readOnlyOnDeviceError || lostDevice != nil) && deviceFailure == nil {
+            deviceFailure = "\(what): \(error)"
+            isReadOnly = true
+            Log.logger("blobstore").error("device error (\(what): \(error)): the store takes no more writes; every write gets EROFS until it is mounted again (the log replays what was flushed)")
+        }
+        if case .deviceLost = error { return .deviceLost(error) }
+        return .device(error)
+    }
+
+    /// The flush begun with `beginExternalFlush` failed with `error`: the store's error
+    /// for it (as a flush of its own would have failed).
+    @discardableResult
+    public func externalFlushFailed(_ error: BdevError) -> BlobStoreError {
+        deviceWriteFailed(error, "device flush")
     }
 
     /// What a device flush issued outside the store covers (see `beginExternalFlush`).
@@ -545,15 +581,10 @@ public final class BlobStore {
     /// the flush is submitted is covered by it.
     public func beginExternalFlush() throws(BlobStoreError) -> FlushToken {
         try refuseIfDeviceLost()
+        guard deviceFailure == nil else { throw .readOnly }
         try writePendingLog()
         openLogPage = nil
         return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch, releasesLogged: releasedUnlogged.isEmpty)
-    }
-
-    /// The flush begun with `beginExternalFlush` failed with `error`: the store's error
-    /// for it (a lost device latches `lostDevice`, as a flush of its own would).
-    public func externalFlushFailed(_ error: BdevError) -> BlobStoreError {
-        deviceWriteFailed(error)
     }
 
     /// The flush begun with `token` completed: what it covered is durable.
@@ -566,7 +597,7 @@ public final class BlobStore {
     func flush() throws(BlobStoreError) {
         try refuseIfDeviceLost()
         try writePendingLog()
-        do { try io.flush() } catch { throw deviceWriteFailed(error) }
+        do { try io.flush() } catch { throw deviceWriteFailed(error, "device flush") }
         hasUnflushedCommits = false
         releasedSinceFlush = false
         openLogPage = nil

@@ -51,8 +51,8 @@ public enum Verifier {
         if block.devicePages > capacityPages {
             report.problems.append("store of \(block.devicePages) pages on a device of \(capacityPages) pages "
                 + "(\(io.geometry.capacityBytes) bytes): truncated image?")
-            guard block.metadataPages.endPage <= capacityPages else {
-                report.problems.append("the metadata regions end at page \(block.metadataPages.endPage), beyond the device")
+            guard block.regionsEndPage <= capacityPages else {
+                report.problems.append("the metadata regions end at page \(block.regionsEndPage), beyond the device")
                 return report
             }
         }

@@ -76,6 +76,18 @@ public final class Reactor: @unchecked Sendable {
     private let epoll: Epoll
     private let sleeping = Atomic<Bool>(false)
     private let sleepCounter = Atomic<Int>(0)
+    /// Where the reactor's time goes, for `load` (written by the thread that steps it,
+    /// read by any: single writer, relaxed loads and stores, no read-modify-write).
+    private let busyNs = Atomic<UInt64>(0)
+    private let sleptNs = Atomic<UInt64>(0)
+    private let passCounter = Atomic<UInt64>(0)
+    /// When the sleep in progress began (0: awake), so that a sleeping reactor's load counts it.
+    private let asleepSinceNs = Atomic<UInt64>(0)
+    private let createdNs = MonotonicClock.nowNs()
+
+    /// When the pass in progress began (monotonic ns): a timestamp for work the pass found
+    /// waiting (a FUSE request received in it) without a clock read each. Reactor thread only.
+    public private(set) var passStartNs: UInt64 = 0
 
     // Owned by the reactor's thread.
     private var pollers: ContiguousArray<(id: Int, poll: Poller)> = []
@@ -92,6 +104,10 @@ public final class Reactor: @unchecked Sendable {
         wakeEvent = try EventFD()
         epoll = try Epoll()
         try epoll.add(wakeEvent.fd)
+        Self.registry.withLock { list in
+            list.removeAll { $0.reactor == nil }
+            list.append(WeakReactor(reactor: self))
+        }
     }
 
     // MARK: - Identity
@@ -116,6 +132,50 @@ public final class Reactor: @unchecked Sendable {
 
     /// Times the reactor went to sleep (a test hook for adaptive polling).
     public var sleepCount: Int { sleepCounter.load(ordering: .relaxed) }
+
+    // MARK: - Load (any thread)
+
+    /// Where a reactor's time went since it was made: passes that did work (`busyNs`),
+    /// asleep in epoll (`sleptNs`), and the rest (passes that found nothing, spinning,
+    /// or not stepped at all for a reactor stepped by hand).
+    public struct Load: Sendable {
+        public var name: String
+        public var cpu: Int?
+        public var polling: Polling
+        public var elapsedNs: UInt64
+        public var busyNs: UInt64
+        public var sleptNs: UInt64
+        public var passes: UInt64
+        public var sleeps: UInt64
+
+        /// Busy time over elapsed time since `earlier` (the same reactor, sampled before).
+        public func busyShare(since earlier: Load? = nil) -> Double {
+            let elapsed = elapsedNs &- (earlier?.elapsedNs ?? 0)
+            guard elapsed > 0 else { return 0 }
+            return min(1, Double(busyNs &- (earlier?.busyNs ?? 0)) / Double(elapsed))
+        }
+    }
+
+    public var load: Load {
+        let now = MonotonicClock.nowNs()
+        let asleep = asleepSinceNs.load(ordering: .relaxed)
+        var slept = sleptNs.load(ordering: .relaxed)
+        if asleep != 0 && now > asleep { slept &+= now - asleep }
+        return Load(name: name, cpu: configuration.cpu, polling: configuration.polling, elapsedNs: now &- createdNs,
+                    busyNs: busyNs.load(ordering: .relaxed), sleptNs: slept, passes: passCounter.load(ordering: .relaxed),
+                    sleeps: UInt64(sleepCounter.load(ordering: .relaxed)))
+    }
+
+    private struct WeakReactor: @unchecked Sendable {
+        weak var reactor: Reactor?
+    }
+
+    private static let registry = Mutex<[WeakReactor]>([])
+
+    /// Every reactor of the process that still exists, oldest first (`blobfs status`).
+    public static var all: [Reactor] {
+        registry.withLock { list in list.compactMap(\.reactor) }
+    }
 
     // MARK: - Pollers (on the reactor's thread, or before it starts)
 
@@ -175,6 +235,7 @@ public final class Reactor: @unchecked Sendable {
     /// One pass over messages, pollers and due timers. Returns (did work, work pending).
     @discardableResult
     public func runOnce() -> (busy: Bool, pending: Bool) {
+        passStartNs = MonotonicClock.nowNs()
         var busy = false
         var pending = false
         var drained = 0
@@ -223,8 +284,15 @@ public final class Reactor: @unchecked Sendable {
 
     private func step() {
         let (busy, pending) = runOnce()
+        // The pass's start (read by runOnce, also for `passStartNs`) and end: the busy share.
+        let start = passStartNs
         let now = MonotonicClock.nowNs()
-        if busy { lastWorkNs = now; return }
+        passCounter.store(passCounter.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+        if busy {
+            busyNs.store(busyNs.load(ordering: .relaxed) &+ (now &- start), ordering: .relaxed)
+            lastWorkNs = now
+            return
+        }
         switch configuration.polling {
         case .spin:
             if pending || now &- lastWorkNs < configuration.idleBeforeSleepNs { return }
@@ -243,9 +311,13 @@ public final class Reactor: @unchecked Sendable {
         let (busy, pending) = runOnce()
         if !busy && !pending && ring.isEmpty {
             sleepCounter.add(1, ordering: .relaxed)
+            let asleep = MonotonicClock.nowNs()
+            asleepSinceNs.store(asleep, ordering: .relaxed)
             if epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now), watching: wakeEvent.fd) {
                 wakeEvent.drain()
             }
+            asleepSinceNs.store(0, ordering: .relaxed)
+            sleptNs.store(sleptNs.load(ordering: .relaxed) &+ (MonotonicClock.nowNs() &- asleep), ordering: .relaxed)
         }
         sleeping.store(false, ordering: .sequentiallyConsistent)
         // lastWorkNs stays: a wake-up that finds no work (a timer) sleeps again at once

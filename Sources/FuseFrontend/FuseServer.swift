@@ -35,6 +35,9 @@ public struct FuseOptions: Sendable {
     /// Freed clusters are unmapped on the device as their release becomes durable
     /// (`discard`; `nodiscard`, the default, leaves it to fstrim).
     public var discard = false
+    /// Per-operation counts and latency histograms (`blobfs stats`); `no_stats` turns them
+    /// off (no clock read per request).
+    public var statistics = true
     public var mountOptions: [String] = []
     public init() {}
 
@@ -60,6 +63,8 @@ public struct FuseOptions: Sendable {
             case "direct_io": directIO = true
             case "discard": discard = true
             case "nodiscard": discard = false
+            case "stats": statistics = true
+            case "no_stats": statistics = false
             case "fuse_transport":
                 guard let value, let chosen = Transport(rawValue: value) else {
                     throw FSError(EINVAL, "mount option \(option): expected auto, io_uring or dev_fuse")
@@ -325,6 +330,61 @@ public final class FuseServer: @unchecked Sendable {
         ring = nil
         devFuse = nil
         fuse = nil
+    }
+
+    // MARK: - What `blobfs status` and `blobfs stats` read
+
+    /// The front end as it is at one moment.
+    public struct Snapshot: Sendable {
+        public struct Operation: Sendable {
+            public var opcode: UInt32
+            public var name: String
+            public var received: UInt64
+            /// Answers: counts, errors, bytes and latency from receipt to answer.
+            public var answers: LatencySnapshot
+        }
+
+        public var initialized: Bool
+        /// "io_uring" or "dev_fuse" (empty before INIT), its queues and entries per queue.
+        public var transport: String
+        public var queues: Int
+        public var entriesPerQueue: Int
+        public var description: String
+        public var kernelMinor: UInt32
+        public var writebackCache: Bool
+        public var maxWriteBytes: Int
+        /// Requests taken and not yet answered, and answers given twice (a bug).
+        public var requestsHeld: Int
+        public var doubleAnswers: Int
+        public var statisticsKept: Bool
+        /// Opcodes that were received at least once, in opcode order.
+        public var operations: [Operation]
+        /// Error answers by errno (non-zero counts only).
+        public var errors: [(errno: Int32, count: UInt64)]
+    }
+
+    /// On the file system's reactor (the control socket asks with `Reactor.call`): nil
+    /// until serving has started. Copies only the rows of opcodes seen.
+    public func snapshotOnReactor() -> Snapshot? {
+        precondition(service.blobService.reactor.isCurrent, "FuseServer.snapshotOnReactor off its reactor")
+        guard let fuse else { return nil }
+        let description = state.withLock { $0.transport }
+        var operations: [Snapshot.Operation] = []
+        for opcode in fuse.requestCounts.indices where fuse.requestCounts[opcode] > 0 {
+            operations.append(Snapshot.Operation(
+                opcode: UInt32(opcode), name: FuseOpcode.name(UInt32(opcode)), received: fuse.requestCounts[opcode],
+                answers: fuse.statistics?.snapshot(row: opcode) ?? LatencySnapshot()))
+        }
+        var errors: [(errno: Int32, count: UInt64)] = []
+        for errno in fuse.errorCounts.indices where fuse.errorCounts[errno] > 0 {
+            errors.append((Int32(errno), fuse.errorCounts[errno]))
+        }
+        return Snapshot(
+            initialized: fuse.initialized, transport: !fuse.initialized ? "" : ring != nil ? "io_uring" : "dev_fuse",
+            queues: ring?.queueCount ?? 1, entriesPerQueue: ring?.entriesPerQueue ?? Self.devFuseSlots,
+            description: description, kernelMinor: min(fuse.kernelMinor, FuseSession.minorImplemented), writebackCache: fuse.writebackCache,
+            maxWriteBytes: fuse.maxWrite, requestsHeld: fuse.ledger.count, doubleAnswers: fuse.ledger.doubleAnswers,
+            statisticsKept: fuse.statistics != nil, operations: operations, errors: errors)
     }
 
     /// Ends the loop from another thread (tests).

@@ -31,6 +31,11 @@ final class FuseSession {
     private(set) var destroyed = false
     /// Requests received, by opcode (anything past 63 in the last).
     private(set) var requestCounts = [UInt64](repeating: 0, count: 64)
+    /// Per opcode (rows as `requestCounts`): answers, errors, bytes and latency from receipt
+    /// to answer, recorded in `answered`; nil with `-o no_stats` (no clock reads).
+    let statistics: OperationHistograms?
+    /// Error answers by errno (anything past 255 in the last).
+    private(set) var errorCounts = [UInt64](repeating: 0, count: 256)
 
     /// Timeouts in the kernel's form: seconds and nanoseconds.
     let entryValid: (seconds: UInt64, nanoseconds: UInt32)
@@ -50,9 +55,13 @@ final class FuseSession {
         }
         entryValid = split(options.entryTimeout)
         attributeValid = split(options.attributeTimeout)
+        statistics = options.statistics ? OperationHistograms(rows: 64) : nil
+        reactor = service.blobService.reactor
     }
 
     var fs: FileSystem { service.fileSystemOnReactor }
+    /// The reactor the session runs on (the file system's): its pass start stamps requests.
+    private unowned(unsafe) let reactor: Reactor
 
     // MARK: - Requests in and out
 
@@ -60,6 +69,9 @@ final class FuseSession {
     func received(_ slot: FuseSlot) {
         let opcode = slot.opcode
         requestCounts[min(Int(opcode), 63)] &+= 1
+        // The pass that found the request began after it arrived: its start stamps the
+        // request (no clock read here; the answer reads one).
+        if statistics != nil { slot.receivedNs = reactor.passStartNs }
         if opcode != FuseOpcode.forget.rawValue && opcode != FuseOpcode.batchForget.rawValue
             && opcode != FuseOpcode.interrupt.rawValue {
             slot.ticket = ledger.take(opcode: opcode, nodeID: slot.nodeID)
@@ -70,11 +82,24 @@ final class FuseSession {
         dispatch(slot)
     }
 
-    /// The reply of `slot` is on its way (the slot's reply functions call this).
+    /// The reply of `slot` is on its way (the slot's reply functions call this, with the
+    /// errno answered and the bytes of a data reply).
     @inline(__always)
-    func answered(_ slot: FuseSlot) {
+    func answered(_ slot: FuseSlot, errno: Int32 = 0, bytes: Int = 0) {
         ledger.answer(slot.ticket)
         slot.ticket = .none
+        if let statistics { record(slot, errno: errno, bytes: bytes, into: statistics) }
+    }
+
+    /// The request's latency since receipt, its errno and the bytes it moved: a READ's (or
+    /// READDIR's, GETXATTR's ...) reply data, a WRITE's payload when it succeeded.
+    @inline(__always)
+    private func record(_ slot: FuseSlot, errno: Int32, bytes: Int, into statistics: OperationHistograms) {
+        var moved = UInt64(bytes)
+        if slot.opcode == FuseOpcode.write.rawValue && errno == 0 { moved = UInt64(slot.argument(fuse_write_in.self).size) }
+        statistics.record(row: min(Int(slot.opcode), 63), ns: MonotonicClock.nowNs() &- slot.receivedNs, bytes: moved,
+                          failed: errno != 0)
+        if errno != 0 { errorCounts[min(Int(UInt32(bitPattern: errno)), 255)] &+= 1 }
     }
 
     /// The bytes of each opcode's fixed argument struct (`in_args[0]`); 0 when the

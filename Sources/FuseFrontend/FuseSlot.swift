@@ -40,6 +40,8 @@ final class FuseSlot: BdevCompletionHandler {
     /// What follows it: names, values, a WRITE's bytes (at `data` for WRITE).
     var payload = UnsafeRawBufferPointer(start: nil, count: 0)
     var ticket = RequestLedger.Ticket.none
+    /// When the request was received (monotonic ns; set only while statistics are kept).
+    var receivedNs: UInt64 = 0
 
     // An asynchronous read or write in flight.
     var readSkip = 0
@@ -77,7 +79,7 @@ final class FuseSlot: BdevCompletionHandler {
     // MARK: - Replies (each request is answered exactly once)
 
     func replyError(_ errno: Int32) {
-        session.answered(self)
+        session.answered(self, errno: errno)
         transport.send(self, error: errno, body: UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
@@ -96,7 +98,7 @@ final class FuseSlot: BdevCompletionHandler {
 
     /// A reply whose body is `count` bytes of `data` from `offset`.
     func replyData(offset: Int, count: Int) {
-        session.answered(self)
+        session.answered(self, bytes: count)
         transport.send(self, error: 0, body: UnsafeRawBufferPointer(start: data.base + offset, count: count))
     }
 

@@ -28,7 +28,7 @@ public func fail(_ error: Error, tool: String = "blobfs") -> Never {
 }
 
 /// A device named on the command line, and how blobfs opens it.
-public struct Device {
+public struct Device: Sendable {
     public let text: String
     public let spec: DeviceSpec
     /// The file the lock is taken on (image files), nil for RAM and PCIe.
@@ -57,6 +57,26 @@ public struct Device {
         if case .malloc = spec { return true }
         if case .nvmeEmulated(.malloc) = spec { return true }
         return false
+    }
+
+    /// What the device is, for `blobfs status`: io_uring (a file or block device), nvme-emu,
+    /// pcie, nvme-tcp or ram.
+    public var kind: String {
+        switch spec {
+        case .file: "io_uring"
+        case .nvmeEmulated: "nvme-emu"
+        case .pcie: "pcie"
+        case .nvmeTCP: "nvme-tcp"
+        case .malloc: "ram"
+        }
+    }
+
+    /// The absolute path with symlinks resolved when it exists (mountpoints: the daemon and
+    /// the control commands derive the same socket path from it), else `absolute`.
+    public static func canonical(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return absolute(path) }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     public static func absolute(_ path: String) -> String {

@@ -9,7 +9,18 @@ public indirect enum JSON: Sendable {
     case bool(Bool)
     case null
 
-    public func render(indent: Int = 0) -> String {
+    /// Indented, or `compact`: on one line (a stream of them is JSON Lines).
+    public func render(indent: Int = 0, compact: Bool = false) -> String {
+        if compact {
+            switch self {
+            case let .object(members):
+                return "{" + members.map { JSON.quote($0.0) + ":" + $0.1.render(compact: true) }.joined(separator: ",") + "}"
+            case let .array(items):
+                return "[" + items.map { $0.render(compact: true) }.joined(separator: ",") + "]"
+            default:
+                break
+            }
+        }
         let pad = String(repeating: "  ", count: indent + 1)
         let close = String(repeating: "  ", count: indent)
         switch self {

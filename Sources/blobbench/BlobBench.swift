@@ -13,7 +13,7 @@ import Logging
 struct BlobBench: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(
         commandName: "blobbench", abstract: "Blob store benchmarks.",
-        subcommands: [FormatTime.self, RecoveryTime.self, SmallObjects.self, LoadTime.self])
+        subcommands: [FormatTime.self, RecoveryTime.self, SmallObjects.self, LoadTime.self, RequestStatistics.self])
 
     struct DeviceOptions: ParsableArguments {
         @Option(help: "malloc:SIZE, file:PATH or a path.") var device: String

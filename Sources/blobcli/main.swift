@@ -177,6 +177,7 @@ struct Info: ParsableCommand {
                     ("page_bytes", .uint(UInt64(SuperBlock.pageBytes))),
                     ("log", region(block.log)), ("table", region(block.table)), ("bitmaps", region(block.bitmaps)),
                     ("metadata_pages", region(block.metadataPages)), ("data_start_page", .uint(block.dataStartPage)),
+                    ("arrays_after_data", .bool(block.hasArraysAfterData)),
                 ])),
                 ("log", .object([
                     ("tail_sequence", .uint(block.logTailSequence)), ("head_sequence", .uint(scan?.endSequence ?? 0)),
@@ -200,7 +201,7 @@ struct Info: ParsableCommand {
                 slots           \(slotsText(slots, current: opened.report.superBlockSlot))
                 features        incompatible 0x\(String(block.incompatibleFeatures, radix: 16)), read-only data 0x\(String(block.readOnlyDataFeatures, radix: 16)), read-only metadata 0x\(String(block.readOnlyMetadataFeatures, radix: 16))
                 size            \(bytes(block.devicePages * UInt64(SuperBlock.pageBytes))), \(block.blockSizeBytes)-byte blocks, \(bytes(clusterBytes)) clusters
-                regions (pages) log \(block.log.startPage)+\(block.log.pageCount), table 2×\(block.table.pageCount) at \(block.table.startPage), bitmaps 2×\(block.bitmaps.pageCount) at \(block.bitmaps.startPage), metadata \(block.metadataPages.startPage)+\(block.metadataPages.pageCount), data from \(block.dataStartPage)
+                regions (pages) log \(block.log.startPage)+\(block.log.pageCount), table 2×\(block.table.pageCount) at \(block.table.startPage), bitmaps 2×\(block.bitmaps.pageCount) at \(block.bitmaps.startPage), metadata \(block.metadataPages.startPage)+\(block.metadataPages.pageCount), data from \(block.dataStartPage)\(block.hasArraysAfterData ? " (grown: table and bitmaps after the data)" : "")
                 log             tail \(block.logTailSequence), head \(scan?.endSequence ?? 0), checkpoint LSN \(block.checkpointLSN); \(opened.report.replayedTransactions) committed transactions after the checkpoint\(opened.report.discardedRecords > 0 ? ", \(opened.report.discardedRecords) uncommitted records" : "")
                 log stop        \(scan?.stop.map { "\($0)" } ?? "end of region")
                 blobs           \(store.blobCount) of \(store.blobIDLimit) ids\(store.superBlobID.map { ", super blob \($0)" } ?? "")

@@ -23,13 +23,19 @@ struct Mount: UsageErrorsExitTwo {
             default_permissions is always on: the kernel checks permissions), entry_timeout=S, \
             attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
             held this long; default 30), discard (unmap freed clusters on the device as their release \
-            becomes durable; without it, fstrim MOUNTPOINT does it on demand).
+            becomes durable; without it, fstrim MOUNTPOINT does it on demand), no_stats (keep no \
+            per-request statistics), control_socket=PATH and control_mode=OCTAL (the control socket \
+            `blobfs status` asks; default derived from the mountpoint, 0600).
+            Logs go to stderr in the foreground, to syslog in the background, or to --log FILE \
+            (reopened on SIGHUP). Under systemd (Type=notify) READY=1 is sent once the mount is live.
             """)
     @Argument(help: "Image path or device spec (malloc:SIZE is formatted at mount).") var device: String
     @Argument(help: "An existing directory.") var mountpoint: String
     @Option(name: .customShort("o"), help: "Mount options, comma-separated.") var options: [String] = []
-    @Flag(help: "Stay in the foreground (logs on stderr).") var foreground = false
-    @Option(help: "Log file of the background daemon.") var log: String?
+    @Flag(help: "Stay in the foreground (logs on stderr unless --log).") var foreground = false
+    @Option(help: "Log file (default: stderr in the foreground, syslog in the background); SIGHUP reopens it.")
+    var log: String?
+    @Option(help: "Least level logged: trace, debug, info, notice, warning, error or critical.") var logLevel: String = "info"
     @Flag(help: "Format DEVICE first (always done for malloc:).") var format = false
     /// The daemon's side of `blobfs mount`: it serves in the foreground and reports the
     /// outcome on this fd (the parent started it with these arguments).
@@ -41,23 +47,34 @@ struct Mount: UsageErrorsExitTwo {
         if getenv("BLOBFS_COUNT_ALLOCATIONS") != nil { AllocationCounter.ensureInterposed() }
         let device: Device
         var fuseOptions = FuseOptions()
+        var control = ControlOptions()
         do {
             device = try Device(self.device)
-            for list in options { try fuseOptions.parse(list) }
+            for list in options { try fuseOptions.parse(try control.parse(list)) }
         } catch let error as FSError {
             throw ValidationError("-o: \(error.message)")
         }
         if !fuseOptions.mountOptions.contains("default_permissions") { fuseOptions.mountOptions.append("default_permissions") }
         if let path = device.lockPath, !path.contains(",") { fuseOptions.mountOptions.append("fsname=\(path)") }
-        let point = Device.absolute(mountpoint)
+        let point = Device.canonical(mountpoint)
         var info = stat()
         guard stat(point, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
             fail(Failure("mountpoint \(point) is not an existing directory", status: 2))
         }
-        LoggingSystem.bootstrap(StreamLogHandler.standardError)
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw ValidationError("--log-level: trace, debug, info, notice, warning, error or critical (not \(logLevel))")
+        }
+        if let log {
+            // Everything the daemon says goes there from the start (libfuse's messages too).
+            // In the foreground stdout stays: the "mounted on" line is the user's.
+            guard foreground || notifyFD != nil ? DaemonLog.redirect(to: Device.absolute(log), alsoStandardOutput: notifyFD != nil) : true else {
+                fail(Failure("--log \(log): \(String(cString: strerror(errno)))", status: 2))
+            }
+        }
+        DaemonLog.bootstrap(log != nil ? .file(Device.absolute(log!)) : notifyFD != nil ? .syslog : .standardError, level: level)
         if notifyFD != nil { setsid() }  // the daemon: no controlling terminal, no signals of the shell's
         if foreground || notifyFD != nil {
-            Glibc.exit(serve(device, point, fuseOptions, notify: notifyFD))
+            Glibc.exit(serve(device, point, fuseOptions, control, notify: notifyFD))
         }
         // The daemon is this program executed anew (in a session of its own), not a fork:
         // a forked child inherits the parent's thread-local state, and Swift's Mutex keeps
@@ -93,7 +110,8 @@ struct Mount: UsageErrorsExitTwo {
     private func spawnDaemon(notifyFD: Int32) throws -> pid_t {
         var arguments = ["blobfs", "mount", device, mountpoint, "--notify-fd", String(notifyFD)]
         for list in options { arguments += ["-o", list] }
-        if let log { arguments += ["--log", log] }
+        if let log { arguments += ["--log", Device.absolute(log)] }
+        arguments += ["--log-level", logLevel]
         if format { arguments.append("--format") }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -109,7 +127,8 @@ struct Mount: UsageErrorsExitTwo {
     }
 
     /// Loads the store, mounts and serves until unmounted; returns the exit status.
-    private func serve(_ device: Device, _ point: String, _ options: FuseOptions, notify: Int32?) -> Int32 {
+    private func serve(_ device: Device, _ point: String, _ options: FuseOptions, _ control: ControlOptions,
+                       notify: Int32?) -> Int32 {
         func report(_ text: String) {
             guard let notify else { return }
             _ = text.withCString { write(notify, $0, strlen($0)) }
@@ -121,22 +140,26 @@ struct Mount: UsageErrorsExitTwo {
             return failure.status
         }
         if notify != nil {
-            // The daemon's output goes to its log from the start; the parent learns the
-            // outcome through the pipe.
-            let sink = open(log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-            if sink >= 0 {
-                dup2(sink, 1)
-                dup2(sink, 2)
-                close(sink)
-            }
+            // The daemon's output goes to its log file (run() redirected it) or nowhere (its
+            // log goes to syslog) from its first line; the parent learns the outcome through
+            // the pipe.
+            if log == nil { _ = DaemonLog.redirect(to: "/dev/null") }
             let null = open("/dev/null", O_RDONLY)
             if null >= 0 { dup2(null, 0); close(null) }
         }
         let lock: Int32?
         let bdev: Bdev
+        // Statistics on: the device's requests are counted on their way (CountingBdev).
+        var counting: CountingBdev?
         do {
             lock = try device.lock()
-            bdev = try device.open()
+            let opened = try device.open()
+            if options.statistics {
+                counting = CountingBdev(wrapping: opened.backend)
+                bdev = Bdev(backend: counting!)
+            } else {
+                bdev = opened
+            }
         } catch { return failed(error) }
         defer {
             bdev.close()
@@ -160,21 +183,132 @@ struct Mount: UsageErrorsExitTwo {
             AllocationCounter.shared.start()
             server.allocationCount = { AllocationCounter.shared.running }
         }
-        let status = server.run { line, live in
+        // The control socket, served off the request path (docs/CONTROL.md).
+        let mountControl = MountControl(mountpoint: point, deviceText: device.text, deviceKind: device.kind, bdev: bdev,
+                                        counting: counting, service: service, server: server)
+        mountControl.grow = { sizeBytes in try Self.grow(device, bdev, service, sizeBytes) }
+        catchHangup()
+        var controlServer: ControlServer?
+        let socketPath = control.socketPath ?? ControlSocket.path(for: point)
+        do {
+            controlServer = try ControlServer(path: socketPath, mode: control.mode) { request, connection in
+                mountControl.handle(request, connection)
+            }
+            mountControl.socketPath = socketPath
+            let logFile = log.map { Device.absolute($0) }
+            controlServer?.onHangup = {
+                if let logFile {
+                    let reopened = DaemonLog.redirect(to: logFile, alsoStandardOutput: notify != nil)
+                    Log.logger("control").notice(reopened ? "SIGHUP: log file reopened" : "SIGHUP: cannot reopen \(logFile)")
+                } else {
+                    Log.logger("control").notice("SIGHUP: no log file to reopen")
+                }
+            }
+            controlServer?.start()
+        } catch {
+            Log.logger("control").warning("no control socket: \(error)")
+        }
+        defer { controlServer?.stop() }
+        let controlLine = controlServer.map { "; control socket \($0.path)" } ?? "; no control socket"
+        let status = server.run { transport, live in
+            guard live else {
+                // The session ended before the kernel's INIT: the mount never became live.
+                Log.logger("mount").error("\(device.text) on \(point): \(transport)")
+                if notify != nil {
+                    report(transport)
+                } else {
+                    let text = "blobfs: \(transport)\n"
+                    _ = text.withCString { write(2, $0, strlen($0)) }
+                }
+                return
+            }
+            // systemd (Type=notify): the mount is live now.
+            SystemdNotify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=\(device.text) mounted on \(point)")
+            Log.logger("mount").notice("\(device.text) mounted on \(point) (\(transport)\(controlLine))")
             if notify != nil {
-                report(live ? "OK \(line)" : line)
-            } else if live {
-                print("blobfs: \(device.text) mounted on \(point) (\(line)); Ctrl-C or `blobfs unmount \(point)` unmounts")
+                report("OK \(transport)\(controlLine)")
             } else {
-                let text = "blobfs: \(line)\n"
-                _ = text.withCString { write(2, $0, strlen($0)) }
+                print("blobfs: \(device.text) mounted on \(point) (\(transport)\(controlLine)); Ctrl-C or `blobfs unmount \(point)` unmounts")
             }
         }
+        SystemdNotify.send("STOPPING=1\nSTATUS=unmounting \(point)")
+        // No control request may wait on the reactor once the store stops.
+        controlServer?.stop()
         do { try service.stop() } catch {
-            let line = "blobfs: unmount of \(device.text): \(error)\n"
-            _ = line.withCString { write(2, $0, strlen($0)) }
+            Log.logger("mount").error("unmount of \(device.text): \(error)")
             return 1
         }
+        Log.logger("mount").notice("\(point) unmounted; \(device.text) left clean")
         return status == 0 ? 0 : 1
+    }
+}
+
+extension Mount {
+    /// `blobfs grow`: an image file shorter than `sizeBytes` is extended (sparse), the device
+    /// asked for its size again, and the store grown onto it (all of it without a size).
+    /// On a control thread; the grow itself runs on the file system's reactor.
+    static func grow(_ device: Device, _ bdev: Bdev, _ service: FileSystemService, _ sizeBytes: UInt64?) throws -> String {
+        let started = MonotonicClock.nowNs()
+        if let sizeBytes, case let .file(path) = device.spec {
+            var info = stat()
+            guard stat(path, &info) == 0 else { throw Failure("\(path): \(String(cString: strerror(errno)))") }
+            if (info.st_mode & S_IFMT) == S_IFREG && UInt64(info.st_size) < sizeBytes {
+                guard truncate(path, off_t(sizeBytes)) == 0 else {
+                    throw Failure("extending \(path) to \(sizeBytes) bytes: \(String(cString: strerror(errno)))")
+                }
+                Log.logger("mount").notice("grow: \(path) extended to \(formatBytes(sizeBytes))")
+            }
+        }
+        let geometry: BdevGeometry
+        do { geometry = try bdev.refreshGeometry() } catch { throw Failure("\(device.text): \(error)") }
+        if let sizeBytes, sizeBytes > geometry.capacityBytes {
+            throw Failure("\(device.text) holds \(geometry.capacityBytes) bytes, less than \(sizeBytes) (a \(device.kind) device grows outside blobfs)")
+        }
+        let pages = sizeBytes.map { $0 / UInt64(SuperBlock.pageBytes) }
+        let result: Result<BlobStore.GrowReport, FSError> = service.blobService.reactor.call {
+            do throws(FSError) { return .success(try service.growNow(toDevicePages: pages)) } catch { return .failure(error) }
+        }
+        let report: BlobStore.GrowReport
+        switch result {
+        case let .success(value): report = value
+        case let .failure(error): throw Failure(error.message.isEmpty ? "\(error)" : error.message)
+        }
+        let page = UInt64(SuperBlock.pageBytes)
+        let elapsed = milliseconds(MonotonicClock.nowNs() - started)
+        let line = "grown from \(formatBytes(report.devicePagesBefore * page)) to \(formatBytes(report.devicePagesAfter * page)): "
+            + "\(report.clustersBefore) to \(report.clustersAfter) clusters, \(report.blobIDLimitBefore) to \(report.blobIDLimitAfter) inodes "
+            + "(\(formatBytes(report.arrayPagesWritten * page)) of new table and bitmaps written; \(elapsed) ms)"
+        Log.logger("mount").notice("grow: \(line)")
+        return line
+    }
+}
+
+/// The control socket's mount options (taken out of -o before the FUSE options):
+/// `control_socket=PATH` (default: derived from the mountpoint, ControlSocket.path) and
+/// `control_mode=OCTAL` (default 0600: root, or the user running the daemon).
+struct ControlOptions: Sendable {
+    var socketPath: String?
+    var mode: mode_t = 0o600
+
+    /// `list` without the control options.
+    mutating func parse(_ list: String) throws(FSError) -> String {
+        var rest: [Substring] = []
+        for option in list.split(separator: ",") {
+            if option.hasPrefix("control_socket=") {
+                let path = String(option.dropFirst("control_socket=".count))
+                guard path.hasPrefix("/"), ControlSocket.address(path) != nil else {
+                    throw FSError(EINVAL, "mount option \(option): an absolute path of at most 107 bytes")
+                }
+                socketPath = path
+            } else if option.hasPrefix("control_mode=") {
+                guard let value = mode_t(option.dropFirst("control_mode=".count), radix: 8), value & ~0o777 == 0 else {
+                    throw FSError(EINVAL, "mount option \(option): octal permission bits, e.g. 0660")
+                }
+                mode = value
+            } else {
+                rest.append(option)
+            }
+        }
+        return rest.joined(separator: ",")
     }
 }

@@ -22,7 +22,7 @@ struct Blobfs: UsageErrorsExitTwo {
             same), malloc:SIZE (RAM, formatted at mount), nvme-emu:PATH (the NVMe driver over the \
             in-process software controller) or pcie:DDDD:BB:DD.F.
             """,
-        subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self])
+        subcommands: [Mkfs.self, Mount.self, Fsck.self, Unmount.self, Status.self, Stats.self, Sync.self, Checkpoint.self, Grow.self])
 }
 
 // MARK: - mkfs
@@ -33,7 +33,7 @@ struct Mkfs: UsageErrorsExitTwo {
     @Option(help: "Size of the image to create (e.g. 4G); an existing image keeps its size unless --force.") var size: String?
     @Option(help: "Cluster size in bytes (a power of two, 4096 to 1048576).") var clusterSize: Int = 4096
     @Option(help: "Block size in bytes: 512 or 4096.") var blockSize: Int = 4096
-    @Option(help: "Inodes to make room for (blob ids, and a metadata page region that holds them all); default: one per 8 KiB of device with 4 KiB clusters (metadata pages past the region go to data clusters), else one per 32 KiB; at most 1 Mi.")
+    @Option(help: "Inodes to make room for (blob ids, and a metadata page region that holds them all); default: one per 8 KiB of device with 4 KiB clusters (metadata pages past the region go to data clusters), else one per 32 KiB; at most 16 Mi (a load reads the blob table whole: 4 bytes an inode).")
     var inodes: UInt64?
     @Option(help: "Size of the metadata log (e.g. 128M): a multiple of 4 KiB from 256K to 4G; default: a sixty-fourth of the device, 256 KiB to 64 MiB. A longer log checkpoints less often and takes longer to replay after a crash.")
     var logSize: String?

@@ -34,6 +34,27 @@ final class URingBdevTests: XCTestCase {
         }.run()
     }
 
+    /// An image grown under an open device (what `blobfs grow` relies on): the size seen
+    /// after `refreshGeometry`, and a channel made before takes requests past the old end.
+    /// A shrunk image is refused and the size kept.
+    func testAGrownImageIsSeenAfterARefresh() throws {
+        let path = temporaryImage("grow")
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        defer { bdev.close() }
+        let reactor = try Reactor()
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close() }
+        XCTAssertThrowsError(try io.writeBytes([UInt8](repeating: 1, count: 4096), offsetBlocks: 256))
+        XCTAssertEqual(truncate(path, 2 << 20), 0)
+        XCTAssertEqual(bdev.geometry.blockCount, 256, "the size is looked at again only when asked")
+        XCTAssertEqual(try bdev.refreshGeometry().blockCount, 512)
+        try io.writeBytes([UInt8](repeating: 7, count: 4096), offsetBlocks: 511)
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 511, countBlocks: 1), [UInt8](repeating: 7, count: 4096))
+        XCTAssertEqual(truncate(path, 1 << 20), 0)
+        XCTAssertThrowsError(try bdev.refreshGeometry())
+        XCTAssertEqual(bdev.geometry.blockCount, 512)
+    }
+
     func testUsesDirectIOOnAFileSystemThatHasIt() throws {
         let path = temporaryImage("direct")
         let bdev = try URingBdev(path: path, createSizeBytes: 1 << 20)

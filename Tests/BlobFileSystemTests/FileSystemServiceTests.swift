@@ -309,6 +309,58 @@ final class FileSystemServiceTests: XCTestCase {
     }
 }
 
+extension FileSystemServiceTests {
+    /// A device that starts failing: the first failed flush turns the store read-only
+    /// (the reason kept, the first one only), and from then on every write gets EROFS —
+    /// overwrites that would go straight to the device, growing writes, creates, renames,
+    /// attribute changes — and fsync EIO, each answered at once; reads still work; the
+    /// unmount reports the failure instead of hanging.
+    func testADeviceErrorMakesTheStoreReadOnlyAndEveryWriteGetsEROFS() throws {
+        let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
+        let service = try FileSystemService(bdev: Bdev(backend: fault), format: BlobStore.Options())
+        let data = [UInt8](repeating: 0x42, count: 64 * 1024)
+        let ino = service.perform { fs -> UInt64 in
+            let made = try! service.create(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o644, caller: .root)
+            try! fs.write(ino: made.ino, offset: 0, data: data)
+            return made.ino
+        }
+        XCTAssertEqual(fsync(service, ino), 0)
+        fault.failIO(from: fault.ioCount + 1)
+        service.perform { fs in _ = try? fs.write(ino: ino, offset: 100, data: [1, 2, 3]) }  // in memory until the flush
+        XCTAssertEqual(fsync(service, ino), EIO, "the flush fails")
+        XCTAssertEqual(fsync(service, ino), EIO, "and every fsync after it")
+        fault.clearFaults()  // the device works again: the store stays read-only all the same
+        let status = service.perform { _ in service.statusOnReactor()! }
+        XCTAssertTrue(status.readOnly)
+        let reason = try XCTUnwrap(status.readOnlyReason)
+        XCTAssertTrue(reason.contains("flush"), reason)
+        XCTAssertGreaterThan(status.deviceErrors, 0)
+        let answers = service.perform { fs -> [String: Int32] in
+            func errno(_ body: () throws -> Void) -> Int32 {
+                do { try body(); return 0 } catch let error as FSError { return error.errno } catch { return -1 }
+            }
+            let buffer = try! DMABuffer.allocate(bytes: 8192)
+            let done = Completion()
+            return [
+                "overwrite": errno { _ = try service.startWrite(ino: ino, offset: 4096, data: buffer.segment(offset: 0, count: 4096),
+                                                                append: false, handler: done, tag: 0) },
+                "growing write": errno { _ = try fs.write(ino: ino, offset: UInt64(data.count), data: [9]) },
+                "create": errno { _ = try fs.create(parent: FileSystem.rootIno, name: Array("g".utf8), mode: 0o644, caller: .root) },
+                "mkdir": errno { _ = try fs.make(parent: FileSystem.rootIno, name: Array("d".utf8), mode: 0o040755, caller: .root) },
+                "rename": errno { try fs.rename(parent: FileSystem.rootIno, name: Array("f".utf8), newParent: FileSystem.rootIno,
+                                                newName: Array("h".utf8), flags: []) },
+                "truncate": errno { _ = try fs.setAttributes(ino: ino, AttributeChanges(size: 10), caller: .root) },
+                "read": errno { _ = try fs.read(ino: ino, offset: 0, count: 4096) },
+            ]
+        }
+        for (what, errno) in answers where what != "read" { XCTAssertEqual(errno, EROFS, what) }
+        XCTAssertEqual(answers["read"], 0, "reads still work")
+        let again = service.perform { _ in service.statusOnReactor()!.readOnlyReason }
+        XCTAssertEqual(again, reason, "the first failure is the reason")
+        XCTAssertThrowsError(try service.stop(), "the unmount reports that the store could not be left clean")
+    }
+}
+
 /// How many times each call was answered (a class so the reactor's closures share it).
 private final class AnswerCounts: @unchecked Sendable {
     var counts: [Int]

@@ -125,3 +125,31 @@ final class ReactorTests: XCTestCase {
         return Int(fields[11])! + Int(fields[12])!
     }
 }
+
+final class ReactorLoadTests: XCTestCase {
+    /// A reactor kept busy shows it in its busy share; idle it sleeps and the share drops.
+    func testBusyShareFollowsTheWork() throws {
+        let reactor = try Reactor(name: "load-test")
+        XCTAssertTrue(Reactor.all.contains { $0 === reactor }, "every reactor is in the registry")
+        try reactor.start()
+        defer { reactor.stop() }
+        let before = reactor.load
+        // 100 ms of work in 20 messages, then 100 ms idle.
+        for _ in 0..<20 {
+            reactor.send {
+                let end = MonotonicClock.nowNs() + 5_000_000
+                while MonotonicClock.nowNs() < end {}
+            }
+        }
+        reactor.call {}
+        usleep(20_000)  // a pass is accounted when it ends, after the message that answered `call`
+        let busy = reactor.load
+        XCTAssertGreaterThanOrEqual(busy.busyNs - before.busyNs, 95_000_000)
+        XCTAssertGreaterThan(busy.busyShare(since: before), 0.5)
+        usleep(100_000)
+        let idle = reactor.load
+        XCTAssertLessThan(idle.busyShare(since: busy), 0.2, "asleep, not busy")
+        XCTAssertGreaterThan(idle.sleptNs - busy.sleptNs, 50_000_000)
+        XCTAssertGreaterThan(idle.passes, before.passes)
+    }
+}

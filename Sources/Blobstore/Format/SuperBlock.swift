@@ -16,7 +16,7 @@ public struct SuperBlock: Equatable, Sendable {
 
     /// Feature bits this code understands, per class (the classes exist so that
     /// snapshots, clones and compression can be added without breaking old readers).
-    public static let knownIncompatible: UInt64 = Features.metadataPagesInClusters
+    public static let knownIncompatible: UInt64 = Features.metadataPagesInClusters | Features.arraysAfterData
     public static let knownReadOnlyData: UInt64 = 0
     public static let knownReadOnlyMetadata: UInt64 = 0
 
@@ -35,6 +35,10 @@ public struct SuperBlock: Equatable, Sendable {
         /// clusters (id = region pages + cluster), allocated when the region is full.
         /// Only with 4 KiB clusters (one page each). FORMAT.md, "Metadata pages".
         public static let metadataPagesInClusters: UInt64 = 1 << 0
+        /// Incompatible: the blob table and bitmap copies lie after the data clusters (an
+        /// online grow put them there); the pages between the log and the metadata page
+        /// region are unused. FORMAT.md, "Online grow".
+        public static let arraysAfterData: UInt64 = 1 << 1
     }
 
     public var incompatibleFeatures: UInt64 = 0
@@ -224,24 +228,37 @@ public struct SuperBlock: Equatable, Sendable {
             guard !overflow else { throw reader.error(.invalidField(name: name + " pages", value: region.pageCount), at: at + 8) }
             return Region(startPage: region.startPage, pageCount: pages)
         }
-        let ordered: [(String, Region, Int)] = [
-            ("log region", log, 88),
-            ("blob table region", try doubled(table, "blob table region", 104), 104),
-            ("bitmap region", try doubled(bitmaps, "bitmap region", 120), 120),
-            ("metadata page region", metadataPages, 136),
-        ]
+        let logEntry = ("log region", log, 88)
+        let tableEntry = ("blob table region", try doubled(table, "blob table region", 104), 104)
+        let bitmapEntry = ("bitmap region", try doubled(bitmaps, "bitmap region", 120), 120)
+        let metadataEntry = ("metadata page region", metadataPages, 136)
+        // In order, each after the one before: the format's layout, or a grown store's with
+        // the table and bitmaps after the data clusters.
         var next = UInt64(Self.slotCount)
-        for (name, region, at) in ordered {
-            let (end, overflow) = region.startPage.addingReportingOverflow(region.pageCount)
-            guard region.startPage >= next, region.pageCount > 0, !overflow, end <= devicePages else {
-                throw reader.error(.invalidField(name: name + " start", value: region.startPage), at: at)
+        func follow(_ regions: [(String, Region, Int)]) throws(FormatError) {
+            for (name, region, at) in regions {
+                let (end, overflow) = region.startPage.addingReportingOverflow(region.pageCount)
+                guard region.startPage >= next, region.pageCount > 0, !overflow, end <= devicePages else {
+                    throw reader.error(.invalidField(name: name + " start", value: region.startPage), at: at)
+                }
+                next = end
             }
-            next = end
         }
-        let (dataPages, overflow) = clusterCount.multipliedReportingOverflow(by: clusterPages)
-        let (dataEnd, endOverflow) = dataStartPage.addingReportingOverflow(dataPages)
-        guard dataStartPage >= next, !overflow, !endOverflow, dataEnd <= devicePages else {
-            throw reader.error(.invalidField(name: "cluster count", value: clusterCount), at: 160)
+        func followData() throws(FormatError) {
+            let (dataPages, overflow) = clusterCount.multipliedReportingOverflow(by: clusterPages)
+            let (dataEnd, endOverflow) = dataStartPage.addingReportingOverflow(dataPages)
+            guard dataStartPage >= next, !overflow, !endOverflow, dataEnd <= devicePages else {
+                throw reader.error(.invalidField(name: "cluster count", value: clusterCount), at: 160)
+            }
+            next = dataEnd
+        }
+        if hasArraysAfterData {
+            try follow([logEntry, metadataEntry])
+            try followData()
+            try follow([tableEntry, bitmapEntry])
+        } else {
+            try follow([logEntry, tableEntry, bitmapEntry, metadataEntry])
+            try followData()
         }
         let (entries, entriesOverflow) = table.pageCount.multipliedReportingOverflow(by: UInt64(TablePage.entriesPerPage))
         guard blobIDLimit > 0, !entriesOverflow, blobIDLimit <= entries else {
@@ -274,6 +291,14 @@ public struct SuperBlock: Equatable, Sendable {
 
     /// Metadata pages may live in data clusters (`Features.metadataPagesInClusters`).
     public var hasMetadataPagesInClusters: Bool { incompatibleFeatures & Features.metadataPagesInClusters != 0 }
+
+    /// The table and bitmaps lie after the data clusters (`Features.arraysAfterData`).
+    public var hasArraysAfterData: Bool { incompatibleFeatures & Features.arraysAfterData != 0 }
+
+    /// One past the last page of any region (the arrays' end in a grown store).
+    public var regionsEndPage: UInt64 {
+        max(metadataPages.endPage, bitmaps.startPage + 2 * bitmaps.pageCount, table.startPage + 2 * table.pageCount)
+    }
 
     /// One past the largest metadata page id: the region's pages, then (with the feature)
     /// one per cluster, below 0xFFFFFFFF (the end of a chain; a table entry holds id + 1).
