@@ -92,7 +92,7 @@ extension FileSystem {
     /// needs more (growth, read-modify-write), which the synchronous `write` does.
     func overwriteTarget(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> UInt64? {
         // Overwrites go to the device without the store: its read-only state is checked here.
-        guard !store.isReadOnly else { throw FSError(EROFS, store.deviceFailure ?? "read-only") }
+        guard !store.refusesChanges else { throw FSError(EROFS, store.deviceFailure ?? "read-only") }
         let (id, inode) = try regular(ino)
         guard count > 0, offset % unitBytes == 0, UInt64(count) % unitBytes == 0,
               offset + UInt64(count) <= inode.attributes.size else { return nil }

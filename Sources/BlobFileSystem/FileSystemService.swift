@@ -457,7 +457,7 @@ public final class FileSystemService: @unchecked Sendable {
             dirtyInodes: fileSystem.dirtyInodeCount, cachedInodes: fileSystem.cachedInodeCount, openFiles: openBlobs.count,
             unflushedCommits: store.hasUnflushedCommits, checkpointSequence: block.sequence,
             checkpoints: store.checkpointCount, lastCheckpointNs: store.lastCheckpointNs, flushes: flushCount,
-            flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.isReadOnly, readOnlyReason: store.deviceFailure,
+            flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.refusesChanges, readOnlyReason: store.deviceFailure,
             deviceErrors: store.deviceErrorCount)
     }
 

@@ -543,21 +543,26 @@ public final class BlobStore {
         if let lostDevice { throw .deviceLost(lostDevice) }
     }
 
-    /// A device write or flush of the store failed (`what`): counted; a lost device
-    /// latches `lostDevice`; and when the device is lost or `readOnlyOnDeviceError` is
-    /// set, the store turns read-only (the first failure is logged). Returns the error to
-    /// throw: `.deviceLost` for a lost device, else `.device`.
+    /// A device write or flush of the store failed (`what`): counted. A lost device latches
+    /// `lostDevice` (every later change is refused with `.deviceLost`); any other failure
+    /// makes the store read-only when `readOnlyOnDeviceError` is set. The first is logged,
+    /// and `deviceFailure` says what it was. Returns the error to throw.
     func deviceWriteFailed(_ error: BdevError, _ what: String) -> BlobStoreError {
         deviceErrorCount += 1
-        if case .deviceLost = error, lostDevice == nil { lostDevice = error }
-        if (readOnlyOnDeviceError || lostDevice != nil) && deviceFailure == nil {
+        let lost: Bool
+        if case .deviceLost = error { lost = true } else { lost = false }
+        if lost && lostDevice == nil { lostDevice = error }
+        if (lost || readOnlyOnDeviceError) && deviceFailure == nil {
             deviceFailure = "\(what): \(error)"
-            isReadOnly = true
+            if !lost { isReadOnly = true }
             Log.logger("blobstore").error("device error (\(what): \(error)): the store takes no more writes; every write gets EROFS until it is mounted again (the log replays what was flushed)")
         }
-        if case .deviceLost = error { return .deviceLost(error) }
-        return .device(error)
+        return lost ? .deviceLost(error) : .device(error)
     }
+
+    /// The store takes no more changes: loaded read-only, read-only since a device error,
+    /// or its device lost.
+    public var refusesChanges: Bool { isReadOnly || lostDevice != nil }
 
     /// The flush begun with `beginExternalFlush` failed with `error`: the store's error
     /// for it (as a flush of its own would have failed).
