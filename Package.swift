@@ -45,9 +45,6 @@ let package = Package(
         .target(
             name: "AllocationCounting",
             dependencies: [.product(name: "MallocInterposerSwift", package: "malloc-interposer")]),
-        .target(
-            name: "CommandLineSupport",
-            dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "Blobstore", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
 
         .target(name: "BlobFileSystem", dependencies: ["Blobstore", "Bdev", "Env"], swiftSettings: hotPath),
@@ -62,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "blobfs",
             dependencies: [
-                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "CommandLineSupport", "ToolSupport",
+                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "ToolSupport",
                 "AllocationCounting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -70,14 +67,14 @@ let package = Package(
         .executableTarget(
             name: "blobcli",
             dependencies: [
-                "Blobstore", "BlobFileSystem", "Bdev", "Env", "DeviceSpec", "CommandLineSupport", "ToolSupport",
+                "Blobstore", "BlobFileSystem", "Bdev", "Env", "DeviceSpec", "ToolSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
 
         .executableTarget(
             name: "bdevperf",
             dependencies: [
-                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe", "CommandLineSupport", "AllocationCounting",
+                "Bdev", "Env", "DeviceSpec", "Blobstore", "NVMe", "ToolSupport", "AllocationCounting",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -86,7 +83,7 @@ let package = Package(
         .executableTarget(
             name: "blobbench",
             dependencies: [
-                "Blobstore", "Bdev", "BdevMalloc", "Env", "DeviceSpec", "CommandLineSupport",
+                "Blobstore", "Bdev", "BdevMalloc", "Env", "DeviceSpec", "ToolSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

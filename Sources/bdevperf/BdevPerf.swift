@@ -1,5 +1,5 @@
 import ArgumentParser
-import CommandLineSupport
+import ToolSupport
 import Bdev
 import DeviceSpec
 import Env

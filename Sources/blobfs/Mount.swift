@@ -5,12 +5,11 @@ import ArgumentParser
 import Bdev
 import BlobFileSystem
 import Blobstore
-import CommandLineSupport
+import ToolSupport
 import Env
 import AllocationCounting
 import FuseFrontend
 import Logging
-import ToolSupport
 
 struct Mount: UsageErrorsExitTwo {
     static let configuration = CommandConfiguration(

@@ -2,7 +2,6 @@
 import Glibc
 #endif
 import ArgumentParser
-import CommandLineSupport
 import ToolSupport
 
 /// The commands that ask a running daemon through its control socket (docs/CONTROL.md).

@@ -5,12 +5,11 @@ import ArgumentParser
 import Bdev
 import BlobFileSystem
 import Blobstore
-import CommandLineSupport
+import ToolSupport
 import DeviceSpec
 import Env
 import FuseFrontend
 import Logging
-import ToolSupport
 
 /// The blobfs command: make, mount, check and unmount a file system on a device.
 struct Blobfs: UsageErrorsExitTwo {
@@ -145,20 +144,6 @@ struct Mkfs: UsageErrorsExitTwo {
         print("blobfs: made a file system on \(device.text): \(formatBytes(bdev.geometry.capacityBytes)), "
               + "\(statistics.blocks) clusters of \(clusterSize) B, up to \(statistics.files) inodes, in \(fixed(elapsed, 2)) s")
     }
-}
-
-func formatBytes(_ bytes: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var value = Double(bytes)
-    var unit = 0
-    while value >= 1024, unit < units.count - 1 { value /= 1024; unit += 1 }
-    return unit == 0 ? "\(bytes) B" : "\(fixed(value, 1)) \(units[unit])"
-}
-
-func fixed(_ value: Double, _ digits: Int) -> String {
-    var buffer = [CChar](repeating: 0, count: 64)
-    _ = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%.\(digits)f", $0) }
-    return String(cString: buffer)
 }
 
 // MARK: - fsck
