@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Env
 
 /// The kinds of request a block device serves.
@@ -87,6 +90,20 @@ public enum BdevError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .system(error): error.description
         case .closed: "device closed"
         case let .deviceLost(why): "device lost: \(why)"
+        }
+    }
+
+    /// The POSIX errno a caller of the device sees for this failure: the device's own code
+    /// when it gave one, EINVAL for a request the layer refused as malformed, EIO otherwise.
+    /// The file system's mapping (`BlobStoreError.errno`) builds on this one.
+    public var errno: Int32 {
+        switch self {
+        case let .io(code): code
+        case let .system(error): error.errno
+        case .outOfRange, .emptyRequest, .lengthMismatch, .misalignedBuffer, .tooManySegments, .invalidConfiguration: EINVAL
+        case .queueFull: EAGAIN
+        case .unsupported: EOPNOTSUPP
+        case .deviceStatus, .closed, .deviceLost: EIO
         }
     }
 }

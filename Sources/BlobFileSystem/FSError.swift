@@ -18,18 +18,9 @@ public struct FSError: Error, CustomStringConvertible, Equatable {
         return message.isEmpty ? name : "\(name): \(message)"
     }
 
-    /// Blob-store failures: a full store is ENOSPC, a bad argument EINVAL, a read-only
-    /// store or a lost device (the store refuses changes until it is loaded again) EROFS,
-    /// a corrupt or failing device EIO.
+    /// A blob-store failure with its errno (`BlobStoreError.errno`, the one mapping).
     init(_ error: BlobStoreError) {
-        switch error {
-        case .noSpace: self.init(ENOSPC, "\(error)")
-        case .invalidArgument: self.init(EINVAL, "\(error)")
-        case .readOnly: self.init(EROFS, "\(error)")
-        case .deviceLost: self.init(EROFS, "\(error)")
-        case .noSuchBlob: self.init(EIO, "\(error)")
-        default: self.init(EIO, "\(error)")
-        }
+        self.init(error.errno, "\(error)")
     }
 }
 

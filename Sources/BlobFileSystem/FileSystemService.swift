@@ -20,13 +20,15 @@ public final class FileSystemService: @unchecked Sendable {
     /// (`blobfs mount -o discard`); `trim` works either way.
     public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil, discard: Bool = false) throws {
         blobService = try BlobStoreService(bdev: bdev, format: format, cpu: cpu)
-        let failure: String? = blobService.reactor.call { [self] in
+        let failure: FSError? = blobService.reactor.call { [self] in
             do {
                 let store = try storeOf()
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
                 try makeDataChannel(store)
                 try blobService.startTrimmer(discardReleasedClusters: discard)
-            } catch let error as FSError { return error.description } catch { return "data channel: \(error)" }
+            } catch let error as FSError { return error } catch let error as BlobStoreError { return FSError(error) } catch let error as BdevError {
+                return FSError(error.errno, "data channel: \(error)")
+            } catch { return FSError(EIO, "data channel: \(error)") }
             writeBackPoller = blobService.reactor.registerTimedPoller(periodNs: 1_000_000_000) { [self] in
                 closeFinishedHandles()
                 noteDeviceLoss()
@@ -36,7 +38,7 @@ public final class FileSystemService: @unchecked Sendable {
         }
         if let failure {
             try? blobService.stop()
-            throw FSError(EINVAL, failure)
+            throw failure
         }
     }
 
@@ -486,7 +488,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Writes everything back, deletes orphans, unloads the store cleanly and stops.
     public func stop() throws {
-        let failure: String? = blobService.reactor.call { [self] in
+        let failure: FSError? = blobService.reactor.call { [self] in
             if let writeBackPoller { blobService.reactor.unregisterPoller(writeBackPoller) }
             writeBackPoller = nil
             flushChannel?.close()
@@ -501,11 +503,11 @@ public final class FileSystemService: @unchecked Sendable {
             dataChannel = nil
             dataBdevChannel?.close()
             dataBdevChannel = nil
-            do throws(FSError) { try fileSystem?.unmount() } catch { return error.description }
+            do throws(FSError) { try fileSystem?.unmount() } catch { return error }
             fileSystem = nil
             return nil
         }
         try blobService.stop()
-        if let failure { throw FSError(EIO, "unmount: \(failure)") }
+        if let failure { throw FSError(failure.errno, "unmount: \(failure.message)") }
     }
 }

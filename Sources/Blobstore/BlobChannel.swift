@@ -338,10 +338,10 @@ public final class BlobChannel: BdevCompletionHandler {
                 status = .success
             } catch let BlobStoreError.device(error) {
                 status = .failed(error)
-            } catch BlobStoreError.noSpace {
-                status = .failed(.io(errno: ENOSPC))
+            } catch let error as BlobStoreError {
+                status = .failed(.io(errno: error.errno))
             } catch {
-                status = .failed(.io(errno: EINVAL))
+                status = .failed(.io(errno: EIO))
             }
             // Handle updates were sent before this message: the channel sees them first.
             home.send { channel.value.bdevIOCompleted(tag: UInt64(slot), status: status) }

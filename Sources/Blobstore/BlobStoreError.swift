@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Bdev
 
 public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -35,6 +38,19 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .geometry(what): what
         case let .unallocated(blob, cluster): "blob \(blob): cluster \(cluster) is not allocated"
         case let .deviceLost(error): "\(error); the store refuses changes until it is loaded again"
+        }
+    }
+
+    /// The one errno mapping of the stack (the file system's `FSError` and the blob
+    /// channel's data path both use it): a full store is ENOSPC, a bad argument EINVAL, a
+    /// read-only store or a lost device (the store refuses changes until it is loaded
+    /// again) EROFS, a damaged structure or a failing device EIO.
+    public var errno: Int32 {
+        switch self {
+        case .noSpace: ENOSPC
+        case .invalidArgument: EINVAL
+        case .readOnly, .deviceLost: EROFS
+        case .format, .noSuperBlock, .corrupt, .device, .noSuchBlob, .geometry, .unallocated: EIO
         }
     }
 }

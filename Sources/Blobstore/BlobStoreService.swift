@@ -22,7 +22,7 @@ public final class BlobStoreService: @unchecked Sendable {
         reactor = try Reactor(name: "blob-md", configuration: .init(cpu: cpu))
         ioReactor = try Reactor(name: "blob-md-io")
         try reactor.start()
-        let failure: String? = reactor.call { [self] in
+        let failure: BlobStoreError? = reactor.call { [self] in
             do {
                 let io = try BdevSyncIO(bdev: bdev, reactor: ioReactor)
                 self.io = io
@@ -31,11 +31,13 @@ public final class BlobStoreService: @unchecked Sendable {
                 dataStartBytes = store.superBlock.dataStartPage * UInt64(SuperBlock.pageBytes)
                 clusterBytes = UInt64(store.clusterSizeBytes)
                 return nil
-            } catch { return "\(error)" }
+            } catch let error as BlobStoreError { return error } catch let error as BdevError { return .device(error) } catch {
+                return .invalidArgument("blob store on \(bdev.name): \(error)")
+            }
         }
         if let failure {
             reactor.stop()
-            throw BlobStoreError.invalidArgument("blob store on \(bdev.name): \(failure)")
+            throw failure
         }
     }
 
@@ -90,7 +92,7 @@ public final class BlobStoreService: @unchecked Sendable {
 
     /// Unloads the store cleanly and stops the metadata reactor.
     public func stop() throws {
-        let failure: String? = reactor.call { [self] in
+        let failure: BlobStoreError? = reactor.call { [self] in
             defer {
                 io?.close()
                 io = nil
@@ -99,10 +101,10 @@ public final class BlobStoreService: @unchecked Sendable {
             // Discards whose release is durable go out before the store is unloaded.
             trimmer?.close()
             trimmer = nil
-            do { try store?.unload() } catch { return "\(error)" }
+            do { try store?.unload() } catch let error as BlobStoreError { return error } catch { return .invalidArgument("unload: \(error)") }
             return nil
         }
         reactor.stop()
-        if let failure { throw BlobStoreError.invalidArgument("unload: \(failure)") }
+        if let failure { throw failure }
     }
 }

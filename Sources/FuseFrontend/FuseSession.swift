@@ -247,11 +247,16 @@ final class FuseSession {
     // MARK: - Device completions of reads and writes
 
     func dataCompleted(_ slot: FuseSlot, status: BdevStatus) {
+        if case let .failed(error) = status {
+            // The device's errno (BdevError.errno); a write to a lost device is refused as
+            // the file system refuses every change then (EROFS, FSError's mapping).
+            let isWrite = slot.opcode != FuseOpcode.read.rawValue
+            if case .deviceLost = error, isWrite { return slot.replyError(EROFS) }
+            return slot.replyError(error.errno)
+        }
         if slot.opcode == FuseOpcode.read.rawValue {
-            guard status.isSuccess else { return slot.replyError(EIO) }
             slot.replyData(offset: slot.readSkip, count: slot.readCount)
         } else {
-            guard status.isSuccess else { return slot.replyError(EIO) }
             var out = fuse_write_out()
             out.size = UInt32(slot.writeCount)
             slot.reply(out)
