@@ -54,7 +54,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Runs `body` now: the caller is on the file system's thread (a request decoded there).
     public func runHere(_ body: (FileSystem) -> Void) {
-        precondition(blobService.reactor.isCurrent, "runHere off the file system's thread")
+        blobService.reactor.preconditionCurrent()
         body(fileSystem!)
     }
 
@@ -102,6 +102,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// one is in flight share the next one (group commit). A waiter may itself ask for a
     /// flush (fsync's second half does): it joins the next one. Call on the metadata reactor.
     public func flush(_ done: @escaping (Bool) -> Void) {
+        blobService.reactor.preconditionCurrent()
         flushQueued.append(done)
         startFlush()
     }
@@ -188,6 +189,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// them and the data durable; for fdatasync (`dataOnly`) the times need not be, and
     /// the one flush is all. Call on the reactor.
     public func fsync(ino: UInt64, dataOnly: Bool = false, _ done: @escaping (Int32) -> Void) {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem else { return done(EIO) }
         let plan: (needsAttributes: Bool, dataFirst: UInt64?)
         do throws(FSError) { plan = try fileSystem.fsyncPlan(ino: ino) } catch { return done(error.errno) }
@@ -214,6 +216,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// reactor); `done` gets the bytes unmapped or the errno, exactly once. Call on the reactor.
     public func trim(startBytes: UInt64, lengthBytes: UInt64, minimumBytes: UInt64,
                      _ done: @escaping (Result<UInt64, FSError>) -> Void) {
+        blobService.reactor.preconditionCurrent()
         guard let trimmer = blobService.trimmerOnReactor else { return done(.failure(FSError(EOPNOTSUPP, "no trimmer"))) }
         trimmer.trimFreeSpace(startBytes: startBytes, lengthBytes: lengthBytes, minimumBytes: minimumBytes) { result in
             done(result.mapError { error in
@@ -243,7 +246,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// The file system, for callers already on its reactor (the FUSE front end).
     public var fileSystemOnReactor: FileSystem {
-        precondition(blobService.reactor.isCurrent, "the file system used off its reactor")
+        blobService.reactor.preconditionCurrent()
         return fileSystem!
     }
 
@@ -259,6 +262,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// Opens `ino` for the kernel (FUSE OPEN): the file system's open (with O_TRUNC) and
     /// the blob handle its reads and writes go through. Call on the reactor.
     public func open(ino: UInt64, truncate: Bool) throws(FSError) {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem else { throw FSError(EIO) }
         try fileSystem.open(ino: ino, truncate: truncate)
         takeHandle(fileSystem, ino)
@@ -266,6 +270,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Creates and opens a regular file (FUSE CREATE). Call on the reactor.
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem else { throw FSError(EIO) }
         let attributes = try fileSystem.create(parent: parent, name: name, mode: mode, caller: caller)
         takeHandle(fileSystem, attributes.ino)
@@ -284,6 +289,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// The kernel released an open of `ino` (FUSE RELEASE): the last one closes the blob
     /// handle (before the file system may delete an orphan). Call on the reactor.
     public func release(ino: UInt64) {
+        blobService.reactor.preconditionCurrent()
         let id = FileSystem.blobID(ino)
         if let open = openBlobs[id] {
             open.opens -= 1
@@ -325,6 +331,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// read). Allocates nothing. Call on the reactor.
     public func startRead(ino: UInt64, offset: UInt64, count: Int, into buffer: DMASegment,
                           handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> ReadStarted? {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem, let dataChannel else { throw FSError(EIO) }
         guard let window = try fileSystem.readWindow(ino: ino, offset: offset, count: count) else { return nil }
         let bytes = Int(window.alignedEnd - window.start)
@@ -358,6 +365,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// reactor.
     public func startWrite(ino: UInt64, offset: UInt64, data: DMASegment, append: Bool, writeBack: Bool = false,
                            handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> WriteStarted {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem, let dataChannel else { throw FSError(EIO) }
         if fileSystem.store.lostDevice != nil {
             noteDeviceLoss()
@@ -446,7 +454,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Call on the reactor (the control socket asks with `Reactor.call`).
     public func statusOnReactor() -> Status? {
-        precondition(blobService.reactor.isCurrent, "FileSystemService.statusOnReactor off its reactor")
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem, let store = try? storeOf() else { return nil }
         let block = store.superBlock
         return Status(
@@ -466,6 +474,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// `blobfs sync`: attributes changed in memory written back, everything flushed, and a
     /// checkpoint (the log emptied). On the reactor; it holds the reactor for the checkpoint.
     public func syncNow() throws(FSError) {
+        blobService.reactor.preconditionCurrent()
         guard let fileSystem else { throw FSError(EIO, "not mounted") }
         try fileSystem.sync()
         try storeCall { try fileSystem.store.checkpoint() }
@@ -474,6 +483,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// `blobfs checkpoint`: what is committed goes to its home pages and the log is emptied
     /// (attributes changed only in memory are not committed). On the reactor.
     public func checkpointNow() throws(FSError) {
+        blobService.reactor.preconditionCurrent()
         guard let store = fileSystem?.store else { throw FSError(EIO, "not mounted") }
         try storeCall { try store.checkpoint() }
     }
@@ -482,6 +492,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// of it, as `Bdev.refreshGeometry` last found it). On the reactor, which it holds for a
     /// checkpoint and the write of the new table and bitmaps (FORMAT.md, "Online grow").
     public func growNow(toDevicePages devicePages: UInt64?) throws(FSError) -> BlobStore.GrowReport {
+        blobService.reactor.preconditionCurrent()
         guard let store = fileSystem?.store else { throw FSError(EIO, "not mounted") }
         return try storeCall { try store.grow(toDevicePages: devicePages) }
     }

@@ -59,7 +59,7 @@ public final class BlobStoreService: @unchecked Sendable {
     /// explicit trims (`trimmerOnReactor`), and with `discardReleasedClusters` online
     /// discard (`BlobStore.discardsReleasedClusters`). Call on the metadata reactor.
     public func startTrimmer(discardReleasedClusters: Bool) throws {
-        precondition(reactor.isCurrent, "startTrimmer off the metadata reactor")
+        reactor.preconditionCurrent()
         guard trimmer == nil, let store else { return }
         let channel = try bdev.makeChannel(reactor: reactor, queueDepth: ClusterTrimmer.requestsInFlightMax)
         trimmer = ClusterTrimmer(store: store, channel: channel)

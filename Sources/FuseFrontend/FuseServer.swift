@@ -191,6 +191,7 @@ public final class FuseServer: @unchecked Sendable {
     /// On the reactor: the session, the /dev/fuse transport, and once INIT is answered
     /// the io_uring transport when the kernel offers it and the options allow.
     private func startServing(fd: Int32, reactor: Reactor) -> String? {
+        reactor.preconditionCurrent()
         let session = FuseSession(service: service, options: options)
         fuse = session
         let channel: DevFuseChannel
@@ -322,6 +323,7 @@ public final class FuseServer: @unchecked Sendable {
 
     /// On the reactor, after the transports stopped: lets go of them.
     private func stopServing() {
+        service.blobService.reactor.preconditionCurrent()
         if let watchPoller { service.blobService.reactor.unregisterPoller(watchPoller) }
         watchPoller = nil
         if let allocationPoller { service.blobService.reactor.unregisterPoller(allocationPoller) }
@@ -366,7 +368,7 @@ public final class FuseServer: @unchecked Sendable {
     /// On the file system's reactor (the control socket asks with `Reactor.call`): nil
     /// until serving has started. Copies only the rows of opcodes seen.
     public func snapshotOnReactor() -> Snapshot? {
-        precondition(service.blobService.reactor.isCurrent, "FuseServer.snapshotOnReactor off its reactor")
+        service.blobService.reactor.preconditionCurrent()
         guard let fuse else { return nil }
         let description = state.withLock { $0.transport }
         var operations: [Snapshot.Operation] = []

@@ -97,6 +97,7 @@ final class URingFuseChannel: FuseTransport {
     /// Registers every entry with its queue (after INIT has been answered: earlier the
     /// kernel refuses with EAGAIN) and starts reaping. Call on the reactor.
     func start(_ session: FuseSession) throws(SystemError) {
+        reactor.preconditionCurrent()
         wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
         guard wakeFD >= 0 else { throw SystemError("eventfd") }
         let registered = io_uring_register_eventfd(ring, wakeFD)
