@@ -148,18 +148,8 @@ struct Mount: UsageErrorsExitTwo {
         }
         let lock: Int32?
         let bdev: Bdev
-        // Statistics on: the device's requests are counted on their way (CountingBdev).
-        var counting: CountingBdev?
-        do {
-            lock = try device.lock()
-            let opened = try device.open()
-            if options.statistics {
-                counting = CountingBdev(wrapping: opened.backend)
-                bdev = Bdev(backend: counting!)
-            } else {
-                bdev = opened
-            }
-        } catch { return failed(error) }
+        let counting: CountingBdev?
+        do { (lock, bdev, counting) = try Self.openDevice(device, counted: options.statistics) } catch { return failed(error) }
         defer {
             bdev.close()
             if let lock { close(lock) }
@@ -182,31 +172,8 @@ struct Mount: UsageErrorsExitTwo {
             AllocationCounter.shared.start()
             server.allocationCount = { AllocationCounter.shared.running }
         }
-        // The control socket, served off the request path (docs/CONTROL.md).
-        let mountControl = MountControl(mountpoint: point, deviceText: device.text, deviceKind: device.kind, bdev: bdev,
-                                        counting: counting, service: service, server: server)
-        mountControl.grow = { sizeBytes in try Self.grow(device, bdev, service, sizeBytes) }
-        catchHangup()
-        var controlServer: ControlServer?
-        let socketPath = control.socketPath ?? ControlSocket.path(for: point)
-        do {
-            controlServer = try ControlServer(path: socketPath, mode: control.mode) { request, connection in
-                mountControl.handle(request, connection)
-            }
-            mountControl.socketPath = socketPath
-            let logFile = log.map { Device.absolute($0) }
-            controlServer?.onHangup = {
-                if let logFile {
-                    let reopened = DaemonLog.redirect(to: logFile, alsoStandardOutput: notify != nil)
-                    Log.logger("control").notice(reopened ? "SIGHUP: log file reopened" : "SIGHUP: cannot reopen \(logFile)")
-                } else {
-                    Log.logger("control").notice("SIGHUP: no log file to reopen")
-                }
-            }
-            controlServer?.start()
-        } catch {
-            Log.logger("control").warning("no control socket: \(error)")
-        }
+        let controlServer = startControl(device, point, control, bdev: bdev, counting: counting, service: service, server: server,
+                                         notify: notify)
         defer { controlServer?.stop() }
         let controlLine = controlServer.map { "; control socket \($0.path)" } ?? "; no control socket"
         let status = server.run { transport, live in
@@ -240,6 +207,53 @@ struct Mount: UsageErrorsExitTwo {
         Log.logger("mount").notice("\(point) unmounted; \(device.text) left clean")
         return status == 0 ? 0 : 1
     }
+
+    /// Locks and opens the device; with statistics on, its requests are counted on their
+    /// way (CountingBdev).
+    private static func openDevice(_ device: Device, counted: Bool) throws -> (lock: Int32?, bdev: Bdev, counting: CountingBdev?) {
+        let lock = try device.lock()
+        do {
+            let opened = try device.open()
+            guard counted else { return (lock, opened, nil) }
+            let counting = CountingBdev(wrapping: opened.backend)
+            return (lock, Bdev(backend: counting), counting)
+        } catch {
+            if let lock { close(lock) }
+            throw error
+        }
+    }
+
+    /// The control socket, served off the request path (docs/CONTROL.md); nil (and a
+    /// warning) when it cannot be made: the mount goes on without it.
+    private func startControl(_ device: Device, _ point: String, _ control: ControlOptions, bdev: Bdev, counting: CountingBdev?,
+                              service: FileSystemService, server: FuseServer, notify: Int32?) -> ControlServer? {
+        let mountControl = MountControl(mountpoint: point, deviceText: device.text, deviceKind: device.kind, bdev: bdev,
+                                        counting: counting, service: service, server: server)
+        mountControl.grow = { sizeBytes in try Self.grow(device, bdev, service, sizeBytes) }
+        catchHangup()
+        let socketPath = control.socketPath ?? ControlSocket.path(for: point)
+        do {
+            let controlServer = try ControlServer(path: socketPath, mode: control.mode) { request, connection in
+                mountControl.handle(request, connection)
+            }
+            mountControl.socketPath = socketPath
+            let logFile = log.map { Device.absolute($0) }
+            controlServer.onHangup = {
+                if let logFile {
+                    let reopened = DaemonLog.redirect(to: logFile, alsoStandardOutput: notify != nil)
+                    Log.logger("control").notice(reopened ? "SIGHUP: log file reopened" : "SIGHUP: cannot reopen \(logFile)")
+                } else {
+                    Log.logger("control").notice("SIGHUP: no log file to reopen")
+                }
+            }
+            controlServer.start()
+            return controlServer
+        } catch {
+            Log.logger("control").warning("no control socket: \(error)")
+            return nil
+        }
+    }
+
 }
 
 extension Mount {
