@@ -99,13 +99,36 @@ extension FileSystem {
         return id
     }
 
-    /// An overwrite went to the device: the file's times change as for a write.
-    func overwritten(_ id: UInt64) {
-        guard let inode = inodes[id] else { return }
-        let now = realtimeNs()
+    /// An overwrite went to the device: the file's times change as for a write. A
+    /// write-back write (the kernel's page cache writing dirty pages, `writeBack`) leaves
+    /// them alone: with the writeback cache the kernel keeps a regular file's times
+    /// and sends them with SETATTR (before the FSYNC that must make them durable).
+    func overwritten(_ id: UInt64, writeBack: Bool = false) {
+        guard !writeBack, let inode = inodes[id] else { return }
+        stampDataWrite(inode)
+    }
+
+    /// A data write's times, the way Linux 6.13's multigrain timestamps do it (ext4,
+    /// xfs, tmpfs): the coarse clock (one tick, a few ms) unless someone saw the current
+    /// times, then the fine one. Writes within one tick that nobody looked at between
+    /// leave the inode clean, so an fsync after them has no attributes to commit and
+    /// costs one device flush, as on ext4. Times never go back (ctime counts: a chmod
+    /// may have stamped it finer), and set-user-ID is dropped as for any write.
+    func stampDataWrite(_ inode: Inode) {
+        let mode = inode.attributes.mode & ~UInt32(S_ISUID)
+        if mode != inode.attributes.mode {
+            inode.attributes.mode = mode
+            inode.dirty = true
+        }
+        let last = max(inode.attributes.mtimeNs, inode.attributes.ctimeNs)
+        var now = coarseRealtimeNs()
+        if now <= last {
+            guard inode.timesObserved else { return }
+            now = max(realtimeNs(), last + 1)
+        }
         inode.attributes.mtimeNs = now
         inode.attributes.ctimeNs = now
-        inode.attributes.mode &= ~UInt32(S_ISUID)
+        inode.timesObserved = false
         inode.dirty = true
     }
 
@@ -159,13 +182,12 @@ extension FileSystem {
             buffer.replaceSubrange(Int(offset - start)..<Int(end - start), with: data)
         }
         try storeCall { try store.write(blob: id, offsetUnits: start / unitBytes, data: buffer) }
-        let now = realtimeNs()
-        if end > inode.attributes.size { inode.sizeGrowths &+= 1 }
-        inode.attributes.size = max(inode.attributes.size, end)
-        inode.attributes.mtimeNs = now
-        inode.attributes.ctimeNs = now
-        inode.attributes.mode &= ~UInt32(S_ISUID)
-        inode.dirty = true
+        if end > inode.attributes.size {
+            inode.sizeGrowths &+= 1
+            inode.attributes.size = end
+            inode.dirty = true
+        }
+        if !writeBack { stampDataWrite(inode) }
         return data.count
     }
 

@@ -95,6 +95,9 @@ public final class FileSystem {
         /// FUSE lookup count: the kernel may name this inode until it forgets it.
         var lookups: UInt64 = 0
         var opens = 0
+        /// The times were handed out (`attributes`) since they last changed: the next data
+        /// write must change them visibly (`stampDataWrite`).
+        var timesObserved = true
         init(_ attributes: InodeAttributes) { self.attributes = attributes }
     }
 
@@ -205,6 +208,7 @@ public final class FileSystem {
     }
 
     func attributes(_ id: UInt64, _ inode: Inode) -> Attributes {
+        inode.timesObserved = true
         let allocated = store.blob(id).map { $0.extents.reduce(UInt64(0)) { $0 + UInt64($1.count) } } ?? 0
         return Attributes(ino: Self.ino(id), attributes: inode.attributes, allocatedBytes: allocated * clusterBytes,
                           blockSize: UInt32(clusterBytes))

@@ -132,6 +132,14 @@ enum Key {
     }
 }
 
+/// Wall-clock time in nanoseconds since the epoch, at the clock tick (CLOCK_REALTIME_COARSE:
+/// what the kernel stamps files with, no finer than a few ms; a vDSO read).
+func coarseRealtimeNs() -> Int64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME_COARSE, &now)
+    return Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec)
+}
+
 /// Wall-clock time in nanoseconds since the epoch.
 func realtimeNs() -> Int64 {
     var now = timespec()

@@ -132,6 +132,7 @@ final class FileSystemServiceTests: XCTestCase {
         }
         XCTAssertEqual(fsync(service, ino), 0)
         let plan = service.perform { fs -> String in
+            _ = try! fs.getAttributes(ino: ino)  // times seen: the write must stamp new ones
             try! fs.write(ino: ino, offset: 8192, data: patch)  // inside the file: no growth
             let plan = try! fs.fsyncPlan(ino: ino)
             return "\(plan.needsAttributes) \(plan.dataFirst == nil)"

@@ -46,6 +46,51 @@ final class FileSystemTests: XCTestCase {
         XCTAssertTrue(FileSystem.check(fs.store).isConsistent, "\(FileSystem.check(fs.store).problems)")
     }
 
+    /// Multigrain times: a write after the times were seen always changes them (and never
+    /// moves them back); writes nobody looked at in between may share one coarse stamp and
+    /// then leave the inode clean, so an fsync has nothing to commit; write-back writes
+    /// (the kernel's page cache, which keeps the times itself) never stamp.
+    func testDataWriteTimesAreMultigrain() throws {
+        let (store, _) = try makeStore()
+        let fs = try FileSystem.format(store)
+        let file = try fs.create(parent: 1, name: bytes("f"), mode: 0o644, caller: .root)
+        let block = [UInt8](repeating: 7, count: 4096)
+        try fs.write(ino: file.ino, offset: 0, data: block)
+        var seen = try fs.getAttributes(ino: file.ino).attributes
+        for _ in 0..<200 {
+            try fs.write(ino: file.ino, offset: 0, data: block)
+            let now = try fs.getAttributes(ino: file.ino).attributes
+            XCTAssertGreaterThan(now.mtimeNs, seen.mtimeNs, "a write after a stat changes mtime")
+            XCTAssertEqual(now.ctimeNs, now.mtimeNs)
+            seen = now
+        }
+        try fs.writeBack()
+        let inode = try fs.inode(ino: file.ino)
+        XCTAssertFalse(inode.dirty)
+        // Nobody looks: at most one stamp per clock tick, each a coarse one past the last.
+        var stamps = 0
+        for _ in 0..<1000 {
+            try fs.write(ino: file.ino, offset: 0, data: block)
+            if inode.dirty { stamps += 1; XCTAssertGreaterThan(inode.attributes.mtimeNs, seen.mtimeNs) }
+            seen.mtimeNs = inode.attributes.mtimeNs
+            try fs.writeBack()
+        }
+        XCTAssertLessThan(stamps, 1000, "writes within a tick that nobody saw share their stamp")
+        // A chmod stamps ctime finely: a later write's times never go before it.
+        _ = try fs.setAttributes(ino: file.ino, AttributeChanges(mode: 0o4755), caller: .root)
+        let ctime = inode.attributes.ctimeNs
+        try fs.write(ino: file.ino, offset: 0, data: block)
+        XCTAssertGreaterThanOrEqual(inode.attributes.ctimeNs, ctime)
+        XCTAssertEqual(inode.attributes.mode & UInt32(S_ISUID), 0, "a write drops set-user-ID")
+        try fs.writeBack()
+        // A write-back write leaves the times to the kernel.
+        _ = try fs.getAttributes(ino: file.ino)
+        let before = inode.attributes
+        try fs.write(ino: file.ino, offset: 0, data: block, writeBack: true)
+        XCTAssertEqual(inode.attributes.mtimeNs, before.mtimeNs)
+        XCTAssertFalse(inode.dirty)
+    }
+
     func testTruncateThenGrowReadsZeros() throws {
         let (store, _) = try makeStore()
         let fs = try FileSystem.format(store)
