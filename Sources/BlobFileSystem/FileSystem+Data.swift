@@ -99,12 +99,11 @@ extension FileSystem {
         return id
     }
 
-    /// An overwrite went to the device: the file's times change as for a write. A
-    /// write-back write (the kernel's page cache writing dirty pages, `writeBack`) leaves
-    /// them alone: with the writeback cache the kernel keeps a regular file's times
-    /// and sends them with SETATTR (before the FSYNC that must make them durable).
-    func overwritten(_ id: UInt64, writeBack: Bool = false) {
-        guard !writeBack, let inode = inodes[id] else { return }
+    /// An overwrite went to the device: the file's times change as for a write (also for
+    /// the writeback cache's writes: this kernel does not stamp a FUSE file's mtime on a
+    /// cached write itself, so the stamp is ours).
+    func overwritten(_ id: UInt64) {
+        guard let inode = inodes[id] else { return }
         stampDataWrite(inode)
     }
 
@@ -187,7 +186,7 @@ extension FileSystem {
             inode.attributes.size = end
             inode.dirty = true
         }
-        if !writeBack { stampDataWrite(inode) }
+        stampDataWrite(inode)
         return data.count
     }
 

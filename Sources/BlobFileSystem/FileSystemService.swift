@@ -377,7 +377,7 @@ public final class FileSystemService: @unchecked Sendable {
             do {
                 try dataChannel.write(handle, offsetUnits: offset / unit, countUnits: UInt64(data.count) / unit,
                                       from: data, handler: handler, tag: tag)
-                fileSystem.overwritten(id, writeBack: writeBack)
+                fileSystem.overwritten(id)
                 return .pending
             } catch .unallocated {
                 // A hole: the synchronous write allocates.

@@ -199,12 +199,20 @@ extension FuseSession {
     /// file system fails the write() itself with ENOSPC, as ext4's would, instead of a
     /// later write-back. Direct writes to one file may run in parallel (else the kernel
     /// takes them one at a time).
+    ///
+    /// Any other open keeps the file's page cache (FOPEN_KEEP_CACHE), as a kernel file
+    /// system's survives close and open: every change to a file's bytes passes through
+    /// the kernel, which keeps its cache right (buffered writes land in it; direct
+    /// writes, copy_file_range, fallocate and truncation invalidate what they change,
+    /// direct ones since FUSE_DIRECT_IO_ALLOW_MMAP), and FUSE_AUTO_INVAL_DATA drops it
+    /// when a GETATTR shows a new mtime or size. Without it each open threw away what
+    /// the last one read or wrote and went back to the device.
     private func openFlags(_ flags: UInt32) -> UInt32 {
         let direct = UInt32(FOPEN_DIRECT_IO) | UInt32(FOPEN_PARALLEL_DIRECT_WRITES)
         if options.directIO || Int32(bitPattern: flags) & blobfs_fuse_kernel_O_DIRECT != 0 { return direct }
         let forWriting = Int32(bitPattern: flags) & O_ACCMODE != O_RDONLY
         if writebackCache && forWriting && fs.freeBytesForWriting < options.writeThroughBelowBytes { return direct }
-        return 0
+        return UInt32(FOPEN_KEEP_CACHE)
     }
 
     func open(_ slot: FuseSlot) {

@@ -48,8 +48,7 @@ final class FileSystemTests: XCTestCase {
 
     /// Multigrain times: a write after the times were seen always changes them (and never
     /// moves them back); writes nobody looked at in between may share one coarse stamp and
-    /// then leave the inode clean, so an fsync has nothing to commit; write-back writes
-    /// (the kernel's page cache, which keeps the times itself) never stamp.
+    /// then leave the inode clean, so an fsync has nothing to commit.
     func testDataWriteTimesAreMultigrain() throws {
         let (store, _) = try makeStore()
         let fs = try FileSystem.format(store)
@@ -82,13 +81,6 @@ final class FileSystemTests: XCTestCase {
         try fs.write(ino: file.ino, offset: 0, data: block)
         XCTAssertGreaterThanOrEqual(inode.attributes.ctimeNs, ctime)
         XCTAssertEqual(inode.attributes.mode & UInt32(S_ISUID), 0, "a write drops set-user-ID")
-        try fs.writeBack()
-        // A write-back write leaves the times to the kernel.
-        _ = try fs.getAttributes(ino: file.ino)
-        let before = inode.attributes
-        try fs.write(ino: file.ino, offset: 0, data: block, writeBack: true)
-        XCTAssertEqual(inode.attributes.mtimeNs, before.mtimeNs)
-        XCTAssertFalse(inode.dirty)
     }
 
     func testTruncateThenGrowReadsZeros() throws {

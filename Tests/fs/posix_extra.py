@@ -338,6 +338,49 @@ class Data(Base):
         block.close()
         readback.close()
 
+    def test_cached_pages_survive_close_and_stay_right(self):
+        # The page cache outlives an open (FOPEN_KEEP_CACHE): a file read once is read from
+        # memory by the next open, and every way its bytes change without that buffered
+        # descriptor (a direct write, copy_file_range, a punched hole, truncation by path)
+        # reaches a reader that opens it afterwards.
+        size = 1 << 20
+        data = bytearray(os.urandom(size))
+        self.write("kc", bytes(data))
+        self.assertEqual(self.read("kc"), bytes(data))  # cached now
+        self.assertEqual(self.read("kc"), bytes(data))
+        try:
+            direct = os.open(self.path("kc"), os.O_RDWR | os.O_DIRECT)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            direct = None
+        if direct is not None:
+            block = mmap.mmap(-1, 8192)
+            block.write(b"Q" * 8192)
+            self.assertEqual(os.pwrite(direct, block, 65536), 8192)
+            os.close(direct)
+            block.close()
+            data[65536:65536 + 8192] = b"Q" * 8192
+            self.assertEqual(self.read("kc"), bytes(data), "a direct write reaches the next open")
+        self.write("kc-src", b"S" * 20_000)
+        source = os.open(self.path("kc-src"), os.O_RDONLY)
+        target = os.open(self.path("kc"), os.O_WRONLY)
+        copied = os.copy_file_range(source, target, 20_000, 0, 300_000)
+        os.close(source)
+        os.close(target)
+        data[300_000:300_000 + copied] = b"S" * copied
+        self.assertEqual(self.read("kc"), bytes(data), "copy_file_range reaches the next open")
+        fd = os.open(self.path("kc"), os.O_RDWR)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 409_600, 40_960)
+        os.close(fd)
+        data[409_600:409_600 + 40_960] = bytes(40_960)
+        self.assertEqual(self.read("kc"), bytes(data), "a punched hole reaches the next open")
+        os.truncate(self.path("kc"), 100_000)
+        os.truncate(self.path("kc"), 200_000)
+        del data[100_000:]
+        data.extend(bytes(100_000))
+        self.assertEqual(self.read("kc"), bytes(data), "truncation by path reaches the next open")
+
     def test_mmap_of_a_file_opened_with_o_direct(self):
         # ext4, tmpfs and passthrough_ll allow it; a FUSE file opened for direct I/O needs
         # FUSE_DIRECT_IO_ALLOW_MMAP (protocol 7.39) or mmap fails with ENODEV.
