@@ -266,28 +266,22 @@ extension FileSystem {
             let keep = (size + clusterBytes - 1) / clusterBytes
             if keep < blob.clusterCount, allocated(blob, from: keep, to: blob.clusterCount) { release = keep..<blob.clusterCount }
         }
-        var attributes = inode.attributes
-        attributes.size = size
         let now = realtimeNs()
-        attributes.mtimeNs = now
-        attributes.ctimeNs = now
         // The new size and the release of the clusters past it: one transaction, so a
         // crash never leaves the old size over released (zero) clusters.
-        try storeCall {
-            try store.transaction { tx throws(BlobStoreError) in
-                if let release {
-                    var index = release.lowerBound
-                    while index < release.upperBound {
-                        let count = UInt32(min(release.upperBound - index, UInt64(UInt32.max)))
-                        try tx.unmap(id, clusterIndex: index, count: count)
-                        index += UInt64(count)
-                    }
-                }
-                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
+        try updateAttributes(id, inode, { attributes in
+            attributes.size = size
+            attributes.mtimeNs = now
+            attributes.ctimeNs = now
+        }, also: { tx throws(BlobStoreError) in
+            guard let release else { return }
+            var index = release.lowerBound
+            while index < release.upperBound {
+                let count = UInt32(min(release.upperBound - index, UInt64(UInt32.max)))
+                try tx.unmap(id, clusterIndex: index, count: count)
+                index += UInt64(count)
             }
-        }
-        inode.attributes = attributes
-        inode.dirty = false
+        })
     }
 
     // MARK: - fallocate
@@ -405,13 +399,7 @@ extension FileSystem {
     public func commitAttributes(ino: UInt64) throws(FSError) {
         let id = Self.blobID(ino)
         guard let inode = inodes[id], inode.dirty, store.blob(id) != nil else { return }
-        let attributes = inode.attributes
-        try storeCall {
-            try store.transaction { tx throws(BlobStoreError) in
-                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
-            }
-        }
-        inode.dirty = false
+        try updateAttributes(id, inode) { _ in }
     }
 
     /// fsync/fdatasync: the file's data flushed, then its attributes committed.
@@ -421,13 +409,7 @@ extension FileSystem {
         // The data (and every commit before it) first, then the attributes, then their flush.
         try storeCall { try store.sync() }
         guard inode.dirty, store.blob(id) != nil else { return }
-        let attributes = inode.attributes
-        try storeCall {
-            try store.transaction { tx throws(BlobStoreError) in
-                try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
-            }
-        }
-        inode.dirty = false
+        try updateAttributes(id, inode) { _ in }
         try storeCall { try store.sync() }
     }
 }
