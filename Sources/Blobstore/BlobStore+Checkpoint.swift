@@ -210,14 +210,7 @@ extension BlobStore {
         copyDifferences[tableKey] = nil  // unknown until every write below succeeded
         try writeArrayPages(tableWrites, kind: .table, sequence: checkpointSequence,
                             at: block.table.startPage + UInt64(copy) * block.table.pageCount) { page in
-            var payload = [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
-            for entry in 0..<TablePage.entriesPerPage {
-                let id = UInt64(page) * perPage + UInt64(entry)
-                guard id < block.blobIDLimit else { break }
-                guard let value = chains[id].map({ $0[0] + 1 }) else { continue }
-                for byte in 0..<4 { payload[entry * 4 + byte] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(byte))) }
-            }
-            return payload
+            TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] }
         }
         copyDifferences[tableKey] = []
         copyDifferences[bitmapKey] = nil

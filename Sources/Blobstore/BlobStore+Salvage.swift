@@ -234,15 +234,7 @@ extension BlobStore {
     }
 
     private func tableEntries(_ payload: ArraySlice<UInt8>, page: Int) -> [(id: UInt64, root: UInt32)] {
-        var roots: [(id: UInt64, root: UInt32)] = []
-        for entry in 0..<TablePage.entriesPerPage {
-            let id = UInt64(page * TablePage.entriesPerPage + entry)
-            guard id < superBlock.blobIDLimit else { break }
-            let at = payload.startIndex + entry * 4
-            let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16 | UInt32(payload[at + 3]) << 24
-            if value != 0 { roots.append((id, value - 1)) }
-        }
-        return roots
+        TablePage.decode(payload, pageIndex: page, blobIDLimit: superBlock.blobIDLimit)
     }
 
     /// The first pages of chains whose blob `wanted` takes, in the metadata page region and

@@ -361,13 +361,7 @@ public final class BlobStore {
                                             kind: .table, pageIndex: UInt32(pageIndex),
                                             offset: (copyStart + UInt64(pageIndex)) * UInt64(Self.pageBytes)).payload
             } catch { throw .format(error) }
-            for entry in 0..<TablePage.entriesPerPage {
-                let id = UInt64(pageIndex * TablePage.entriesPerPage + entry)
-                guard id < superBlock.blobIDLimit else { break }
-                let at = page.startIndex + entry * 4
-                let value = UInt32(page[at]) | UInt32(page[at + 1]) << 8 | UInt32(page[at + 2]) << 16 | UInt32(page[at + 3]) << 24
-                if value != 0 { roots.append((id, value - 1)) }
-            }
+            roots += TablePage.decode(page, pageIndex: pageIndex, blobIDLimit: superBlock.blobIDLimit)
         }
         let buffer: DMABuffer
         do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }

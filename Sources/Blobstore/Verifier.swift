@@ -66,14 +66,7 @@ public enum Verifier {
                     let payload = try ArrayPage.decode(table[(index * pageBytes)..<((index + 1) * pageBytes)], kind: .table,
                                                        pageIndex: UInt32(index),
                                                        offset: (tableStart + UInt64(index)) * UInt64(pageBytes)).payload
-                    for entry in 0..<TablePage.entriesPerPage {
-                        let id = UInt64(index * TablePage.entriesPerPage + entry)
-                        guard id < block.blobIDLimit else { break }
-                        let at = payload.startIndex + entry * 4
-                        let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16
-                            | UInt32(payload[at + 3]) << 24
-                        if value != 0 { roots[id] = value - 1 }
-                    }
+                    for (id, root) in TablePage.decode(payload, pageIndex: index, blobIDLimit: block.blobIDLimit) { roots[id] = root }
                 } catch { report.problems.append("\(error)") }
             }
         }
