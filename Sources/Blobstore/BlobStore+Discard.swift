@@ -107,20 +107,6 @@ struct DiscardQueue {
 }
 
 extension BlobStore {
-    /// Released clusters that no handle can reach any more: back to allocation, or with
-    /// online discard held for their unmap (ready once release `epoch` is durable).
-    func returnReleased(_ extent: Extent, epoch: UInt64) {
-        guard discardsReleasedClusters else { return clearClusters(extent) }
-        discards.hold(ClusterRun(extent), epoch: epoch, durableEpoch: durableReleaseEpoch)
-    }
-
-    /// Every release up to `epoch` is durable (a flush after its log page, or a checkpoint
-    /// switch that holds it).
-    func releasesBecameDurable(through epoch: UInt64) {
-        durableReleaseEpoch = max(durableReleaseEpoch, epoch)
-        discards.promote(through: durableReleaseEpoch)
-    }
-
     /// Clusters held for discard and not yet submitted go back to allocation without
     /// their unmap (space is short, or online discard was turned off); a later trim finds
     /// them free. True when some did. Those whose release is not durable are then like any
