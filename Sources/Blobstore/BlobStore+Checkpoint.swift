@@ -11,8 +11,7 @@ extension BlobStore {
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1
         // Pages handed out by this checkpoint: returned if it fails before the switch.
-        var allocatedPages: [UInt64] = []
-        var allocatedClusters: [UInt64] = []
+        var allocation = CheckpointAllocation()
         var switched = false
         // Deferred transactions are in the state this checkpoint writes, and the data under
         // them is durable at its flush: they need no log. Back in the queue if it fails.
@@ -20,57 +19,46 @@ extension BlobStore {
         pendingNeedsDataFlush = false
         defer {
             if !switched {
-                allocatedPages.forEach { metadataPageBits.clear($0) }
-                allocatedClusters.forEach { clusters.clear($0) }
+                allocation.pages.forEach { metadataPageBits.clear($0) }
+                allocation.clusters.forEach { clusters.clear($0) }
                 requeue(deferred, dataFlush: true)
             }
         }
-        let region = superBlock.metadataPages.pageCount
-        let clustersForPages = superBlock.metadataPageIDLimit - region
-        // Not for metadata pages: clusters a write has chosen, and clusters released by the
-        // transactions this checkpoint holds (their release is durable only at its switch;
-        // a crash before it leaves them with their old owner). Returns where to look next.
-        func skipping(_ cluster: UInt64) -> UInt64? {
-            if clustersBeingMapped.contains(cluster) { return cluster + 1 }
-            for extent in releasedUnlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
-                return extent.firstCluster + UInt64(extent.count)
-            }
-            return nil
+        try writeChains(sequence: sequence, chains: &chains, superseded: &superseded, allocation: &allocation)
+        let copy = 1 - superBlock.activeCopy
+        // The persisted bitmaps are the ones after this checkpoint: superseded chains are
+        // free in them (their pages stay allocated in memory until the switch).
+        var persisted = metadataPageBits
+        var supersededClusters: [UInt64] = []
+        for page in superseded {
+            if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
         }
-        // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
-        let skipsMax = 2 * (clustersBeingMapped.count + releasedUnlogged.count) + 1
+        let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
+                                               freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
+        try flush()
+        let next = try switchSuperBlock(sequence: sequence, copy: copy, clean: clean, changed: changed)
+        switched = true
+        adoptCheckpoint(next, chains: chains, metadataBits: persisted, superseded: superseded,
+                        supersededClusters: supersededClusters, allocatedClusterCount: UInt64(allocation.clusters.count))
+    }
+
+    /// What one checkpoint has handed out for its chains, in order (returned if it fails
+    /// before its switch), and where its next search for a free page or cluster starts.
+    struct CheckpointAllocation {
+        var pages: [UInt64] = []
+        var clusters: [UInt64] = []
         var pageCursor: UInt64 = 0
         var clusterCursor: UInt64 = 0
-        /// A free metadata page: the region's first, then (with the feature) a data cluster.
-        func allocatePage() -> UInt32? {
-            if let free = metadataPageBits.firstClear(from: pageCursor) {
-                metadataPageBits.set(free)
-                allocatedPages.append(free)
-                pageCursor = free + 1
-                return UInt32(free)
-            }
-            guard clustersForPages > 0 else { return nil }
-            // Clusters held for discard and not yet submitted are free: a checkpoint that
-            // needs them takes them back rather than fail.
-            if clusters.firstClear(from: clusterCursor) == nil { giveUpDiscardHolds() }
-            var cursor = clusterCursor
-            var found: UInt64?
-            for _ in 0...skipsMax {
-                guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
-                guard let next = skipping(free) else {
-                    found = free
-                    break
-                }
-                cursor = next
-            }
-            guard let free = found else { return nil }
-            clusters.set(free)
-            allocatedClusters.append(free)
-            clusterCursor = free + 1
-            return UInt32(region + free)
-        }
-        // New chains are written in runs of consecutive pages (fresh pages are handed out
-        // in order, so a checkpoint of many small blobs is a few large writes).
+    }
+
+    /// Encodes each changed blob's chain into fresh pages (`chains` takes them,
+    /// `superseded` the old ones) and writes them, in runs of consecutive pages (fresh
+    /// pages are handed out in order, so a checkpoint of many small blobs is a few large
+    /// writes).
+    private func writeChains(sequence: UInt64, chains: inout [UInt64: [UInt32]], superseded: inout [UInt32],
+                             allocation: inout CheckpointAllocation) throws(BlobStoreError) {
+        let region = superBlock.metadataPages.pageCount
+        let clustersForPages = superBlock.metadataPageIDLimit - region
         var pending: [(page: UInt32, bytes: [UInt8])] = []
         for id in dirtyBlobs.sorted() {
             if let old = chains[id] { superseded.append(contentsOf: old) }
@@ -79,7 +67,7 @@ extension BlobStore {
             let count = MetadataPage.pagesNeeded(for: blob)
             var pages: [UInt32] = []
             for _ in 0..<count {
-                guard let page = allocatePage() else {
+                guard let page = allocateCheckpointPage(&allocation) else {
                     throw .noSpace("no free metadata page for blob \(id) (\(region) in the region"
                         + (clustersForPages > 0 ? ", no free cluster)" : ")"))
                 }
@@ -91,7 +79,7 @@ extension BlobStore {
         }
         // Clusters released by a commit not yet flushed must not receive metadata pages
         // before that release is durable (as for blob data).
-        if !allocatedClusters.isEmpty { try prepareToReuseReleasedClusters() }
+        if !allocation.clusters.isEmpty { try prepareToReuseReleasedClusters() }
         pending.sort { $0.page < $1.page }
         var runStart = 0
         while runStart < pending.count {
@@ -105,17 +93,57 @@ extension BlobStore {
             try writePages(at: address, run)
             runStart = runEnd
         }
-        let copy = 1 - superBlock.activeCopy
-        // The persisted bitmaps are the ones after this checkpoint: superseded chains are
-        // free in them (their pages stay allocated in memory until the switch).
-        var persisted = metadataPageBits
-        var supersededClusters: [UInt64] = []
-        for page in superseded {
-            if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
+    }
+
+    /// A free metadata page for a checkpoint's chains: the region's first, then (with the
+    /// feature) a data cluster. Set in memory and noted in `allocation`.
+    private func allocateCheckpointPage(_ allocation: inout CheckpointAllocation) -> UInt32? {
+        let region = superBlock.metadataPages.pageCount
+        let clustersForPages = superBlock.metadataPageIDLimit - region
+        if let free = metadataPageBits.firstClear(from: allocation.pageCursor) {
+            metadataPageBits.set(free)
+            allocation.pages.append(free)
+            allocation.pageCursor = free + 1
+            return UInt32(free)
         }
-        let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
-                                               freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
-        try flush()
+        guard clustersForPages > 0 else { return nil }
+        // Clusters held for discard and not yet submitted are free: a checkpoint that
+        // needs them takes them back rather than fail.
+        if clusters.firstClear(from: allocation.clusterCursor) == nil { giveUpDiscardHolds() }
+        // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
+        let skipsMax = 2 * (clustersBeingMapped.count + releasedUnlogged.count) + 1
+        var cursor = allocation.clusterCursor
+        var found: UInt64?
+        for _ in 0...skipsMax {
+            guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
+            guard let next = clusterSkippedByCheckpoint(free) else {
+                found = free
+                break
+            }
+            cursor = next
+        }
+        guard let free = found else { return nil }
+        clusters.set(free)
+        allocation.clusters.append(free)
+        allocation.clusterCursor = free + 1
+        return UInt32(region + free)
+    }
+
+    /// Not for metadata pages: clusters a write has chosen, and clusters released by the
+    /// transactions a checkpoint holds (their release is durable only at its switch; a
+    /// crash before it leaves them with their old owner). Returns where to look next (nil:
+    /// `cluster` may be taken).
+    private func clusterSkippedByCheckpoint(_ cluster: UInt64) -> UInt64? {
+        if clustersBeingMapped.contains(cluster) { return cluster + 1 }
+        for extent in releasedUnlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
+            return extent.firstCluster + UInt64(extent.count)
+        }
+        return nil
+    }
+
+    /// Writes the super block of checkpoint `sequence` (table and bitmaps in `copy`, the
+    /// log from `logHead` on) to its slot and flushes: the checkpoint's switch.
+    private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?) throws(BlobStoreError) -> SuperBlock {
         var next = superBlock
         next.sequence = sequence
         next.activeCopy = copy
@@ -125,12 +153,18 @@ extension BlobStore {
         next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
         try writePages(at: UInt64(next.slot), next.encode())
         try flush()
-        switched = true
+        return next
+    }
+
+    /// The state after the switch to `next`: its chains and persisted metadata bitmap are
+    /// the durable ones, every release so far is durable, superseded chains are free.
+    private func adoptCheckpoint(_ next: SuperBlock, chains: [UInt64: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
+                                 supersededClusters: [UInt64], allocatedClusterCount: UInt64) {
         releasedUnlogged = []
         let oldTailSequence = superBlock.logTailSequence
         superBlock = next
         durableChains = chains
-        metadataPageBits = persisted
+        metadataPageBits = metadataBits
         _ = metadataPageBits.takeChangedPages()  // noted by writeTableAndBitmaps
         // Everything applied so far is in this checkpoint, durable since its switch.
         releasesBecameDurable(through: releaseEpoch)
@@ -139,7 +173,7 @@ extension BlobStore {
             discardAfterCheckpoint(oldTailSequence: oldTailSequence,
                                    supersededRegionPages: superseded.filter { superBlock.metadataPageCluster($0) == nil })
         }
-        metadataPagesInClusterCount += UInt64(allocatedClusters.count)
+        metadataPagesInClusterCount += allocatedClusterCount
         metadataPagesInClusterCount -= UInt64(supersededClusters.count)
         dirtyBlobs = []
         countedDirty = []
