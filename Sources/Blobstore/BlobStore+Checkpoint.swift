@@ -4,7 +4,7 @@ import Env
 extension BlobStore {
     /// Writes changed blobs to fresh metadata pages, the table and bitmaps to the
     /// inactive copy, flushes, then switches the super block and flushes again. The log
-    /// before `logHead` is no longer needed afterwards.
+    /// before `metadataLog.head` is no longer needed afterwards.
     public func checkpoint(clean: Bool = false) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
         var chains = durableChains
@@ -15,8 +15,8 @@ extension BlobStore {
         var switched = false
         // Deferred transactions are in the state this checkpoint writes, and the data under
         // them is durable at its flush: they need no log. Back in the queue if it fails.
-        let deferred = takePendingLog()
-        pendingNeedsDataFlush = false
+        let deferred = metadataLog.takePending()
+        metadataLog.pendingNeedsDataFlush = false
         defer {
             if !switched {
                 allocation.pages.forEach { metadataPageBits.clear($0) }
@@ -142,13 +142,13 @@ extension BlobStore {
     }
 
     /// Writes the super block of checkpoint `sequence` (table and bitmaps in `copy`, the
-    /// log from `logHead` on) to its slot and flushes: the checkpoint's switch.
+    /// log from `metadataLog.head` on) to its slot and flushes: the checkpoint's switch.
     private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?) throws(BlobStoreError) -> SuperBlock {
         var next = superBlock
         next.sequence = sequence
         next.activeCopy = copy
-        next.checkpointLSN = nextLSN - 1
-        next.logTailSequence = logHead
+        next.checkpointLSN = metadataLog.nextLSN - 1
+        next.logTailSequence = metadataLog.head
         next.isClean = clean
         next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
         try writePages(at: UInt64(next.slot), next.encode())

@@ -180,9 +180,9 @@ extension BlobStore {
     func trimMetadataRegions(startBytes: UInt64, endBytes: UInt64, minimumBytes: UInt64) throws(BlobStoreError) -> UInt64 {
         guard !isReadOnly else { throw .readOnly }
         let log = superBlock.log
-        let live = logHead - superBlock.logTailSequence
+        let live = metadataLog.head - superBlock.logTailSequence
         precondition(live <= log.pageCount, "log of \(live) live pages in \(log.pageCount)")
-        var pages = Self.circularPages(first: logHead % log.pageCount, count: log.pageCount - live, in: log)
+        var pages = Self.circularPages(first: metadataLog.head % log.pageCount, count: log.pageCount - live, in: log)
         var index: UInt64 = 0
         let region = superBlock.metadataPages
         while index < region.pageCount, let start = metadataPageBits.firstClear(from: index, before: region.pageCount) {

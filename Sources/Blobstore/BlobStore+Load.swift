@@ -115,8 +115,8 @@ extension BlobStore {
         for transaction in scan.transactions {
             for logged in transaction { try store.apply(logged.record, replaying: true) }
         }
-        store.logHead = scan.endSequence
-        store.nextLSN = scan.nextLSN
+        store.metadataLog.head = scan.endSequence
+        store.metadataLog.nextLSN = scan.nextLSN
         store.lastScan = scan
         if readOnly {
             store.isReadOnly = true

@@ -304,8 +304,8 @@ extension BlobStore {
                 }
             }
         }
-        logHead = scan.endSequence
-        nextLSN = scan.nextLSN
+        metadataLog.head = scan.endSequence
+        metadataLog.nextLSN = scan.nextLSN
         lastScan = scan
         report.replayedTransactions = scan.transactions.count
         report.discardedRecords = scan.uncommittedRecords

@@ -63,8 +63,8 @@ public final class BlobStore {
     var clusters: Bitmap
     var metadataPageBits: Bitmap
     var blobIDs: Bitmap
-    var logHead: UInt64
-    var nextLSN: UInt64
+    /// The metadata log writer's state (BlobStore+Log.swift).
+    var metadataLog: MetadataLog
     /// For each copy of the table and of the bitmaps, the pages that differ (or may) from
     /// what the state makes them; absent: the copy is unknown (the next checkpoint into it
     /// writes it whole). Checkpoints write only these pages.
@@ -138,21 +138,12 @@ public final class BlobStore {
     /// acknowledged yet: handles owned by this thread finish their requests only when their
     /// channel is polled, and this polls it (nil: the handles are on other reactors).
     public var whileWaitingForReleasedClusters: (() -> Void)?
-    /// Deferred mode: the records of the last log page written since the last flush, and
-    /// its bytes in use; the next commit appends to it.
-    var openLogPage: (records: [LoggedRecord], used: Int)?
-    /// Deferred mode: transactions applied but not yet written to the log (in order), and
-    /// their encoded bytes (see `commit`).
-    var pendingLog: [LoggedRecord] = []
-    var pendingLogBytes = 0
-    /// Deferred mode: allocating writes under `pendingLog` whose data is not yet flushed.
-    var pendingNeedsDataFlush = false
-    /// Deferred mode: clusters released by transactions in `pendingLog` (a checkpoint that
+    /// Deferred mode: clusters released by transactions in `metadataLog.pending` (a checkpoint that
     /// holds those transactions must not put metadata pages in them).
     var releasedUnlogged: [Extent] = []
-    /// Count deferred commits and cluster releases: a flush issued by someone else
-    /// (`beginExternalFlush`) covers those made before it was issued.
-    var commitEpoch: UInt64 = 0
+    /// Counts cluster releases (as `MetadataLog.commitEpoch` counts deferred commits): a
+    /// flush issued by someone else (`beginExternalFlush`) covers those made before it was
+    /// issued.
     var releaseEpoch: UInt64 = 0
     /// Releases up to this `releaseEpoch` are durable (in a flushed log page or a switched
     /// checkpoint): their clusters may be unmapped.
@@ -176,8 +167,7 @@ public final class BlobStore {
         clusters = Bitmap(count: superBlock.clusterCount)
         metadataPageBits = Bitmap(count: superBlock.metadataPages.pageCount)
         blobIDs = Bitmap(count: superBlock.blobIDLimit)
-        logHead = superBlock.logTailSequence
-        nextLSN = superBlock.checkpointLSN + 1
+        metadataLog = MetadataLog(superBlock)
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
         ioUnitBytes = io.geometry.blockSizeBytes
     }
@@ -196,7 +186,7 @@ public final class BlobStore {
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
     /// The unit of blob reads and writes: the device block (fixed: read once, not per request).
     public let ioUnitBytes: Int
-    public var logPagesInUse: UInt64 { logHead - superBlock.logTailSequence }
+    public var logPagesInUse: UInt64 { metadataLog.head - superBlock.logTailSequence }
 
     // MARK: - Device helpers
 
@@ -280,13 +270,13 @@ public final class BlobStore {
         try refuseIfDeviceLost()
         guard deviceFailure == nil else { throw .readOnly }
         try writePendingLog()
-        openLogPage = nil
-        return FlushToken(commitEpoch: commitEpoch, releaseEpoch: releaseEpoch, releasesLogged: releasedUnlogged.isEmpty)
+        metadataLog.openPage = nil
+        return FlushToken(commitEpoch: metadataLog.commitEpoch, releaseEpoch: releaseEpoch, releasesLogged: releasedUnlogged.isEmpty)
     }
 
     /// The flush begun with `token` completed: what it covered is durable.
     public func externalFlushCompleted(_ token: FlushToken) {
-        if commitEpoch == token.commitEpoch { hasUnflushedCommits = false }
+        if metadataLog.commitEpoch == token.commitEpoch { hasUnflushedCommits = false }
         if releaseEpoch == token.releaseEpoch { releasedSinceFlush = false }
         if token.releasesLogged { releasesBecameDurable(through: token.releaseEpoch) }
     }
@@ -297,7 +287,7 @@ public final class BlobStore {
         do { try io.flush() } catch { throw deviceWriteFailed(error, "device flush") }
         hasUnflushedCommits = false
         releasedSinceFlush = false
-        openLogPage = nil
+        metadataLog.openPage = nil
         // Inside a checkpoint that holds releasing transactions they are durable only at
         // its switch (which says so then).
         if releasedUnlogged.isEmpty { releasesBecameDurable(through: releaseEpoch) }

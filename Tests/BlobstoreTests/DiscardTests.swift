@@ -100,7 +100,7 @@ final class DiscardTests: XCTestCase {
         live.formUnion(0..<2)
         live.formUnion(block.table.startPage..<(block.table.startPage + 2 * block.table.pageCount))
         live.formUnion(block.bitmaps.startPage..<(block.bitmaps.startPage + 2 * block.bitmaps.pageCount))
-        for sequence in block.logTailSequence..<store.logHead { live.insert(block.log.startPage + sequence % block.log.pageCount) }
+        for sequence in block.logTailSequence..<store.metadataLog.head { live.insert(block.log.startPage + sequence % block.log.pageCount) }
         for chain in store.durableChains.values { for page in chain { live.insert(block.metadataPageAddress(page)) } }
         for id in store.blobIDList {
             for extent in store.blob(id)!.extents {
