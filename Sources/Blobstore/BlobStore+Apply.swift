@@ -7,7 +7,7 @@ extension BlobStore {
     /// Applies one record to the in-memory state. Live operations validate before they
     /// commit, so a failure here while replaying means the log contradicts the checkpoint.
     func apply(_ record: LogRecord, replaying: Bool) throws(BlobStoreError) {
-        releasing.removeAll(keepingCapacity: true)
+        releases.byRecord.removeAll(keepingCapacity: true)
         func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
         switch record {
         case let .createBlob(id):
@@ -82,14 +82,13 @@ extension BlobStore {
             // Released clusters go back to allocation now, or once every open handle has
             // stopped using them (see `ReleaseTicket`).
             var ticket: ReleaseTicket?
-            if !releasing.isEmpty && !handles.isEmpty {
+            if !releases.byRecord.isEmpty && !handles.isEmpty {
                 let held = ReleaseTicket(handles: handles.count)
-                quarantine.append((held, releasing, releaseEpoch))
-                quarantinedClusterCount += releasing.reduce(0) { $0 + UInt64($1.count) }
+                releases.hold(releases.byRecord, until: held)
                 ticket = held
             } else {
-                for extent in releasing {
-                    if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releaseEpoch) }
+                for extent in releases.byRecord {
+                    if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releases.epoch) }
                 }
             }
             if !handles.isEmpty {
@@ -97,7 +96,7 @@ extension BlobStore {
                 for handle in handles { handle.update(snapshot, releasing: ticket) }
             }
         }
-        releasing.removeAll(keepingCapacity: true)
+        releases.byRecord.removeAll(keepingCapacity: true)
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.

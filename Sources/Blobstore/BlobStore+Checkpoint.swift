@@ -111,7 +111,7 @@ extension BlobStore {
         // needs them takes them back rather than fail.
         if clusters.firstClear(from: allocation.clusterCursor) == nil { giveUpDiscardHolds() }
         // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
-        let skipsMax = 2 * (clustersBeingMapped.count + releasedUnlogged.count) + 1
+        let skipsMax = 2 * (clustersBeingMapped.count + releases.unlogged.count) + 1
         var cursor = allocation.clusterCursor
         var found: UInt64?
         for _ in 0...skipsMax {
@@ -135,7 +135,7 @@ extension BlobStore {
     /// `cluster` may be taken).
     private func clusterSkippedByCheckpoint(_ cluster: UInt64) -> UInt64? {
         if clustersBeingMapped.contains(cluster) { return cluster + 1 }
-        for extent in releasedUnlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
+        for extent in releases.unlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
             return extent.firstCluster + UInt64(extent.count)
         }
         return nil
@@ -160,15 +160,15 @@ extension BlobStore {
     /// the durable ones, every release so far is durable, superseded chains are free.
     private func adoptCheckpoint(_ next: SuperBlock, chains: [UInt64: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
                                  supersededClusters: [UInt64], allocatedClusterCount: UInt64) {
-        releasedUnlogged = []
+        releases.unlogged = []
         let oldTailSequence = superBlock.logTailSequence
         superBlock = next
         durableChains = chains
         metadataPageBits = metadataBits
         _ = metadataPageBits.takeChangedPages()  // noted by writeTableAndBitmaps
         // Everything applied so far is in this checkpoint, durable since its switch.
-        releasesBecameDurable(through: releaseEpoch)
-        for cluster in supersededClusters { returnReleased(Extent(clusterIndex: 0, count: 1, firstCluster: cluster), epoch: releaseEpoch) }
+        releasesBecameDurable(through: releases.epoch)
+        for cluster in supersededClusters { returnReleased(Extent(clusterIndex: 0, count: 1, firstCluster: cluster), epoch: releases.epoch) }
         if discardsReleasedClusters {
             discardAfterCheckpoint(oldTailSequence: oldTailSequence,
                                    supersededRegionPages: superseded.filter { superBlock.metadataPageCluster($0) == nil })
@@ -215,7 +215,7 @@ extension BlobStore {
             }
         }
         for cluster in freeClusters { mask(ClusterRun(first: cluster, count: 1)) }
-        for entry in quarantine { for extent in entry.extents { mask(ClusterRun(extent)) } }
+        for entry in releases.quarantine { for extent in entry.extents { mask(ClusterRun(extent)) } }
         for run in discards.allRuns { mask(run) }
         var bitmapChanges = Set(clusters.takeChangedPages())
         bitmapChanges.formUnion(clusterMasks.keys)

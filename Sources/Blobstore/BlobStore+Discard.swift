@@ -115,7 +115,7 @@ extension BlobStore {
     func giveUpDiscardHolds() -> Bool {
         let (awaiting, ready) = discards.takeNotInFlight()
         for run in awaiting + ready { clusters.clear(run: run.first, count: run.count) }
-        if !awaiting.isEmpty { releasedSinceFlush = true }
+        if !awaiting.isEmpty { releases.sinceFlush = true }
         return !(awaiting.isEmpty && ready.isEmpty)
     }
 
@@ -135,7 +135,7 @@ extension BlobStore {
     func takeFreeRuns(cursor: inout UInt64, end: UInt64, minimumClusters: UInt64, runsMax: Int,
                       clustersMax: UInt64) throws(BlobStoreError) -> [ClusterRun] {
         precondition(clustersBeingMapped.isEmpty, "a trim inside an allocating write")
-        if releasedSinceFlush { try flush() }
+        if releases.sinceFlush { try flush() }
         let limit = min(end, clusters.count)
         var taken: [ClusterRun] = []
         while taken.count < runsMax, cursor < limit, let start = clusters.firstClear(from: cursor, before: limit) {
@@ -162,7 +162,7 @@ extension BlobStore {
     /// completed, up to `quarantineWaitNs`.
     func waitForDiscardsInFlight() {
         guard !discards.inFlight.isEmpty, let poll = whileWaitingForDiscards else { return }
-        let deadline = MonotonicClock.nowNs() + quarantineWaitNs
+        let deadline = MonotonicClock.nowNs() + releases.quarantineWaitNs
         while !discards.inFlight.isEmpty, MonotonicClock.nowNs() < deadline { poll() }
     }
 

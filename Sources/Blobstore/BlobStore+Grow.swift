@@ -86,7 +86,7 @@ extension BlobStore {
         }
         _ = try Self.grownGeometry(superBlock, devicePages: devicePages)  // refused before anything is written
         try checkpoint()
-        precondition(dirtyBlobs.isEmpty && metadataLog.pending.isEmpty && releasedUnlogged.isEmpty, "a checkpoint leaves nothing pending")
+        precondition(dirtyBlobs.isEmpty && metadataLog.pending.isEmpty && releases.unlogged.isEmpty, "a checkpoint leaves nothing pending")
         let old = superBlock
         var next = try Self.grownGeometry(old, devicePages: devicePages)
         next.sequence = old.sequence + 1

@@ -152,7 +152,7 @@ extension BlobStore {
         let taken = metadataLog.takePending()
         do {
             // Written (or held by a checkpoint): a flush now makes their releases durable.
-            if try writeLog(taken.records, applied: true) { releasedUnlogged = [] }
+            if try writeLog(taken.records, applied: true) { releases.unlogged = [] }
         } catch {
             requeue(taken, dataFlush: false)
             throw error
@@ -166,7 +166,7 @@ extension BlobStore {
         metadataLog.putBack(taken, dataFlush: dataFlush)
         // A flush in between covered none of their commits or releases.
         hasUnflushedCommits = true
-        if !releasedUnlogged.isEmpty { releasedSinceFlush = true }
+        if !releases.unlogged.isEmpty { releases.sinceFlush = true }
     }
 
     /// Writes `logged` after the log head, joining the open page in deferred mode, and

@@ -72,13 +72,8 @@ public final class BlobStore {
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
-    /// Extents released by the record being applied.
-    var releasing: [Extent] = []
-    /// Released clusters still reachable through open handles' old maps: their bits stay
-    /// set in `clusters` (so allocation passes them by) until the ticket settles; the
-    /// persisted bitmaps show them free.
-    var quarantine: [(ticket: ReleaseTicket, extents: [Extent], epoch: UInt64)] = []
-    var quarantinedClusterCount: UInt64 = 0
+    /// Released clusters: the quarantine, release epochs (BlobStore+Release.swift).
+    var releases = ReleaseTracking()
     /// The durable chain pages of the blobs changed since the checkpoint, plus one each:
     /// with the log pages in use, a bound on the pages the next checkpoint writes.
     var dirtyChainPages: UInt64 = 0
@@ -88,8 +83,6 @@ public final class BlobStore {
     public internal(set) var metadataPagesInClusterCount: UInt64 = 0
     /// Clusters a write is committing the mapping of (written, not yet set in `clusters`).
     var clustersBeingMapped: Set<UInt64> = []
-    /// How long an allocation that found no free cluster waits for quarantined ones.
-    var quarantineWaitNs: UInt64 = 2_000_000_000
     /// When set, a commit writes its log pages without flushing them: it becomes durable
     /// at the next `sync()` (or checkpoint). After a crash the log replays up to the first
     /// page that did not make it, so the store comes back as of some earlier commit, never
@@ -130,24 +123,10 @@ public final class BlobStore {
     public internal(set) var lastCheckpointNs: UInt64 = 0
     /// Commits written since the last flush (deferred mode).
     public internal(set) var hasUnflushedCommits = false
-    /// Clusters were released by a commit not yet flushed: they must not receive new data
-    /// before that release is durable (a crash could otherwise undo the release and leave
-    /// the old owner holding the new owner's bytes).
-    var releasedSinceFlush = false
     /// Called while an allocation waits for released clusters whose open handles have not
     /// acknowledged yet: handles owned by this thread finish their requests only when their
     /// channel is polled, and this polls it (nil: the handles are on other reactors).
     public var whileWaitingForReleasedClusters: (() -> Void)?
-    /// Deferred mode: clusters released by transactions in `metadataLog.pending` (a checkpoint that
-    /// holds those transactions must not put metadata pages in them).
-    var releasedUnlogged: [Extent] = []
-    /// Counts cluster releases (as `MetadataLog.commitEpoch` counts deferred commits): a
-    /// flush issued by someone else (`beginExternalFlush`) covers those made before it was
-    /// issued.
-    var releaseEpoch: UInt64 = 0
-    /// Releases up to this `releaseEpoch` are durable (in a flushed log page or a switched
-    /// checkpoint): their clusters may be unmapped.
-    var durableReleaseEpoch: UInt64 = 0
     /// Online discard (`blobfs mount -o discard`): clusters released once no handle can
     /// reach them are held (set in `clusters`) until their release is durable and their
     /// unmap completed (`ClusterTrimmer`), and each checkpoint unmaps the log pages and
@@ -181,7 +160,7 @@ public final class BlobStore {
     /// Free as the metadata has it (clusters released while open handles finish with
     /// them count as free).
     public var freeClusterCount: UInt64 {
-        clusters.count - clusters.setCount + quarantinedClusterCount + discards.heldClusterCount
+        clusters.count - clusters.setCount + releases.quarantinedClusterCount + discards.heldClusterCount
     }
     public var clusterSizeBytes: Int { Int(superBlock.clusterSizeBytes) }
     /// The unit of blob reads and writes: the device block (fixed: read once, not per request).
@@ -271,13 +250,13 @@ public final class BlobStore {
         guard deviceFailure == nil else { throw .readOnly }
         try writePendingLog()
         metadataLog.openPage = nil
-        return FlushToken(commitEpoch: metadataLog.commitEpoch, releaseEpoch: releaseEpoch, releasesLogged: releasedUnlogged.isEmpty)
+        return FlushToken(commitEpoch: metadataLog.commitEpoch, releaseEpoch: releases.epoch, releasesLogged: releases.unlogged.isEmpty)
     }
 
     /// The flush begun with `token` completed: what it covered is durable.
     public func externalFlushCompleted(_ token: FlushToken) {
         if metadataLog.commitEpoch == token.commitEpoch { hasUnflushedCommits = false }
-        if releaseEpoch == token.releaseEpoch { releasedSinceFlush = false }
+        if releases.epoch == token.releaseEpoch { releases.sinceFlush = false }
         if token.releasesLogged { releasesBecameDurable(through: token.releaseEpoch) }
     }
 
@@ -286,11 +265,11 @@ public final class BlobStore {
         try writePendingLog()
         do { try io.flush() } catch { throw deviceWriteFailed(error, "device flush") }
         hasUnflushedCommits = false
-        releasedSinceFlush = false
+        releases.sinceFlush = false
         metadataLog.openPage = nil
         // Inside a checkpoint that holds releasing transactions they are durable only at
         // its switch (which says so then).
-        if releasedUnlogged.isEmpty { releasesBecameDurable(through: releaseEpoch) }
+        if releases.unlogged.isEmpty { releasesBecameDurable(through: releases.epoch) }
     }
 }
 

@@ -343,12 +343,12 @@ final class DiscardTests: XCTestCase {
         let aBlocks = Set(rig.blocks(of: a))
         let handle = try store.openBlob(a)
         try store.deleteBlob(a)
-        XCTAssertEqual(store.quarantinedClusterCount, 3)
+        XCTAssertEqual(store.releases.quarantinedClusterCount, 3)
         try store.sync()
         // The handle (this thread's, no I/O in flight) acknowledged at once; the trimmer
         // takes the settled clusters without waiting for an allocating write.
         rig.settle()
-        XCTAssertEqual(store.quarantinedClusterCount, 0)
+        XCTAssertEqual(store.releases.quarantinedClusterCount, 0)
         let unmapped = Set(rig.fault.takeUnmaps().flatMap { $0.offsetBlocks..<($0.offsetBlocks + $0.countBlocks) })
         XCTAssertEqual(unmapped, aBlocks)
         store.closeBlob(handle)
