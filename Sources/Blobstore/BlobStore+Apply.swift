@@ -97,6 +97,8 @@ extension BlobStore {
             }
         }
         releases.byRecord.removeAll(keepingCapacity: true)
+        precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
+        precondition(countedDirty.count <= dirtyBlobs.count, "the blobs counted for the next checkpoint are dirty")
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.

@@ -74,6 +74,7 @@ extension BlobStore {
                 pages.append(page)
             }
             let encoded = MetadataPage.encodeChain(blob, pageIDs: pages, checkpointSequence: sequence)
+            assert(decodesTo(blob, encoded, pageIDs: pages), "blob \(id): the chain written decodes to the blob")
             for (page, bytes) in zip(pages, encoded) { pending.append((page, bytes)) }
             chains[id] = pages
         }
@@ -93,6 +94,18 @@ extension BlobStore {
             try writePages(at: address, run)
             runStart = runEnd
         }
+    }
+
+    /// Debug builds: `chain` (pages `pageIDs`) decodes to `blob`.
+    private func decodesTo(_ blob: BlobMetadata, _ chain: [[UInt8]], pageIDs: [UInt32]) -> Bool {
+        let offsets = pageIDs.map { superBlock.metadataPageAddress($0) * UInt64(Self.pageBytes) }
+        var pages: [MetadataPage.Page] = []
+        for (index, bytes) in chain.enumerated() {
+            guard let page = try? MetadataPage.decodePage(bytes[...], offset: offsets[index], pageID: pageIDs[index]) else { return false }
+            pages.append(page)
+        }
+        let decoded = try? MetadataPage.decodeBlob(pages, pageIDs: pageIDs, offsets: offsets, clusterLimit: superBlock.clusterCount)
+        return decoded == blob
     }
 
     /// A free metadata page for a checkpoint's chains: the region's first, then (with the
@@ -123,6 +136,7 @@ extension BlobStore {
             cursor = next
         }
         guard let free = found else { return nil }
+        precondition(!clustersBeingMapped.contains(free), "a checkpoint puts no metadata page in a cluster a write has chosen")
         clusters.set(free)
         allocation.clusters.append(free)
         allocation.clusterCursor = free + 1
@@ -144,6 +158,10 @@ extension BlobStore {
     /// Writes the super block of checkpoint `sequence` (table and bitmaps in `copy`, the
     /// log from `metadataLog.head` on) to its slot and flushes: the checkpoint's switch.
     private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?) throws(BlobStoreError) -> SuperBlock {
+        precondition(sequence == superBlock.sequence + 1 && copy == 1 - superBlock.activeCopy,
+                     "a checkpoint is the next one, into the inactive copy")
+        precondition(metadataLog.nextLSN - 1 >= superBlock.checkpointLSN && metadataLog.head >= superBlock.logTailSequence,
+                     "a checkpoint's LSN and log tail never move back")
         var next = superBlock
         next.sequence = sequence
         next.activeCopy = copy
@@ -151,7 +169,10 @@ extension BlobStore {
         next.logTailSequence = metadataLog.head
         next.isClean = clean
         next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
-        try writePages(at: UInt64(next.slot), next.encode())
+        let encoded = next.encode()
+        assert((try? SuperBlock.decode(encoded[...], offset: UInt64(next.slot) * UInt64(Self.pageBytes))) == next,
+               "the super block written decodes to the one meant")
+        try writePages(at: UInt64(next.slot), encoded)
         try flush()
         return next
     }
@@ -180,6 +201,9 @@ extension BlobStore {
         dirtyChainPages = 0
         checkpointCount += 1
         lastCheckpointNs = MonotonicClock.nowNs()
+        precondition(metadataLog.pending.isEmpty, "a checkpoint holds every deferred transaction")
+        precondition(durableChains.count == blobs.count, "after a checkpoint every blob has a durable chain")
+        precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
@@ -241,7 +265,10 @@ extension BlobStore {
         copyDifferences[tableKey] = nil  // unknown until every write below succeeded
         try writeArrayPages(tableWrites, kind: .table, sequence: checkpointSequence,
                             at: block.table.startPage + UInt64(copy) * block.table.pageCount) { page in
-            TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] }
+            let payload = TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] }
+            assert(TablePage.decode(payload[...], pageIndex: page, blobIDLimit: block.blobIDLimit).allSatisfy { chains[$0.id]?[0] == $0.root },
+                   "table page \(page) decodes to the chains' first pages")
+            return payload
         }
         copyDifferences[tableKey] = []
         copyDifferences[bitmapKey] = nil
@@ -291,7 +318,12 @@ extension BlobStore {
             var run: [UInt8] = []
             run.reserveCapacity((end - index) * SuperBlock.pageBytes)
             for page in pages[index..<end] {
-                run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(page), payload: payload(page)[...])
+                let bytes = payload(page)
+                let encoded = ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(page), payload: bytes[...])
+                assert((try? ArrayPage.decode(encoded[...], kind: kind, pageIndex: UInt32(page), offset: 0))
+                    .map { $0.checkpointSequence == sequence && $0.payload.elementsEqual(bytes) } == true,
+                       "\(kind.name) \(page) decodes to what was encoded")
+                run += encoded
             }
             try writePages(at: start + UInt64(pages[index]), run)
             index = end

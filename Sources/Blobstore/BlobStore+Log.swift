@@ -178,6 +178,8 @@ extension BlobStore {
         // these records join it (the page is rewritten whole). It holds nothing a flush
         // has promised, so a torn rewrite loses only unflushed commits.
         let (pages, firstSequence, used) = metadataLog.pages(for: logged, reopened: deferCommitFlush ? metadataLog.openPage : nil)
+        precondition(firstSequence == metadataLog.head || firstSequence == metadataLog.head - 1,
+                     "log pages are written from the head on, or rewrite the open page just before it")
         let newPages = UInt64(pages.count) - (metadataLog.head - firstSequence)
         let logPages = superBlock.log.pageCount
         if metadataLog.head + newPages - superBlock.logTailSequence > logPages {
@@ -198,6 +200,7 @@ extension BlobStore {
         }
         precondition(firstSequence + UInt64(pages.count) >= metadataLog.head, "the log head never moves back")
         metadataLog.head = firstSequence + UInt64(pages.count)
+        precondition(metadataLog.head - superBlock.logTailSequence <= logPages, "the log never overwrites a page still in use")
         return true
     }
 

@@ -60,6 +60,7 @@ struct ReleaseTracking {
             settled.append((entry.extents, entry.epoch))
             return true
         }
+        precondition(!quarantine.isEmpty || quarantinedClusterCount == 0, "the quarantine's count is of its clusters")
         return settled
     }
 

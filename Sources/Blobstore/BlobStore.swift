@@ -19,6 +19,33 @@ struct ArrayCopyKey: Hashable {
 /// The engine drives the device synchronously (`BdevSyncIO` on a reactor stepped by
 /// the calling thread) and is owned by one thread; `BlobStoreService` runs it on a
 /// metadata reactor, and data I/O from any reactor goes through `BlobChannel`.
+///
+/// Invariants (checked with `precondition` where the check is cheap; the place is named):
+/// - Clusters: a cluster's bit in `clusters` is set while it is mapped by exactly one
+///   blob's extent, holds a page of a durable chain or of the chains a running
+///   checkpoint writes, is quarantined (`releases.quarantine`: released, still reachable
+///   through an open handle's old map) or is held for an unmap (`discards`); a clear bit
+///   is owned by nothing. A record maps only clusters whose bit is clear (`apply` refuses
+///   the others as "already owned"); the persisted bitmaps show quarantined, held and
+///   superseded clusters free.
+/// - Blob ids: `blobIDs` has a bit set exactly for the blobs in `blobs` (end of `apply`,
+///   end of a checkpoint).
+/// - Chains: after a checkpoint every blob has a durable chain and nothing is dirty
+///   (`adoptCheckpoint`); a chain's pages are set in `metadataPageBits` (region) or
+///   `clusters` (metadata pages in clusters).
+/// - Log: LSNs are given out in order, one per record, and never again
+///   (`MetadataLog.advance`); the head never moves back and the pages in use, from the
+///   super block's tail sequence to the head, never exceed the log (`writeLog`); a
+///   checkpoint's LSN and tail never move back (`switchSuperBlock`).
+/// - Durability order: the data of newly allocated clusters is durable before a record
+///   that maps them is written (`write`: flush, or `pendingNeedsDataFlush` in deferred
+///   mode); a checkpoint writes only the inactive copy of the table and bitmaps and
+///   switches the super block last, after a flush, to sequence + 1.
+/// - Releases: nothing released is written again before its release is durable
+///   (`prepareToReuseReleasedClusters` flushes first; a checkpoint puts no metadata page
+///   in `releases.unlogged` or `clustersBeingMapped`), nor handed out while an open
+///   handle can reach it (quarantine); releases are durable only up to the last one made
+///   (`ReleaseTracking.becameDurable`), and unmapped only once durable (`DiscardQueue`).
 public final class BlobStore {
     /// Format parameters. A blob costs at least one metadata page (its chain) plus its
     /// clusters. With 4 KiB clusters (the default) metadata pages that do not fit the
