@@ -25,7 +25,8 @@ struct ArrayCopyKey: Hashable {
 ///   blob's extent, holds a page of a durable chain or of the chains a running
 ///   checkpoint writes, is quarantined (`releases.quarantine`: released, still reachable
 ///   through an open handle's old map) or is held for an unmap (`discards`); a clear bit
-///   is owned by nothing. A record maps only clusters whose bit is clear (`apply` refuses
+///   is owned by nothing (a write may have chosen it and be committing its mapping:
+///   `clustersBeingMapped`). A record maps only clusters whose bit is clear (`apply` refuses
 ///   the others as "already owned"); the persisted bitmaps show quarantined, held and
 ///   superseded clusters free.
 /// - Blob ids: `blobIDs` has a bit set exactly for the blobs in `blobs` (end of `apply`,
