@@ -68,37 +68,42 @@ extension BlobStore {
         case .commit:
             break
         }
-        if let id = record.blobID {
-            dirtyBlobs.insert(id)
-            // The next checkpoint writes this blob's chain afresh if it exists.
-            let estimate = chainPagesEstimate(id)
-            if blobs[id] != nil, !countedDirty.contains(id) {
-                countedDirty.insert(id)
-                dirtyChainPages += estimate
-            } else if blobs[id] == nil, countedDirty.remove(id) != nil {
-                dirtyChainPages -= estimate
-            }
-            let handles = openHandles[id] ?? []
-            // Released clusters go back to allocation now, or once every open handle has
-            // stopped using them (see `ReleaseTicket`).
-            var ticket: ReleaseTicket?
-            if !releases.byRecord.isEmpty && !handles.isEmpty {
-                let held = ReleaseTicket(handles: handles.count)
-                releases.hold(releases.byRecord, until: held)
-                ticket = held
-            } else {
-                for extent in releases.byRecord {
-                    if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releases.epoch) }
-                }
-            }
-            if !handles.isEmpty {
-                let snapshot = blobs[id] ?? BlobMetadata(id: id)
-                for handle in handles { handle.update(snapshot, releasing: ticket) }
-            }
-        }
+        if let id = record.blobID { changed(id, replaying: replaying) }
         releases.byRecord.removeAll(keepingCapacity: true)
         precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
         precondition(countedDirty.count <= dirtyBlobs.count, "the blobs counted for the next checkpoint are dirty")
+    }
+
+    /// After a record changed blob `id`: the next checkpoint rewrites its chain, the
+    /// clusters the record released go back (or wait for the blob's open handles), and
+    /// the handles take the new map.
+    private func changed(_ id: UInt64, replaying: Bool) {
+        dirtyBlobs.insert(id)
+        // The next checkpoint writes this blob's chain afresh if it exists.
+        let estimate = chainPagesEstimate(id)
+        if blobs[id] != nil, !countedDirty.contains(id) {
+            countedDirty.insert(id)
+            dirtyChainPages += estimate
+        } else if blobs[id] == nil, countedDirty.remove(id) != nil {
+            dirtyChainPages -= estimate
+        }
+        let handles = openHandles[id] ?? []
+        // Released clusters go back to allocation now, or once every open handle has
+        // stopped using them (see `ReleaseTicket`).
+        var ticket: ReleaseTicket?
+        if !releases.byRecord.isEmpty && !handles.isEmpty {
+            let held = ReleaseTicket(handles: handles.count)
+            releases.hold(releases.byRecord, until: held)
+            ticket = held
+        } else {
+            for extent in releases.byRecord {
+                if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releases.epoch) }
+            }
+        }
+        if !handles.isEmpty {
+            let snapshot = blobs[id] ?? BlobMetadata(id: id)
+            for handle in handles { handle.update(snapshot, releasing: ticket) }
+        }
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.
