@@ -5,7 +5,7 @@ import Env
 //
 // Invariants, each checked where it is relied on:
 // - A cluster is unmapped only when it is free in the durable state: its release is in a
-//   flushed log page or a switched checkpoint (`durableReleaseEpoch`), or it was never
+//   flushed log page or a switched checkpoint (`releases.durableEpoch`), or it was never
 //   allocated since, and no open handle can reach it any more (the quarantine settled).
 // - From the moment a cluster is chosen for an unmap until that unmap completed, its bit
 //   stays set in the allocator's bitmap (`clusters`): nothing allocates it, so no write to
@@ -159,7 +159,7 @@ extension BlobStore {
     }
 
     /// Unmaps in flight hold clusters allocation may need: polls their channel until they
-    /// completed, up to `quarantineWaitNs`.
+    /// completed, up to `releases.quarantineWaitNs`.
     func waitForDiscardsInFlight() {
         guard !discards.inFlight.isEmpty, let poll = whileWaitingForDiscards else { return }
         let deadline = MonotonicClock.nowNs() + releases.quarantineWaitNs

@@ -103,7 +103,7 @@ extension BlobStore {
     /// Allocation found no free cluster while released ones wait for handles on other
     /// reactors, or for their unmap: takes back those held for discard and not submitted,
     /// and waits for the handles' acknowledgements (a reactor answers within its next
-    /// pass) and the unmaps in flight, up to `quarantineWaitNs`. True when some clusters
+    /// pass) and the unmaps in flight, up to `releases.quarantineWaitNs`. True when some clusters
     /// came back.
     func waitForReleasedClusters() -> Bool {
         let deadline = MonotonicClock.nowNs() + releases.quarantineWaitNs
