@@ -1,79 +1,64 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Bdev
 import Env
 
 extension BlobStore {
     /// Writes changed blobs to fresh metadata pages, the table and bitmaps to the
     /// inactive copy, flushes, then switches the super block and flushes again. The log
-    /// before `logHead` is no longer needed afterwards.
+    /// before `metadataLog.head` is no longer needed afterwards.
     public func checkpoint(clean: Bool = false) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
         var chains = durableChains
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1
         // Pages handed out by this checkpoint: returned if it fails before the switch.
-        var allocatedPages: [UInt64] = []
-        var allocatedClusters: [UInt64] = []
+        var allocation = CheckpointAllocation()
         var switched = false
         // Deferred transactions are in the state this checkpoint writes, and the data under
         // them is durable at its flush: they need no log. Back in the queue if it fails.
-        let deferred = takePendingLog()
-        pendingNeedsDataFlush = false
+        let deferred = metadataLog.takePending()
+        metadataLog.pendingNeedsDataFlush = false
         defer {
             if !switched {
-                allocatedPages.forEach { metadataPageBits.clear($0) }
-                allocatedClusters.forEach { clusters.clear($0) }
+                allocation.pages.forEach { metadataPageBits.clear($0) }
+                allocation.clusters.forEach { clusters.clear($0) }
                 requeue(deferred, dataFlush: true)
             }
         }
-        let region = superBlock.metadataPages.pageCount
-        let clustersForPages = superBlock.metadataPageIDLimit - region
-        // Not for metadata pages: clusters a write has chosen, and clusters released by the
-        // transactions this checkpoint holds (their release is durable only at its switch;
-        // a crash before it leaves them with their old owner). Returns where to look next.
-        func skipping(_ cluster: UInt64) -> UInt64? {
-            if clustersBeingMapped.contains(cluster) { return cluster + 1 }
-            for extent in releasedUnlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
-                return extent.firstCluster + UInt64(extent.count)
-            }
-            return nil
+        try writeChains(sequence: sequence, chains: &chains, superseded: &superseded, allocation: &allocation)
+        let copy = 1 - superBlock.activeCopy
+        // The persisted bitmaps are the ones after this checkpoint: superseded chains are
+        // free in them (their pages stay allocated in memory until the switch).
+        var persisted = metadataPageBits
+        var supersededClusters: [UInt64] = []
+        for page in superseded {
+            if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
         }
-        // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
-        let skipsMax = 2 * (clustersBeingMapped.count + releasedUnlogged.count) + 1
+        let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
+                                               freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
+        try flush()
+        let next = try switchSuperBlock(sequence: sequence, copy: copy, clean: clean, changed: changed)
+        switched = true
+        adoptCheckpoint(next, chains: chains, metadataBits: persisted, superseded: superseded,
+                        supersededClusters: supersededClusters, allocatedClusterCount: UInt64(allocation.clusters.count))
+    }
+
+    /// What one checkpoint has handed out for its chains, in order (returned if it fails
+    /// before its switch), and where its next search for a free page or cluster starts.
+    struct CheckpointAllocation {
+        var pages: [UInt64] = []
+        var clusters: [UInt64] = []
         var pageCursor: UInt64 = 0
         var clusterCursor: UInt64 = 0
-        /// A free metadata page: the region's first, then (with the feature) a data cluster.
-        func allocatePage() -> UInt32? {
-            if let free = metadataPageBits.firstClear(from: pageCursor) {
-                metadataPageBits.set(free)
-                allocatedPages.append(free)
-                pageCursor = free + 1
-                return UInt32(free)
-            }
-            guard clustersForPages > 0 else { return nil }
-            // Clusters held for discard and not yet submitted are free: a checkpoint that
-            // needs them takes them back rather than fail.
-            if clusters.firstClear(from: clusterCursor) == nil { giveUpDiscardHolds() }
-            var cursor = clusterCursor
-            var found: UInt64?
-            for _ in 0...skipsMax {
-                guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
-                guard let next = skipping(free) else {
-                    found = free
-                    break
-                }
-                cursor = next
-            }
-            guard let free = found else { return nil }
-            clusters.set(free)
-            allocatedClusters.append(free)
-            clusterCursor = free + 1
-            return UInt32(region + free)
-        }
-        // New chains are written in runs of consecutive pages (fresh pages are handed out
-        // in order, so a checkpoint of many small blobs is a few large writes).
+    }
+
+    /// Encodes each changed blob's chain into fresh pages (`chains` takes them,
+    /// `superseded` the old ones) and writes them, in runs of consecutive pages (fresh
+    /// pages are handed out in order, so a checkpoint of many small blobs is a few large
+    /// writes).
+    private func writeChains(sequence: UInt64, chains: inout [UInt64: [UInt32]], superseded: inout [UInt32],
+                             allocation: inout CheckpointAllocation) throws(BlobStoreError) {
+        let region = superBlock.metadataPages.pageCount
+        let clustersForPages = superBlock.metadataPageIDLimit - region
         var pending: [(page: UInt32, bytes: [UInt8])] = []
         for id in dirtyBlobs.sorted() {
             if let old = chains[id] { superseded.append(contentsOf: old) }
@@ -82,19 +67,20 @@ extension BlobStore {
             let count = MetadataPage.pagesNeeded(for: blob)
             var pages: [UInt32] = []
             for _ in 0..<count {
-                guard let page = allocatePage() else {
+                guard let page = allocateCheckpointPage(&allocation) else {
                     throw .noSpace("no free metadata page for blob \(id) (\(region) in the region"
                         + (clustersForPages > 0 ? ", no free cluster)" : ")"))
                 }
                 pages.append(page)
             }
             let encoded = MetadataPage.encodeChain(blob, pageIDs: pages, checkpointSequence: sequence)
+            assert(decodesTo(blob, encoded, pageIDs: pages), "blob \(id): the chain written decodes to the blob")
             for (page, bytes) in zip(pages, encoded) { pending.append((page, bytes)) }
             chains[id] = pages
         }
         // Clusters released by a commit not yet flushed must not receive metadata pages
         // before that release is durable (as for blob data).
-        if !allocatedClusters.isEmpty { try prepareToReuseReleasedClusters() }
+        if !allocation.clusters.isEmpty { try prepareToReuseReleasedClusters() }
         pending.sort { $0.page < $1.page }
         var runStart = 0
         while runStart < pending.count {
@@ -108,47 +94,116 @@ extension BlobStore {
             try writePages(at: address, run)
             runStart = runEnd
         }
-        let copy = 1 - superBlock.activeCopy
-        // The persisted bitmaps are the ones after this checkpoint: superseded chains are
-        // free in them (their pages stay allocated in memory until the switch).
-        var persisted = metadataPageBits
-        var supersededClusters: [UInt64] = []
-        for page in superseded {
-            if let cluster = superBlock.metadataPageCluster(page) { supersededClusters.append(cluster) } else { persisted.clear(UInt64(page)) }
+    }
+
+    /// Debug builds: `chain` (pages `pageIDs`) decodes to `blob`.
+    private func decodesTo(_ blob: BlobMetadata, _ chain: [[UInt8]], pageIDs: [UInt32]) -> Bool {
+        let offsets = pageIDs.map { superBlock.metadataPageAddress($0) * UInt64(Self.pageBytes) }
+        var pages: [MetadataPage.Page] = []
+        for (index, bytes) in chain.enumerated() {
+            guard let page = try? MetadataPage.decodePage(bytes[...], offset: offsets[index], pageID: pageIDs[index]) else { return false }
+            pages.append(page)
         }
-        let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
-                                               freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
-        try flush()
+        let decoded = try? MetadataPage.decodeBlob(pages, pageIDs: pageIDs, offsets: offsets, clusterLimit: superBlock.clusterCount)
+        return decoded == blob
+    }
+
+    /// A free metadata page for a checkpoint's chains: the region's first, then (with the
+    /// feature) a data cluster. Set in memory and noted in `allocation`.
+    private func allocateCheckpointPage(_ allocation: inout CheckpointAllocation) -> UInt32? {
+        let region = superBlock.metadataPages.pageCount
+        let clustersForPages = superBlock.metadataPageIDLimit - region
+        if let free = metadataPageBits.firstClear(from: allocation.pageCursor) {
+            metadataPageBits.set(free)
+            allocation.pages.append(free)
+            allocation.pageCursor = free + 1
+            return UInt32(free)
+        }
+        guard clustersForPages > 0 else { return nil }
+        // Clusters held for discard and not yet submitted are free: a checkpoint that
+        // needs them takes them back rather than fail.
+        if clusters.firstClear(from: allocation.clusterCursor) == nil { giveUpDiscardHolds() }
+        // Each skip passes one excluded cluster or extent (twice at most, wrapping around).
+        let skipsMax = 2 * (clustersBeingMapped.count + releases.unlogged.count) + 1
+        var cursor = allocation.clusterCursor
+        var found: UInt64?
+        for _ in 0...skipsMax {
+            guard let free = clusters.firstClear(from: cursor), free < clustersForPages else { return nil }
+            guard let next = clusterSkippedByCheckpoint(free) else {
+                found = free
+                break
+            }
+            cursor = next
+        }
+        guard let free = found else { return nil }
+        precondition(!clustersBeingMapped.contains(free), "a checkpoint puts no metadata page in a cluster a write has chosen")
+        clusters.set(free)
+        allocation.clusters.append(free)
+        allocation.clusterCursor = free + 1
+        return UInt32(region + free)
+    }
+
+    /// Not for metadata pages: clusters a write has chosen, and clusters released by the
+    /// transactions a checkpoint holds (their release is durable only at its switch; a
+    /// crash before it leaves them with their old owner). Returns where to look next (nil:
+    /// `cluster` may be taken).
+    private func clusterSkippedByCheckpoint(_ cluster: UInt64) -> UInt64? {
+        if clustersBeingMapped.contains(cluster) { return cluster + 1 }
+        for extent in releases.unlogged where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
+            return extent.firstCluster + UInt64(extent.count)
+        }
+        return nil
+    }
+
+    /// Writes the super block of checkpoint `sequence` (table and bitmaps in `copy`, the
+    /// log from `metadataLog.head` on) to its slot and flushes: the checkpoint's switch.
+    private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?) throws(BlobStoreError) -> SuperBlock {
+        precondition(sequence == superBlock.sequence + 1 && copy == 1 - superBlock.activeCopy,
+                     "a checkpoint is the next one, into the inactive copy")
+        precondition(metadataLog.nextLSN - 1 >= superBlock.checkpointLSN && metadataLog.head >= superBlock.logTailSequence,
+                     "a checkpoint's LSN and log tail never move back")
         var next = superBlock
         next.sequence = sequence
         next.activeCopy = copy
-        next.checkpointLSN = nextLSN - 1
-        next.logTailSequence = logHead
+        next.checkpointLSN = metadataLog.nextLSN - 1
+        next.logTailSequence = metadataLog.head
         next.isClean = clean
         next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
-        try writePages(at: UInt64(next.slot), next.encode())
+        let encoded = next.encode()
+        assert((try? SuperBlock.decode(encoded[...], offset: UInt64(next.slot) * UInt64(Self.pageBytes))) == next,
+               "the super block written decodes to the one meant")
+        try writePages(at: UInt64(next.slot), encoded)
         try flush()
-        switched = true
-        releasedUnlogged = []
+        return next
+    }
+
+    /// The state after the switch to `next`: its chains and persisted metadata bitmap are
+    /// the durable ones, every release so far is durable, superseded chains are free.
+    private func adoptCheckpoint(_ next: SuperBlock, chains: [UInt64: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
+                                 supersededClusters: [UInt64], allocatedClusterCount: UInt64) {
+        releases.unlogged = []
         let oldTailSequence = superBlock.logTailSequence
         superBlock = next
         durableChains = chains
-        metadataPageBits = persisted
+        metadataPageBits = metadataBits
         _ = metadataPageBits.takeChangedPages()  // noted by writeTableAndBitmaps
         // Everything applied so far is in this checkpoint, durable since its switch.
-        releasesBecameDurable(through: releaseEpoch)
-        for cluster in supersededClusters { returnReleased(Extent(clusterIndex: 0, count: 1, firstCluster: cluster), epoch: releaseEpoch) }
+        releasesBecameDurable(through: releases.epoch)
+        for cluster in supersededClusters { returnReleased(Extent(clusterIndex: 0, count: 1, firstCluster: cluster), epoch: releases.epoch) }
         if discardsReleasedClusters {
             discardAfterCheckpoint(oldTailSequence: oldTailSequence,
                                    supersededRegionPages: superseded.filter { superBlock.metadataPageCluster($0) == nil })
         }
-        metadataPagesInClusterCount += UInt64(allocatedClusters.count)
+        metadataPagesInClusterCount += allocatedClusterCount
         metadataPagesInClusterCount -= UInt64(supersededClusters.count)
         dirtyBlobs = []
         countedDirty = []
         dirtyChainPages = 0
         checkpointCount += 1
         lastCheckpointNs = MonotonicClock.nowNs()
+        precondition(metadataLog.pending.isEmpty, "a checkpoint holds every deferred transaction")
+        precondition(durableChains.count == blobs.count, "after a checkpoint every blob has a durable chain")
+        precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
     }
 
     /// `freeClusters`: clusters still set in memory that the persisted bitmap shows free
@@ -184,7 +239,7 @@ extension BlobStore {
             }
         }
         for cluster in freeClusters { mask(ClusterRun(first: cluster, count: 1)) }
-        for entry in quarantine { for extent in entry.extents { mask(ClusterRun(extent)) } }
+        for entry in releases.quarantine { for extent in entry.extents { mask(ClusterRun(extent)) } }
         for run in discards.allRuns { mask(run) }
         var bitmapChanges = Set(clusters.takeChangedPages())
         bitmapChanges.formUnion(clusterMasks.keys)
@@ -210,13 +265,9 @@ extension BlobStore {
         copyDifferences[tableKey] = nil  // unknown until every write below succeeded
         try writeArrayPages(tableWrites, kind: .table, sequence: checkpointSequence,
                             at: block.table.startPage + UInt64(copy) * block.table.pageCount) { page in
-            var payload = [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
-            for entry in 0..<TablePage.entriesPerPage {
-                let id = UInt64(page) * perPage + UInt64(entry)
-                guard id < block.blobIDLimit else { break }
-                guard let value = chains[id].map({ $0[0] + 1 }) else { continue }
-                for byte in 0..<4 { payload[entry * 4 + byte] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(byte))) }
-            }
+            let payload = TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] }
+            assert(TablePage.decode(payload[...], pageIndex: page, blobIDLimit: block.blobIDLimit).allSatisfy { chains[$0.id]?[0] == $0.root },
+                   "table page \(page) decodes to the chains' first pages")
             return payload
         }
         copyDifferences[tableKey] = []
@@ -267,370 +318,15 @@ extension BlobStore {
             var run: [UInt8] = []
             run.reserveCapacity((end - index) * SuperBlock.pageBytes)
             for page in pages[index..<end] {
-                run += ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(page), payload: payload(page)[...])
+                let bytes = payload(page)
+                let encoded = ArrayPage.encode(kind: kind, checkpointSequence: sequence, pageIndex: UInt32(page), payload: bytes[...])
+                assert((try? ArrayPage.decode(encoded[...], kind: kind, pageIndex: UInt32(page), offset: 0))
+                    .map { $0.checkpointSequence == sequence && $0.payload.elementsEqual(bytes) } == true,
+                       "\(kind.name) \(page) decodes to what was encoded")
+                run += encoded
             }
             try writePages(at: start + UInt64(pages[index]), run)
             index = end
         }
-    }
-
-    // MARK: - Log
-
-    /// Makes `records` one transaction. Immediate mode: its log pages are written after
-    /// the head and flushed, then it is applied. Deferred mode (`deferCommitFlush`): it is
-    /// applied at once and its records wait in memory (`pendingLog`) until the next
-    /// flush, sync or checkpoint, or until they fill `pendingLogLimit` bytes; the data of
-    /// allocating writes under them is flushed before they are written (group commit: one
-    /// flush for many allocating writes, none of their mappings ever on the device before
-    /// their data). A log without room forces a checkpoint first.
-    package func commit(_ records: [LogRecord]) throws(BlobStoreError) {
-        guard !isReadOnly else { throw .readOnly }
-        try refuseIfDeviceLost()
-        try keepRoomForCheckpoint(records)
-        let first = nextLSN
-        let all = records + [.commit(recordCount: UInt32(records.count + 1))]
-        let logged = all.enumerated().map { LoggedRecord(lsn: first + UInt64($0), transaction: first, record: $1) }
-        let bytes = logged.reduce(0) { $0 + LogPage.encodedBytes($1.record) }
-        guard UInt64(bytes / (Self.pageBytes - LogPage.headerBytes) + 2) < superBlock.log.pageCount else {
-            throw .noSpace("a transaction of \(bytes) bytes of log records exceeds the log")
-        }
-        guard deferCommitFlush else {
-            try writePendingLog()  // left by a deferred mode turned off: they come first
-            try writeLog(logged, applied: false)
-            nextLSN += UInt64(logged.count)
-            for record in records { try apply(record, replaying: false) }
-            return
-        }
-        nextLSN += UInt64(logged.count)
-        pendingLog += logged
-        pendingLogBytes += bytes
-        hasUnflushedCommits = true
-        commitEpoch += 1
-        for record in records { try apply(record, replaying: false) }
-        if pendingLogBytes >= Self.pendingLogLimit { try writePendingLog() }
-    }
-
-    /// Deferred mode: log record bytes held in memory before they are written.
-    static let pendingLogLimit = 8 * (pageBytes - LogPage.headerBytes)
-
-    /// Writes the deferred transactions to the log (not flushed), after a flush that makes
-    /// the data of the allocating writes under them durable. A log without room for them
-    /// takes a checkpoint instead, which holds them.
-    func writePendingLog() throws(BlobStoreError) {
-        guard !pendingLog.isEmpty else { return }
-        if pendingNeedsDataFlush {
-            do { try io.flush() } catch { throw deviceWriteFailed(error, "device flush") }
-            pendingNeedsDataFlush = false
-            openLogPage = nil  // durable now: not to be rewritten
-        }
-        // Taken out first: the flush an immediate-mode write ends with, or the checkpoint
-        // a full log takes (which then holds them), must not write them again.
-        let taken = takePendingLog()
-        do {
-            // Written (or held by a checkpoint): a flush now makes their releases durable.
-            if try writeLog(taken.records, applied: true) { releasedUnlogged = [] }
-        } catch {
-            requeue(taken, dataFlush: false)
-            throw error
-        }
-    }
-
-    /// Empties the deferred queue, returning what it held.
-    private func takePendingLog() -> (records: [LoggedRecord], bytes: Int, dataFlush: Bool) {
-        defer {
-            pendingLog = []
-            pendingLogBytes = 0
-        }
-        return (pendingLog, pendingLogBytes, pendingNeedsDataFlush)
-    }
-
-    /// Puts back what `takePendingLog` returned (ahead of anything queued since) after
-    /// the write or checkpoint meant for it failed: nothing of it is durable.
-    private func requeue(_ taken: (records: [LoggedRecord], bytes: Int, dataFlush: Bool), dataFlush: Bool) {
-        guard !taken.records.isEmpty else { return }
-        pendingLog = taken.records + pendingLog
-        pendingLogBytes += taken.bytes
-        if dataFlush && taken.dataFlush { pendingNeedsDataFlush = true }
-        // A flush in between covered none of their commits or releases.
-        hasUnflushedCommits = true
-        if !releasedUnlogged.isEmpty { releasedSinceFlush = true }
-    }
-
-    /// Writes `logged` after the log head, joining the open page in deferred mode, and
-    /// flushes in immediate mode. Without room: a checkpoint, which holds records already
-    /// `applied` (false returned: nothing to write); others are written after it.
-    @discardableResult
-    private func writeLog(_ logged: [LoggedRecord], applied: Bool) throws(BlobStoreError) -> Bool {
-        // Deferred mode: the last page written since the last flush is still open, and
-        // these records join it (the page is rewritten whole). It holds nothing a flush
-        // has promised, so a torn rewrite loses only unflushed commits.
-        let reopened = deferCommitFlush ? openLogPage : nil
-        var pages: [[LoggedRecord]] = [reopened?.records ?? []]
-        var used = reopened?.used ?? 0
-        for record in logged {
-            let size = LogPage.encodedBytes(record.record)
-            if used + size > Self.pageBytes - LogPage.headerBytes {
-                pages.append([])
-                used = 0
-            }
-            pages[pages.count - 1].append(record)
-            used += size
-        }
-        var firstSequence = logHead
-        if let reopened {
-            if pages[0].count == reopened.records.count {
-                pages.removeFirst()  // nothing of these records fit: leave the page as it is
-            } else {
-                firstSequence = logHead - 1
-            }
-        }
-        let newPages = UInt64(pages.count) - (logHead - firstSequence)
-        let logPages = superBlock.log.pageCount
-        if logHead + newPages - superBlock.logTailSequence > logPages {
-            // The checkpoint flushes and closes the open page; deferred records are in it.
-            try checkpoint()
-            guard !applied else { return false }
-            return try writeLog(logged, applied: false)
-        }
-        for (index, content) in pages.enumerated() {
-            let sequence = firstSequence + UInt64(index)
-            let bytes = LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
-            try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
-        }
-        if deferCommitFlush {
-            openLogPage = (pages[pages.count - 1], used)
-        } else {
-            try flush()
-        }
-        logHead = firstSequence + UInt64(pages.count)
-        return true
-    }
-
-    /// What the durable chain of blob `id` costs a checkpoint that rewrites it: its pages
-    /// and one more.
-    func chainPagesEstimate(_ id: UInt64) -> UInt64 { UInt64(durableChains[id]?.count ?? 0) + 1 }
-
-    /// A checkpoint must always find pages for the chains it rewrites (the old ones are
-    /// free only after it), or a full log would stop every commit, and unloading. So when
-    /// `records` could take the free metadata pages (region and clusters) below what the
-    /// next checkpoint needs, checkpoint first, which frees the superseded chains; if
-    /// there is still no room and the transaction frees nothing (no delete, resize, unmap
-    /// or xattr removal), refuse it with no space before anything is written.
-    private func keepRoomForCheckpoint(_ records: [LogRecord]) throws(BlobStoreError) {
-        var added: UInt64 = 2  // the log pages this transaction may take
-        var seen: Set<UInt64> = []
-        var frees = false
-        for record in records {
-            switch record {
-            case .deleteBlob, .resizeBlob, .unmapClusters, .removeXattr: frees = true
-            default: break
-            }
-            if case let .setXattr(_, _, name, value) = record { added += UInt64(name.utf8.count + value.count) / 4000 + 1 }
-            guard let id = record.blobID, !countedDirty.contains(id), seen.insert(id).inserted else { continue }
-            added += chainPagesEstimate(id)
-        }
-        guard freeMetadataPageCount < checkpointPagesNeeded + added else { return }
-        // Clusters held for discard are free: taken back (or waited for) before anything else.
-        if giveUpDiscardHolds(), freeMetadataPageCount >= checkpointPagesNeeded + added { return }
-        waitForDiscardsInFlight()
-        guard freeMetadataPageCount < checkpointPagesNeeded + added else { return }
-        if !dirtyBlobs.isEmpty { try checkpoint() }
-        guard frees || freeMetadataPageCount >= checkpointPagesNeeded + added else {
-            throw .noSpace("no room for the metadata pages a checkpoint would need (\(freeMetadataPageCount) free)")
-        }
-    }
-
-    // MARK: - Applying records
-
-    /// Applies one record to the in-memory state. Live operations validate before they
-    /// commit, so a failure here while replaying means the log contradicts the checkpoint.
-    func apply(_ record: LogRecord, replaying: Bool) throws(BlobStoreError) {
-        releasing.removeAll(keepingCapacity: true)
-        func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
-        switch record {
-        case let .createBlob(id):
-            guard id < superBlock.blobIDLimit, blobs[id] == nil else { throw fail("blob id in use or out of range") }
-            blobs[id] = BlobMetadata(id: id)
-            blobIDs.set(id)
-        case let .deleteBlob(id):
-            guard let blob = blobs[id] else { throw fail("no such blob") }
-            for extent in blob.extents { release(extent) }
-            blobs[id] = nil
-            blobIDs.clear(id)
-            if superBlock.superBlobID == id { superBlock.superBlobID = nil }
-        case let .resizeBlob(id, count):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            guard count <= MetadataPage.blobClustersMax else { throw fail("blob size out of range") }
-            if count < blob.clusterCount { unmap(&blob, from: count, count: blob.clusterCount - count) }
-            blob.clusterCount = count
-            blobs[id] = blob
-        case let .mapExtent(id, extent):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            // Without overflow, whatever the record holds.
-            guard extent.clusterIndex <= blob.clusterCount, UInt64(extent.count) <= blob.clusterCount - extent.clusterIndex,
-                  extent.firstCluster <= superBlock.clusterCount,
-                  UInt64(extent.count) <= superBlock.clusterCount - extent.firstCluster else { throw fail("extent out of range") }
-            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
-                guard !clusters[cluster] else { throw fail("cluster \(cluster) already owned") }
-            }
-            guard !blob.extents.contains(where: {
-                $0.clusterIndex < extent.clusterIndex + UInt64(extent.count) && extent.clusterIndex < $0.clusterIndex + UInt64($0.count)
-            }) else { throw fail("blob clusters already mapped") }
-            for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.set(cluster) }
-            blob.extents.append(extent)
-            blob.extents.sort { $0.clusterIndex < $1.clusterIndex }
-            blob.extents = Self.merged(blob.extents)
-            blobs[id] = blob
-        case let .unmapClusters(id, index, count):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            unmap(&blob, from: index, count: UInt64(count))
-            blobs[id] = blob
-        case let .setXattr(id, isInternal, name, value):
-            guard blobs[id] != nil else { throw fail("no such blob") }
-            // What a checkpoint can encode (the log decoder refuses more; this keeps it so).
-            let nameBytes = name.utf8.count
-            guard nameBytes > 0, nameBytes <= MetadataPage.xattrNameBytesMax,
-                  nameBytes + value.count <= MetadataPage.xattrBytesMax else { throw fail("xattr too large") }
-            // In place: a directory's blob holds up to 100,000 entries.
-            if isInternal { blobs[id]!.internalXattrs.set(name, value) } else { blobs[id]!.xattrs.set(name, value) }
-        case let .removeXattr(id, isInternal, name):
-            guard blobs[id] != nil else { throw fail("no such blob") }
-            if isInternal { blobs[id]!.internalXattrs.remove(name) } else { blobs[id]!.xattrs.remove(name) }
-        case let .setFlags(id, flags):
-            guard var blob = blobs[id] else { throw fail("no such blob") }
-            blob.flags = flags
-            blobs[id] = blob
-        case let .setSuperBlob(id):
-            if let id, blobs[id] == nil { throw fail("no such blob") }
-            superBlock.superBlobID = id
-        case .commit:
-            break
-        }
-        if let id = record.blobID {
-            dirtyBlobs.insert(id)
-            // The next checkpoint writes this blob's chain afresh if it exists.
-            let estimate = chainPagesEstimate(id)
-            if blobs[id] != nil, !countedDirty.contains(id) {
-                countedDirty.insert(id)
-                dirtyChainPages += estimate
-            } else if blobs[id] == nil, countedDirty.remove(id) != nil {
-                dirtyChainPages -= estimate
-            }
-            let handles = openHandles[id] ?? []
-            // Released clusters go back to allocation now, or once every open handle has
-            // stopped using them (see `ReleaseTicket`).
-            var ticket: ReleaseTicket?
-            if !releasing.isEmpty && !handles.isEmpty {
-                let held = ReleaseTicket(handles: handles.count)
-                quarantine.append((held, releasing, releaseEpoch))
-                quarantinedClusterCount += releasing.reduce(0) { $0 + UInt64($1.count) }
-                ticket = held
-            } else {
-                for extent in releasing {
-                    if replaying { clearClusters(extent) } else { returnReleased(extent, epoch: releaseEpoch) }
-                }
-            }
-            if !handles.isEmpty {
-                let snapshot = blobs[id] ?? BlobMetadata(id: id)
-                for handle in handles { handle.update(snapshot, releasing: ticket) }
-            }
-        }
-        releasing.removeAll(keepingCapacity: true)
-    }
-
-    func clearClusters(_ extent: Extent) {
-        for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) { clusters.clear(cluster) }
-    }
-
-    /// Returns the released clusters whose handles have all acknowledged to allocation
-    /// (or, with online discard, to their unmap: `returnReleased`); true when some settled.
-    @discardableResult
-    func reclaimReleasedClusters() -> Bool {
-        guard !quarantine.isEmpty else { return false }
-        var settled = false
-        quarantine.removeAll { entry in
-            guard entry.ticket.isSettled else { return false }
-            for extent in entry.extents {
-                quarantinedClusterCount -= UInt64(extent.count)
-                returnReleased(extent, epoch: entry.epoch)
-            }
-            settled = true
-            return true
-        }
-        return settled
-    }
-
-    /// Allocation found no free cluster while released ones wait for handles on other
-    /// reactors, or for their unmap: takes back those held for discard and not submitted,
-    /// and waits for the handles' acknowledgements (a reactor answers within its next
-    /// pass) and the unmaps in flight, up to `quarantineWaitNs`. True when some clusters
-    /// came back.
-    func waitForReleasedClusters() -> Bool {
-        let deadline = MonotonicClock.nowNs() + quarantineWaitNs
-        let setBefore = clusters.setCount
-        while true {
-            reclaimReleasedClusters()
-            giveUpDiscardHolds()
-            if clusters.setCount < setBefore { return true }
-            guard !quarantine.isEmpty || !discards.inFlight.isEmpty, MonotonicClock.nowNs() < deadline else { return false }
-            if !discards.inFlight.isEmpty { whileWaitingForDiscards?() }
-            if let poll = whileWaitingForReleasedClusters { poll() } else { sched_yield() }
-        }
-    }
-
-    /// Before clusters that may have been released are written again: their release is
-    /// durable (a crash could otherwise undo it and leave the old owner holding the new
-    /// owner's bytes). Readers and writers through open handles are kept off them by the
-    /// quarantine (`ReleaseTicket`).
-    func prepareToReuseReleasedClusters() throws(BlobStoreError) {
-        if releasedSinceFlush { try flush() }
-    }
-
-    private func release(_ extent: Extent) {
-        if deferCommitFlush {
-            releasedSinceFlush = true
-            releaseEpoch += 1
-            releasedUnlogged.append(extent)
-        }
-        releasing.append(extent)
-    }
-
-    /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.
-    private func unmap(_ blob: inout BlobMetadata, from: UInt64, count: UInt64) {
-        let end = from > UInt64.max - count ? UInt64.max : from + count
-        var kept: [Extent] = []
-        for extent in blob.extents {
-            let extentEnd = extent.clusterIndex + UInt64(extent.count)
-            if extentEnd <= from || extent.clusterIndex >= end {
-                kept.append(extent)
-                continue
-            }
-            let cutStart = max(from, extent.clusterIndex)
-            let cutEnd = min(end, extentEnd)
-            release(Extent(clusterIndex: cutStart, count: UInt32(cutEnd - cutStart),
-                           firstCluster: extent.firstCluster + (cutStart - extent.clusterIndex)))
-            if extent.clusterIndex < cutStart {
-                kept.append(Extent(clusterIndex: extent.clusterIndex, count: UInt32(cutStart - extent.clusterIndex),
-                                   firstCluster: extent.firstCluster))
-            }
-            if cutEnd < extentEnd {
-                kept.append(Extent(clusterIndex: cutEnd, count: UInt32(extentEnd - cutEnd),
-                                   firstCluster: extent.firstCluster + (cutEnd - extent.clusterIndex)))
-            }
-        }
-        blob.extents = kept
-    }
-
-    static func merged(_ extents: [Extent]) -> [Extent] {
-        var result: [Extent] = []
-        for extent in extents {
-            if let last = result.last, last.clusterIndex + UInt64(last.count) == extent.clusterIndex,
-               last.firstCluster + UInt64(last.count) == extent.firstCluster, UInt64(last.count) + UInt64(extent.count) <= UInt64(UInt32.max) {
-                result[result.count - 1].count += extent.count
-            } else {
-                result.append(extent)
-            }
-        }
-        return result
     }
 }

@@ -5,7 +5,7 @@ import Env
 //
 // Invariants, each checked where it is relied on:
 // - A cluster is unmapped only when it is free in the durable state: its release is in a
-//   flushed log page or a switched checkpoint (`durableReleaseEpoch`), or it was never
+//   flushed log page or a switched checkpoint (`releases.durableEpoch`), or it was never
 //   allocated since, and no open handle can reach it any more (the quarantine settled).
 // - From the moment a cluster is chosen for an unmap until that unmap completed, its bit
 //   stays set in the allocator's bitmap (`clusters`): nothing allocates it, so no write to
@@ -107,20 +107,6 @@ struct DiscardQueue {
 }
 
 extension BlobStore {
-    /// Released clusters that no handle can reach any more: back to allocation, or with
-    /// online discard held for their unmap (ready once release `epoch` is durable).
-    func returnReleased(_ extent: Extent, epoch: UInt64) {
-        guard discardsReleasedClusters else { return clearClusters(extent) }
-        discards.hold(ClusterRun(extent), epoch: epoch, durableEpoch: durableReleaseEpoch)
-    }
-
-    /// Every release up to `epoch` is durable (a flush after its log page, or a checkpoint
-    /// switch that holds it).
-    func releasesBecameDurable(through epoch: UInt64) {
-        durableReleaseEpoch = max(durableReleaseEpoch, epoch)
-        discards.promote(through: durableReleaseEpoch)
-    }
-
     /// Clusters held for discard and not yet submitted go back to allocation without
     /// their unmap (space is short, or online discard was turned off); a later trim finds
     /// them free. True when some did. Those whose release is not durable are then like any
@@ -129,7 +115,7 @@ extension BlobStore {
     func giveUpDiscardHolds() -> Bool {
         let (awaiting, ready) = discards.takeNotInFlight()
         for run in awaiting + ready { clusters.clear(run: run.first, count: run.count) }
-        if !awaiting.isEmpty { releasedSinceFlush = true }
+        if !awaiting.isEmpty { releases.sinceFlush = true }
         return !(awaiting.isEmpty && ready.isEmpty)
     }
 
@@ -149,7 +135,7 @@ extension BlobStore {
     func takeFreeRuns(cursor: inout UInt64, end: UInt64, minimumClusters: UInt64, runsMax: Int,
                       clustersMax: UInt64) throws(BlobStoreError) -> [ClusterRun] {
         precondition(clustersBeingMapped.isEmpty, "a trim inside an allocating write")
-        if releasedSinceFlush { try flush() }
+        if releases.sinceFlush { try flush() }
         let limit = min(end, clusters.count)
         var taken: [ClusterRun] = []
         while taken.count < runsMax, cursor < limit, let start = clusters.firstClear(from: cursor, before: limit) {
@@ -173,10 +159,10 @@ extension BlobStore {
     }
 
     /// Unmaps in flight hold clusters allocation may need: polls their channel until they
-    /// completed, up to `quarantineWaitNs`.
+    /// completed, up to `releases.quarantineWaitNs`.
     func waitForDiscardsInFlight() {
         guard !discards.inFlight.isEmpty, let poll = whileWaitingForDiscards else { return }
-        let deadline = MonotonicClock.nowNs() + quarantineWaitNs
+        let deadline = MonotonicClock.nowNs() + releases.quarantineWaitNs
         while !discards.inFlight.isEmpty, MonotonicClock.nowNs() < deadline { poll() }
     }
 
@@ -194,9 +180,9 @@ extension BlobStore {
     func trimMetadataRegions(startBytes: UInt64, endBytes: UInt64, minimumBytes: UInt64) throws(BlobStoreError) -> UInt64 {
         guard !isReadOnly else { throw .readOnly }
         let log = superBlock.log
-        let live = logHead - superBlock.logTailSequence
+        let live = metadataLog.head - superBlock.logTailSequence
         precondition(live <= log.pageCount, "log of \(live) live pages in \(log.pageCount)")
-        var pages = Self.circularPages(first: logHead % log.pageCount, count: log.pageCount - live, in: log)
+        var pages = Self.circularPages(first: metadataLog.head % log.pageCount, count: log.pageCount - live, in: log)
         var index: UInt64 = 0
         let region = superBlock.metadataPages
         while index < region.pageCount, let start = metadataPageBits.firstClear(from: index, before: region.pageCount) {

@@ -86,15 +86,15 @@ extension BlobStore {
         }
         _ = try Self.grownGeometry(superBlock, devicePages: devicePages)  // refused before anything is written
         try checkpoint()
-        precondition(dirtyBlobs.isEmpty && pendingLog.isEmpty && releasedUnlogged.isEmpty, "a checkpoint leaves nothing pending")
+        precondition(dirtyBlobs.isEmpty && metadataLog.pending.isEmpty && releases.unlogged.isEmpty, "a checkpoint leaves nothing pending")
         let old = superBlock
         var next = try Self.grownGeometry(old, devicePages: devicePages)
         next.sequence = old.sequence + 1
         next.activeCopy = 0
         next.changedSincePrevious = nil  // the other copy of the new arrays was never written
         next.isClean = false
-        next.checkpointLSN = nextLSN - 1
-        next.logTailSequence = logHead
+        next.checkpointLSN = metadataLog.nextLSN - 1
+        next.logTailSequence = metadataLog.head
         let saved = (clusters: clusters, blobIDs: blobIDs, copies: copyDifferences)
         // writeTableAndBitmaps lays out and fills the arrays from the state: the state takes
         // the new geometry first, and gives it back if a write fails (the old store is

@@ -187,7 +187,7 @@ extension BlobStore {
         guard !mapped.isEmpty else { return }
         // The data is durable before the metadata that points at it: flushed now, or in
         // deferred mode before the commit's records are written (`writePendingLog`).
-        if deferCommitFlush { pendingNeedsDataFlush = true } else { try flush() }
+        if deferCommitFlush { metadataLog.pendingNeedsDataFlush = true } else { try flush() }
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
     }
 

@@ -234,15 +234,7 @@ extension BlobStore {
     }
 
     private func tableEntries(_ payload: ArraySlice<UInt8>, page: Int) -> [(id: UInt64, root: UInt32)] {
-        var roots: [(id: UInt64, root: UInt32)] = []
-        for entry in 0..<TablePage.entriesPerPage {
-            let id = UInt64(page * TablePage.entriesPerPage + entry)
-            guard id < superBlock.blobIDLimit else { break }
-            let at = payload.startIndex + entry * 4
-            let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16 | UInt32(payload[at + 3]) << 24
-            if value != 0 { roots.append((id, value - 1)) }
-        }
-        return roots
+        TablePage.decode(payload, pageIndex: page, blobIDLimit: superBlock.blobIDLimit)
     }
 
     /// The first pages of chains whose blob `wanted` takes, in the metadata page region and
@@ -284,209 +276,6 @@ extension BlobStore {
         return best
     }
 
-    // MARK: - Chains
-
-    /// One blob's chain as far as it reads.
-    struct SalvageWalk {
-        let id: UInt64
-        var pages: [MetadataPage.Page] = []
-        var ids: [UInt32] = []
-        var next: UInt32?
-        /// Why the walk stopped before the chain's end.
-        var problem: String?
-    }
-
-    private func walkChainsSalvaging(_ roots: [(id: UInt64, root: UInt32)]) throws(BlobStoreError) -> [SalvageWalk] {
-        let buffer: DMABuffer
-        do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
-        let block = superBlock
-        var claimed: [UInt32: UInt64] = [:]
-        var result: [SalvageWalk] = []
-        result.reserveCapacity(roots.count)
-        for batchStart in stride(from: 0, to: roots.count, by: Self.chainReadBatch) {
-            var walks = roots[batchStart..<min(roots.count, batchStart + Self.chainReadBatch)].map { SalvageWalk(id: $0.id, next: $0.root) }
-            while true {
-                var step: [Int] = []
-                for index in walks.indices {
-                    guard let pageID = walks[index].next else { continue }
-                    guard UInt64(pageID) < block.metadataPageIDLimit else {
-                        walks[index].problem = "blob \(walks[index].id): chain points at metadata page \(pageID), outside the store's \(block.metadataPageIDLimit)"
-                        walks[index].next = nil
-                        continue
-                    }
-                    step.append(index)
-                }
-                if step.isEmpty { break }
-                let pageIDs = step.map { walks[$0].next! }
-                let pages: [[UInt8]?]
-                if let bytes = try? Self.readMetadataPages(io, block, pageIDs, buffer: buffer) {
-                    pages = pageIDs.indices.map { Array(bytes[($0 * Self.pageBytes)..<(($0 + 1) * Self.pageBytes)]) }
-                } else {
-                    pages = pageIDs.map { try? readPages(at: block.metadataPageAddress($0), count: 1) }
-                }
-                for (slot, index) in step.enumerated() {
-                    let pageID = pageIDs[slot]
-                    let id = walks[index].id
-                    let offset = block.metadataPageAddress(pageID) * UInt64(Self.pageBytes)
-                    walks[index].next = nil
-                    if let owner = claimed[pageID] {
-                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset) is in the chain of blob \(owner)"
-                        continue
-                    }
-                    guard let bytes = pages[slot] else {
-                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset): the device cannot read it"
-                        continue
-                    }
-                    let page: MetadataPage.Page
-                    do throws(FormatError) { page = try MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID) } catch {
-                        walks[index].problem = "blob \(id): \(error)"
-                        continue
-                    }
-                    let position = walks[index].pages.count
-                    if page.blobID != id {
-                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 8) belongs to blob \(page.blobID)"
-                    } else if page.chainIndex != UInt32(truncatingIfNeeded: position) {
-                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 16) is page \(page.chainIndex) of a chain, where page \(position) was expected"
-                    } else if page.checkpointSequence > block.sequence {
-                        walks[index].problem = "blob \(id): metadata page \(pageID) at byte \(offset + 24) was written by checkpoint \(page.checkpointSequence), after this super block's \(block.sequence) (the page was reused)"
-                    } else {
-                        claimed[pageID] = id
-                        walks[index].pages.append(page)
-                        walks[index].ids.append(pageID)
-                        walks[index].next = page.nextPage
-                    }
-                }
-            }
-            result += walks
-        }
-        return result
-    }
-
-    /// Decodes each walk into its blob (cut to the pages that decode together), takes
-    /// ownership of pages and clusters with conflicts resolved, and installs the result.
-    private func adoptSalvaged(_ walks: [SalvageWalk], report: inout SalvageReport) {
-        var kept: [(blob: BlobMetadata, chain: [UInt32])] = []
-        for walk in walks {
-            var keep = walk.pages.count
-            var problem = walk.problem
-            var blob: BlobMetadata?
-            while keep > 0 {
-                let ids = Array(walk.ids[0..<keep])
-                let offsets = ids.map { superBlock.metadataPageAddress($0) * UInt64(Self.pageBytes) }
-                do throws(FormatError) {
-                    blob = try MetadataPage.decodeBlob(Array(walk.pages[0..<keep]), pageIDs: ids, offsets: offsets,
-                                                       clusterLimit: superBlock.clusterCount)
-                    break
-                } catch {
-                    // The page the error names goes, with those after it.
-                    problem = "blob \(walk.id): \(error)"
-                    if let page = offsets.firstIndex(where: { $0 <= error.offset && error.offset < $0 + UInt64(Self.pageBytes) }),
-                       page < keep - 1 {
-                        keep = page
-                    } else {
-                        keep -= 1
-                    }
-                }
-            }
-            guard let blob else {
-                report.removedBlobs.insert(walk.id)
-                report.affectedBlobs.insert(walk.id)
-                report.changes.append(RepairChange("blob_removed", blob: walk.id,
-                    "\(problem ?? "blob \(walk.id): no readable metadata"): the blob is removed from the table; its clusters and metadata pages are free"))
-                continue
-            }
-            if let problem {
-                report.affectedBlobs.insert(walk.id)
-                let mapped = blob.extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-                report.changes.append(RepairChange("blob_cut", blob: walk.id,
-                    "\(problem): the blob keeps what its first \(keep) metadata page\(keep == 1 ? "" : "s") hold (\(blob.clusterCount) clusters of size, \(mapped) mapped, \(blob.xattrs.count) xattrs, \(blob.internalXattrs.count) internal xattrs); what the rest held is lost and its chain is rewritten"))
-            }
-            kept.append((blob, Array(walk.ids[0..<keep])))
-        }
-        // Metadata pages first: a cluster holding a live chain page is the chain's.
-        var metadataClusters: Set<UInt64> = []
-        for (_, chain) in kept {
-            for page in chain {
-                if let cluster = superBlock.metadataPageCluster(page) {
-                    clusters.set(cluster)
-                    metadataClusters.insert(cluster)
-                    metadataPagesInClusterCount += 1
-                } else {
-                    metadataPageBits.set(UInt64(page))
-                }
-            }
-        }
-        var contested: Set<UInt64> = []
-        for (blob, _) in kept {
-            for extent in blob.extents {
-                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
-                    if clusters[cluster] { contested.insert(cluster) } else { clusters.set(cluster) }
-                }
-            }
-        }
-        var claimants: [UInt64: [UInt64]] = [:]
-        if !contested.isEmpty {
-            for index in kept.indices {
-                var blob = kept[index].blob
-                var lost: [UInt64] = []
-                blob.extents = blob.extents.flatMap { extent -> [Extent] in
-                    var pieces: [Extent] = []
-                    var start: UInt64?
-                    for offset in 0..<UInt64(extent.count) {
-                        let cluster = extent.firstCluster + offset
-                        if contested.contains(cluster) {
-                            lost.append(cluster)
-                            if let first = start {
-                                pieces.append(Extent(clusterIndex: extent.clusterIndex + first, count: UInt32(offset - first),
-                                                     firstCluster: extent.firstCluster + first))
-                                start = nil
-                            }
-                        } else if start == nil {
-                            start = offset
-                        }
-                    }
-                    if let first = start {
-                        pieces.append(Extent(clusterIndex: extent.clusterIndex + first, count: UInt32(UInt64(extent.count) - first),
-                                             firstCluster: extent.firstCluster + first))
-                    }
-                    return pieces
-                }
-                guard !lost.isEmpty else { continue }
-                for cluster in lost { claimants[cluster, default: []].append(blob.id) }
-                kept[index].blob = blob
-            }
-            for cluster in contested where !metadataClusters.contains(cluster) { clusters.clear(cluster) }
-            var byBlob: [UInt64: [UInt64]] = [:]
-            for (cluster, owners) in claimants { for owner in owners { byBlob[owner, default: []].append(cluster) } }
-            for (id, lost) in byBlob.sorted(by: { $0.key < $1.key }) {
-                let sorted = lost.sorted()
-                let others = Set(sorted.flatMap { cluster in
-                    (claimants[cluster] ?? []).filter { $0 != id }.map { "blob \($0)" } + (metadataClusters.contains(cluster) ? ["a metadata page"] : [])
-                }).sorted()
-                report.affectedBlobs.insert(id)
-                report.changes.append(RepairChange("clusters_unmapped", blob: id,
-                    "blob \(id): \(sorted.count) cluster\(sorted.count == 1 ? "" : "s") it maps \(sorted.count == 1 ? "is" : "are") also claimed by \(others.joined(separator: ", ")) — unmapped from every blob (\(sorted.count == 1 ? "it reads" : "they read") as zeros): \(sorted.prefix(32).map(String.init).joined(separator: ", "))\(sorted.count > 32 ? ", …" : "")"))
-            }
-        }
-        for (blob, chain) in kept {
-            blobs[blob.id] = blob
-            durableChains[blob.id] = chain
-            blobIDs.set(blob.id)
-            if report.affectedBlobs.contains(blob.id) { markRewritten(blob.id) }
-        }
-        if let superBlob = superBlock.superBlobID, blobs[superBlob] == nil {
-            superBlock.superBlobID = nil
-            report.changes.append(RepairChange("super_blob", blob: superBlob, "super blob \(superBlob) is gone: the store names none"))
-        }
-    }
-
-    /// The next checkpoint writes the blob's chain afresh (as after a change by a record).
-    private func markRewritten(_ id: UInt64) {
-        dirtyBlobs.insert(id)
-        guard blobs[id] != nil, countedDirty.insert(id).inserted else { return }
-        dirtyChainPages += chainPagesEstimate(id)
-    }
-
     // MARK: - Log
 
     private func replaySalvaging(report: inout SalvageReport) throws(BlobStoreError) {
@@ -515,8 +304,8 @@ extension BlobStore {
                 }
             }
         }
-        logHead = scan.endSequence
-        nextLSN = scan.nextLSN
+        metadataLog.head = scan.endSequence
+        metadataLog.nextLSN = scan.nextLSN
         lastScan = scan
         report.replayedTransactions = scan.transactions.count
         report.discardedRecords = scan.uncommittedRecords

@@ -118,5 +118,5 @@ extension BlobStore {
 extension BlobStore {
     /// The sequence number the next log record will get: grows for the store's lifetime
     /// (the file system draws inode generations from it).
-    public var logSequence: UInt64 { nextLSN }
+    public var logSequence: UInt64 { metadataLog.nextLSN }
 }

@@ -243,11 +243,11 @@ final class BlobStoreTests: XCTestCase {
             try store.setXattr(id, name: "v", value: bytes(UInt64(index), 3000))
             ids.append(id)
         }
-        XCTAssertEqual(store.pendingLog.count, 20, "ten transactions of two records wait")
+        XCTAssertEqual(store.metadataLog.pending.count, 20, "ten transactions of two records wait")
         let checkpoints = store.superBlock.sequence
         store.deferCommitFlush = false
         let last = try store.createBlob()  // immediate: durable on return, after the waiting ones
-        XCTAssertTrue(store.pendingLog.isEmpty)
+        XCTAssertTrue(store.metadataLog.pending.isEmpty)
         XCTAssertGreaterThan(store.superBlock.sequence, checkpoints, "the waiting transactions took a checkpoint")
         io.close()  // no unload
         io = try BdevSyncIO(bdev: bdev, reactor: reactor)

@@ -60,7 +60,7 @@ final class DeferredCommitTests: XCTestCase {
                 // reuses the clusters writes and flushes them first. Power goes after each of
                 // its first writes (the log page, the data).
                 XCTAssertEqual(rig.fault.unflushedWriteCount, 0)
-                XCTAssertEqual(store.pendingLog.count, 5, "the delete (2 records) and the sized create (3), not yet written")
+                XCTAssertEqual(store.metadataLog.pending.count, 5, "the delete (2 records) and the sized create (3), not yet written")
                 rig.fault.powerCut(afterWrites: rig.fault.writeCount + cut)
                 _ = try? store.write(blob: b, offsetUnits: 0, data: [UInt8](repeating: 0xB2, count: 8192))
                 let (loaded, report) = try rig.crashAndLoad(.random(seed: seed), "seed \(seed), cut \(cut)")

@@ -100,7 +100,7 @@ final class DiscardTests: XCTestCase {
         live.formUnion(0..<2)
         live.formUnion(block.table.startPage..<(block.table.startPage + 2 * block.table.pageCount))
         live.formUnion(block.bitmaps.startPage..<(block.bitmaps.startPage + 2 * block.bitmaps.pageCount))
-        for sequence in block.logTailSequence..<store.logHead { live.insert(block.log.startPage + sequence % block.log.pageCount) }
+        for sequence in block.logTailSequence..<store.metadataLog.head { live.insert(block.log.startPage + sequence % block.log.pageCount) }
         for chain in store.durableChains.values { for page in chain { live.insert(block.metadataPageAddress(page)) } }
         for id in store.blobIDList {
             for extent in store.blob(id)!.extents {
@@ -343,12 +343,12 @@ final class DiscardTests: XCTestCase {
         let aBlocks = Set(rig.blocks(of: a))
         let handle = try store.openBlob(a)
         try store.deleteBlob(a)
-        XCTAssertEqual(store.quarantinedClusterCount, 3)
+        XCTAssertEqual(store.releases.quarantinedClusterCount, 3)
         try store.sync()
         // The handle (this thread's, no I/O in flight) acknowledged at once; the trimmer
         // takes the settled clusters without waiting for an allocating write.
         rig.settle()
-        XCTAssertEqual(store.quarantinedClusterCount, 0)
+        XCTAssertEqual(store.releases.quarantinedClusterCount, 0)
         let unmapped = Set(rig.fault.takeUnmaps().flatMap { $0.offsetBlocks..<($0.offsetBlocks + $0.countBlocks) })
         XCTAssertEqual(unmapped, aBlocks)
         store.closeBlob(handle)

@@ -340,6 +340,34 @@ final class FormatTests: XCTestCase {
         }
     }
 
+    func testTableEntriesRoundTrip() throws {
+        let perPage = UInt64(TablePage.entriesPerPage)
+        // Page 1 of a table whose id limit ends inside it: ids past the limit are neither
+        // written nor read.
+        let limit = perPage + 700
+        let roots: [UInt64: UInt32] = [perPage: 0, perPage + 1: 7, perPage + 300: 0x0102_0304, limit - 1: UInt32.max - 1]
+        let payload = TablePage.encode(pageIndex: 1, blobIDLimit: limit) { roots[$0] }
+        XCTAssertEqual(payload.count, ArrayPage.payloadBytes)
+        XCTAssertEqual(Array(payload[0..<4]), [1, 0, 0, 0], "root 0 is stored as 1: 0 means no blob")
+        XCTAssertEqual(Array(payload[(300 * 4)..<(301 * 4)]), [0x05, 0x03, 0x02, 0x01], "root + 1, little-endian")
+        let decoded = TablePage.decode(payload[...], pageIndex: 1, blobIDLimit: limit)
+        XCTAssertEqual(decoded.map(\.id), roots.keys.sorted())
+        XCTAssertEqual(decoded.map(\.root), roots.keys.sorted().map { roots[$0]! })
+        var past = payload
+        past[700 * 4] = 9
+        XCTAssertEqual(TablePage.decode(past[...], pageIndex: 1, blobIDLimit: limit).count, roots.count,
+                       "an entry at the id limit is not read")
+        XCTAssertTrue(TablePage.decode(payload[...], pageIndex: 1, blobIDLimit: perPage).isEmpty)
+
+        // An entry has no check of its own: a damaged one is caught by its page's checksum.
+        var page = ArrayPage.encode(kind: .table, checkpointSequence: 3, pageIndex: 1, payload: payload[...])
+        XCTAssertEqual(Array(try ArrayPage.decode(page[...], kind: .table, pageIndex: 1, offset: 0).payload), payload)
+        page[ArrayPage.headerBytes + 300 * 4] ^= 0x10
+        XCTAssertThrowsError(try ArrayPage.decode(page[...], kind: .table, pageIndex: 1, offset: 0)) { error in
+            guard case .badChecksum = (error as? FormatError)?.problem else { return XCTFail("\(error)") }
+        }
+    }
+
     func testBitmapIsAValueAndItsPagesAreTheOnDiskForm() {
         var a = Bitmap(count: 100_000)
         a.set(0); a.set(63); a.set(64); a.set(99_999)

@@ -50,7 +50,7 @@ final class ReleasedClusterTests: XCTestCase {
         let data = try Reactor(name: "data")
         try data.start()
         let victim = try service.perform { store in
-            store.quarantineWaitNs = quarantineWaitNs
+            store.releases.quarantineWaitNs = quarantineWaitNs
             let id = try store.createBlob(clusterCount: 2)
             try store.write(blob: id, offsetUnits: 0, data: [UInt8](repeating: 0xAA, count: 2 * 4096))
             return id
@@ -107,8 +107,8 @@ final class ReleasedClusterTests: XCTestCase {
         let report = try setup.service.perform { $0.verify() }
         XCTAssertTrue(report.isConsistent, "\(report.problems)")
         busy.store(false, ordering: .releasing)
-        try until("the handle's acknowledgement") { try setup.service.perform { $0.quarantine.isEmpty || $0.reclaimReleasedClusters() } }
-        XCTAssertEqual(try setup.service.perform { $0.quarantinedClusterCount }, 0)
+        try until("the handle's acknowledgement") { try setup.service.perform { $0.releases.quarantine.isEmpty || $0.reclaimReleasedClusters() } }
+        XCTAssertEqual(try setup.service.perform { $0.releases.quarantinedClusterCount }, 0)
         let (_, second) = try newBlob(setup.service, clusters: 2, byte: 0xCC)
         XCTAssertEqual(second, Set(setup.victimClusters), "lowest free clusters are the released ones")
     }
@@ -138,7 +138,7 @@ final class ReleasedClusterTests: XCTestCase {
         until("the late write") { late.done.load(ordering: .acquiring) == 1 }
         let intact = try setup.service.perform { try $0.read(blob: other, offsetUnits: 0, countUnits: 2) }
         XCTAssertEqual(intact, [UInt8](repeating: 0xBB, count: 2 * 4096), "another blob's data was overwritten")
-        try until("the handle's acknowledgement") { try setup.service.perform { $0.quarantine.isEmpty || $0.reclaimReleasedClusters() } }
+        try until("the handle's acknowledgement") { try setup.service.perform { $0.releases.quarantine.isEmpty || $0.reclaimReleasedClusters() } }
         let (_, reused) = try newBlob(setup.service, clusters: 2, byte: 0xCC)
         XCTAssertEqual(reused, Set(setup.victimClusters))
         let report = try setup.service.perform { $0.verify() }
@@ -163,7 +163,7 @@ final class ReleasedClusterTests: XCTestCase {
         // The acknowledgement arrives during the wait: the write gets a released cluster.
         let release = Thread { usleep(50_000); busy.store(false, ordering: .releasing) }
         release.start()
-        try setup.service.perform { store in store.quarantineWaitNs = 5_000_000_000 }
+        try setup.service.perform { store in store.releases.quarantineWaitNs = 5_000_000_000 }
         let (_, got) = try newBlob(setup.service, clusters: 1, byte: 0x33)
         XCTAssertTrue(got.isSubset(of: setup.victimClusters))
         try finish(setup)

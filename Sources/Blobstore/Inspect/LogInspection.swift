@@ -128,17 +128,13 @@ extension LogInspection {
                                       .invalidField(name: "checkpoint LSN or log tail sequence",
                                                     value: max(block.checkpointLSN, block.logTailSequence))))
         }
-        func location(_ sequence: UInt64) -> (slot: UInt64, page: UInt64) {
-            let slot = sequence % logPages
-            return (slot, block.log.startPage + slot)
-        }
         var read: [UInt64: [UInt8]] = [:]
         var attempted: UInt64 = 0
         let firstLSN = block.checkpointLSN &+ 1
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: logPages, storeTag: block.storeID.0,
                                    firstLSN: firstLSN) { sequence in
             attempted += 1
-            let page = location(sequence).page
+            let page = location(sequence, block).page
             guard page < capacityPages else {
                 throw FormatError("log page \(sequence)", offset: page * pageBytes,
                                   .truncated(needed: Int(pageBytes), available: 0))
@@ -147,7 +143,28 @@ extension LogInspection {
             read[sequence] = bytes
             return (bytes, page * pageBytes)
         }
+        let pages = scannedPages(block, scan: scan, read: read, attempted: attempted, firstLSN: firstLSN)
+        let stopSequence = block.logTailSequence &+ attempted &- 1
+        let (later, laterCount) = laterPages(io, block, scanned: attempted, stopSequence: stopSequence)
+        return LogInspection(superBlockSlot: slot, superBlockSequence: block.sequence, isClean: block.isClean,
+                             tailSequence: block.logTailSequence, checkpointLSN: block.checkpointLSN,
+                             logStartPage: block.log.startPage, logPages: logPages, pages: pages,
+                             transactions: transactions(of: pages), stop: scan.stop, endSequence: scan.endSequence,
+                             nextLSN: scan.nextLSN, uncommittedRecords: scan.uncommittedRecords,
+                             laterPages: later, laterPageCount: laterCount)
+    }
 
+    /// Log page `sequence`'s slot in the region and its device page.
+    private static func location(_ sequence: UInt64, _ block: SuperBlock) -> (slot: UInt64, page: UInt64) {
+        let slot = sequence % block.log.pageCount
+        return (slot, block.log.startPage + slot)
+    }
+
+    /// The `attempted` pages the scan read (`read`, by sequence), each record marked with
+    /// what replay makes of it.
+    private static func scannedPages(_ block: SuperBlock, scan: LogScan, read: [UInt64: [UInt8]], attempted: UInt64,
+                                     firstLSN: UInt64) -> [Page] {
+        let pageBytes = UInt64(SuperBlock.pageBytes)
         // Records in the order the scanner met them: the first `committed` were accepted
         // into committed transactions, the next `uncommitted` into the open one (LSNs are
         // consecutive from the checkpoint's, so acceptance is a prefix of the stream).
@@ -157,7 +174,7 @@ extension LogInspection {
         let stopSequence = block.logTailSequence &+ attempted &- 1
         for step in 0..<attempted {
             let sequence = block.logTailSequence &+ step
-            let (slotIndex, page) = location(sequence)
+            let (slotIndex, page) = location(sequence, block)
             var entry = Page(sequence: sequence, slot: slotIndex, offset: page * pageBytes, records: [])
             guard let bytes = read[sequence] else {
                 entry.problem = scan.stop
@@ -197,9 +214,12 @@ extension LogInspection {
             }
             pages.append(entry)
         }
+        return pages
+    }
 
-        // Accepted records are consecutive: a transaction runs from the record after a commit
-        // through its own commit record (the last one may have none).
+    /// Accepted records are consecutive: a transaction runs from the record after a commit
+    /// through its own commit record (the last one may have none).
+    private static func transactions(of pages: [Page]) -> [Transaction] {
         var transactions: [Transaction] = []
         for page in pages {
             for record in page.records where record.status != .ignored {
@@ -215,37 +235,38 @@ extension LogInspection {
                 if case .commit = record.record { transactions[transactions.count - 1].committed = true }
             }
         }
+        return transactions
+    }
 
-        // The rest of the region: pages of this store newer than where the valid log ends.
+    /// The rest of the region after the `scanned` pages: pages of this store newer than
+    /// where the valid log ends (`stopSequence`), the first `laterPagesLimit` of them and
+    /// their count.
+    private static func laterPages(_ io: BdevSyncIO, _ block: SuperBlock, scanned: UInt64,
+                                   stopSequence: UInt64) -> (pages: [Page], count: Int) {
+        let pageBytes = UInt64(SuperBlock.pageBytes)
+        let capacityPages = io.geometry.capacityBytes / pageBytes
+        let logPages = block.log.pageCount
         var later: [Page] = []
         var laterCount = 0
-        let scanned = attempted
-        if scanned < logPages, block.log.endPage <= capacityPages {
-            for step in scanned..<logPages {
-                let sequence = block.logTailSequence &+ step
-                let (slotIndex, page) = location(sequence)
-                guard page < capacityPages, let bytes = try? BlobStore.readPages(io, at: page, count: 1),
-                      let decoded = try? LogPage.decode(bytes[...], offset: page * pageBytes),
-                      decoded.storeTag == block.storeID.0, decoded.sequence > stopSequence else { continue }
-                laterCount += 1
-                guard later.count < laterPagesLimit else { continue }
-                later.append(Page(sequence: sequence, slot: slotIndex, offset: page * pageBytes,
-                                  problem: decoded.sequence == sequence ? nil
-                                      : FormatError("log page \(sequence)", offset: page * pageBytes + 8,
-                                                    .sequenceGap(expected: sequence, found: decoded.sequence)),
-                                  foundSequence: decoded.sequence,
-                                  records: decoded.records.enumerated().map {
-                                      Record(pageSequence: sequence, index: $0.offset, lsn: $0.element.lsn,
-                                             transaction: $0.element.transaction, record: $0.element.record, status: .ignored)
-                                  }))
-            }
+        guard scanned < logPages, block.log.endPage <= capacityPages else { return (later, laterCount) }
+        for step in scanned..<logPages {
+            let sequence = block.logTailSequence &+ step
+            let (slotIndex, page) = location(sequence, block)
+            guard page < capacityPages, let bytes = try? BlobStore.readPages(io, at: page, count: 1),
+                  let decoded = try? LogPage.decode(bytes[...], offset: page * pageBytes),
+                  decoded.storeTag == block.storeID.0, decoded.sequence > stopSequence else { continue }
+            laterCount += 1
+            guard later.count < laterPagesLimit else { continue }
+            later.append(Page(sequence: sequence, slot: slotIndex, offset: page * pageBytes,
+                              problem: decoded.sequence == sequence ? nil
+                                  : FormatError("log page \(sequence)", offset: page * pageBytes + 8,
+                                                .sequenceGap(expected: sequence, found: decoded.sequence)),
+                              foundSequence: decoded.sequence,
+                              records: decoded.records.enumerated().map {
+                                  Record(pageSequence: sequence, index: $0.offset, lsn: $0.element.lsn,
+                                         transaction: $0.element.transaction, record: $0.element.record, status: .ignored)
+                              }))
         }
-
-        return LogInspection(superBlockSlot: slot, superBlockSequence: block.sequence, isClean: block.isClean,
-                             tailSequence: block.logTailSequence, checkpointLSN: block.checkpointLSN,
-                             logStartPage: block.log.startPage, logPages: logPages, pages: pages,
-                             transactions: transactions, stop: scan.stop, endSequence: scan.endSequence,
-                             nextLSN: scan.nextLSN, uncommittedRecords: scan.uncommittedRecords,
-                             laterPages: later, laterPageCount: laterCount)
+        return (later, laterCount)
     }
 }
