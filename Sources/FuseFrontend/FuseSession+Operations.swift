@@ -290,6 +290,11 @@ extension FuseSession {
         }
     }
 
+    /// FUSE_SYNCFS: attributes written back, everything flushed. Served for kernels that
+    /// send it; this one (6.18) sends it to virtiofs only (`fc->sync_fs`), so syncfs(2)
+    /// and sync(2) on a /dev/fuse or io_uring mount write the kernel's dirty pages back
+    /// to us and return without a request: what they leave in memory becomes durable at
+    /// the next fsync, flush of a file, or the one-second write-back (docs/ARCHITECTURE.md).
     func syncfs(_ slot: FuseSlot) {
         answering(slot) { () throws(FSError) in
             try fs.writeBack()

@@ -202,7 +202,7 @@ final class HostileImageTests: XCTestCase {
         XCTAssertTrue(try image.with { Verifier.verify($0) }.isConsistent, file: file, line: line)
     }
 
-    /// Was: arithmetic overflow in replay (BlobStore+Checkpoint, map extent: blob index +
+    /// Was: arithmetic overflow in replay (BlobStore+Apply, map extent: blob index +
     /// length, first device cluster + length).
     func testReplayedExtentNearUInt64MaxEndsTheLog() throws {
         let image = try TestImage.populated()
@@ -232,7 +232,7 @@ final class HostileImageTests: XCTestCase {
         }
     }
 
-    /// Was: arithmetic overflow in replay (BlobStore+Checkpoint, unmap: index + count).
+    /// Was: arithmetic overflow in replay (BlobStore+Apply, unmap: index + count).
     func testReplayedUnmapNearUInt64MaxEndsTheLog() throws {
         try assertLogEndsAt([.unmapClusters(id: try TestImage.populated().blobs[0], clusterIndex: UInt64.max - 2, count: 10)],
                             mentioning: ["unmap"])

@@ -32,7 +32,12 @@ touched again, so that the check after a crash is exact. Kinds of records:
   L path1 path2 size sha256 hard link, fsync'd                          -> same inode
   D path                    mkdir, parent fsync'd                       -> a directory
   X path                    created, made durable, unlinked, parent fsync'd -> gone
-  S ...                     the same kinds made durable by syncfs(2) instead
+  S ...                     the same kinds made durable by syncfs(2) and one fsync of
+                            a directory instead of their own fsyncs. (syncfs alone writes
+                            the kernel's dirty pages back but is no durability point on a
+                            FUSE mount: the kernel sends FUSE_SYNCFS to virtiofs only, so
+                            the daemon never hears of it; the directory fsync reaches it
+                            and makes everything before it durable, as syncfs would.)
 Stops after --duration seconds, --ops steps or --max-bytes written, whichever comes first.
 Between them: unchecked churn (writes, truncates, renames, unlinks, mkdir/rmdir on
 scratch names). A record is appended to FILE (one line with a CRC, fsync'd) only after
@@ -758,6 +763,7 @@ def crash_workload(directory, args):
                 fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     syncfs(fd)
+                    os.fsync(fd)  # the durability point the daemon sees (see S above)
                 finally:
                     os.close(fd)
                 for each in pending:
