@@ -74,6 +74,18 @@ extension BlobStore {
 
     // MARK: - Load
 
+    /// Both super block slots, each decoded or the reason it is not (load and salvage
+    /// choose from them).
+    static func readSuperBlockSlots(_ io: BdevSyncIO) throws(BlobStoreError) -> [Result<SuperBlock, FormatError>] {
+        let raw = try readPages(io, at: 0, count: 2)
+        return (0..<2).map { slot in
+            let bytes = raw[(slot * pageBytes)..<((slot + 1) * pageBytes)]
+            do throws(FormatError) {
+                return .success(try SuperBlock.decode(bytes, offset: UInt64(slot * pageBytes)))
+            } catch { return .failure(error) }
+        }
+    }
+
     /// Loads the store. `readOnly`: the replay happens in memory only — nothing is
     /// written (no checkpoint, the clean flag untouched) and every change is refused;
     /// what offline inspection (blobcli) and checks use.
@@ -82,14 +94,7 @@ extension BlobStore {
     /// checkpoint recorded.
     public static func load(_ io: BdevSyncIO, readOnly: Bool = false,
                             rewriteArrays: Bool = false) throws(BlobStoreError) -> (BlobStore, LoadReport) {
-        let raw = try readPages(io, at: 0, count: 2)
-        var decoded: [Result<SuperBlock, FormatError>] = []
-        for slot in 0..<2 {
-            do throws(FormatError) {
-                decoded.append(.success(try SuperBlock.decode(raw[(slot * pageBytes)..<((slot + 1) * pageBytes)],
-                                                              offset: UInt64(slot * pageBytes))))
-            } catch { decoded.append(.failure(error)) }
-        }
+        let decoded = try readSuperBlockSlots(io)
         guard let (slot, block) = SuperBlock.current(decoded) else {
             guard case let .failure(first) = decoded[0], case let .failure(second) = decoded[1] else {
                 throw .corrupt("no regular super block: one slot holds only the announcement of a checkpoint, the other does not decode")

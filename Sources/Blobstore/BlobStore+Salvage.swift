@@ -89,14 +89,7 @@ extension BlobStore {
 
     private static func chooseSuperBlock(_ io: BdevSyncIO) throws(BlobStoreError)
         -> (slot: Int, block: SuperBlock, other: SuperBlock?, changes: [RepairChange]) {
-        let raw = try readPages(io, at: 0, count: 2)
-        var decoded: [Result<SuperBlock, FormatError>] = []
-        for slot in 0..<2 {
-            do throws(FormatError) {
-                decoded.append(.success(try SuperBlock.decode(raw[(slot * pageBytes)..<((slot + 1) * pageBytes)],
-                                                              offset: UInt64(slot * pageBytes))))
-            } catch { decoded.append(.failure(error)) }
-        }
+        let decoded = try readSuperBlockSlots(io)
         // Regular slots, newer first, then announcements: an announcement carries the fields
         // of the super block it was announced from (which is current unless it is lost).
         var candidates: [(slot: Int, block: SuperBlock, announced: Bool)] = []
