@@ -7,9 +7,9 @@ import Blobstore
 extension FileSystem {
     // MARK: - Attributes
 
-    public func setAttributes(ino: UInt64, _ changes: AttributeChanges, caller: Caller) throws(FSError) -> Attributes {
+    public func setAttributes(ino: InodeNumber, _ changes: AttributeChanges, caller: Caller) throws(FSError) -> Attributes {
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         let now = realtimeNs()
         if let size = changes.size {
             guard inode.attributes.isRegular else {
@@ -51,10 +51,10 @@ extension FileSystem {
         guard name.utf8.count <= 255 else { throw FSError(ERANGE, "xattr name longer than 255 bytes") }
     }
 
-    public func setXattr(ino: UInt64, name: String, value: [UInt8], create: Bool, replace: Bool) throws(FSError) {
+    public func setXattr(ino: InodeNumber, name: String, value: [UInt8], create: Bool, replace: Bool) throws(FSError) {
         try checkXattrName(name)
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         let exists = store.xattr(id, name: name) != nil
         if create && exists { throw FSError(EEXIST) }
         if replace && !exists { throw FSError(ENODATA) }
@@ -66,23 +66,23 @@ extension FileSystem {
         })
     }
 
-    public func getXattr(ino: UInt64, name: String) throws(FSError) -> [UInt8] {
-        _ = try inode(ino: ino)
+    public func getXattr(ino: InodeNumber, name: String) throws(FSError) -> [UInt8] {
+        _ = try inode(ino)
         guard let value = store.xattr(Self.blobID(ino), name: name) else { throw FSError(ENODATA) }
         return value
     }
 
     /// The names of the user-visible xattrs; trusted.* only for a privileged caller (as
     /// the kernel's own file systems list them only to CAP_SYS_ADMIN).
-    public func listXattrs(ino: UInt64, privileged: Bool = true) throws(FSError) -> [String] {
-        _ = try inode(ino: ino)
+    public func listXattrs(ino: InodeNumber, privileged: Bool = true) throws(FSError) -> [String] {
+        _ = try inode(ino)
         let names = store.blob(Self.blobID(ino))?.xattrs.map(\.name) ?? []
         return privileged ? names : names.filter { !$0.hasPrefix("trusted.") }
     }
 
-    public func removeXattr(ino: UInt64, name: String) throws(FSError) {
+    public func removeXattr(ino: InodeNumber, name: String) throws(FSError) {
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         guard store.xattr(id, name: name) != nil else { throw FSError(ENODATA) }
         try updateAttributes(id, inode, { $0.ctimeNs = realtimeNs() }, also: { tx throws(BlobStoreError) in
             try tx.removeXattr(id, name: name)

@@ -11,9 +11,9 @@ extension FileSystem {
     /// The largest file: what a blob's cluster count can describe.
     public var fileBytesMax: UInt64 { UInt64(UInt32.max) * 16 * clusterBytes }
 
-    public func open(ino: UInt64, truncate: Bool = false) throws(FSError) {
+    public func open(ino: InodeNumber, truncate: Bool = false) throws(FSError) {
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         if inode.attributes.isDirectory { throw FSError(EISDIR) }
         if truncate, inode.attributes.isRegular, inode.attributes.size > 0 {
             try self.truncate(id, inode, to: 0)
@@ -25,21 +25,21 @@ extension FileSystem {
     }
 
     /// Creates a regular file and opens it.
-    public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
+    public func create(parent: InodeNumber, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
         let attributes = try make(parent: parent, name: name, mode: UInt32(S_IFREG) | (mode & 0o7777), caller: caller)
         inodes[Self.blobID(attributes.ino)]?.opens += 1
         return attributes
     }
 
-    public func release(ino: UInt64) {
+    public func release(ino: InodeNumber) {
         let id = Self.blobID(ino)
         guard let inode = inodes[id] else { return }
         inode.opens -= min(inode.opens, 1)
         releaseIfUnused(id, inode)
     }
 
-    private func regular(_ ino: UInt64) throws(FSError) -> (UInt64, Inode) {
-        let inode = try inode(ino: ino)
+    private func regular(_ ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
+        let inode = try inode(ino)
         guard inode.attributes.isRegular else {
             throw FSError(inode.attributes.isDirectory ? EISDIR : EINVAL, "not a regular file")
         }
@@ -62,7 +62,7 @@ extension FileSystem {
         return (start, end, alignedEnd, max(start, min(alignedEnd, capacityBytes)))
     }
 
-    public func read(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
+    public func read(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
         let (id, inode) = try regular(ino)
         guard let window = readWindow(id, inode, offset: offset, count: count) else { return [] }
         let (start, end, alignedEnd, readEnd) = window
@@ -79,7 +79,7 @@ extension FileSystem {
     /// Where an asynchronous read of `count` bytes at `offset` goes (`FileSystemService`):
     /// the file's blob and the window of whole io units it covers; nil at or past the end
     /// of the file. The access time is updated as for a read.
-    func readWindow(ino: UInt64, offset: UInt64, count: Int) throws(FSError)
+    func readWindow(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError)
         -> (id: UInt64, start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
         let (id, inode) = try regular(ino)
         guard let window = readWindow(id, inode, offset: offset, count: count) else { return nil }
@@ -90,7 +90,7 @@ extension FileSystem {
     /// The blob of a write of `count` bytes at `offset` that may go straight to its
     /// clusters (`FileSystemService`): whole io units inside the file; nil when the write
     /// needs more (growth, read-modify-write), which the synchronous `write` does.
-    func overwriteTarget(ino: UInt64, offset: UInt64, count: Int) throws(FSError) -> UInt64? {
+    func overwriteTarget(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError) -> UInt64? {
         // Overwrites go to the device without the store: its read-only state is checked here.
         guard !store.refusesChanges else { throw FSError(EROFS, store.deviceFailure ?? "read-only") }
         let (id, inode) = try regular(ino)
@@ -147,7 +147,7 @@ extension FileSystem {
     /// reserve; any other write that may need more clusters than are free beyond it fails
     /// with ENOSPC before anything changes.
     @discardableResult
-    public func write(ino: UInt64, offset: UInt64, data: [UInt8], append: Bool = false,
+    public func write(ino: InodeNumber, offset: UInt64, data: [UInt8], append: Bool = false,
                       writeBack: Bool = false) throws(FSError) -> Int {
         let (id, inode) = try regular(ino)
         guard !data.isEmpty else { return 0 }
@@ -187,6 +187,7 @@ extension FileSystem {
             inode.dirty = true
         }
         stampDataWrite(inode)
+        assert(inode.attributes.size >= end, "write: the size covers the bytes written")
         return data.count
     }
 
@@ -282,6 +283,7 @@ extension FileSystem {
                 index += UInt64(count)
             }
         })
+        precondition(inode.attributes.size == size && !inode.dirty, "truncate: the new size is committed")
     }
 
     // MARK: - fallocate
@@ -294,7 +296,7 @@ extension FileSystem {
         public static let zeroRange = AllocateMode(rawValue: 0x10)
     }
 
-    public func allocate(ino: UInt64, mode: AllocateMode, offset: UInt64, length: UInt64) throws(FSError) {
+    public func allocate(ino: InodeNumber, mode: AllocateMode, offset: UInt64, length: UInt64) throws(FSError) {
         let (id, inode) = try regular(ino)
         guard length > 0 else { throw FSError(EINVAL, "fallocate of 0 bytes") }
         let end = offset + length
@@ -382,30 +384,30 @@ extension FileSystem {
     /// new size must not become durable before the bytes under it; the count of growths
     /// to hand back to `dataFlushed`). Without growth, attributes and data are made
     /// durable by one flush.
-    public func fsyncPlan(ino: UInt64) throws(FSError) -> (needsAttributes: Bool, dataFirst: UInt64?) {
-        let inode = try inode(ino: ino)
+    public func fsyncPlan(ino: InodeNumber) throws(FSError) -> (needsAttributes: Bool, dataFirst: UInt64?) {
+        let inode = try inode(ino)
         let needsAttributes = inode.dirty && store.blob(Self.blobID(ino)) != nil
         let grown = inode.sizeGrowths != inode.sizeGrowthsFlushed
         return (needsAttributes, needsAttributes && grown ? inode.sizeGrowths : nil)
     }
 
     /// The data of every growth up to `growths` (from `fsyncPlan`) is durable.
-    public func dataFlushed(ino: UInt64, growths: UInt64) {
+    public func dataFlushed(ino: InodeNumber, growths: UInt64) {
         guard let inode = inodes[Self.blobID(ino)] else { return }
         inode.sizeGrowthsFlushed = max(inode.sizeGrowthsFlushed, growths)
     }
 
     /// The second half: commits the attributes (durable at the next flush).
-    public func commitAttributes(ino: UInt64) throws(FSError) {
+    public func commitAttributes(ino: InodeNumber) throws(FSError) {
         let id = Self.blobID(ino)
         guard let inode = inodes[id], inode.dirty, store.blob(id) != nil else { return }
         try updateAttributes(id, inode) { _ in }
     }
 
     /// fsync/fdatasync: the file's data flushed, then its attributes committed.
-    public func fsync(ino: UInt64, dataOnly: Bool = false) throws(FSError) {
+    public func fsync(ino: InodeNumber, dataOnly: Bool = false) throws(FSError) {
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         // The data (and every commit before it) first, then the attributes, then their flush.
         try storeCall { try store.sync() }
         guard inode.dirty, store.blob(id) != nil else { return }

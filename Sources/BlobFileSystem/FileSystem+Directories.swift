@@ -10,7 +10,7 @@ extension FileSystem {
     /// A listing of the directory as it is now ("." and ".." first); `readDirectory`
     /// serves it by index, so entries added or removed meanwhile never make a listing skip
     /// or repeat one.
-    public func openDirectory(ino: UInt64) throws(FSError) -> UInt64 {
+    public func openDirectory(ino: InodeNumber) throws(FSError) -> UInt64 {
         let (id, directory) = try directory(ino: ino)
         var entries = [DirectoryEntry(name: [UInt8(ascii: ".")], ino: ino, type: UInt32(S_IFDIR)),
                        DirectoryEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")],
@@ -25,11 +25,11 @@ extension FileSystem {
         let handle = nextListing
         nextListing += 1
         listings[handle] = entries
-        inode(id: id)?.opens += 1
+        cachedInode(blob: id)?.opens += 1
         return handle
     }
 
-    private func inode(id: UInt64) -> Inode? { inodes[id] }
+    private func cachedInode(blob id: UInt64) -> Inode? { inodes[id] }
 
     /// Entries of a listing from `offset` on, while `accept` takes them (it returns false
     /// when the reply is full). The offset of an entry's successor is its index + 1.
@@ -48,14 +48,14 @@ extension FileSystem {
             let entry = entries[index]
             let isDot = index < 2
             guard isDot || store.blob(Self.blobID(entry.ino)) != nil,
-                  let inode = try? inode(ino: entry.ino) else { index += 1; continue }
+                  let inode = try? inode(entry.ino) else { index += 1; continue }
             guard accept(entry, isDot ? nil : attributes(Self.blobID(entry.ino), inode), UInt64(index + 1)) else { return }
             if !isDot { inode.lookups += 1 }
             index += 1
         }
     }
 
-    public func releaseDirectory(ino: UInt64, handle: UInt64) {
+    public func releaseDirectory(ino: InodeNumber, handle: UInt64) {
         listings[handle] = nil
         let id = Self.blobID(ino)
         if let inode = inodes[id] {

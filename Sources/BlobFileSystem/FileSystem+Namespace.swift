@@ -9,37 +9,37 @@ import Blobstore
 extension FileSystem {
     // MARK: - Lookup
 
-    public func lookup(parent: UInt64, name: [UInt8]) throws(FSError) -> Attributes {
+    public func lookup(parent: InodeNumber, name: [UInt8]) throws(FSError) -> Attributes {
         try lookup(parent: parent, nameBytes: name)
     }
 
     /// `lookup` of a name given as bytes (the FUSE request's own buffer: no copy).
-    public func lookup<Name: Collection<UInt8>>(parent: UInt64, nameBytes name: Name) throws(FSError) -> Attributes {
+    public func lookup<Name: Collection<UInt8>>(parent: InodeNumber, nameBytes name: Name) throws(FSError) -> Attributes {
         let (directoryID, _) = try directory(ino: parent)
         guard name.count <= Self.nameBytesMax else { throw FSError(ENAMETOOLONG) }
         guard let found = entry(in: directoryID, name) else { throw FSError(ENOENT) }
-        let inode = try inode(found.id)
+        let inode = try inode(blob: found.id)
         inode.lookups += 1
         return attributes(found.id, inode)
     }
 
     /// The kernel dropped `count` references to `ino`.
-    public func forget(ino: UInt64, count: UInt64) {
+    public func forget(ino: InodeNumber, count: UInt64) {
         let id = Self.blobID(ino)
         guard let inode = inodes[id] else { return }
         inode.lookups -= min(inode.lookups, count)
         releaseIfUnused(id, inode)
     }
 
-    public func getAttributes(ino: UInt64) throws(FSError) -> Attributes {
-        let inode = try inode(ino: ino)
+    public func getAttributes(ino: InodeNumber) throws(FSError) -> Attributes {
+        let inode = try inode(ino)
         return attributes(Self.blobID(ino), inode)
     }
 
     // MARK: - Creating
 
     /// Creates a regular file, directory, symlink, FIFO, socket or device node.
-    public func make(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt32 = 0, symlinkTarget: [UInt8]? = nil,
+    public func make(parent: InodeNumber, name: [UInt8], mode: UInt32, rdev: UInt32 = 0, symlinkTarget: [UInt8]? = nil,
                      caller: Caller) throws(FSError) -> Attributes {
         try checkName(name)
         let (directoryID, directory) = try directory(ino: parent)
@@ -89,11 +89,13 @@ extension FileSystem {
         let inode = Inode(attributes)
         inode.lookups = 1
         inodes[id] = inode
+        assert(entry(in: directoryID, name)?.id == id, "make: the new name leads to the new inode")
+        assert(!isDirectory || directory.attributes.nlink >= 3, "make: a parent of a directory counts its '..'")
         return self.attributes(id, inode)
     }
 
-    public func readSymlink(ino: UInt64) throws(FSError) -> [UInt8] {
-        let inode = try inode(ino: ino)
+    public func readSymlink(ino: InodeNumber) throws(FSError) -> [UInt8] {
+        let inode = try inode(ino)
         guard inode.attributes.isSymlink else { throw FSError(EINVAL, "not a symlink") }
         let id = Self.blobID(ino)
         guard var target = store.xattr(id, name: Key.symlink, isInternal: true) else {
@@ -107,10 +109,10 @@ extension FileSystem {
         return target
     }
 
-    public func link(ino: UInt64, newParent: UInt64, newName: [UInt8]) throws(FSError) -> Attributes {
+    public func link(ino: InodeNumber, newParent: InodeNumber, newName: [UInt8]) throws(FSError) -> Attributes {
         try checkName(newName)
         let id = Self.blobID(ino)
-        let inode = try inode(ino: ino)
+        let inode = try inode(ino)
         guard !inode.attributes.isDirectory else { throw FSError(EPERM, "hard link to a directory") }
         guard inode.attributes.nlink < UInt32(Int32.max) else { throw FSError(EMLINK) }
         let (directoryID, directory) = try directory(ino: newParent)
@@ -134,6 +136,8 @@ extension FileSystem {
         }
         updates.settle()
         inode.lookups += 1
+        assert(entry(in: directoryID, newName)?.id == id, "link: the new name leads to the inode")
+        precondition(inode.attributes.nlink >= 1 && !inode.dirty, "link: counted and committed")
         return self.attributes(id, inode)
     }
 
@@ -171,18 +175,18 @@ extension FileSystem {
         }
     }
 
-    public func unlink(parent: UInt64, name: [UInt8]) throws(FSError) {
+    public func unlink(parent: InodeNumber, name: [UInt8]) throws(FSError) {
         try remove(parent: parent, name: name, directory: false)
     }
 
-    public func removeDirectory(parent: UInt64, name: [UInt8]) throws(FSError) {
+    public func removeDirectory(parent: InodeNumber, name: [UInt8]) throws(FSError) {
         try remove(parent: parent, name: name, directory: true)
     }
 
-    private func remove(parent: UInt64, name: [UInt8], directory wantDirectory: Bool) throws(FSError) {
+    private func remove(parent: InodeNumber, name: [UInt8], directory wantDirectory: Bool) throws(FSError) {
         let (directoryID, directory) = try directory(ino: parent)
         guard let found = entry(in: directoryID, name) else { throw FSError(ENOENT) }
-        let child = try inode(found.id)
+        let child = try inode(blob: found.id)
         if wantDirectory {
             guard child.attributes.isDirectory else { throw FSError(ENOTDIR) }
             guard isEmptyDirectory(found.id) else { throw FSError(ENOTEMPTY) }
@@ -204,6 +208,8 @@ extension FileSystem {
         }
         updates.settle()
         settleDropped(found.id, child, childAttributes)
+        assert(entry(in: directoryID, name) == nil, "remove: the name is gone")
+        precondition(!directory.dirty, "remove: the parent's attributes are committed")
     }
 
     /// Deletes an unlinked inode once nothing refers to it any more.
@@ -232,7 +238,7 @@ extension FileSystem {
         public static let exchange = RenameFlags(rawValue: 2)
     }
 
-    public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8],
+    public func rename(parent: InodeNumber, name: [UInt8], newParent: InodeNumber, newName: [UInt8],
                        flags: RenameFlags = []) throws(FSError) {
         try checkName(newName)
         guard flags.rawValue & ~3 == 0, flags != [.noReplace, .exchange] else { throw FSError(EINVAL, "rename flags") }
@@ -240,7 +246,7 @@ extension FileSystem {
         let (toID, toDirectory) = try directory(ino: newParent)
         guard let source = entry(in: fromID, name) else { throw FSError(ENOENT) }
         let target = entry(in: toID, newName)
-        let sourceInode = try inode(source.id)
+        let sourceInode = try inode(blob: source.id)
         let now = realtimeNs()
         if flags.contains(.exchange) {
             guard let target else { throw FSError(ENOENT) }
@@ -250,7 +256,7 @@ extension FileSystem {
         if let target {
             if flags.contains(.noReplace) { throw FSError(EEXIST) }
             if target.id == source.id { return }  // two links of one inode: nothing to do
-            let targetInode = try inode(target.id)
+            let targetInode = try inode(blob: target.id)
             if sourceInode.attributes.isDirectory {
                 guard targetInode.attributes.isDirectory else { throw FSError(ENOTDIR) }
                 guard isEmptyDirectory(target.id) else { throw FSError(ENOTEMPTY) }
@@ -273,7 +279,7 @@ extension FileSystem {
             updates[to].nlink += 1
             updates[moved].parent = toID
         }
-        let targetInode = try target.map { (t) throws(FSError) in try inode(t.id) }
+        let targetInode = try target.map { (t) throws(FSError) in try inode(blob: t.id) }
         var targetAttributes = targetInode?.attributes
         if let targetAttributes, targetAttributes.isDirectory { updates[to].nlink -= 1 }
         try storeCall {
@@ -290,6 +296,8 @@ extension FileSystem {
         }
         updates.settle()
         if let target, let targetInode, let targetAttributes { settleDropped(target.id, targetInode, targetAttributes) }
+        assert(entry(in: toID, newName)?.id == source.id, "rename: the new name leads to the source")
+        assert(fromID == toID && name == newName || entry(in: fromID, name) == nil, "rename: the old name is gone")
     }
 
     private func exchange(_ fromID: UInt64, _ fromDirectory: Inode, _ name: [UInt8], _ source: (id: UInt64, type: UInt32),
@@ -298,8 +306,8 @@ extension FileSystem {
         var updates = InodeUpdates()
         let from = updates.stage(fromID, fromDirectory)
         let to = updates.stage(toID, toDirectory)  // the same slot within one directory
-        let first = updates.stage(source.id, try inode(source.id))
-        let second = updates.stage(target.id, try inode(target.id))  // the same slot for two links of one inode
+        let first = updates.stage(source.id, try inode(blob: source.id))
+        let second = updates.stage(target.id, try inode(blob: target.id))  // the same slot for two links of one inode
         updates[first].ctimeNs = now
         updates[second].ctimeNs = now
         updates.touch(from, now: now)
@@ -318,5 +326,7 @@ extension FileSystem {
             }
         }
         updates.settle()
+        assert(entry(in: fromID, name)?.id == target.id && entry(in: toID, newName)?.id == source.id,
+               "exchange: each name leads to the other's inode")
     }
 }

@@ -71,7 +71,7 @@ private struct Repair {
         clusterBytes = UInt64(store.clusterSizeBytes)
     }
 
-    static func ino(_ id: UInt64) -> UInt64 { id + 1 }
+    static func ino(_ id: UInt64) -> InodeNumber { InodeNumber(blob: id) }
 
     mutating func note(_ kind: String, _ id: UInt64?, _ text: String, affects: Bool = false) {
         report.changes.append(RepairChange(kind, blob: id, text))
@@ -307,7 +307,7 @@ private struct Repair {
     private mutating func link(_ id: UInt64) throws(FSError) {
         let directory = try lostAndFoundDirectory()
         guard let attributes = inodes[id] else { return }
-        var name = String(Self.ino(id))
+        var name = Self.ino(id).description
         var suffix = 0
         while store.xattr(directory, name: Key.entry(Array(name.utf8)), isInternal: true) != nil
                 || pending.contains(where: { $0.id == directory && $0.name == Key.entry(Array(name.utf8)) && $0.value != nil }) {

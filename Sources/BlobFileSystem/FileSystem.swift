@@ -12,7 +12,7 @@ import Blobstore
 /// metadata reactor). It never imports FUSE; inode numbers are blob id + 1 (the root,
 /// blob 0, is inode 1 as FUSE wants).
 public final class FileSystem {
-    public static let rootIno: UInt64 = 1
+    public static let rootIno: InodeNumber = .root
     public static let nameBytesMax = 255
     /// PATH_MAX - 1: the longest symlink target Linux passes (ext4 and tmpfs take it too).
     public static let symlinkBytesMax = 4095
@@ -80,7 +80,7 @@ public final class FileSystem {
             throw FSError(EINVAL, "no blobfs file system on this blob store (the super blob is not a blobfs root)")
         }
         let fs = FileSystem(store: store)
-        _ = try fs.inode(0)
+        _ = try fs.inode(blob: 0)
         // A read-only store (offline inspection) is looked at as it is: orphans stay.
         guard !store.isReadOnly else { return fs }
         // Namespace changes are durable at fsync/sync (and within a second: the
@@ -120,10 +120,11 @@ public final class FileSystem {
 
     // MARK: - Inodes
 
-    static func blobID(_ ino: UInt64) -> UInt64 { ino - 1 }
-    static func ino(_ id: UInt64) -> UInt64 { id + 1 }
+    static func blobID(_ ino: InodeNumber) -> UInt64 { ino.blobID }
+    static func ino(_ id: UInt64) -> InodeNumber { InodeNumber(blob: id) }
 
-    func inode(_ id: UInt64) throws(FSError) -> Inode {
+    /// The inode held by blob `id`, read into the cache if it is not there.
+    func inode(blob id: UInt64) throws(FSError) -> Inode {
         if let cached = inodes[id] { return cached }
         guard let value = store.xattr(id, name: Key.inode, isInternal: true) else {
             throw FSError(ENOENT, "no inode \(Self.ino(id))")
@@ -136,9 +137,10 @@ public final class FileSystem {
         return inode
     }
 
-    func inode(ino: UInt64) throws(FSError) -> Inode {
-        guard ino >= 1, ino <= store.blobIDLimit else { throw FSError(ENOENT, "inode \(ino)") }
-        return try inode(Self.blobID(ino))
+    /// The inode numbered `ino` (ENOENT past the blob ids the store can hold).
+    func inode(_ ino: InodeNumber) throws(FSError) -> Inode {
+        guard ino.rawValue >= 1, ino.rawValue <= store.blobIDLimit else { throw FSError(ENOENT, "inode \(ino)") }
+        return try inode(blob: Self.blobID(ino))
     }
 
     func attributes(_ id: UInt64, _ inode: Inode) -> Attributes {
@@ -173,8 +175,8 @@ public final class FileSystem {
         guard name.count <= Self.nameBytesMax else { throw FSError(ENAMETOOLONG, "\(name.count)-byte name") }
     }
 
-    func directory(ino: UInt64) throws(FSError) -> (UInt64, Inode) {
-        let inode = try inode(ino: ino)
+    func directory(ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
+        let inode = try inode(ino)
         guard inode.attributes.isDirectory else { throw FSError(ENOTDIR, "inode \(ino)") }
         return (Self.blobID(ino), inode)
     }

@@ -188,7 +188,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// under it). Otherwise the attributes (times) are committed and one flush makes
     /// them and the data durable; for fdatasync (`dataOnly`) the times need not be, and
     /// the one flush is all. Call on the reactor.
-    public func fsync(ino: UInt64, dataOnly: Bool = false, _ done: @escaping (Int32) -> Void) {
+    public func fsync(ino: InodeNumber, dataOnly: Bool = false, _ done: @escaping (Int32) -> Void) {
         blobService.reactor.preconditionCurrent()
         guard let fileSystem else { return done(EIO) }
         let plan: (needsAttributes: Bool, dataFirst: UInt64?)
@@ -261,7 +261,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Opens `ino` for the kernel (FUSE OPEN): the file system's open (with O_TRUNC) and
     /// the blob handle its reads and writes go through. Call on the reactor.
-    public func open(ino: UInt64, truncate: Bool) throws(FSError) {
+    public func open(ino: InodeNumber, truncate: Bool) throws(FSError) {
         blobService.reactor.preconditionCurrent()
         guard let fileSystem else { throw FSError(EIO) }
         try fileSystem.open(ino: ino, truncate: truncate)
@@ -269,7 +269,7 @@ public final class FileSystemService: @unchecked Sendable {
     }
 
     /// Creates and opens a regular file (FUSE CREATE). Call on the reactor.
-    public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
+    public func create(parent: InodeNumber, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
         blobService.reactor.preconditionCurrent()
         guard let fileSystem else { throw FSError(EIO) }
         let attributes = try fileSystem.create(parent: parent, name: name, mode: mode, caller: caller)
@@ -277,7 +277,7 @@ public final class FileSystemService: @unchecked Sendable {
         return attributes
     }
 
-    private func takeHandle(_ fileSystem: FileSystem, _ ino: UInt64) {
+    private func takeHandle(_ fileSystem: FileSystem, _ ino: InodeNumber) {
         let id = FileSystem.blobID(ino)
         if let open = openBlobs[id] {
             open.opens += 1
@@ -288,7 +288,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// The kernel released an open of `ino` (FUSE RELEASE): the last one closes the blob
     /// handle (before the file system may delete an orphan). Call on the reactor.
-    public func release(ino: UInt64) {
+    public func release(ino: InodeNumber) {
         blobService.reactor.preconditionCurrent()
         let id = FileSystem.blobID(ino)
         if let open = openBlobs[id] {
@@ -329,7 +329,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// past the blob as zeros. Device reads go through the file's blob handle and
     /// complete on `handler` with `tag`; nil at or past the end of the file (nothing to
     /// read). Allocates nothing. Call on the reactor.
-    public func startRead(ino: UInt64, offset: UInt64, count: Int, into buffer: DMASegment,
+    public func startRead(ino: InodeNumber, offset: UInt64, count: Int, into buffer: DMASegment,
                           handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> ReadStarted? {
         blobService.reactor.preconditionCurrent()
         guard let fileSystem, let dataChannel else { throw FSError(EIO) }
@@ -363,7 +363,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// file's blob handle, completing on `handler`; anything else (growth, holes, partial
     /// units, append) is the file system's synchronous write, done on return. Call on the
     /// reactor.
-    public func startWrite(ino: UInt64, offset: UInt64, data: DMASegment, append: Bool, writeBack: Bool = false,
+    public func startWrite(ino: InodeNumber, offset: UInt64, data: DMASegment, append: Bool, writeBack: Bool = false,
                            handler: any BdevCompletionHandler, tag: UInt64) throws(FSError) -> WriteStarted {
         blobService.reactor.preconditionCurrent()
         guard let fileSystem, let dataChannel else { throw FSError(EIO) }

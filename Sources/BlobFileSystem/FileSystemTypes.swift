@@ -14,9 +14,27 @@ public struct Caller: Sendable {
     public static let root = Caller(uid: 0, gid: 0)
 }
 
+/// An inode number as the kernel knows it (the FUSE node id; `root` is 1). The inode is
+/// held by blob `blobID`, the number less one (FORMAT.md, "File system"). A type of its
+/// own, after swift-system's RawRepresentable wrappers, so that an inode number and a
+/// blob id (a bare `UInt64` of the blob store) cannot be mixed up; no integer literals
+/// either (`inode(0)` read as inode 0 where blob 0 was meant once).
+public struct InodeNumber: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public init(_ rawValue: UInt64) { self.rawValue = rawValue }
+    /// The inode of the blob `id`.
+    public init(blob id: UInt64) { rawValue = id + 1 }
+    public static let root = InodeNumber(1)
+    /// The blob that holds the inode.
+    public var blobID: UInt64 { rawValue - 1 }
+    public var description: String { String(rawValue) }
+    public static func < (a: InodeNumber, b: InodeNumber) -> Bool { a.rawValue < b.rawValue }
+}
+
 /// An inode's number and attributes, as `stat` wants them.
 public struct Attributes: Sendable {
-    public var ino: UInt64
+    public var ino: InodeNumber
     public var attributes: InodeAttributes
     /// Bytes of allocated clusters (st_blocks * 512).
     public var allocatedBytes: UInt64
@@ -26,9 +44,9 @@ public struct Attributes: Sendable {
 /// One entry of a directory listing.
 public struct DirectoryEntry: Sendable {
     public var name: [UInt8]
-    public var ino: UInt64
+    public var ino: InodeNumber
     public var type: UInt32
-    public init(name: [UInt8], ino: UInt64, type: UInt32) {
+    public init(name: [UInt8], ino: InodeNumber, type: UInt32) {
         self.name = name
         self.ino = ino
         self.type = type

@@ -77,5 +77,6 @@ extension FileSystem {
             }
         }
         updates.settle()
+        precondition(!inode.dirty, "updateAttributes: what the inode holds is in the log")
     }
 }

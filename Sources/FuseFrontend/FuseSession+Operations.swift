@@ -29,7 +29,7 @@ extension FuseSession {
 
     private func fill(_ attr: inout fuse_attr, _ attributes: Attributes) {
         let a = attributes.attributes
-        attr.ino = attributes.ino
+        attr.ino = attributes.ino.rawValue
         attr.size = a.size
         attr.blocks = attributes.allocatedBytes / 512
         func split(_ ns: Int64) -> (UInt64, UInt32) {
@@ -51,7 +51,7 @@ extension FuseSession {
 
     private func entry(_ attributes: Attributes) -> fuse_entry_out {
         var out = unsafe_zeroed(fuse_entry_out.self)
-        out.nodeid = attributes.ino
+        out.nodeid = attributes.ino.rawValue
         out.generation = attributes.attributes.generation
         out.entry_valid = entryValid.seconds
         out.entry_valid_nsec = entryValid.nanoseconds
@@ -74,12 +74,12 @@ extension FuseSession {
     func lookup(_ slot: FuseSlot) {
         let name = slot.payload.prefix { $0 != 0 }  // no copy: looked up from the request's buffer
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.lookup(parent: slot.nodeID, nameBytes: name)))
+            slot.reply(entry(try fs.lookup(parent: slot.inode, nameBytes: name)))
         }
     }
 
     func forget(_ slot: FuseSlot) {
-        fs.forget(ino: slot.nodeID, count: slot.argument(fuse_forget_in.self).nlookup)
+        fs.forget(ino: slot.inode, count: slot.argument(fuse_forget_in.self).nlookup)
         slot.noReply()
     }
 
@@ -88,13 +88,13 @@ extension FuseSession {
         let one = MemoryLayout<fuse_forget_one>.size
         for index in 0..<min(count, slot.payload.count / one) {
             let item = slot.payload.loadUnaligned(fromByteOffset: index * one, as: fuse_forget_one.self)
-            fs.forget(ino: item.nodeid, count: item.nlookup)
+            fs.forget(ino: InodeNumber(item.nodeid), count: item.nlookup)
         }
         slot.noReply()
     }
 
     func getattr(_ slot: FuseSlot) {
-        answering(slot) { () throws(FSError) in replyAttributes(slot, try fs.getAttributes(ino: slot.nodeID)) }
+        answering(slot) { () throws(FSError) in replyAttributes(slot, try fs.getAttributes(ino: slot.inode)) }
     }
 
     func setattr(_ slot: FuseSlot) {
@@ -120,13 +120,13 @@ extension FuseSession {
         }
         if valid & FATTR_CTIME != 0 { changes.ctime = ns(request.ctime, request.ctimensec) }
         answering(slot) { () throws(FSError) in
-            replyAttributes(slot, try fs.setAttributes(ino: slot.nodeID, changes, caller: caller(slot)))
+            replyAttributes(slot, try fs.setAttributes(ino: slot.inode, changes, caller: caller(slot)))
         }
     }
 
     func readlink(_ slot: FuseSlot) {
         answering(slot) { () throws(FSError) in
-            let target = try fs.readSymlink(ino: slot.nodeID)
+            let target = try fs.readSymlink(ino: slot.inode)
             guard target.count <= slot.data.count else { throw FSError(ENAMETOOLONG) }
             target.withUnsafeBytes { slot.data.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
             slot.replyData(offset: 0, count: target.count)
@@ -137,7 +137,7 @@ extension FuseSession {
         let (linkName, rest) = name(slot.payload)
         let target = name(rest).name
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.make(parent: slot.nodeID, name: linkName, mode: 0o120000 | 0o777,
+            slot.reply(entry(try fs.make(parent: slot.inode, name: linkName, mode: 0o120000 | 0o777,
                                          symlinkTarget: target, caller: caller(slot))))
         }
     }
@@ -145,7 +145,7 @@ extension FuseSession {
     func mknod(_ slot: FuseSlot) {
         let request = slot.argument(fuse_mknod_in.self)
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.make(parent: slot.nodeID, name: name(slot.payload).name, mode: request.mode,
+            slot.reply(entry(try fs.make(parent: slot.inode, name: name(slot.payload).name, mode: request.mode,
                                          rdev: request.rdev, caller: caller(slot))))
         }
     }
@@ -153,21 +153,21 @@ extension FuseSession {
     func mkdir(_ slot: FuseSlot) {
         let request = slot.argument(fuse_mkdir_in.self)
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.make(parent: slot.nodeID, name: name(slot.payload).name,
+            slot.reply(entry(try fs.make(parent: slot.inode, name: name(slot.payload).name,
                                          mode: 0o040000 | (request.mode & 0o7777), caller: caller(slot))))
         }
     }
 
     func unlink(_ slot: FuseSlot) {
         answering(slot) { () throws(FSError) in
-            try fs.unlink(parent: slot.nodeID, name: name(slot.payload).name)
+            try fs.unlink(parent: slot.inode, name: name(slot.payload).name)
             slot.replyEmpty()
         }
     }
 
     func rmdir(_ slot: FuseSlot) {
         answering(slot) { () throws(FSError) in
-            try fs.removeDirectory(parent: slot.nodeID, name: name(slot.payload).name)
+            try fs.removeDirectory(parent: slot.inode, name: name(slot.payload).name)
             slot.replyEmpty()
         }
     }
@@ -178,7 +178,7 @@ extension FuseSession {
         let (oldName, rest) = name(slot.payload)
         let newName = name(rest).name
         answering(slot) { () throws(FSError) in
-            try fs.rename(parent: slot.nodeID, name: oldName, newParent: newDirectory, newName: newName,
+            try fs.rename(parent: slot.inode, name: oldName, newParent: InodeNumber(newDirectory), newName: newName,
                           flags: FileSystem.RenameFlags(rawValue: flags))
             slot.replyEmpty()
         }
@@ -187,7 +187,7 @@ extension FuseSession {
     func link(_ slot: FuseSlot) {
         let request = slot.argument(fuse_link_in.self)
         answering(slot) { () throws(FSError) in
-            slot.reply(entry(try fs.link(ino: request.oldnodeid, newParent: slot.nodeID, newName: name(slot.payload).name)))
+            slot.reply(entry(try fs.link(ino: InodeNumber(request.oldnodeid), newParent: slot.inode, newName: name(slot.payload).name)))
         }
     }
 
@@ -218,7 +218,7 @@ extension FuseSession {
     func open(_ slot: FuseSlot) {
         let request = slot.argument(fuse_open_in.self)
         answering(slot) { () throws(FSError) in
-            try service.open(ino: slot.nodeID, truncate: Int32(bitPattern: request.flags) & O_TRUNC != 0)
+            try service.open(ino: slot.inode, truncate: Int32(bitPattern: request.flags) & O_TRUNC != 0)
             var out = fuse_open_out()
             out.open_flags = openFlags(request.flags)
             slot.reply(out)
@@ -228,7 +228,7 @@ extension FuseSession {
     func create(_ slot: FuseSlot) {
         let request = slot.argument(fuse_create_in.self)
         answering(slot) { () throws(FSError) in
-            let attributes = try service.create(parent: slot.nodeID, name: name(slot.payload).name, mode: request.mode,
+            let attributes = try service.create(parent: slot.inode, name: name(slot.payload).name, mode: request.mode,
                                                 caller: caller(slot))
             let entrySize = MemoryLayout<fuse_entry_out>.size
             slot.scratch.storeBytes(of: entry(attributes), as: fuse_entry_out.self)
@@ -243,7 +243,7 @@ extension FuseSession {
         let request = slot.argument(fuse_read_in.self)
         answering(slot) { () throws(FSError) in
             let count = min(Int(request.size), maxWrite)
-            guard let started = try service.startRead(ino: slot.nodeID, offset: request.offset, count: count,
+            guard let started = try service.startRead(ino: slot.inode, offset: request.offset, count: count,
                                                       into: slot.data, handler: slot, tag: 0) else {
                 return slot.replyData(offset: 0, count: 0)  // at or past the end
             }
@@ -265,7 +265,7 @@ extension FuseSession {
         answering(slot) { () throws(FSError) in
             // A write-back of the kernel's page cache may use the room held for it.
             let writeBack = request.write_flags & UInt32(FUSE_WRITE_CACHE) != 0
-            switch try service.startWrite(ino: slot.nodeID, offset: request.offset, data: slot.data.slice(from: 0, count: count),
+            switch try service.startWrite(ino: slot.inode, offset: request.offset, data: slot.data.slice(from: 0, count: count),
                                           append: append, writeBack: writeBack, handler: slot, tag: 0) {
             case .pending:
                 slot.writeCount = count
@@ -278,14 +278,14 @@ extension FuseSession {
     }
 
     func release(_ slot: FuseSlot) {
-        service.release(ino: slot.nodeID)
+        service.release(ino: slot.inode)
         slot.replyEmpty()
     }
 
     func fsync(_ slot: FuseSlot) {
         // Answered when the flushes complete; the reactor serves other requests meanwhile.
         let dataOnly = slot.argument(fuse_fsync_in.self).fsync_flags & 1 != 0  // FUSE_FSYNC_FDATASYNC
-        service.fsync(ino: slot.nodeID, dataOnly: dataOnly) { errno in
+        service.fsync(ino: slot.inode, dataOnly: dataOnly) { errno in
             if errno != 0 { slot.replyError(errno) } else { slot.replyEmpty() }
         }
     }
@@ -306,7 +306,7 @@ extension FuseSession {
         let request = slot.argument(fuse_fallocate_in.self)
         answering(slot) { () throws(FSError) in
             guard request.length > 0 else { throw FSError(EINVAL) }
-            try fs.allocate(ino: slot.nodeID, mode: FileSystem.AllocateMode(rawValue: Int32(bitPattern: request.mode)),
+            try fs.allocate(ino: slot.inode, mode: FileSystem.AllocateMode(rawValue: Int32(bitPattern: request.mode)),
                             offset: request.offset, length: request.length)
             slot.replyEmpty()
         }
@@ -364,7 +364,7 @@ extension FuseSession {
         let (nameBytes, rest) = name(slot.payload)
         let value = Array(rest.prefix(Int(request.size)))
         answering(slot) { () throws(FSError) in
-            try fs.setXattr(ino: slot.nodeID, name: String(decoding: nameBytes, as: UTF8.self), value: value,
+            try fs.setXattr(ino: slot.inode, name: String(decoding: nameBytes, as: UTF8.self), value: value,
                             create: Int32(bitPattern: request.flags) & blobfs_kernel_XATTR_CREATE != 0,
                             replace: Int32(bitPattern: request.flags) & blobfs_kernel_XATTR_REPLACE != 0)
             slot.replyEmpty()
@@ -389,7 +389,7 @@ extension FuseSession {
         let request = slot.argument(fuse_getxattr_in.self)
         let nameBytes = name(slot.payload).name
         answering(slot) { () throws(FSError) in
-            let value = try fs.getXattr(ino: slot.nodeID, name: String(decoding: nameBytes, as: UTF8.self))
+            let value = try fs.getXattr(ino: slot.inode, name: String(decoding: nameBytes, as: UTF8.self))
             try replySized(slot, value, room: request.size)
         }
     }
@@ -398,7 +398,7 @@ extension FuseSession {
         let request = slot.argument(fuse_getxattr_in.self)
         answering(slot) { () throws(FSError) in
             var list: [UInt8] = []
-            for name in try fs.listXattrs(ino: slot.nodeID, privileged: slot.header.uid == 0) { list += Array(name.utf8) + [0] }
+            for name in try fs.listXattrs(ino: slot.inode, privileged: slot.header.uid == 0) { list += Array(name.utf8) + [0] }
             try replySized(slot, list, room: request.size)
         }
     }
@@ -406,7 +406,7 @@ extension FuseSession {
     func removexattr(_ slot: FuseSlot) {
         let nameBytes = name(slot.payload).name
         answering(slot) { () throws(FSError) in
-            try fs.removeXattr(ino: slot.nodeID, name: String(decoding: nameBytes, as: UTF8.self))
+            try fs.removeXattr(ino: slot.inode, name: String(decoding: nameBytes, as: UTF8.self))
             slot.replyEmpty()
         }
     }
@@ -416,7 +416,7 @@ extension FuseSession {
     func opendir(_ slot: FuseSlot) {
         answering(slot) { () throws(FSError) in
             var out = fuse_open_out()
-            out.fh = try fs.openDirectory(ino: slot.nodeID)
+            out.fh = try fs.openDirectory(ino: slot.inode)
             slot.reply(out)
         }
     }
@@ -440,7 +440,7 @@ extension FuseSession {
             // the kernel instantiates nothing for them.
             if plus, let attributes { at.storeBytes(of: self.entry(attributes), as: fuse_entry_out.self) }
             let dirent = at + entrySize
-            dirent.storeBytes(of: entry.ino, toByteOffset: 0, as: UInt64.self)
+            dirent.storeBytes(of: entry.ino.rawValue, toByteOffset: 0, as: UInt64.self)
             dirent.storeBytes(of: next, toByteOffset: 8, as: UInt64.self)
             dirent.storeBytes(of: UInt32(entry.name.count), toByteOffset: 16, as: UInt32.self)
             dirent.storeBytes(of: entry.type >> 12, toByteOffset: 20, as: UInt32.self)
@@ -461,7 +461,7 @@ extension FuseSession {
     }
 
     func releasedir(_ slot: FuseSlot) {
-        fs.releaseDirectory(ino: slot.nodeID, handle: slot.argument(fuse_release_in.self).fh)
+        fs.releaseDirectory(ino: slot.inode, handle: slot.argument(fuse_release_in.self).fh)
         slot.replyEmpty()
     }
 }

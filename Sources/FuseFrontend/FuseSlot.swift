@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Bdev
+import BlobFileSystem
 import CFuseKernel
 import Env
 
@@ -63,6 +64,8 @@ final class FuseSlot: BdevCompletionHandler {
 
     var opcode: UInt32 { header.opcode }
     var nodeID: UInt64 { header.nodeid }
+    /// The request's node as the file system numbers it.
+    var inode: InodeNumber { InodeNumber(header.nodeid) }
 
     /// The fixed argument as `T` (zeros past what the kernel sent: older minors send
     /// shorter structs).

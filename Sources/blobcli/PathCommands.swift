@@ -50,14 +50,14 @@ func modeString(_ mode: UInt32) -> String {
 }
 
 func attributesJSON(_ name: String, _ a: Attributes) -> JSON {
-    .object([("name", .string(name)), ("ino", .uint(a.ino)), ("mode", .string(String(a.attributes.mode, radix: 8))),
+    .object([("name", .string(name)), ("ino", .uint(a.ino.rawValue)), ("mode", .string(String(a.attributes.mode, radix: 8))),
              ("type", .string(typeLetter(a.attributes.mode))), ("links", .uint(UInt64(a.attributes.nlink))),
              ("uid", .uint(UInt64(a.attributes.uid))), ("gid", .uint(UInt64(a.attributes.gid))), ("size", .uint(a.attributes.size)),
              ("allocated_bytes", .uint(a.allocatedBytes)), ("mtime_ns", .int(a.attributes.mtimeNs)),
              ("ctime_ns", .int(a.attributes.ctimeNs)), ("atime_ns", .int(a.attributes.atimeNs))])
 }
 
-func listDirectory(_ fs: FileSystem, _ ino: UInt64) throws -> [DirectoryEntry] {
+func listDirectory(_ fs: FileSystem, _ ino: InodeNumber) throws -> [DirectoryEntry] {
     let handle = try fs.openDirectory(ino: ino)
     defer { fs.releaseDirectory(ino: ino, handle: handle) }
     var entries: [DirectoryEntry] = []
@@ -108,7 +108,7 @@ struct Stat: ParsableCommand {
                 let x = a.attributes
                 return [
                     "path        \(arguments.path)",
-                    "inode       \(a.ino) (blob \(a.ino - 1)), generation \(x.generation)",
+                    "inode       \(a.ino) (blob \(a.ino.blobID)), generation \(x.generation)",
                     "type        \(modeString(x.mode)) (\(String(x.mode, radix: 8)))",
                     "links       \(x.nlink)",
                     "uid/gid     \(x.uid)/\(x.gid)",
@@ -186,7 +186,7 @@ struct Tree: ParsableCommand {
             let root = try resolve(fs, arguments.path)
             var lines = [arguments.path]
             var counts = (directories: 0, files: 0)
-            func walk(_ ino: UInt64, _ prefix: String) throws -> [JSON] {
+            func walk(_ ino: InodeNumber, _ prefix: String) throws -> [JSON] {
                 let entries = try listDirectory(fs, ino)
                 var items: [JSON] = []
                 for (index, entry) in entries.enumerated() {
@@ -197,10 +197,10 @@ struct Tree: ParsableCommand {
                     if a.attributes.isDirectory {
                         counts.directories += 1
                         let children = try walk(entry.ino, prefix + (last ? "    " : "│   "))
-                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino)), ("children", .array(children))]))
+                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino.rawValue)), ("children", .array(children))]))
                     } else {
                         counts.files += 1
-                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino)), ("size", .uint(a.attributes.size))]))
+                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino.rawValue)), ("size", .uint(a.attributes.size))]))
                     }
                 }
                 return items

@@ -53,14 +53,14 @@ final class FileSystemCrashTests: XCTestCase {
         }
     }
 
-    static func resolve(_ fs: FileSystem, _ path: String) throws -> (parent: UInt64, name: [UInt8]) {
+    static func resolve(_ fs: FileSystem, _ path: String) throws -> (parent: InodeNumber, name: [UInt8]) {
         var parent = FileSystem.rootIno
         let parts = path.split(separator: "/").map { Array($0.utf8) }
         for part in parts.dropLast() { parent = try fs.lookup(parent: parent, name: part).ino }
         return (parent, parts.last!)
     }
 
-    static func ino(_ fs: FileSystem, _ path: String) throws -> UInt64 {
+    static func ino(_ fs: FileSystem, _ path: String) throws -> InodeNumber {
         let (parent, name) = try resolve(fs, path)
         return try fs.lookup(parent: parent, name: name).ino
     }
@@ -113,7 +113,7 @@ final class FileSystemCrashTests: XCTestCase {
     /// Path → description (type, mode, links, size, content, symlink target, xattrs).
     static func snapshot(_ fs: FileSystem) throws -> [String: String] {
         var result: [String: String] = [:]
-        var queue: [(UInt64, String)] = [(FileSystem.rootIno, "")]
+        var queue: [(InodeNumber, String)] = [(FileSystem.rootIno, "")]
         while let (directory, prefix) = queue.popLast() {
             let handle = try fs.openDirectory(ino: directory)
             var entries: [DirectoryEntry] = []

@@ -17,23 +17,23 @@ final class FileSystemRepairTests: XCTestCase {
 
     /// A file system with /d/a, /d/b, /d/s/c, /top, a symlink /l and a hard link /d/a2 of
     /// /d/a; unmounted (the store stays loaded, writable). Returns the store and inode numbers.
-    private func makeTree() throws -> (BlobStore, [String: UInt64]) {
+    private func makeTree() throws -> (BlobStore, [String: InodeNumber]) {
         let bdev = Bdev(backend: try MallocBdev(blockCount: (32 << 20) / 4096, blockSizeBytes: 4096))
         let io = try BdevSyncIO(bdev: bdev, reactor: try Reactor())
         let store = try BlobStore.format(io)
         let fs = try FileSystem.format(store)
-        var inos: [String: UInt64] = [:]
-        let d = try fs.make(parent: 1, name: bytes("d"), mode: UInt32(S_IFDIR) | 0o755, caller: .root).ino
+        var inos: [String: InodeNumber] = [:]
+        let d = try fs.make(parent: .root, name: bytes("d"), mode: UInt32(S_IFDIR) | 0o755, caller: .root).ino
         let s = try fs.make(parent: d, name: bytes("s"), mode: UInt32(S_IFDIR) | 0o755, caller: .root).ino
         inos["/d"] = d
         inos["/d/s"] = s
-        for (path, parent, name) in [("/d/a", d, "a"), ("/d/b", d, "b"), ("/d/s/c", s, "c"), ("/top", UInt64(1), "top")] {
+        for (path, parent, name) in [("/d/a", d, "a"), ("/d/b", d, "b"), ("/d/s/c", s, "c"), ("/top", InodeNumber.root, "top")] {
             let file = try fs.create(parent: parent, name: bytes(name), mode: 0o644, caller: .root)
             try fs.write(ino: file.ino, offset: 0, data: [UInt8](repeating: UInt8(path.count), count: 5000 + path.count))
             fs.release(ino: file.ino)
             inos[path] = file.ino
         }
-        inos["/l"] = try fs.make(parent: 1, name: bytes("l"), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: bytes("/d/a"),
+        inos["/l"] = try fs.make(parent: .root, name: bytes("l"), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: bytes("/d/a"),
                                  caller: .root).ino
         _ = try fs.link(ino: inos["/d/a"]!, newParent: d, newName: bytes("a2"))
         try fs.unmount()
@@ -41,7 +41,7 @@ final class FileSystemRepairTests: XCTestCase {
         return (store, inos)
     }
 
-    private func id(_ ino: UInt64) -> UInt64 { ino - 1 }
+    private func id(_ ino: InodeNumber) -> UInt64 { ino.blobID }
 
     private func XCTAssertMentions(_ text: String, _ parts: String..., file: StaticString = #filePath, line: UInt = #line) {
         for part in parts where !text.contains(part) { XCTFail("\"\(text)\" does not mention \"\(part)\"", file: file, line: line) }
@@ -58,7 +58,7 @@ final class FileSystemRepairTests: XCTestCase {
 
     /// The inode at `path` in a mounted file system.
     private func resolve(_ fs: FileSystem, _ path: String) throws -> Attributes {
-        var current = try fs.getAttributes(ino: 1)
+        var current = try fs.getAttributes(ino: .root)
         for part in path.split(separator: "/") { current = try fs.lookup(parent: current.ino, name: Array(part.utf8)) }
         return current
     }
@@ -79,7 +79,7 @@ final class FileSystemRepairTests: XCTestCase {
         XCTAssertEqual(try fs.read(ino: moved.ino, offset: 0, count: 10_000), [UInt8](repeating: 6, count: 5006))
         XCTAssertEqual(try fs.getAttributes(ino: inos["/d"]!).attributes.parent, id(try resolve(fs, "/lost+found").ino))
         XCTAssertEqual(try resolve(fs, "/lost+found").attributes.mode & 0o7777, 0o700)
-        XCTAssertEqual(try fs.getAttributes(ino: 1).attributes.nlink, 3, "the root: itself, its entry, lost+found")
+        XCTAssertEqual(try fs.getAttributes(ino: .root).attributes.nlink, 3, "the root: itself, its entry, lost+found")
     }
 
     func testEntriesOfMissingInodesAreDroppedAndLinkCountsFollowTheNames() throws {

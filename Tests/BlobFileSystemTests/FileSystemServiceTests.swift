@@ -14,7 +14,7 @@ import Blobstore
 /// once it has answered, the file survives a power cut that drops every unflushed write.
 final class FileSystemServiceTests: XCTestCase {
     /// The service's asynchronous fsync, waited for from the test thread; its errno.
-    private func fsync(_ service: FileSystemService, _ ino: UInt64) -> Int32 {
+    private func fsync(_ service: FileSystemService, _ ino: InodeNumber) -> Int32 {
         let answer = Atomic<Int32>(-1)
         service.blobService.reactor.send { service.fsync(ino: ino) { errno in answer.store(errno, ordering: .releasing) } }
         while answer.load(ordering: .acquiring) < 0 { usleep(1000) }
@@ -101,7 +101,7 @@ final class FileSystemServiceTests: XCTestCase {
             let device = Bdev(backend: fault)
             let service = try FileSystemService(bdev: device, format: BlobStore.Options())
             let data = (0..<(10_000 + round * 5000)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ round) }
-            let ino = service.perform { fs -> UInt64 in
+            let ino = service.perform { fs -> InodeNumber in
                 let made = try! fs.create(parent: FileSystem.rootIno, name: Array("f\(round)".utf8), mode: 0o644, caller: .root)
                 try! fs.write(ino: made.ino, offset: 0, data: data)
                 fs.release(ino: made.ino)
@@ -125,7 +125,7 @@ final class FileSystemServiceTests: XCTestCase {
         let service = try FileSystemService(bdev: device, format: BlobStore.Options())
         let original = (0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 3) }
         let patch = [UInt8](repeating: 0x5A, count: 12_288)
-        let ino = service.perform { fs -> UInt64 in
+        let ino = service.perform { fs -> InodeNumber in
             let made = try! fs.create(parent: FileSystem.rootIno, name: Array("o".utf8), mode: 0o644, caller: .root)
             try! fs.write(ino: made.ino, offset: 0, data: original)
             return made.ino
@@ -262,7 +262,7 @@ final class FileSystemServiceTests: XCTestCase {
             let device = Bdev(backend: fault)
             let service = try FileSystemService(bdev: device, format: BlobStore.Options(logPages: 8))
             let files = 12
-            let inos = service.perform { fs -> [UInt64] in
+            let inos = service.perform { fs -> [InodeNumber] in
                 (0..<files).map { index in
                     try! fs.create(parent: FileSystem.rootIno, name: Array("f\(index)".utf8), mode: 0o644, caller: .root).ino
                 }
@@ -320,7 +320,7 @@ extension FileSystemServiceTests {
         let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
         let service = try FileSystemService(bdev: Bdev(backend: fault), format: BlobStore.Options())
         let data = [UInt8](repeating: 0x42, count: 64 * 1024)
-        let ino = service.perform { fs -> UInt64 in
+        let ino = service.perform { fs -> InodeNumber in
             let made = try! service.create(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o644, caller: .root)
             try! fs.write(ino: made.ino, offset: 0, data: data)
             return made.ino

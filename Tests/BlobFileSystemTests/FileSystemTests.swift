@@ -27,7 +27,7 @@ final class FileSystemTests: XCTestCase {
     func testCreateWriteReadAndPersist() throws {
         let (store, io) = try makeStore()
         var fs = try FileSystem.format(store)
-        let dir = try fs.make(parent: 1, name: bytes("dir"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
+        let dir = try fs.make(parent: .root, name: bytes("dir"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
         let file = try fs.create(parent: dir.ino, name: bytes("file"), mode: 0o644, caller: Caller(uid: 1000, gid: 100))
         XCTAssertEqual(file.attributes.uid, 1000)
         let data = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 * 7) }
@@ -36,9 +36,9 @@ final class FileSystemTests: XCTestCase {
         fs.release(ino: file.ino)
         XCTAssertEqual(try fs.read(ino: file.ino, offset: 3, count: 10_000), data)
         XCTAssertEqual(try fs.read(ino: file.ino, offset: 10_003, count: 100), [UInt8](repeating: 0, count: 100))
-        XCTAssertEqual(try fs.getAttributes(ino: 1).attributes.nlink, 3)
+        XCTAssertEqual(try fs.getAttributes(ino: .root).attributes.nlink, 3)
         fs = try remount(fs, io)
-        let found = try fs.lookup(parent: try fs.lookup(parent: 1, name: bytes("dir")).ino, name: bytes("file"))
+        let found = try fs.lookup(parent: try fs.lookup(parent: .root, name: bytes("dir")).ino, name: bytes("file"))
         XCTAssertEqual(found.attributes.size, 20_004)
         XCTAssertEqual(try fs.read(ino: found.ino, offset: 0, count: 20_004).count, 20_004)
         XCTAssertEqual(try fs.read(ino: found.ino, offset: 3, count: 10_000), data)
@@ -52,7 +52,7 @@ final class FileSystemTests: XCTestCase {
     func testDataWriteTimesAreMultigrain() throws {
         let (store, _) = try makeStore()
         let fs = try FileSystem.format(store)
-        let file = try fs.create(parent: 1, name: bytes("f"), mode: 0o644, caller: .root)
+        let file = try fs.create(parent: .root, name: bytes("f"), mode: 0o644, caller: .root)
         let block = [UInt8](repeating: 7, count: 4096)
         try fs.write(ino: file.ino, offset: 0, data: block)
         var seen = try fs.getAttributes(ino: file.ino).attributes
@@ -64,7 +64,7 @@ final class FileSystemTests: XCTestCase {
             seen = now
         }
         try fs.writeBack()
-        let inode = try fs.inode(ino: file.ino)
+        let inode = try fs.inode(file.ino)
         XCTAssertFalse(inode.dirty)
         // Nobody looks: at most one stamp per clock tick, each a coarse one past the last.
         var stamps = 0
@@ -86,7 +86,7 @@ final class FileSystemTests: XCTestCase {
     func testTruncateThenGrowReadsZeros() throws {
         let (store, _) = try makeStore()
         let fs = try FileSystem.format(store)
-        let file = try fs.create(parent: 1, name: bytes("f"), mode: 0o644, caller: .root)
+        let file = try fs.create(parent: .root, name: bytes("f"), mode: 0o644, caller: .root)
         try fs.write(ino: file.ino, offset: 0, data: [UInt8](repeating: 0xAB, count: 20_000))
         _ = try fs.setAttributes(ino: file.ino, AttributeChanges(size: 5_000), caller: .root)
         _ = try fs.setAttributes(ino: file.ino, AttributeChanges(size: 30_000), caller: .root)
@@ -102,27 +102,27 @@ final class FileSystemTests: XCTestCase {
     func testRenameLinkUnlinkAndOrphans() throws {
         let (store, io) = try makeStore()
         var fs = try FileSystem.format(store)
-        let a = try fs.create(parent: 1, name: bytes("a"), mode: 0o644, caller: .root)
+        let a = try fs.create(parent: .root, name: bytes("a"), mode: 0o644, caller: .root)
         try fs.write(ino: a.ino, offset: 0, data: bytes("hello"))
-        _ = try fs.link(ino: a.ino, newParent: 1, newName: bytes("b"))
+        _ = try fs.link(ino: a.ino, newParent: .root, newName: bytes("b"))
         XCTAssertEqual(try fs.getAttributes(ino: a.ino).attributes.nlink, 2)
-        let d1 = try fs.make(parent: 1, name: bytes("d1"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
-        let d2 = try fs.make(parent: 1, name: bytes("d2"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
-        try fs.rename(parent: 1, name: bytes("d1"), newParent: d2.ino, newName: bytes("d1"))
+        let d1 = try fs.make(parent: .root, name: bytes("d1"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
+        let d2 = try fs.make(parent: .root, name: bytes("d2"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
+        try fs.rename(parent: .root, name: bytes("d1"), newParent: d2.ino, newName: bytes("d1"))
         XCTAssertEqual(try fs.getAttributes(ino: d2.ino).attributes.nlink, 3)
         XCTAssertEqual(try fs.getAttributes(ino: d1.ino).attributes.parent, FileSystem.blobID(d2.ino))
-        XCTAssertThrowsError(try fs.rename(parent: 1, name: bytes("a"), newParent: 1, newName: bytes("d2"))) {
+        XCTAssertThrowsError(try fs.rename(parent: .root, name: bytes("a"), newParent: .root, newName: bytes("d2"))) {
             XCTAssertEqual(($0 as? FSError)?.errno, EISDIR)
         }
-        XCTAssertThrowsError(try fs.rename(parent: 1, name: bytes("b"), newParent: 1, newName: bytes("a"), flags: .noReplace)) {
+        XCTAssertThrowsError(try fs.rename(parent: .root, name: bytes("b"), newParent: .root, newName: bytes("a"), flags: .noReplace)) {
             XCTAssertEqual(($0 as? FSError)?.errno, EEXIST)
         }
-        let c = try fs.create(parent: 1, name: bytes("c"), mode: 0o644, caller: .root)
-        try fs.rename(parent: 1, name: bytes("c"), newParent: 1, newName: bytes("a"), flags: .exchange)
-        XCTAssertEqual(try fs.lookup(parent: 1, name: bytes("a")).ino, c.ino)
+        let c = try fs.create(parent: .root, name: bytes("c"), mode: 0o644, caller: .root)
+        try fs.rename(parent: .root, name: bytes("c"), newParent: .root, newName: bytes("a"), flags: .exchange)
+        XCTAssertEqual(try fs.lookup(parent: .root, name: bytes("a")).ino, c.ino)
         // a's inode (still named b) unlinked while open: an orphan until released.
-        try fs.unlink(parent: 1, name: bytes("b"))
-        try fs.unlink(parent: 1, name: bytes("c"))
+        try fs.unlink(parent: .root, name: bytes("b"))
+        try fs.unlink(parent: .root, name: bytes("c"))
         XCTAssertNotNil(fs.store.blob(FileSystem.blobID(a.ino)))
         XCTAssertEqual(try fs.read(ino: a.ino, offset: 0, count: 5), bytes("hello"))
         XCTAssertEqual(FileSystem.check(fs.store).orphans, 1)
@@ -130,10 +130,10 @@ final class FileSystemTests: XCTestCase {
         fs = try remount(fs, io)
         XCTAssertNil(fs.store.blob(FileSystem.blobID(a.ino)), "orphans are deleted at mount")
         XCTAssertEqual(FileSystem.check(fs.store).orphans, 0)
-        XCTAssertThrowsError(try fs.removeDirectory(parent: 1, name: bytes("d2"))) { XCTAssertEqual(($0 as? FSError)?.errno, ENOTEMPTY) }
+        XCTAssertThrowsError(try fs.removeDirectory(parent: .root, name: bytes("d2"))) { XCTAssertEqual(($0 as? FSError)?.errno, ENOTEMPTY) }
         try fs.removeDirectory(parent: d2.ino, name: bytes("d1"))
-        try fs.removeDirectory(parent: 1, name: bytes("d2"))
-        XCTAssertEqual(try fs.getAttributes(ino: 1).attributes.nlink, 2)
+        try fs.removeDirectory(parent: .root, name: bytes("d2"))
+        XCTAssertEqual(try fs.getAttributes(ino: .root).attributes.nlink, 2)
         let report = FileSystem.check(fs.store)
         XCTAssertTrue(report.isConsistent, "\(report.problems)")
     }
@@ -142,13 +142,13 @@ final class FileSystemTests: XCTestCase {
         let (store, _) = try makeStore()
         let fs = try FileSystem.format(store)
         let nfc: [UInt8] = [0xC3, 0xA9], nfd: [UInt8] = [0x65, 0xCC, 0x81], invalid: [UInt8] = [0xFF, 0xFE, 0x41]
-        for name in [nfc, nfd, invalid] { _ = try fs.create(parent: 1, name: name, mode: 0o644, caller: .root) }
+        for name in [nfc, nfd, invalid] { _ = try fs.create(parent: .root, name: name, mode: 0o644, caller: .root) }
         let long = [UInt8](repeating: 0xFF, count: 255)
-        _ = try fs.create(parent: 1, name: long, mode: 0o644, caller: .root)
-        XCTAssertThrowsError(try fs.create(parent: 1, name: long + [0x41], mode: 0o644, caller: .root)) {
+        _ = try fs.create(parent: .root, name: long, mode: 0o644, caller: .root)
+        XCTAssertThrowsError(try fs.create(parent: .root, name: long + [0x41], mode: 0o644, caller: .root)) {
             XCTAssertEqual(($0 as? FSError)?.errno, ENAMETOOLONG)
         }
-        let handle = try fs.openDirectory(ino: 1)
+        let handle = try fs.openDirectory(ino: .root)
         var names: [[UInt8]] = []
         try fs.readDirectory(handle: handle, offset: 0) { entry, _ in names.append(entry.name); return true }
         XCTAssertEqual(Set(names), Set([[46], [46, 46], nfc, nfd, invalid, long]))
@@ -157,7 +157,7 @@ final class FileSystemTests: XCTestCase {
     func testLargeDirectory() throws {
         let (store, _) = try makeStore(megabytes: 1024)
         let fs = try FileSystem.format(store)
-        let dir = try fs.make(parent: 1, name: bytes("big"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
+        let dir = try fs.make(parent: .root, name: bytes("big"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
         let count = 20_000
         let start = MonotonicClock.nowNs()
         for index in 0..<count { _ = try fs.make(parent: dir.ino, name: bytes("f\(index)"), mode: UInt32(S_IFREG) | 0o644, caller: .root) }

@@ -22,7 +22,7 @@ final class NamespaceTests: XCTestCase {
     }
 
     /// The attributes as the log holds them (what a mount after a crash would see).
-    private func logged(_ fs: FileSystem, _ ino: UInt64) throws -> InodeAttributes {
+    private func logged(_ fs: FileSystem, _ ino: InodeNumber) throws -> InodeAttributes {
         let value = try XCTUnwrap(fs.store.xattr(FileSystem.blobID(ino), name: Key.inode, isInternal: true))
         return try XCTUnwrap(InodeAttributes.decode(value))
     }
@@ -35,7 +35,7 @@ final class NamespaceTests: XCTestCase {
     func testAnInodeStagedTwiceIsOneEntryWhoseChangesAddUp() throws {
         let (fs, _) = try makeFileSystem()
         let d = try fs.make(parent: FileSystem.rootIno, name: name("d"), mode: directoryMode, caller: .root)
-        let inode = try fs.inode(ino: d.ino)
+        let inode = try fs.inode(d.ino)
         var updates = FileSystem.InodeUpdates()
         let from = updates.stage(FileSystem.blobID(d.ino), inode)
         let to = updates.stage(FileSystem.blobID(d.ino), inode)

@@ -43,7 +43,7 @@ final class RepairCampaignTests: XCTestCase {
 
     /// What a file should hold.
     struct Expected {
-        var ino: UInt64
+        var ino: InodeNumber
         var path: String
         var mode: UInt32
         var size: UInt64
@@ -59,7 +59,7 @@ final class RepairCampaignTests: XCTestCase {
         var name: String
         var geometry: Int
         var bytes: [UInt8]
-        var files: [UInt64: Expected]
+        var files: [InodeNumber: Expected]
         /// Device pages worth aiming at: chain pages (region and clusters), the log in use.
         var chainRegionPages: [UInt64]
         var chainClusterPages: [UInt64]
@@ -85,12 +85,12 @@ final class RepairCampaignTests: XCTestCase {
         return bytes
     }
 
-    static func content(ino: UInt64, size: UInt64) -> [UInt8] {
+    static func content(ino: InodeNumber, size: UInt64) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(Int(size))
         var index: UInt64 = 0
         while UInt64(bytes.count) < size {
-            bytes += pattern(ino: ino, index: index).prefix(Int(size) - bytes.count)
+            bytes += pattern(ino: ino.rawValue, index: index).prefix(Int(size) - bytes.count)
             index += 1
         }
         return bytes
@@ -115,7 +115,7 @@ final class RepairCampaignTests: XCTestCase {
         let reactor = try Reactor()
         for (index, geometry) in geometries.enumerated() {
             let bdev = try device(geometry)
-            var files: [UInt64: Expected] = [:]
+            var files: [InodeNumber: Expected] = [:]
             try withIO(bdev, reactor) { io in
                 let store = try BlobStore.format(io, options: BlobStore.Options(clusterSizeBytes: geometry.clusterBytes))
                 let fs = try FileSystem.format(store)
@@ -142,7 +142,7 @@ final class RepairCampaignTests: XCTestCase {
         return try body(io)
     }
 
-    private static func write(_ fs: FileSystem, _ ino: UInt64, size: UInt64, from: UInt64 = 0) throws {
+    private static func write(_ fs: FileSystem, _ ino: InodeNumber, size: UInt64, from: UInt64 = 0) throws {
         let data = content(ino: ino, size: size)
         var offset = from
         while offset < size {
@@ -152,7 +152,7 @@ final class RepairCampaignTests: XCTestCase {
         }
     }
 
-    private static func file(_ fs: FileSystem, _ files: inout [UInt64: Expected], parent: UInt64, path: String, size: UInt64) throws -> UInt64 {
+    private static func file(_ fs: FileSystem, _ files: inout [InodeNumber: Expected], parent: InodeNumber, path: String, size: UInt64) throws -> InodeNumber {
         let name = String(path.split(separator: "/").last!)
         let made = try fs.create(parent: parent, name: bytes(name), mode: 0o644, caller: .root)
         try write(fs, made.ino, size: size)
@@ -164,19 +164,19 @@ final class RepairCampaignTests: XCTestCase {
 
     /// Makes the file's changes durable (its size is written back at a sync) and notes
     /// the log sequence they end before.
-    private static func synced(_ fs: FileSystem, _ files: inout [UInt64: Expected], _ ino: UInt64) throws {
+    private static func synced(_ fs: FileSystem, _ files: inout [InodeNumber: Expected], _ ino: InodeNumber) throws {
         try fs.sync()
         files[ino]!.lastLSN = fs.store.logSequence
     }
 
-    private static func directory(_ fs: FileSystem, parent: UInt64, _ name: String) throws -> UInt64 {
+    private static func directory(_ fs: FileSystem, parent: InodeNumber, _ name: String) throws -> InodeNumber {
         try fs.make(parent: parent, name: bytes(name), mode: UInt32(S_IFDIR) | 0o755, caller: .root).ino
     }
 
-    private static func populate(_ fs: FileSystem, _ files: inout [UInt64: Expected], clusterBytes: Int) throws {
+    private static func populate(_ fs: FileSystem, _ files: inout [InodeNumber: Expected], clusterBytes: Int) throws {
         let sizes: [UInt64] = [0, 1, 100, 4095, 4096, 5000, 12288, 20000, 40000, 70001]
         for d in 0..<5 {
-            let dir = try directory(fs, parent: 1, "d\(d)")
+            let dir = try directory(fs, parent: .root, "d\(d)")
             for (index, size) in sizes.enumerated() where (index + d) % 3 != 0 {
                 _ = try file(fs, &files, parent: dir, path: "/d\(d)/f\(index)", size: size)
             }
@@ -188,12 +188,12 @@ final class RepairCampaignTests: XCTestCase {
             }
         }
         // A directory of many entries: a chain of several pages.
-        let big = try directory(fs, parent: 1, "big")
+        let big = try directory(fs, parent: .root, "big")
         for index in 0..<160 { _ = try file(fs, &files, parent: big, path: "/big/entry-\(index)", size: UInt64(index * 37 % 300)) }
         // Two files written a cluster at a time in turn: an extent per cluster, chains of
         // two pages.
-        let a = try fs.create(parent: 1, name: bytes("frag-a"), mode: 0o600, caller: .root).ino
-        let b = try fs.create(parent: 1, name: bytes("frag-b"), mode: 0o600, caller: .root).ino
+        let a = try fs.create(parent: .root, name: bytes("frag-a"), mode: 0o600, caller: .root).ino
+        let b = try fs.create(parent: .root, name: bytes("frag-b"), mode: 0o600, caller: .root).ino
         let fragmentBytes = UInt64(fragmentClusters * clusterBytes)
         let (dataA, dataB) = (content(ino: a, size: fragmentBytes), content(ino: b, size: fragmentBytes))
         for cluster in 0..<fragmentClusters {
@@ -209,12 +209,12 @@ final class RepairCampaignTests: XCTestCase {
         try synced(fs, &files, b)
         // Symlinks (one of two target pieces), a hard link, xattrs (one large).
         for (name, target) in [("short", bytes("/d1/f2")), ("long", [UInt8](repeating: UInt8(ascii: "t"), count: 3000))] {
-            let link = try fs.make(parent: 1, name: bytes(name), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: target, caller: .root)
+            let link = try fs.make(parent: .root, name: bytes(name), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: target, caller: .root)
             files[link.ino] = Expected(ino: link.ino, path: "/" + name, mode: UInt32(S_IFLNK), size: UInt64(target.count), target: target)
             try synced(fs, &files, link.ino)
         }
-        let linked = try fs.lookup(parent: try fs.lookup(parent: 1, name: bytes("d1")).ino, name: bytes("f1")).ino
-        _ = try fs.link(ino: linked, newParent: try fs.lookup(parent: 1, name: bytes("d2")).ino, newName: bytes("hard"))
+        let linked = try fs.lookup(parent: try fs.lookup(parent: .root, name: bytes("d1")).ino, name: bytes("f1")).ino
+        _ = try fs.link(ino: linked, newParent: try fs.lookup(parent: .root, name: bytes("d2")).ino, newName: bytes("hard"))
         try synced(fs, &files, linked)
         for (path, name, size) in [("/d1/f1", "user.colour", 4), ("/d3/f1", "user.big", 2000), ("/d4/f1", "user.x", 0)] {
             let ino = try resolve(fs, path).ino
@@ -227,9 +227,9 @@ final class RepairCampaignTests: XCTestCase {
 
     /// Changes after the checkpoint, each synced: new files, an append, a rename, an xattr,
     /// a directory and a symlink. Each file's last LSN is recorded.
-    private static func changeAfterTheCheckpoint(_ fs: FileSystem, _ files: inout [UInt64: Expected]) throws {
-        func done(_ ino: UInt64) throws { try synced(fs, &files, ino) }
-        let late = try directory(fs, parent: 1, "late")
+    private static func changeAfterTheCheckpoint(_ fs: FileSystem, _ files: inout [InodeNumber: Expected]) throws {
+        func done(_ ino: InodeNumber) throws { try synced(fs, &files, ino) }
+        let late = try directory(fs, parent: .root, "late")
         for index in 0..<12 {
             let ino = try file(fs, &files, parent: late, path: "/late/n\(index)", size: UInt64(index * 3001))
             try done(ino)
@@ -253,13 +253,13 @@ final class RepairCampaignTests: XCTestCase {
     }
 
     static func resolve(_ fs: FileSystem, _ path: String) throws -> Attributes {
-        var current = try fs.getAttributes(ino: 1)
+        var current = try fs.getAttributes(ino: .root)
         for part in path.split(separator: "/") { current = try fs.lookup(parent: current.ino, name: Array(part.utf8)) }
         return current
     }
 
     private static func snapshot(_ bdev: Bdev, _ reactor: Reactor, name: String, geometry: Int,
-                                 files: [UInt64: Expected]) throws -> Image {
+                                 files: [InodeNumber: Expected]) throws -> Image {
         try withIO(bdev, reactor) { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
             let block = store.superBlock
@@ -357,7 +357,7 @@ final class RepairCampaignTests: XCTestCase {
         let images = try Self.makeImages()
         let devices = try Self.geometries.map(Self.device)
         let reactor = try Reactor()
-        var expectedContent: [UInt64: [UInt8]] = [:]
+        var expectedContent: [InodeNumber: [UInt8]] = [:]
         for image in images {
             for (ino, file) in image.files where file.mode == UInt32(S_IFREG) && expectedContent[ino]?.count ?? -1 < Int(file.size) {
                 expectedContent[ino] = Self.content(ino: ino, size: file.size)
@@ -393,7 +393,7 @@ final class RepairCampaignTests: XCTestCase {
         XCTAssertEqual(tally.repaired, tally.damaged)
     }
 
-    private func runSeed(_ io: BdevSyncIO, image: Image, expected: [UInt64: [UInt8]], context: String, tally: inout Tally) throws {
+    private func runSeed(_ io: BdevSyncIO, image: Image, expected: [InodeNumber: [UInt8]], context: String, tally: inout Tally) throws {
         tally.images += 1
         let before = Fsck.check(io)
         guard !before.clean else { return }  // flips in bytes nothing reads
@@ -410,9 +410,9 @@ final class RepairCampaignTests: XCTestCase {
         // Mount and read everything.
         let (store, _) = try BlobStore.load(io)
         let fs = try FileSystem.mount(store)
-        var found: [UInt64: (attributes: InodeAttributes, data: [UInt8]?, target: [UInt8]?, xattrs: [String: [UInt8]])] = [:]
-        var queue: [UInt64] = [FileSystem.rootIno]
-        var visited: Set<UInt64> = [FileSystem.rootIno]
+        var found: [InodeNumber: (attributes: InodeAttributes, data: [UInt8]?, target: [UInt8]?, xattrs: [String: [UInt8]])] = [:]
+        var queue: [InodeNumber] = [FileSystem.rootIno]
+        var visited: Set<InodeNumber> = [FileSystem.rootIno]
         while let directory = queue.popLast() {
             let handle = try fs.openDirectory(ino: directory)
             var entries: [DirectoryEntry] = []
@@ -456,7 +456,7 @@ final class RepairCampaignTests: XCTestCase {
 
         // Files the repair did not touch, whose last change the replay reached, are exact.
         for (ino, file) in image.files {
-            let id = ino - 1
+            let id = ino.blobID
             let reached = file.lastLSN <= report.replayEndLSN
             guard !report.affectedBlobs.contains(id), reached else {
                 tally.touchedFiles += 1
@@ -486,7 +486,7 @@ final class RepairCampaignTests: XCTestCase {
     static let zeros = [UInt8](repeating: 0, count: 4096)
 
     /// Every 4 KiB block of a file is zeros or the file's own block at that index.
-    private func checkBlocks(_ data: [UInt8], ino: UInt64, expected: [UInt8]?, context: String) {
+    private func checkBlocks(_ data: [UInt8], ino: InodeNumber, expected: [UInt8]?, context: String) {
         var offset = 0
         while offset < data.count {
             let end = min(data.count, offset + 4096)
