@@ -12,12 +12,14 @@ extension BlobStore {
         if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
         records += xattrs.map { .setXattr(id: id, internal: false, name: $0.name, value: $0.value) }
         try commit(records)
+        precondition(blobs[id]?.clusterCount == clusterCount && blobIDs[id], "createBlob: blob \(id) exists, thin, its id taken")
         return id
     }
 
     public func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
         try commit([.deleteBlob(id: id)])
+        precondition(blobs[id] == nil, "deleteBlob: blob \(id) is gone")
     }
 
     /// Grows (thin) or shrinks (releasing clusters past the new end) a blob.
@@ -25,12 +27,16 @@ extension BlobStore {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
         guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
         try commit([.resizeBlob(id: id, clusterCount: clusterCount)])
+        precondition(blobs[id]?.clusterCount == clusterCount, "resizeBlob: blob \(id) has \(clusterCount) clusters")
+        assert(blobs[id]!.extents.allSatisfy { $0.clusterIndex + UInt64($0.count) <= clusterCount },
+               "resizeBlob: no extent past the end")
     }
 
     public func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
         try Self.validateXattr(name, value)
         try commit([.setXattr(id: id, internal: isInternal, name: name, value: value)])
+        assert(xattr(id, name: name, isInternal: isInternal) == value, "setXattr: the value reads back")
     }
 
     /// Removes an xattr; false when the blob had none of that name.
@@ -39,6 +45,7 @@ extension BlobStore {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard (isInternal ? blob.internalXattrs : blob.xattrs).contains(name: name) else { return false }
         try commit([.removeXattr(id: id, internal: isInternal, name: name)])
+        assert(xattr(id, name: name, isInternal: isInternal) == nil, "removeXattr: the name is gone")
         return true
     }
 
@@ -50,6 +57,7 @@ extension BlobStore {
     public func setSuperBlob(_ id: UInt64?) throws(BlobStoreError) {
         if let id, blobs[id] == nil { throw .noSuchBlob(id) }
         try commit([.setSuperBlob(id: id)])
+        precondition(superBlobID == id, "setSuperBlob: the super blob is \(String(describing: id))")
     }
 
     static func validateXattr(_ name: String, _ value: [UInt8]) throws(BlobStoreError) {
@@ -189,6 +197,8 @@ extension BlobStore {
         // deferred mode before the commit's records are written (`writePendingLog`).
         if deferCommitFlush { metadataLog.pendingNeedsDataFlush = true } else { try flush() }
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
+        assert(mapped.allSatisfy { physicalCluster(blobs[id]!, $0.clusterIndex) == $0.firstCluster && clusters[$0.firstCluster] },
+               "write: every new cluster is mapped where it was written and marked used")
     }
 
     /// A free cluster at or after `hint` (wrapping around) that is not in `reserved`; nil
@@ -240,6 +250,8 @@ extension BlobStore {
             throw .invalidArgument("clusters \(clusterIndex)+\(count) beyond blob \(id) of \(blob.clusterCount)")
         }
         try commit([.unmapClusters(id: id, clusterIndex: clusterIndex, count: count)])
+        assert((clusterIndex..<(clusterIndex + UInt64(count))).allSatisfy { physicalCluster(blobs[id]!, $0) == nil },
+               "unmap: the range reads as a hole")
     }
 
     /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
