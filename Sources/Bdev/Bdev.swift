@@ -141,6 +141,21 @@ public final class BdevChannel {
         try submitData(.write, segments, offsetBlocks, countBlocks, handler, tag)
     }
 
+    /// `readv` of a buffer of segments, not generic: a caller in another module (the blob
+    /// store's channel, the NVMe emulator) gets the path specialized here, not the
+    /// unspecialized generic one, which walks the collection through witness tables on
+    /// every request.
+    public func readv(_ segments: UnsafeBufferPointer<DMASegment>, offsetBlocks: UInt64, countBlocks: UInt64,
+                      handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
+        try submitData(.read, segments, offsetBlocks, countBlocks, handler, tag)
+    }
+
+    /// `writev` of a buffer of segments, not generic (see `readv(_:offsetBlocks:countBlocks:handler:tag:)`).
+    public func writev(_ segments: UnsafeBufferPointer<DMASegment>, offsetBlocks: UInt64, countBlocks: UInt64,
+                       handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
+        try submitData(.write, segments, offsetBlocks, countBlocks, handler, tag)
+    }
+
     /// Makes every write completed before this call durable.
     public func flush(handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
         let io = try takeRequest()
