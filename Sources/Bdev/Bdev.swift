@@ -58,8 +58,14 @@ public final class BdevChannel {
     /// device may have grown), so the common path reads no shared state.
     private var blockCount: UInt64
     private let alignmentMask: Int
+    /// The pool; owns the requests for the channel's life.
     private var requests: ContiguousArray<BdevIO> = []
-    private var freeIndices: ContiguousArray<Int> = []
+    /// The same requests unretained, for the per-I/O path: reached through
+    /// `_withUnsafeGuaranteedRef`, they take no reference count per request.
+    private let requestRefs: UnsafeMutablePointer<Unmanaged<BdevIO>>
+    /// Indices of free requests, a stack of `freeCount` (capacity `queueDepth`).
+    private let freeIndices: UnsafeMutablePointer<Int>
+    private var freeCount = 0
     private var completedHead = -1
     private var completedTail = -1
     private var pollerID: PollerID?
@@ -75,17 +81,24 @@ public final class BdevChannel {
         blockCount = geometry.blockCount
         alignmentMask = geometry.bufferAlignmentBytes - 1
         requests.reserveCapacity(queueDepth)
-        freeIndices.reserveCapacity(queueDepth)
+        freeIndices = .allocate(capacity: queueDepth)
+        requestRefs = .allocate(capacity: queueDepth)
         for index in 0..<queueDepth {
             requests.append(BdevIO(index: index, channel: self))
-            freeIndices.append(queueDepth - 1 - index)
+            freeIndices[index] = queueDepth - 1 - index
         }
-        pollerID = reactor.registerPoller { [unowned self] in self.poll() }
+        for index in 0..<queueDepth { requestRefs[index] = Unmanaged.passUnretained(requests[index]) }
+        freeCount = queueDepth
+        // unowned(unsafe): the poller is unregistered by close(), at the latest in deinit,
+        // so it never runs on a freed channel (and takes no reference count per pass).
+        pollerID = reactor.registerPoller { [unowned(unsafe) self] in self.poll() }
     }
 
     /// A channel dropped without `close()` closes itself, so its poller never outlives it.
     deinit {
         if pollerID != nil { close() }
+        freeIndices.deallocate()
+        requestRefs.deallocate()
     }
 
     /// Closes the channel; every request must have completed.
@@ -125,6 +138,21 @@ public final class BdevChannel {
 
     public func writev<S: Collection<DMASegment>>(_ segments: S, offsetBlocks: UInt64, countBlocks: UInt64,
                                                    handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
+        try submitData(.write, segments, offsetBlocks, countBlocks, handler, tag)
+    }
+
+    /// `readv` of a buffer of segments, not generic: a caller in another module (the blob
+    /// store's channel, the NVMe emulator) gets the path specialized here, not the
+    /// unspecialized generic one, which walks the collection through witness tables on
+    /// every request.
+    public func readv(_ segments: UnsafeBufferPointer<DMASegment>, offsetBlocks: UInt64, countBlocks: UInt64,
+                      handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
+        try submitData(.read, segments, offsetBlocks, countBlocks, handler, tag)
+    }
+
+    /// `writev` of a buffer of segments, not generic (see `readv(_:offsetBlocks:countBlocks:handler:tag:)`).
+    public func writev(_ segments: UnsafeBufferPointer<DMASegment>, offsetBlocks: UInt64, countBlocks: UInt64,
+                       handler: any BdevCompletionHandler, tag: UInt64 = 0) throws(BdevError) {
         try submitData(.write, segments, offsetBlocks, countBlocks, handler, tag)
     }
 
@@ -207,26 +235,39 @@ public final class BdevChannel {
         }
         let bytes = Int(countBlocks) * blockSizeBytes
         guard total == bytes else { throw .lengthMismatch(bufferBytes: total, requestBytes: bytes) }
-        let io = try takeRequest()
-        var index = 0
-        for segment in segments {
-            segment.pin()
-            io.segments[index] = segment
-            io.iovecs[index] = iovec(iov_base: segment.base, iov_len: segment.count)
-            index += 1
+        let slot = try takeSlot()
+        requestRefs[slot]._withUnsafeGuaranteedRef { io in
+            var index = 0
+            for segment in segments {
+                segment.pin()
+                io.segments[index] = segment
+                io.iovecs[index] = iovec(iov_base: segment.base, iov_len: segment.count)
+                index += 1
+            }
+            io.type = type
+            io.offsetBlocks = offsetBlocks
+            io.countBlocks = countBlocks
+            io.byteCount = bytes
+            io.segmentCount = count
+            start(io, handler, tag)
         }
-        io.type = type
-        io.offsetBlocks = offsetBlocks
-        io.countBlocks = countBlocks
-        io.byteCount = bytes
-        io.segmentCount = count
-        start(io, handler, tag)
     }
 
     @inline(__always)
-    private func takeRequest() throws(BdevError) -> BdevIO {
-        guard let index = freeIndices.popLast() else { throw .queueFull }
-        return requests[index]
+    private func takeSlot() throws(BdevError) -> Int {
+        guard freeCount > 0 else { throw .queueFull }
+        freeCount -= 1
+        return freeIndices[freeCount]
+    }
+
+    @inline(__always)
+    private func takeRequest() throws(BdevError) -> BdevIO { requests[try takeSlot()] }
+
+    @inline(__always)
+    private func release(_ index: Int) {
+        precondition(freeCount < queueDepth, "bdev request \(index) released twice")
+        freeIndices[freeCount] = index
+        freeCount += 1
     }
 
     @inline(__always)
@@ -243,7 +284,7 @@ public final class BdevChannel {
     func enqueueCompleted(_ io: BdevIO) {
         io.nextCompleted = -1
         if completedTail >= 0 {
-            requests[completedTail].nextCompleted = io.index
+            requestRefs[completedTail]._withUnsafeGuaranteedRef { $0.nextCompleted = io.index }
         } else {
             completedHead = io.index
         }
@@ -255,15 +296,15 @@ public final class BdevChannel {
         let backendStatus = backend.poll()
         var delivered = false
         while completedHead >= 0 {
-            let io = requests[completedHead]
-            completedHead = io.nextCompleted
-            if completedHead < 0 { completedTail = -1 }
-            for index in 0..<io.segmentCount { io.segments[index].unpin() }
-            let handler = io.handler!
-            let tag = io.tag
-            let status = io.status
-            io.handler = nil
-            freeIndices.append(io.index)
+            let (handler, tag, status) = requestRefs[completedHead]._withUnsafeGuaranteedRef { io in
+                completedHead = io.nextCompleted
+                if completedHead < 0 { completedTail = -1 }
+                for index in 0..<io.segmentCount { io.segments[index].unpin() }
+                let delivery = (io.handler!, io.tag, io.status)
+                io.handler = nil
+                release(io.index)
+                return delivery
+            }
             inFlight -= 1
             delivered = true
             handler.bdevIOCompleted(tag: tag, status: status)

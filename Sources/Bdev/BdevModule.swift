@@ -56,7 +56,10 @@ public final class BdevIO {
     public let index: Int
 
     let segments: UnsafeMutablePointer<DMASegment>
-    unowned(unsafe) let channel: BdevChannel
+    /// The channel owns the request and outlives it; unmanaged, so that completing takes
+    /// no reference count.
+    private let owner: Unmanaged<BdevChannel>
+    var channel: BdevChannel { owner.takeUnretainedValue() }
     unowned(unsafe) var handler: (any BdevCompletionHandler)?
     var tag: UInt64 = 0
     var status: BdevStatus = .success
@@ -65,7 +68,7 @@ public final class BdevIO {
 
     init(index: Int, channel: BdevChannel) {
         self.index = index
-        self.channel = channel
+        owner = Unmanaged.passUnretained(channel)
         iovecs = .allocate(capacity: BdevLimits.segmentCountMax)
         segments = .allocate(capacity: BdevLimits.segmentCountMax)
     }
@@ -80,7 +83,7 @@ public final class BdevIO {
         precondition(isInFlight, "bdev request \(index) completed twice or never submitted")
         isInFlight = false
         self.status = status
-        channel.enqueueCompleted(self)
+        owner._withUnsafeGuaranteedRef { $0.enqueueCompleted(self) }
     }
 
     /// Copies `byteCount` bytes from the request's segments to `target` (for writes).
