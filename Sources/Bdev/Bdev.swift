@@ -265,7 +265,7 @@ public final class BdevChannel {
 
     @inline(__always)
     private func release(_ index: Int) {
-        precondition(freeCount < queueDepth, "bdev request \(index) released twice")
+        precondition(freeCount < queueDepth, "bdev request \(index) released with every request already free")
         freeIndices[freeCount] = index
         freeCount += 1
     }

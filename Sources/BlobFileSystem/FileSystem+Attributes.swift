@@ -8,7 +8,7 @@ extension FileSystem {
     // MARK: - Attributes
 
     public func setAttributes(ino: InodeNumber, _ changes: AttributeChanges, caller: Caller) throws(FSError) -> Attributes {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         let now = realtimeNs()
         if let size = changes.size {
@@ -53,7 +53,7 @@ extension FileSystem {
 
     public func setXattr(ino: InodeNumber, name: String, value: [UInt8], create: Bool, replace: Bool) throws(FSError) {
         try checkXattrName(name)
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         let exists = store.xattr(id, name: name) != nil
         if create && exists { throw FSError(EEXIST) }
@@ -68,7 +68,7 @@ extension FileSystem {
 
     public func getXattr(ino: InodeNumber, name: String) throws(FSError) -> [UInt8] {
         _ = try inode(ino)
-        guard let value = store.xattr(Self.blobID(ino), name: name) else { throw FSError(ENODATA) }
+        guard let value = store.xattr(ino.blobID, name: name) else { throw FSError(ENODATA) }
         return value
     }
 
@@ -76,12 +76,12 @@ extension FileSystem {
     /// the kernel's own file systems list them only to CAP_SYS_ADMIN).
     public func listXattrs(ino: InodeNumber, privileged: Bool = true) throws(FSError) -> [String] {
         _ = try inode(ino)
-        let names = store.blob(Self.blobID(ino))?.xattrs.map(\.name) ?? []
+        let names = store.blob(ino.blobID)?.xattrs.map(\.name) ?? []
         return privileged ? names : names.filter { !$0.hasPrefix("trusted.") }
     }
 
     public func removeXattr(ino: InodeNumber, name: String) throws(FSError) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         guard store.xattr(id, name: name) != nil else { throw FSError(ENODATA) }
         try updateAttributes(id, inode, { $0.ctimeNs = realtimeNs() }, also: { tx throws(BlobStoreError) in

@@ -50,25 +50,25 @@ extension FileSystem {
                 guard let name = Key.entryName(key) else { continue }
                 let shown = String(decoding: name, as: UTF8.self)
                 guard let entry = Key.decodeEntry(value) else {
-                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": value of \(value.count) bytes, not 9")
+                    report.problems.append("directory \(InodeNumber(blob: directory)), entry \"\(shown)\": value of \(value.count) bytes, not 9")
                     continue
                 }
                 guard store.blob(entry.id) != nil, let child = load(entry.id) else {
-                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": inode \(ino(entry.id)) does not exist")
+                    report.problems.append("directory \(InodeNumber(blob: directory)), entry \"\(shown)\": inode \(InodeNumber(blob: entry.id)) does not exist")
                     continue
                 }
                 if child.type != entry.type {
-                    report.problems.append("directory \(ino(directory)), entry \"\(shown)\": type \(entry.type >> 12) but inode \(ino(entry.id)) is \(child.type >> 12)")
+                    report.problems.append("directory \(InodeNumber(blob: directory)), entry \"\(shown)\": type \(entry.type >> 12) but inode \(InodeNumber(blob: entry.id)) is \(child.type >> 12)")
                 }
                 links[entry.id, default: 0] += 1
                 if child.isDirectory {
                     subdirectories[directory, default: 0] += 1
                     if let previous = parents[entry.id] {
-                        report.problems.append("directory inode \(ino(entry.id)) is named in \(ino(previous)) and \(ino(directory))")
+                        report.problems.append("directory inode \(InodeNumber(blob: entry.id)) is named in \(InodeNumber(blob: previous)) and \(InodeNumber(blob: directory))")
                     }
                     parents[entry.id] = directory
                     if child.parent != directory {
-                        report.problems.append("directory inode \(ino(entry.id)): parent \(ino(child.parent)), but it is named in \(ino(directory))")
+                        report.problems.append("directory inode \(InodeNumber(blob: entry.id)): parent \(InodeNumber(blob: child.parent)), but it is named in \(InodeNumber(blob: directory))")
                     }
                     if visited.insert(entry.id).inserted { queue.append(entry.id) }
                 } else {
@@ -87,23 +87,23 @@ extension FileSystem {
                 continue
             }
             guard let inode = load(id) else {
-                report.problems.append("inode \(ino(id)): attributes unreadable")
+                report.problems.append("inode \(InodeNumber(blob: id)): attributes unreadable")
                 continue
             }
             if inode.isDirectory {
                 let expected = id == 0 || links[id] != nil ? 2 + (subdirectories[id] ?? 0) : 0
                 if inode.nlink != expected {
-                    report.problems.append("directory inode \(ino(id)): link count \(inode.nlink), expected \(expected)")
+                    report.problems.append("directory inode \(InodeNumber(blob: id)): link count \(inode.nlink), expected \(expected)")
                 }
             } else if inode.nlink != links[id] ?? 0 {
-                report.problems.append("inode \(ino(id)): link count \(inode.nlink), named \(links[id] ?? 0) times")
+                report.problems.append("inode \(InodeNumber(blob: id)): link count \(inode.nlink), named \(links[id] ?? 0) times")
             }
             if id != 0, links[id] == nil, !orphans.contains(id) {
-                report.problems.append("inode \(ino(id)): not named in any directory and not an orphan (leaked)")
+                report.problems.append("inode \(InodeNumber(blob: id)): not named in any directory and not an orphan (leaked)")
             }
             if links[id] != nil, orphans.contains(id) {
                 // A mount deletes orphans: it would leave the names pointing at nothing.
-                report.problems.append("inode \(ino(id)): marked an orphan, yet named in a directory")
+                report.problems.append("inode \(InodeNumber(blob: id)): marked an orphan, yet named in a directory")
             }
             report.problems += sizeProblems(store, id, inode)
         }
@@ -122,11 +122,11 @@ extension FileSystem {
                 length += piece.count
                 index += 1
             }
-            if index == 0 { return ["symlink inode \(ino(id)): no target"] }
-            if inode.size != UInt64(length) { return ["symlink inode \(ino(id)): size \(inode.size), target of \(length) bytes"] }
+            if index == 0 { return ["symlink inode \(InodeNumber(blob: id)): no target"] }
+            if inode.size != UInt64(length) { return ["symlink inode \(InodeNumber(blob: id)): size \(inode.size), target of \(length) bytes"] }
         } else if inode.isRegular, let blob = store.blob(id) {
             let capacity = blob.clusterCount * UInt64(store.clusterSizeBytes)
-            if inode.size > capacity { return ["inode \(ino(id)): size \(inode.size) beyond its blob's \(capacity) bytes"] }
+            if inode.size > capacity { return ["inode \(InodeNumber(blob: id)): size \(inode.size) beyond its blob's \(capacity) bytes"] }
         }
         return []
     }

@@ -12,7 +12,7 @@ extension FileSystem {
     public var fileBytesMax: UInt64 { UInt64(UInt32.max) * 16 * clusterBytes }
 
     public func open(ino: InodeNumber, truncate: Bool = false) throws(FSError) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         if inode.attributes.isDirectory { throw FSError(EISDIR) }
         if truncate, inode.attributes.isRegular, inode.attributes.size > 0 {
@@ -27,12 +27,12 @@ extension FileSystem {
     /// Creates a regular file and opens it.
     public func create(parent: InodeNumber, name: [UInt8], mode: UInt32, caller: Caller) throws(FSError) -> Attributes {
         let attributes = try make(parent: parent, name: name, mode: UInt32(S_IFREG) | (mode & 0o7777), caller: caller)
-        inodes[Self.blobID(attributes.ino)]?.opens += 1
+        inodes[attributes.ino.blobID]?.opens += 1
         return attributes
     }
 
     public func release(ino: InodeNumber) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         guard let inode = inodes[id] else { return }
         inode.opens -= min(inode.opens, 1)
         releaseIfUnused(id, inode)
@@ -43,7 +43,7 @@ extension FileSystem {
         guard inode.attributes.isRegular else {
             throw FSError(inode.attributes.isDirectory ? EISDIR : EINVAL, "not a regular file")
         }
-        return (Self.blobID(ino), inode)
+        return (ino.blobID, inode)
     }
 
     // MARK: - Read and write
@@ -111,15 +111,17 @@ extension FileSystem {
     /// xfs, tmpfs): the coarse clock (one tick, a few ms) unless someone saw the current
     /// times, then the fine one. Writes within one tick that nobody looked at between
     /// leave the inode clean, so an fsync after them has no attributes to commit and
-    /// costs one device flush, as on ext4. Times never go back (ctime counts: a chmod
-    /// may have stamped it finer), and set-user-ID is dropped as for any write.
+    /// costs one device flush, as on ext4. The clock is compared with ctime, which only
+    /// ever takes the current time (a chmod may have stamped it finer), never with
+    /// mtime: utimensat can put mtime anywhere, and a write after it must still set it
+    /// to now. Set-user-ID is dropped as for any write.
     func stampDataWrite(_ inode: Inode) {
         let mode = inode.attributes.mode & ~UInt32(S_ISUID)
         if mode != inode.attributes.mode {
             inode.attributes.mode = mode
             inode.dirty = true
         }
-        let last = max(inode.attributes.mtimeNs, inode.attributes.ctimeNs)
+        let last = inode.attributes.ctimeNs
         var now = coarseRealtimeNs()
         if now <= last {
             guard inode.timesObserved else { return }
@@ -386,27 +388,27 @@ extension FileSystem {
     /// durable by one flush.
     public func fsyncPlan(ino: InodeNumber) throws(FSError) -> (needsAttributes: Bool, dataFirst: UInt64?) {
         let inode = try inode(ino)
-        let needsAttributes = inode.dirty && store.blob(Self.blobID(ino)) != nil
+        let needsAttributes = inode.dirty && store.blob(ino.blobID) != nil
         let grown = inode.sizeGrowths != inode.sizeGrowthsFlushed
         return (needsAttributes, needsAttributes && grown ? inode.sizeGrowths : nil)
     }
 
     /// The data of every growth up to `growths` (from `fsyncPlan`) is durable.
     public func dataFlushed(ino: InodeNumber, growths: UInt64) {
-        guard let inode = inodes[Self.blobID(ino)] else { return }
+        guard let inode = inodes[ino.blobID] else { return }
         inode.sizeGrowthsFlushed = max(inode.sizeGrowthsFlushed, growths)
     }
 
     /// The second half: commits the attributes (durable at the next flush).
     public func commitAttributes(ino: InodeNumber) throws(FSError) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         guard let inode = inodes[id], inode.dirty, store.blob(id) != nil else { return }
         try updateAttributes(id, inode) { _ in }
     }
 
     /// fsync/fdatasync: the file's data flushed, then its attributes committed.
     public func fsync(ino: InodeNumber, dataOnly: Bool = false) throws(FSError) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         // The data (and every commit before it) first, then the attributes, then their flush.
         try storeCall { try store.sync() }

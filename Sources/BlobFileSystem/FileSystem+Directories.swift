@@ -14,12 +14,12 @@ extension FileSystem {
         let (id, directory) = try directory(ino: ino)
         var entries = [DirectoryEntry(name: [UInt8(ascii: ".")], ino: ino, type: UInt32(S_IFDIR)),
                        DirectoryEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")],
-                                      ino: Self.ino(directory.attributes.parent), type: UInt32(S_IFDIR))]
+                                      ino: InodeNumber(blob: directory.attributes.parent), type: UInt32(S_IFDIR))]
         if let blob = store.blob(id) {
             entries.reserveCapacity(blob.internalXattrs.count + 2)
             for (key, value) in blob.internalXattrs {
                 guard let name = Key.entryName(key), let decoded = Key.decodeEntry(value) else { continue }
-                entries.append(DirectoryEntry(name: name, ino: Self.ino(decoded.id), type: decoded.type))
+                entries.append(DirectoryEntry(name: name, ino: InodeNumber(blob: decoded.id), type: decoded.type))
             }
         }
         let handle = nextListing
@@ -47,9 +47,9 @@ extension FileSystem {
         while index < entries.count {
             let entry = entries[index]
             let isDot = index < 2
-            guard isDot || store.blob(Self.blobID(entry.ino)) != nil,
+            guard isDot || store.blob(entry.ino.blobID) != nil,
                   let inode = try? inode(entry.ino) else { index += 1; continue }
-            guard accept(entry, isDot ? nil : attributes(Self.blobID(entry.ino), inode), UInt64(index + 1)) else { return }
+            guard accept(entry, isDot ? nil : attributes(entry.ino.blobID, inode), UInt64(index + 1)) else { return }
             if !isDot { inode.lookups += 1 }
             index += 1
         }
@@ -57,7 +57,7 @@ extension FileSystem {
 
     public func releaseDirectory(ino: InodeNumber, handle: UInt64) {
         listings[handle] = nil
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         if let inode = inodes[id] {
             inode.opens -= min(inode.opens, 1)
             releaseIfUnused(id, inode)

@@ -25,7 +25,7 @@ extension FileSystem {
 
     /// The kernel dropped `count` references to `ino`.
     public func forget(ino: InodeNumber, count: UInt64) {
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         guard let inode = inodes[id] else { return }
         inode.lookups -= min(inode.lookups, count)
         releaseIfUnused(id, inode)
@@ -33,7 +33,7 @@ extension FileSystem {
 
     public func getAttributes(ino: InodeNumber) throws(FSError) -> Attributes {
         let inode = try inode(ino)
-        return attributes(Self.blobID(ino), inode)
+        return attributes(ino.blobID, inode)
     }
 
     // MARK: - Creating
@@ -97,7 +97,7 @@ extension FileSystem {
     public func readSymlink(ino: InodeNumber) throws(FSError) -> [UInt8] {
         let inode = try inode(ino)
         guard inode.attributes.isSymlink else { throw FSError(EINVAL, "not a symlink") }
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         guard var target = store.xattr(id, name: Key.symlink, isInternal: true) else {
             throw FSError(EIO, "symlink \(ino) has no target")
         }
@@ -111,7 +111,7 @@ extension FileSystem {
 
     public func link(ino: InodeNumber, newParent: InodeNumber, newName: [UInt8]) throws(FSError) -> Attributes {
         try checkName(newName)
-        let id = Self.blobID(ino)
+        let id = ino.blobID
         let inode = try inode(ino)
         guard !inode.attributes.isDirectory else { throw FSError(EPERM, "hard link to a directory") }
         guard inode.attributes.nlink < UInt32(Int32.max) else { throw FSError(EMLINK) }

@@ -71,8 +71,6 @@ private struct Repair {
         clusterBytes = UInt64(store.clusterSizeBytes)
     }
 
-    static func ino(_ id: UInt64) -> InodeNumber { InodeNumber(blob: id) }
-
     mutating func note(_ kind: String, _ id: UInt64?, _ text: String, affects: Bool = false) {
         report.changes.append(RepairChange(kind, blob: id, text))
         if affects, let id { report.affectedBlobs.insert(id) }
@@ -165,14 +163,14 @@ private struct Repair {
                 attributes.parent = 0
                 inodes[id] = attributes
                 rewrite.insert(id)
-                note("attributes_rebuilt", id, "inode \(Self.ino(id)): attributes \(value == nil ? "missing" : "unreadable (\(value!.count) bytes)"): rebuilt as a \(Self.typeName(type)) owned by root",
+                note("attributes_rebuilt", id, "inode \(InodeNumber(blob: id)): attributes \(value == nil ? "missing" : "unreadable (\(value!.count) bytes)"): rebuilt as a \(Self.typeName(type)) owned by root",
                      affects: true)
             }
         }
         for (id, attributes) in inodes where attributes.isSymlink && store.xattr(id, name: Key.symlink, isInternal: true) == nil {
             inodes[id] = nil
             deletions.append(id)
-            note("symlink_removed", id, "symlink inode \(Self.ino(id)) has no target: removed", affects: true)
+            note("symlink_removed", id, "symlink inode \(InodeNumber(blob: id)) has no target: removed", affects: true)
         }
     }
 
@@ -194,25 +192,25 @@ private struct Repair {
             guard let blob = store.blob(directory) else { continue }
             for (key, value) in blob.internalXattrs {
                 guard let name = Key.entryName(key) else { continue }
-                let shown = "\"\(String(decoding: name, as: UTF8.self))\" in directory \(Self.ino(directory))"
+                let shown = "\"\(String(decoding: name, as: UTF8.self))\" in directory \(InodeNumber(blob: directory))"
                 guard let entry = Key.decodeEntry(value) else {
                     drop(directory, key, "entry \(shown): value of \(value.count) bytes, not 9")
                     continue
                 }
                 guard let child = inodes[entry.id] else {
-                    drop(directory, key, "entry \(shown): inode \(Self.ino(entry.id)) does not exist")
+                    drop(directory, key, "entry \(shown): inode \(InodeNumber(blob: entry.id)) does not exist")
                     continue
                 }
                 if child.type != entry.type {
                     pending.append((directory, key, Key.entryValue(id: entry.id, type: child.type)))
-                    note("entry_type", directory, "entry \(shown): type \(entry.type >> 12), but inode \(Self.ino(entry.id)) is a \(Self.typeName(child.type)): corrected")
+                    note("entry_type", directory, "entry \(shown): type \(entry.type >> 12), but inode \(InodeNumber(blob: entry.id)) is a \(Self.typeName(child.type)): corrected")
                 }
                 guard child.isDirectory else {
                     links[entry.id, default: 0] += 1
                     continue
                 }
                 if parentOf[entry.id] != nil {
-                    drop(directory, key, "entry \(shown): directory inode \(Self.ino(entry.id)) is named elsewhere already (a directory has one name)")
+                    drop(directory, key, "entry \(shown): directory inode \(InodeNumber(blob: entry.id)) is named elsewhere already (a directory has one name)")
                 } else if child.parent != directory, entry.id != 0 {
                     unconfirmed.append((directory, key, entry.id))
                 } else {
@@ -242,7 +240,7 @@ private struct Repair {
             var reached: [UInt64] = []
             for (directory, key, child) in entries {
                 if parentOf[child] != nil {
-                    drop(directory, key, "entry \"\(String(decoding: Key.entryName(key) ?? [], as: UTF8.self))\" in directory \(Self.ino(directory)): directory inode \(Self.ino(child)) is named elsewhere already (a directory has one name)")
+                    drop(directory, key, "entry \"\(String(decoding: Key.entryName(key) ?? [], as: UTF8.self))\" in directory \(InodeNumber(blob: directory)): directory inode \(InodeNumber(blob: child)) is named elsewhere already (a directory has one name)")
                     continue
                 }
                 adopt(child, in: directory)
@@ -262,7 +260,7 @@ private struct Repair {
             }
             if links[id] != nil || parentOf[id] != nil || id == 0 {
                 pending.append((0, name, nil))
-                note("orphan_marker", id, "inode \(Self.ino(id)) is marked an orphan (unlinked while open) yet a directory names it: the marker is removed")
+                note("orphan_marker", id, "inode \(InodeNumber(blob: id)) is marked an orphan (unlinked while open) yet a directory names it: the marker is removed")
                 continue
             }
             if attributes.isDirectory {
@@ -307,12 +305,12 @@ private struct Repair {
     private mutating func link(_ id: UInt64) throws(FSError) {
         let directory = try lostAndFoundDirectory()
         guard let attributes = inodes[id] else { return }
-        var name = Self.ino(id).description
+        var name = InodeNumber(blob: id).description
         var suffix = 0
         while store.xattr(directory, name: Key.entry(Array(name.utf8)), isInternal: true) != nil
                 || pending.contains(where: { $0.id == directory && $0.name == Key.entry(Array(name.utf8)) && $0.value != nil }) {
             suffix += 1
-            name = "\(Self.ino(id)).\(suffix)"
+            name = "\(InodeNumber(blob: id)).\(suffix)"
         }
         pending.append((directory, Key.entry(Array(name.utf8)), Key.entryValue(id: id, type: attributes.type)))
         if attributes.isDirectory {
@@ -321,7 +319,7 @@ private struct Repair {
             links[id, default: 0] += 1
         }
         let what = attributes.isDirectory ? "directory" : "\(Self.typeName(attributes.type)) of \(attributes.size) bytes"
-        note("lost_found", id, "inode \(Self.ino(id)) (\(what)) is named by no directory: linked as /\(lostAndFoundName)/\(name)")
+        note("lost_found", id, "inode \(InodeNumber(blob: id)) (\(what)) is named by no directory: linked as /\(lostAndFoundName)/\(name)")
     }
 
     private var lostAndFoundName = "lost+found"
@@ -362,7 +360,7 @@ private struct Repair {
         adopt(id, in: 0)
         lostAndFound = id
         lostAndFoundName = name
-        note("lost_found_made", id, "made /\(name) (inode \(Self.ino(id)), mode 0700) for the inodes no directory names")
+        note("lost_found_made", id, "made /\(name) (inode \(InodeNumber(blob: id)), mode 0700) for the inodes no directory names")
         return id
     }
 
@@ -381,7 +379,7 @@ private struct Repair {
                 }
                 let parent = parentOf[id] ?? 0
                 if attributes.parent != parent {
-                    notes.append("parent inode \(Self.ino(attributes.parent)) → \(Self.ino(parent))")
+                    notes.append("parent inode \(InodeNumber(blob: attributes.parent)) → \(InodeNumber(blob: parent))")
                     attributes.parent = parent
                 }
             } else {
@@ -412,7 +410,7 @@ private struct Repair {
             pending.append((id, Key.inode, attributes.encode()))
             if !notes.isEmpty {
                 let sizeChanged = attributes.size != before.size
-                note(sizeChanged ? "size" : "link_count", id, "inode \(Self.ino(id)): " + notes.joined(separator: ", "), affects: sizeChanged)
+                note(sizeChanged ? "size" : "link_count", id, "inode \(InodeNumber(blob: id)): " + notes.joined(separator: ", "), affects: sizeChanged)
             }
         }
     }

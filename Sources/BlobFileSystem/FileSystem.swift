@@ -120,17 +120,15 @@ public final class FileSystem {
 
     // MARK: - Inodes
 
-    static func blobID(_ ino: InodeNumber) -> UInt64 { ino.blobID }
-    static func ino(_ id: UInt64) -> InodeNumber { InodeNumber(blob: id) }
 
     /// The inode held by blob `id`, read into the cache if it is not there.
     func inode(blob id: UInt64) throws(FSError) -> Inode {
         if let cached = inodes[id] { return cached }
         guard let value = store.xattr(id, name: Key.inode, isInternal: true) else {
-            throw FSError(ENOENT, "no inode \(Self.ino(id))")
+            throw FSError(ENOENT, "no inode \(InodeNumber(blob: id))")
         }
         guard let attributes = InodeAttributes.decode(value) else {
-            throw FSError(EIO, "inode \(Self.ino(id)): attributes unreadable (\(value.count) bytes)")
+            throw FSError(EIO, "inode \(InodeNumber(blob: id)): attributes unreadable (\(value.count) bytes)")
         }
         let inode = Inode(attributes)
         inodes[id] = inode
@@ -140,13 +138,13 @@ public final class FileSystem {
     /// The inode numbered `ino` (ENOENT past the blob ids the store can hold).
     func inode(_ ino: InodeNumber) throws(FSError) -> Inode {
         guard ino.rawValue >= 1, ino.rawValue <= store.blobIDLimit else { throw FSError(ENOENT, "inode \(ino)") }
-        return try inode(blob: Self.blobID(ino))
+        return try inode(blob: ino.blobID)
     }
 
     func attributes(_ id: UInt64, _ inode: Inode) -> Attributes {
         inode.timesObserved = true
         let allocated = store.blob(id).map { $0.extents.reduce(UInt64(0)) { $0 + UInt64($1.count) } } ?? 0
-        return Attributes(ino: Self.ino(id), attributes: inode.attributes, allocatedBytes: allocated * clusterBytes,
+        return Attributes(ino: InodeNumber(blob: id), attributes: inode.attributes, allocatedBytes: allocated * clusterBytes,
                           blockSize: UInt32(clusterBytes))
     }
 
@@ -178,7 +176,7 @@ public final class FileSystem {
     func directory(ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
         let inode = try inode(ino)
         guard inode.attributes.isDirectory else { throw FSError(ENOTDIR, "inode \(ino)") }
-        return (Self.blobID(ino), inode)
+        return (ino.blobID, inode)
     }
 
     func entry<Name: Collection<UInt8>>(in directoryID: UInt64, _ name: Name) -> (id: UInt64, type: UInt32)? {

@@ -278,7 +278,7 @@ public final class FileSystemService: @unchecked Sendable {
     }
 
     private func takeHandle(_ fileSystem: FileSystem, _ ino: InodeNumber) {
-        let id = FileSystem.blobID(ino)
+        let id = ino.blobID
         if let open = openBlobs[id] {
             open.opens += 1
         } else if fileSystem.store.blob(id) != nil, let handle = try? fileSystem.store.openBlob(id, owner: blobService.reactor) {
@@ -290,7 +290,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// handle (before the file system may delete an orphan). Call on the reactor.
     public func release(ino: InodeNumber) {
         blobService.reactor.preconditionCurrent()
-        let id = FileSystem.blobID(ino)
+        let id = ino.blobID
         if let open = openBlobs[id] {
             open.opens -= 1
             if open.opens == 0 {

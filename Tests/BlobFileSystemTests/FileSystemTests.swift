@@ -81,6 +81,12 @@ final class FileSystemTests: XCTestCase {
         try fs.write(ino: file.ino, offset: 0, data: block)
         XCTAssertGreaterThanOrEqual(inode.attributes.ctimeNs, ctime)
         XCTAssertEqual(inode.attributes.mode & UInt32(S_ISUID), 0, "a write drops set-user-ID")
+        // An mtime set in the future (touch -d, tar) is brought back to now by a write.
+        let future: Int64 = 4_000_000_000 * 1_000_000_000
+        _ = try fs.setAttributes(ino: file.ino, AttributeChanges(mtime: .ns(future)), caller: .root)
+        try fs.write(ino: file.ino, offset: 0, data: block)
+        XCTAssertLessThan(inode.attributes.mtimeNs, future, "a write sets mtime to now, not past a future one")
+        XCTAssertEqual(inode.attributes.mtimeNs, inode.attributes.ctimeNs)
     }
 
     func testTruncateThenGrowReadsZeros() throws {
@@ -110,7 +116,7 @@ final class FileSystemTests: XCTestCase {
         let d2 = try fs.make(parent: .root, name: bytes("d2"), mode: UInt32(S_IFDIR) | 0o755, caller: .root)
         try fs.rename(parent: .root, name: bytes("d1"), newParent: d2.ino, newName: bytes("d1"))
         XCTAssertEqual(try fs.getAttributes(ino: d2.ino).attributes.nlink, 3)
-        XCTAssertEqual(try fs.getAttributes(ino: d1.ino).attributes.parent, FileSystem.blobID(d2.ino))
+        XCTAssertEqual(try fs.getAttributes(ino: d1.ino).attributes.parent, d2.ino.blobID)
         XCTAssertThrowsError(try fs.rename(parent: .root, name: bytes("a"), newParent: .root, newName: bytes("d2"))) {
             XCTAssertEqual(($0 as? FSError)?.errno, EISDIR)
         }
@@ -123,12 +129,12 @@ final class FileSystemTests: XCTestCase {
         // a's inode (still named b) unlinked while open: an orphan until released.
         try fs.unlink(parent: .root, name: bytes("b"))
         try fs.unlink(parent: .root, name: bytes("c"))
-        XCTAssertNotNil(fs.store.blob(FileSystem.blobID(a.ino)))
+        XCTAssertNotNil(fs.store.blob(a.ino.blobID))
         XCTAssertEqual(try fs.read(ino: a.ino, offset: 0, count: 5), bytes("hello"))
         XCTAssertEqual(FileSystem.check(fs.store).orphans, 1)
         XCTAssertTrue(FileSystem.check(fs.store).isConsistent, "\(FileSystem.check(fs.store).problems)")
         fs = try remount(fs, io)
-        XCTAssertNil(fs.store.blob(FileSystem.blobID(a.ino)), "orphans are deleted at mount")
+        XCTAssertNil(fs.store.blob(a.ino.blobID), "orphans are deleted at mount")
         XCTAssertEqual(FileSystem.check(fs.store).orphans, 0)
         XCTAssertThrowsError(try fs.removeDirectory(parent: .root, name: bytes("d2"))) { XCTAssertEqual(($0 as? FSError)?.errno, ENOTEMPTY) }
         try fs.removeDirectory(parent: d2.ino, name: bytes("d1"))

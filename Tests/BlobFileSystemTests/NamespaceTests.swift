@@ -23,7 +23,7 @@ final class NamespaceTests: XCTestCase {
 
     /// The attributes as the log holds them (what a mount after a crash would see).
     private func logged(_ fs: FileSystem, _ ino: InodeNumber) throws -> InodeAttributes {
-        let value = try XCTUnwrap(fs.store.xattr(FileSystem.blobID(ino), name: Key.inode, isInternal: true))
+        let value = try XCTUnwrap(fs.store.xattr(ino.blobID, name: Key.inode, isInternal: true))
         return try XCTUnwrap(InodeAttributes.decode(value))
     }
 
@@ -37,8 +37,8 @@ final class NamespaceTests: XCTestCase {
         let d = try fs.make(parent: FileSystem.rootIno, name: name("d"), mode: directoryMode, caller: .root)
         let inode = try fs.inode(d.ino)
         var updates = FileSystem.InodeUpdates()
-        let from = updates.stage(FileSystem.blobID(d.ino), inode)
-        let to = updates.stage(FileSystem.blobID(d.ino), inode)
+        let from = updates.stage(d.ino.blobID, inode)
+        let to = updates.stage(d.ino.blobID, inode)
         XCTAssertEqual(from, to)
         updates[from].nlink -= 1
         updates[to].nlink += 1
@@ -68,7 +68,7 @@ final class NamespaceTests: XCTestCase {
         XCTAssertEqual(after.nlink, before.nlink, "a directory moved within its parent leaves the parent's count")
         XCTAssertEqual(try logged(fs, parent.ino), after)
         XCTAssertThrowsError(try fs.lookup(parent: parent.ino, name: name("sub")))
-        XCTAssertEqual(try fs.lookup(parent: parent.ino, name: name("moved")).attributes.parent, FileSystem.blobID(parent.ino))
+        XCTAssertEqual(try fs.lookup(parent: parent.ino, name: name("moved")).attributes.parent, parent.ino.blobID)
         assertConsistent(fs)
     }
 
@@ -80,7 +80,7 @@ final class NamespaceTests: XCTestCase {
         try fs.rename(parent: a.ino, name: name("c"), newParent: b.ino, newName: name("c"))
         XCTAssertEqual(try fs.getAttributes(ino: a.ino).attributes.nlink, 2)
         XCTAssertEqual(try fs.getAttributes(ino: b.ino).attributes.nlink, 3)
-        XCTAssertEqual(try fs.getAttributes(ino: child.ino).attributes.parent, FileSystem.blobID(b.ino))
+        XCTAssertEqual(try fs.getAttributes(ino: child.ino).attributes.parent, b.ino.blobID)
         for ino in [a.ino, b.ino, child.ino] {
             XCTAssertEqual(try logged(fs, ino), try fs.getAttributes(ino: ino).attributes, "inode \(ino) logged as cached")
         }
@@ -99,7 +99,7 @@ final class NamespaceTests: XCTestCase {
         XCTAssertEqual(try fs.lookup(parent: b.ino, name: name("y")).ino, directory.ino)
         XCTAssertEqual(try fs.getAttributes(ino: a.ino).attributes.nlink, 2, "a lost its subdirectory")
         XCTAssertEqual(try fs.getAttributes(ino: b.ino).attributes.nlink, 3, "b gained it")
-        XCTAssertEqual(try fs.getAttributes(ino: directory.ino).attributes.parent, FileSystem.blobID(b.ino))
+        XCTAssertEqual(try fs.getAttributes(ino: directory.ino).attributes.parent, b.ino.blobID)
         assertConsistent(fs)
     }
 
