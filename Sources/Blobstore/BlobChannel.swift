@@ -32,6 +32,11 @@ public final class BlobHandle: @unchecked Sendable {
     public internal(set) var clusterCount: UInt64
     /// Sorted by cluster index.
     var extents: ContiguousArray<Extent>
+    /// What a clone reads from its ancestors where it maps nothing (sorted; empty for a
+    /// blob without a parent). Reads only: a write there goes to the store, which copies.
+    var shared: ContiguousArray<Extent>
+    /// A snapshot: writes are refused.
+    public internal(set) var isSnapshot: Bool
     /// Owner thread only: which map a request was submitted under, and how many requests
     /// of the current map and of earlier maps are in flight.
     private(set) var generation: UInt32 = 0
@@ -40,16 +45,20 @@ public final class BlobHandle: @unchecked Sendable {
     /// Releases waiting for the earlier maps' requests to complete.
     private var waiting: [ReleaseTicket] = []
 
-    init(_ blob: BlobMetadata, owner: Reactor?) {
+    init(_ blob: BlobMetadata, shared: [Extent], owner: Reactor?) {
         id = blob.id
         self.owner = owner
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
+        self.shared = ContiguousArray(shared)
+        isSnapshot = blob.isSnapshot
     }
 
-    func refresh(_ blob: BlobMetadata, releasing ticket: ReleaseTicket?) {
+    func refresh(_ blob: BlobMetadata, shared: [Extent], releasing ticket: ReleaseTicket?) {
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
+        self.shared = ContiguousArray(shared)
+        isSnapshot = blob.isSnapshot
         olderInFlight += inFlight
         inFlight = 0
         generation &+= 1
@@ -58,9 +67,9 @@ public final class BlobHandle: @unchecked Sendable {
     }
 
     /// Applies a new snapshot on the owner's thread; `ticket` when clusters were released.
-    func update(_ blob: BlobMetadata, releasing ticket: ReleaseTicket?) {
-        guard let owner, !owner.isCurrent else { return refresh(blob, releasing: ticket) }
-        owner.send { [self] in self.refresh(blob, releasing: ticket) }
+    func update(_ blob: BlobMetadata, shared: [Extent], releasing ticket: ReleaseTicket?) {
+        guard let owner, !owner.isCurrent else { return refresh(blob, shared: shared, releasing: ticket) }
+        owner.send { [self] in self.refresh(blob, shared: shared, releasing: ticket) }
     }
 
     /// Requests through this handle not completed yet (owner thread only): close the
@@ -88,9 +97,21 @@ public final class BlobHandle: @unchecked Sendable {
         }
     }
 
-    /// Device cluster of blob cluster `index`, if allocated (binary search).
+    /// Device cluster of blob cluster `index`, if the blob maps it (binary search).
     @inline(__always)
     func physicalCluster(_ index: UInt64) -> UInt64? {
+        Self.lookup(extents, index)
+    }
+
+    /// Device cluster blob cluster `index` reads from: its own, else an ancestor's.
+    @inline(__always)
+    func readCluster(_ index: UInt64) -> UInt64? {
+        if let own = Self.lookup(extents, index) { return own }
+        return shared.isEmpty ? nil : Self.lookup(shared, index)
+    }
+
+    @inline(__always)
+    private static func lookup(_ extents: ContiguousArray<Extent>, _ index: UInt64) -> UInt64? {
         var low = 0
         var high = extents.count
         while low < high {
@@ -113,7 +134,7 @@ extension BlobStore {
     /// the blob's metadata changes. Call on the store's thread.
     public func openBlob(_ id: UInt64, owner: Reactor? = nil) throws(BlobStoreError) -> BlobHandle {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
-        let handle = BlobHandle(blob, owner: owner)
+        let handle = BlobHandle(blob, shared: sharedExtents(blob), owner: owner)
         openHandles[id, default: []].append(handle)
         return handle
     }
@@ -252,6 +273,7 @@ public final class BlobChannel: BdevCompletionHandler {
         guard total == Int(end - start) else {
             throw .invalidArgument("segments of \(total) bytes for a request of \(end - start)")
         }
+        guard isRead || !blob.isSnapshot else { throw .snapshotReadOnly(blob.id) }
         // Pass 1: count device requests and refuse what this path cannot do.
         var parts = 0
         var runEnd: UInt64 = .max  // device byte where the current run would continue
@@ -259,7 +281,7 @@ public final class BlobChannel: BdevCompletionHandler {
         while cursor < end {
             let index = cursor / clusterBytes
             let next = min(end, (index + 1) * clusterBytes)
-            if let cluster = blob.physicalCluster(index) {
+            if let cluster = isRead ? blob.readCluster(index) : blob.physicalCluster(index) {
                 let device = dataStartBytes + cluster * clusterBytes + (cursor - index * clusterBytes)
                 if device != runEnd { parts += 1 }
                 runEnd = device + (next - cursor)
@@ -294,7 +316,7 @@ public final class BlobChannel: BdevCompletionHandler {
         while cursor <= end {
             let index = cursor / clusterBytes
             let next = cursor == end ? end : min(end, (index + 1) * clusterBytes)
-            let cluster = cursor == end ? nil : blob.physicalCluster(index)
+            let cluster = cursor == end ? nil : isRead ? blob.readCluster(index) : blob.physicalCluster(index)
             let device = cluster.map { dataStartBytes + $0 * clusterBytes + (cursor - index * clusterBytes) }
             if runBytes > 0 && device != runStart + runBytes {
                 submitRun(isRead, runSegments, runStart, runBytes, slot)

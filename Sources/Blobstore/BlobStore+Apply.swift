@@ -16,7 +16,9 @@ extension BlobStore {
             blobIDs.set(id)
         case let .deleteBlob(id):
             guard let blob = blobs[id] else { throw fail("no such blob") }
+            guard clones[id] == nil else { throw fail("the blob has clones") }
             for extent in blob.extents { release(extent) }
+            if let parent = blob.parent { unlinkClone(id, from: parent) }
             blobs[id] = nil
             blobIDs.clear(id)
             if superBlock.superBlobID == id { superBlock.superBlobID = nil }
@@ -25,6 +27,7 @@ extension BlobStore {
             guard count <= MetadataPage.blobClustersMax else { throw fail("blob size out of range") }
             if count < blob.clusterCount { unmap(&blob, from: count, count: blob.clusterCount - count) }
             blob.clusterCount = count
+            blob.backedClusters = min(blob.backedClusters, count)
             blobs[id] = blob
         case let .mapExtent(id, extent):
             guard var blob = blobs[id] else { throw fail("no such blob") }
@@ -65,10 +68,21 @@ extension BlobStore {
         case let .setSuperBlob(id):
             if let id, blobs[id] == nil { throw fail("no such blob") }
             superBlock.superBlobID = id
+        case let .snapshot(id, snapshotID):
+            if let problem = applySnapshot(id, snapshotID) { throw fail(problem) }
+        case let .setParent(id, parent, backed):
+            if let problem = applySetParent(id, parent, backed) { throw fail(problem) }
+        case let .mergeIntoChild(id, child):
+            if let problem = applyMerge(id, into: child) { throw fail(problem) }
         case .commit:
             break
         }
         if let id = record.blobID { changed(id, replaying: replaying) }
+        if let other = record.otherBlobID {
+            // The first call took care of the released clusters (a merge's).
+            releases.byRecord.removeAll(keepingCapacity: true)
+            changed(other, replaying: replaying)
+        }
         releases.byRecord.removeAll(keepingCapacity: true)
         precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
         precondition(countedDirty.count <= dirtyBlobs.count, "the blobs counted for the next checkpoint are dirty")
@@ -102,8 +116,11 @@ extension BlobStore {
         }
         if !handles.isEmpty {
             let snapshot = blobs[id] ?? BlobMetadata(id: id)
-            for handle in handles { handle.update(snapshot, releasing: ticket) }
+            let shared = sharedExtents(snapshot)
+            for handle in handles { handle.update(snapshot, shared: shared, releasing: ticket) }
         }
+        // Clones read through this blob: their handles take the new view too.
+        for clone in clones[id] ?? [] { refreshHandles(ofCloneTree: clone) }
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.

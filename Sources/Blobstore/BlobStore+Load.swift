@@ -57,6 +57,7 @@ extension BlobStore {
             clusterCount: (devicePages - dataStart) / clusterPages, blobIDLimit: idLimit, activeCopy: 0,
             checkpointLSN: 0, logTailSequence: 0, superBlobID: nil)
         if pagesInClusters { block.incompatibleFeatures |= SuperBlock.Features.metadataPagesInClusters }
+        block.incompatibleFeatures |= SuperBlock.Features.clones
         let store = BlobStore(io: io, superBlock: block)
         try store.writeTableAndBitmaps(copy: 0, chains: [:], checkpointSequence: 1)
         try store.flush()
@@ -111,6 +112,7 @@ extension BlobStore {
         if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
+        try store.rebuildCloneIndex()
         store.knowArrayCopies(otherSlot: try? decoded[1 - slot].get(), rewrite: readOnly || rewriteArrays)
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
                                    storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in

@@ -16,15 +16,20 @@ extension BlobStore {
         return id
     }
 
+    /// Deletes a blob. A snapshot with one clone is merged into it (the clusters the clone
+    /// reads from it become the clone's); with more clones it is refused.
     public func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
-        try commit([.deleteBlob(id: id)])
+        let clones = self.clones[id] ?? []
+        guard clones.count <= 1 else { throw .hasClones(blob: id, count: clones.count) }
+        try commit([clones.first.map { .mergeIntoChild(id: id, child: $0) } ?? .deleteBlob(id: id)])
         precondition(blobs[id] == nil, "deleteBlob: blob \(id) is gone")
     }
 
     /// Grows (thin) or shrinks (releasing clusters past the new end) a blob.
     public func resizeBlob(_ id: UInt64, clusterCount: UInt64) throws(BlobStoreError) {
-        guard blobs[id] != nil else { throw .noSuchBlob(id) }
+        guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
         try commit([.resizeBlob(id: id, clusterCount: clusterCount)])
         precondition(blobs[id]?.clusterCount == clusterCount, "resizeBlob: blob \(id) has \(clusterCount) clusters")
@@ -99,13 +104,14 @@ extension BlobStore {
     /// Blob bytes [start, end) cut into runs that are one device range each: physically
     /// contiguous allocated clusters (`cluster` the first one's device cluster), or
     /// unallocated ones (`cluster` nil).
-    func runs(_ blob: BlobMetadata, _ start: UInt64, _ end: UInt64) -> [(start: UInt64, end: UInt64, cluster: UInt64?)] {
+    /// `resolved`: clusters the blob reads from its ancestors count (reads); else only its own.
+    func runs(_ blob: BlobMetadata, _ start: UInt64, _ end: UInt64, resolved: Bool = false) -> [(start: UInt64, end: UInt64, cluster: UInt64?)] {
         let clusterBytes = UInt64(clusterSizeBytes)
         var result: [(start: UInt64, end: UInt64, cluster: UInt64?)] = []
         for index in (start / clusterBytes)...((end - 1) / clusterBytes) {
             let sliceStart = max(start, index * clusterBytes)
             let sliceEnd = min(end, (index + 1) * clusterBytes)
-            let cluster = physicalCluster(blob, index)
+            let cluster = resolved ? resolvedCluster(blob, index) : physicalCluster(blob, index)
             if let last = result.last, last.end == sliceStart {
                 let lastClusters = (last.end - 1) / clusterBytes - last.start / clusterBytes
                 let contiguous: Bool = switch (last.cluster, cluster) {
@@ -140,8 +146,12 @@ extension BlobStore {
     /// then mapped by a committed transaction. Overwrites of allocated clusters are in
     /// place and durable after `sync()`. Physically contiguous clusters go to the device
     /// as one write.
+    ///
+    /// In a clone, a cluster read from an ancestor is copied: the new cluster gets the
+    /// ancestor's bytes around the data (copy-on-write), and the ancestor is left as it was.
     public func write(blob id: UInt64, offsetUnits: UInt64, data: [UInt8]) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         let (start, end) = try checkRange(blob, offsetUnits, data.count)
         let clusterBytes = UInt64(clusterSizeBytes)
         var reserved: Set<UInt64> = []
@@ -186,6 +196,8 @@ extension BlobStore {
                 bytes = Array(data[Int(dataStart - start)..<Int(dataEnd - start)])
             } else {
                 bytes = [UInt8](repeating: 0, count: Int(runByteEnd - runByteStart))
+                try copyFromAncestors(blob, placement[runStart..<runEnd], into: &bytes, runByteStart: runByteStart,
+                                      skipping: start..<end)
                 bytes.replaceSubrange(Int(dataStart - runByteStart)..<Int(dataEnd - runByteStart),
                                       with: data[Int(dataStart - start)..<Int(dataEnd - start)])
             }
@@ -199,6 +211,26 @@ extension BlobStore {
         try commit(Self.merged(mapped).map { .mapExtent(id: id, extent: $0) })
         assert(mapped.allSatisfy { physicalCluster(blobs[id]!, $0.clusterIndex) == $0.firstCluster && clusters[$0.firstCluster] },
                "write: every new cluster is mapped where it was written and marked used")
+    }
+
+    /// Copy-on-write: the bytes of each new cluster of a run that an ancestor maps (and
+    /// that the data does not cover whole) are read from the ancestor's cluster into `bytes`.
+    private func copyFromAncestors(_ blob: BlobMetadata, _ run: ArraySlice<(index: UInt64, cluster: UInt64, isNew: Bool)>,
+                                   into bytes: inout [UInt8], runByteStart: UInt64, skipping data: Range<UInt64>) throws(BlobStoreError) {
+        guard blob.parent != nil else { return }
+        let clusterBytes = UInt64(clusterSizeBytes)
+        for place in run where place.isNew {
+            let clusterStart = place.index * clusterBytes
+            guard !(data.lowerBound <= clusterStart && clusterStart + clusterBytes <= data.upperBound),
+                  let source = resolvedCluster(blob, place.index) else { continue }
+            let old: [UInt8]
+            do {
+                old = try io.readBytes(offsetBlocks: deviceBlock(cluster: source, byteInCluster: 0),
+                                       countBlocks: clusterBytes / UInt64(ioUnitBytes))
+            } catch { throw .device(error) }
+            let at = Int(clusterStart - runByteStart)
+            bytes.replaceSubrange(at..<(at + Int(clusterBytes)), with: old)
+        }
     }
 
     /// A free cluster at or after `hint` (wrapping around) that is not in `reserved`; nil
@@ -217,13 +249,14 @@ extension BlobStore {
         return nil
     }
 
-    /// Reads whole io units; unallocated clusters read as zeros. Physically contiguous
+    /// Reads whole io units; unallocated clusters read as zeros (in a clone: as the
+    /// ancestor that maps them has them). Physically contiguous
     /// clusters are one device read.
     public func read(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) -> [UInt8] {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
         let clusterBytes = UInt64(clusterSizeBytes)
-        let pieces = runs(blob, start, end)
+        let pieces = runs(blob, start, end, resolved: true)
         if pieces.count == 1, let cluster = pieces[0].cluster {
             do {
                 return try io.readBytes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: start - start / clusterBytes * clusterBytes),
@@ -244,14 +277,40 @@ extension BlobStore {
     }
 
     /// Releases blob clusters [clusterIndex, clusterIndex + count): they read as zeros after.
+    /// In a clone, a range that reaches the end of what its parent backs lowers the backed
+    /// count in the same commit; clusters inside it that an ancestor maps get zeros
+    /// written instead (allocated: the clone cannot hide its parent's cluster otherwise).
     public func unmap(blob id: UInt64, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         guard count > 0, clusterIndex + UInt64(count) <= blob.clusterCount else {
             throw .invalidArgument("clusters \(clusterIndex)+\(count) beyond blob \(id) of \(blob.clusterCount)")
         }
+        let end = clusterIndex + UInt64(count)
+        let inside = blob.parent != nil && clusterIndex < blob.backedClusters && end < blob.backedClusters
+        guard inside else {
+            try transaction { (tx) throws(BlobStoreError) in try tx.unmap(id, clusterIndex: clusterIndex, count: count) }
+            assert((clusterIndex..<end).allSatisfy { resolvedCluster(blobs[id]!, $0) == nil }, "unmap: the range reads as a hole")
+            return
+        }
+        let shared = sharedExtents(blob)
         try commit([.unmapClusters(id: id, clusterIndex: clusterIndex, count: count)])
-        assert((clusterIndex..<(clusterIndex + UInt64(count))).allSatisfy { physicalCluster(blobs[id]!, $0) == nil },
-               "unmap: the range reads as a hole")
+        try writeZeroClusters(id, covering: shared, within: clusterIndex..<end)
+    }
+
+    /// Writes zeros (allocating) over the clusters of `shared` within `range`: a clone's
+    /// way to make clusters its ancestors map read as zeros.
+    private func writeZeroClusters(_ id: UInt64, covering shared: [Extent], within range: Range<UInt64>) throws(BlobStoreError) {
+        let unitsPerCluster = UInt64(clusterSizeBytes / ioUnitBytes)
+        for extent in shared {
+            var index = max(range.lowerBound, extent.clusterIndex)
+            let upper = min(range.upperBound, extent.clusterIndex + UInt64(extent.count))
+            while index < upper {
+                let run = min(upper - index, 256)
+                try write(blob: id, offsetUnits: index * unitsPerCluster, data: [UInt8](repeating: 0, count: Int(run) * clusterSizeBytes))
+                index += run
+            }
+        }
     }
 
     /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
@@ -259,13 +318,31 @@ extension BlobStore {
     public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
         guard !isReadOnly, !discardsWrites, writeObserver == nil else { throw .readOnly }
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
+        guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
+        var sharedPieces: [(start: UInt64, end: UInt64)] = []
         for piece in runs(blob, start, end) {
-            guard let cluster = piece.cluster else { continue }
+            guard let cluster = piece.cluster else {
+                if blob.parent != nil { sharedPieces.append((piece.start, piece.end)) }
+                continue
+            }
             do {
                 try io.writeZeroes(offsetBlocks: deviceBlock(cluster: cluster, byteInCluster: piece.start % UInt64(clusterSizeBytes)),
                                    countBlocks: (piece.end - piece.start) / UInt64(ioUnitBytes))
             } catch { throw deviceWriteFailed(error, "write-zeroes of blob \(id)") }
+        }
+        // In a clone, what an ancestor maps reads as zeros only once zeros are written over it.
+        let clusterBytes = UInt64(clusterSizeBytes)
+        for piece in sharedPieces {
+            var cursor = piece.start
+            while cursor < piece.end {
+                let index = cursor / clusterBytes
+                let sliceEnd = min(piece.end, (index + 1) * clusterBytes)
+                if resolvedCluster(blobs[id]!, index) != nil {
+                    try write(blob: id, offsetUnits: cursor / UInt64(ioUnitBytes), data: [UInt8](repeating: 0, count: Int(sliceEnd - cursor)))
+                }
+                cursor = sliceEnd
+            }
         }
     }
 

@@ -77,6 +77,7 @@ extension BlobStore {
                                            report: &report)
         let walks = try store.walkChainsSalvaging(roots)
         store.adoptSalvaged(walks, report: &report)
+        store.salvageCloneLinks(report: &report)
         try store.replaySalvaging(report: &report)
         _ = store.clusters.takeChangedPages()
         _ = store.metadataPageBits.takeChangedPages()
@@ -325,6 +326,12 @@ extension BlobStore {
     private func applySalvaging(_ record: LogRecord, report: inout SalvageReport) throws(BlobStoreError) {
         switch record {
         case let .createBlob(id) where id < superBlock.blobIDLimit && blobs[id] != nil:
+            for clone in clones(of: id) {
+                try apply(.setParent(id: clone, parent: nil, backedClusters: 0), replaying: true)
+                report.affectedBlobs.insert(clone)
+                report.changes.append(RepairChange("parent_dropped", blob: clone,
+                    "blob \(clone): its parent \(id) is replaced by a blob the log creates: it reads its own clusters only (the shared ones read as zeros)"))
+            }
             try apply(.deleteBlob(id: id), replaying: true)
             report.affectedBlobs.insert(id)
             report.changes.append(RepairChange("blob_removed", blob: id,

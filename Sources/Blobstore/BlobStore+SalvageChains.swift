@@ -223,7 +223,7 @@ extension BlobStore {
     }
 
     /// The next checkpoint writes the blob's chain afresh (as after a change by a record).
-    private func markRewritten(_ id: UInt64) {
+    func markRewritten(_ id: UInt64) {
         dirtyBlobs.insert(id)
         guard blobs[id] != nil, countedDirty.insert(id).inserted else { return }
         dirtyChainPages += chainPagesEstimate(id)

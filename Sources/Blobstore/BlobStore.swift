@@ -42,6 +42,10 @@ struct ArrayCopyKey: Hashable {
 ///   that maps them is written (`write`: flush, or `pendingNeedsDataFlush` in deferred
 ///   mode); a checkpoint writes only the inactive copy of the table and bitmaps and
 ///   switches the super block last, after a flush, to sequence + 1.
+/// - Clones: a blob's parent exists and is a snapshot; parent links form no cycle;
+///   `clones` holds exactly the reverse of the parent links (end of `apply`, load); a
+///   snapshot's clusters never change while it has clones, except by a merge into its
+///   only clone (BlobStore+Clones.swift).
 /// - Releases: nothing released is written again before its release is durable
 ///   (`prepareToReuseReleasedClusters` flushes first; a checkpoint puts no metadata page
 ///   in `releases.unlogged` or `clustersBeingMapped`), nor handed out while an open
@@ -100,6 +104,9 @@ public final class BlobStore {
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
     var openHandles: [UInt64: [BlobHandle]] = [:]
+    /// For each snapshot, the blobs whose parent it is (kept by `apply` and built at
+    /// load: the parent links are in the children's metadata).
+    var clones: [UInt64: Set<UInt64>] = [:]
     /// Released clusters: the quarantine, release epochs (BlobStore+Release.swift).
     var releases = ReleaseTracking()
     /// The durable chain pages of the blobs changed since the checkpoint, plus one each:

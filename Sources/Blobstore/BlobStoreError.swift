@@ -24,6 +24,11 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The device was lost during a write or flush (`BdevError.deviceLost`); the store
     /// refuses every change until it is loaded again (`BlobStore.lostDevice`).
     case deviceLost(BdevError)
+    /// The blob is a snapshot: its data is shared with its clones and read-only.
+    case snapshotReadOnly(UInt64)
+    /// The blob is a snapshot that more than one clone reads from (or, for a snapshot,
+    /// any): it cannot be deleted or snapshotted before they are.
+    case hasClones(blob: UInt64, count: Int)
 
     public var description: String {
         switch self {
@@ -38,6 +43,8 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .geometry(what): what
         case let .unallocated(blob, cluster): "blob \(blob): cluster \(cluster) is not allocated"
         case let .deviceLost(error): "\(error); the store refuses changes until it is loaded again"
+        case let .snapshotReadOnly(id): "blob \(id) is a snapshot: its data is read-only"
+        case let .hasClones(id, count): "blob \(id) is the snapshot of \(count) clones"
         }
     }
 
@@ -49,7 +56,8 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
         switch self {
         case .noSpace: ENOSPC
         case .invalidArgument: EINVAL
-        case .readOnly, .deviceLost: EROFS
+        case .readOnly, .deviceLost, .snapshotReadOnly: EROFS
+        case .hasClones: EBUSY
         case .format, .noSuperBlock, .corrupt, .device, .noSuchBlob, .geometry, .unallocated: EIO
         }
     }

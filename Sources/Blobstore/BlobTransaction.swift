@@ -5,38 +5,55 @@
 /// Records are checked as they are added, against the store as the earlier records of
 /// the same transaction leave it, so that applying them after the commit cannot fail.
 public struct BlobTransaction {
-    private unowned let store: BlobStore
+    unowned let store: BlobStore
     var records: [LogRecord] = []
-    private var created: Set<UInt64> = []
-    private var deleted: Set<UInt64> = []
+    var created: Set<UInt64> = []
+    var deleted: Set<UInt64> = []
+    /// What the earlier records of this transaction make of parent links, clone sets and
+    /// sizes (BlobStore+Clones.swift): the clone records are checked against them.
+    var parents: [UInt64: UInt64?] = [:]
+    var cloneSets: [UInt64: Set<UInt64>] = [:]
+    var sizes: [UInt64: UInt64] = [:]
+    var snapshotsMade: Set<UInt64> = []
 
     init(store: BlobStore) { self.store = store }
 
     public var isEmpty: Bool { records.isEmpty }
 
-    private func exists(_ id: UInt64) -> Bool {
+    func exists(_ id: UInt64) -> Bool {
         !deleted.contains(id) && (created.contains(id) || store.blobs[id] != nil)
     }
 
-    private func require(_ id: UInt64) throws(BlobStoreError) {
+    func require(_ id: UInt64) throws(BlobStoreError) {
         guard exists(id) else { throw .noSuchBlob(id) }
     }
 
     /// A new, empty blob of `clusterCount` thin clusters; its id is usable in later records.
     public mutating func createBlob(clusterCount: UInt64 = 0) throws(BlobStoreError) -> UInt64 {
+        let id = try newBlobID()
+        records.append(.createBlob(id: id))
+        if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
+        sizes[id] = clusterCount
+        return id
+    }
+
+    /// A blob id free in the store and not used by this transaction, taken.
+    mutating func newBlobID() throws(BlobStoreError) -> UInt64 {
         var candidate = store.blobIDs.firstClear(from: 0)
         while let id = candidate, created.contains(id) || deleted.contains(id) {
             candidate = store.blobIDs.firstClear(from: id + 1)
         }
         guard let id = candidate else { throw .noSpace("all \(store.superBlock.blobIDLimit) blob ids are in use") }
         created.insert(id)
-        records.append(.createBlob(id: id))
-        if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
         return id
     }
 
+    /// Deletes a blob; a snapshot with clones is refused (`BlobStore.deleteBlob` merges one).
     public mutating func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
         try require(id)
+        let clones = clonesInTransaction(id)
+        guard clones.isEmpty else { throw .hasClones(blob: id, count: clones.count) }
+        link(id, to: nil)
         created.remove(id)
         deleted.insert(id)
         records.append(.deleteBlob(id: id))
@@ -45,14 +62,27 @@ public struct BlobTransaction {
     public mutating func resizeBlob(_ id: UInt64, clusterCount: UInt64) throws(BlobStoreError) {
         try require(id)
         guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
+        guard !isSnapshotInTransaction(id) else { throw .snapshotReadOnly(id) }
+        sizes[id] = clusterCount
         records.append(.resizeBlob(id: id, clusterCount: clusterCount))
     }
 
-    /// Releases blob clusters [clusterIndex, clusterIndex + count) (they read as zeros).
+    /// Releases blob clusters [clusterIndex, clusterIndex + count). They read as zeros
+    /// after: in a clone the range must reach the end of what the parent backs, whose
+    /// backed count it lowers (a hole inside it needs zeros written: `BlobStore.unmap`).
     public mutating func unmap(_ id: UInt64, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
         try require(id)
         guard count > 0 else { return }
+        guard !isSnapshotInTransaction(id) else { throw .snapshotReadOnly(id) }
         records.append(.unmapClusters(id: id, clusterIndex: clusterIndex, count: count))
+        guard let blob = store.blobs[id], !created.contains(id), let parent = blob.parent, clusterIndex < blob.backedClusters else { return }
+        guard parents[id] == nil else {
+            throw .invalidArgument("blob \(id): unmap after its parent changed in the same transaction")
+        }
+        guard clusterIndex + UInt64(count) >= blob.backedClusters else {
+            throw .invalidArgument("blob \(id): unmap of clusters \(clusterIndex)+\(count) inside what its parent backs (\(blob.backedClusters))")
+        }
+        records.append(.setParent(id: id, parent: parent, backedClusters: clusterIndex))
     }
 
     public mutating func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {

@@ -12,6 +12,9 @@ public struct VerifyReport: Sendable {
     public var clustersInUse: UInt64 = 0
     public var metadataPagesInUse: UInt64 = 0
     public var pendingTransactions = 0
+    /// Blobs that are snapshots, and blobs that are clones (have a parent).
+    public var snapshotCount = 0
+    public var cloneCount = 0
     public var isConsistent: Bool { problems.isEmpty }
 }
 
@@ -21,6 +24,7 @@ public enum Verifier {
         guard let (slot, block) = pass.currentSuperBlock(), pass.checkCapacity(block) else { return pass.report }
         let roots = pass.readTable(block)
         let owners = pass.walkChains(roots, block)
+        pass.checkParents(block)
         pass.checkBitmaps(block, slot: slot, owners: owners, roots: roots)
         pass.checkLog(block)
         return pass.report
@@ -43,8 +47,39 @@ private struct VerifyPass {
     }
 
     static let doublyOwnedListed: UInt64 = 32
+    /// Each decoded blob's parent link and whether it is a snapshot (`checkParents`).
+    var links: [UInt64: (parent: UInt64?, isSnapshot: Bool)] = [:]
 
     init(io: BdevSyncIO) { self.io = io }
+
+    /// Every parent exists and is a snapshot, and no chain of parents loops (a clone's
+    /// shared clusters are read through them).
+    mutating func checkParents(_ block: SuperBlock) {
+        let hasClones = links.values.contains { $0.parent != nil || $0.isSnapshot }
+        if hasClones && block.incompatibleFeatures & SuperBlock.Features.clones == 0 {
+            report.problems.append("the store has snapshots or clones but its super block lacks the clones feature (incompatible bit 2)")
+        }
+        for (id, link) in links.sorted(by: { $0.key < $1.key }) {
+            if link.isSnapshot { report.snapshotCount += 1 }
+            guard let parent = link.parent else { continue }
+            report.cloneCount += 1
+            guard let parentLink = links[parent] else {
+                report.problems.append("blob \(id) is a clone of blob \(parent), which does not exist")
+                continue
+            }
+            if !parentLink.isSnapshot { report.problems.append("blob \(id) is a clone of blob \(parent), which is not a snapshot") }
+            var next: UInt64? = parent
+            var steps = 0
+            while let ancestor = next {
+                if ancestor == id || steps > links.count {
+                    report.problems.append("blob \(id): its chain of parents loops back to it")
+                    break
+                }
+                next = links[ancestor]?.parent
+                steps += 1
+            }
+        }
+    }
 
     mutating func read(_ page: UInt64, _ count: UInt64) -> [UInt8]? {
         do { return try BlobStore.readPages(io, at: page, count: count) } catch {
@@ -188,6 +223,7 @@ private struct VerifyPass {
             }, clusterLimit: block.clusterCount)
             if blob.id != id { report.problems.append("blob table entry \(id) names the chain of blob \(blob.id)") }
             report.blobCount += 1
+            links[id] = (blob.parent, blob.isSnapshot)
             for extent in blob.extents {
                 for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
                     if let other = owners.clusters[cluster] {

@@ -64,6 +64,10 @@ func describe(_ record: LogRecord) -> String {
     case let .removeXattr(id, isInternal, name): "remove \(isInternal ? "internal " : "")xattr \(name) of blob \(id)"
     case let .setFlags(id, flags): "set flags of blob \(id): invalid 0x\(String(flags.invalid, radix: 16))"
     case let .setSuperBlob(id): "super blob := \(id.map(String.init) ?? "none")"
+    case let .snapshot(id, snapshot): "snapshot blob \(id) as blob \(snapshot)"
+    case let .setParent(id, parent, backed):
+        parent.map { "blob \(id) := clone of \($0) (\(backed) clusters backed)" } ?? "blob \(id) := no parent"
+    case let .mergeIntoChild(id, child): "merge snapshot \(id) into its clone \(child)"
     case let .commit(count): "commit (\(count) records)"
     }
 }

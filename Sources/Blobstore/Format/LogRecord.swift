@@ -14,6 +14,16 @@ public enum LogRecord: Equatable, Sendable {
     case removeXattr(id: UInt64, internal: Bool, name: String)
     case setFlags(id: UInt64, flags: BlobFlags)
     case setSuperBlob(id: UInt64?)
+    /// Blob `snapshot` (a free id) is created with blob `id`'s size, clusters, parent and
+    /// backed count, as a snapshot (read-only data); `id` keeps its size, xattrs and flags,
+    /// maps nothing, and becomes its clone (parent `snapshot`, every cluster backed).
+    case snapshot(id: UInt64, snapshot: UInt64)
+    /// Blob `id` becomes a clone of `parent` (nil: of nothing), its first `backedClusters`
+    /// clusters backed by it.
+    case setParent(id: UInt64, parent: UInt64?, backedClusters: UInt64)
+    /// Snapshot `id`, whose only clone is `child`, is deleted: the clusters the child reads
+    /// from it move to the child, the others are released, and the child takes its parent.
+    case mergeIntoChild(id: UInt64, child: UInt64)
     /// Ends a transaction of `recordCount` records (the commit included).
     case commit(recordCount: UInt32)
 
@@ -28,6 +38,9 @@ public enum LogRecord: Equatable, Sendable {
         case .removeXattr: 7
         case .setFlags: 8
         case .setSuperBlob: 9
+        case .snapshot: 10
+        case .setParent: 11
+        case .mergeIntoChild: 12
         case .commit: 0xFF
         }
     }
@@ -36,9 +49,18 @@ public enum LogRecord: Equatable, Sendable {
     public var blobID: UInt64? {
         switch self {
         case let .createBlob(id), let .deleteBlob(id), let .resizeBlob(id, _), let .mapExtent(id, _),
-             let .unmapClusters(id, _, _), let .setXattr(id, _, _, _), let .removeXattr(id, _, _), let .setFlags(id, _):
+             let .unmapClusters(id, _, _), let .setXattr(id, _, _, _), let .removeXattr(id, _, _), let .setFlags(id, _),
+             let .snapshot(id, _), let .setParent(id, _, _), let .mergeIntoChild(id, _):
             id
         case .setSuperBlob, .commit: nil
+        }
+    }
+
+    /// The second blob a record changes: the new snapshot, the child a snapshot merges into.
+    public var otherBlobID: UInt64? {
+        switch self {
+        case let .snapshot(_, other), let .mergeIntoChild(_, other): other
+        default: nil
         }
     }
 
@@ -64,6 +86,10 @@ public enum LogRecord: Equatable, Sendable {
             writer.u64(id); writer.u64(flags.invalid); writer.u64(flags.readOnlyData); writer.u64(flags.readOnlyMetadata)
         case let .setSuperBlob(id):
             writer.u64(id ?? UInt64.max)
+        case let .snapshot(id, other), let .mergeIntoChild(id, other):
+            writer.u64(id); writer.u64(other)
+        case let .setParent(id, parent, backed):
+            writer.u64(id); writer.u64(parent ?? UInt64.max); writer.u64(backed)
         case let .commit(count):
             writer.u32(count)
         }
@@ -130,6 +156,20 @@ public enum LogRecord: Equatable, Sendable {
         case 9:
             let id = try reader.u64()
             record = .setSuperBlob(id: id == UInt64.max ? nil : id)
+        case 10, 12:
+            let id = try reader.u64()
+            let other = try reader.u64()
+            guard other != id else { throw reader.error(.invalidField(name: "second blob id (the same blob)", value: other), at: 8) }
+            record = type == 10 ? .snapshot(id: id, snapshot: other) : .mergeIntoChild(id: id, child: other)
+        case 11:
+            let id = try reader.u64()
+            let parent = try reader.u64()
+            let backed = try reader.u64()
+            guard parent != id else { throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent), at: 8) }
+            guard backed <= MetadataPage.blobClustersMax else {
+                throw reader.error(.invalidField(name: "backed clusters", value: backed), at: 16)
+            }
+            record = .setParent(id: id, parent: parent == UInt64.max ? nil : parent, backedClusters: parent == UInt64.max ? 0 : backed)
         case 0xFF:
             let count = try reader.u32()
             guard count > 0 else { throw reader.error(.invalidField(name: "commit record count", value: 0)) }

@@ -28,6 +28,10 @@ public struct BlobFlags: Equatable, Sendable {
         self.readOnlyData = readOnlyData
         self.readOnlyMetadata = readOnlyMetadata
     }
+
+    /// Read-only-data bit 0: the blob is a snapshot (its clusters are shared with its
+    /// clones; writes, unmaps and resizes are refused).
+    public static let snapshot: UInt64 = 1 << 0
 }
 
 public struct BlobMetadata: Equatable, Sendable {
@@ -39,19 +43,32 @@ public struct BlobMetadata: Equatable, Sendable {
     /// Names unique per class.
     public var xattrs: XattrList
     public var internalXattrs: XattrList
+    /// The snapshot this blob is a clone of (nil: none). Blob clusters below
+    /// `backedClusters` that the blob does not map read from the parent (and, where the
+    /// parent maps nothing either, from its parent, up the chain); the others read as zeros.
+    public var parent: UInt64?
+    /// How many leading blob clusters the parent backs (0 without a parent): a shrink
+    /// lowers it, so clusters cut off and grown again read as zeros, not as the parent's.
+    public var backedClusters: UInt64
 
     public init(id: UInt64, clusterCount: UInt64 = 0, flags: BlobFlags = BlobFlags(), extents: [Extent] = [],
-                xattrs: XattrList = [], internalXattrs: XattrList = []) {
+                xattrs: XattrList = [], internalXattrs: XattrList = [], parent: UInt64? = nil, backedClusters: UInt64 = 0) {
         self.id = id
         self.clusterCount = clusterCount
         self.flags = flags
         self.extents = extents
         self.xattrs = xattrs
         self.internalXattrs = internalXattrs
+        self.parent = parent
+        self.backedClusters = backedClusters
     }
+
+    /// A snapshot: its data is read-only (`BlobFlags.snapshot`).
+    public var isSnapshot: Bool { flags.readOnlyData & BlobFlags.snapshot != 0 }
 
     public static func == (lhs: BlobMetadata, rhs: BlobMetadata) -> Bool {
         lhs.id == rhs.id && lhs.clusterCount == rhs.clusterCount && lhs.flags == rhs.flags && lhs.extents == rhs.extents
+            && lhs.parent == rhs.parent && lhs.backedClusters == rhs.backedClusters
             && lhs.xattrs.sameContents(as: rhs.xattrs) && lhs.internalXattrs.sameContents(as: rhs.internalXattrs)
     }
 }
@@ -76,6 +93,7 @@ public enum MetadataPage {
         case extents = 2
         case xattr = 3
         case internalXattr = 4
+        case parent = 5
     }
 
     static let extentBytes = 20
@@ -89,6 +107,12 @@ public enum MetadataPage {
         info.u64(blob.clusterCount)
         info.u64(blob.flags.invalid); info.u64(blob.flags.readOnlyData); info.u64(blob.flags.readOnlyMetadata)
         result.append(info.bytes)
+        if let parent = blob.parent {
+            var writer = ByteWriter(count: 4 + 16)
+            writer.u8(DescriptorType.parent.rawValue); writer.u8(0); writer.u16(16)
+            writer.u64(parent); writer.u64(blob.backedClusters)
+            result.append(writer.bytes)
+        }
         var start = 0
         while start < blob.extents.count {
             let chunk = blob.extents[start..<min(blob.extents.count, start + extentsPerDescriptorMax)]
@@ -217,6 +241,7 @@ public enum MetadataPage {
         guard let first = pages.first else { throw FormatError("metadata chain", offset: 0, .truncated(needed: 1, available: 0)) }
         var blob = BlobMetadata(id: first.blobID)
         var sawInfo = false
+        var sawParent = false
         for (index, page) in pages.enumerated() {
             let name = "metadata page \(pageIDs[index])"
             guard page.blobID == first.blobID else {
@@ -241,6 +266,15 @@ public enum MetadataPage {
                     }
                     blob.flags = BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
                                            readOnlyMetadata: try reader.u64())
+                case .parent:
+                    guard !sawParent, descriptor.payload.count == 16 else {
+                        throw reader.error(.invalidField(name: "parent descriptor", value: UInt64(descriptor.payload.count)))
+                    }
+                    sawParent = true
+                    let parent = try reader.u64()
+                    guard parent != first.blobID else { throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent), at: 0) }
+                    blob.parent = parent
+                    blob.backedClusters = try reader.u64()
                 case .extents:
                     let count = Int(try reader.u16())
                     guard descriptor.payload.count == 2 + count * extentBytes else {
@@ -294,6 +328,10 @@ public enum MetadataPage {
         }
         guard sawInfo else {
             throw FormatError("metadata page \(pageIDs[0])", offset: offsets[0], .invalidField(name: "missing blob info", value: 0))
+        }
+        if blob.backedClusters > blob.clusterCount {
+            throw FormatError("metadata page \(pageIDs[0])", offset: offsets[0],
+                              .invalidField(name: "parent backs clusters beyond the blob size", value: blob.backedClusters))
         }
         if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > blob.clusterCount {
             throw FormatError("metadata page \(pageIDs[0])", offset: offsets[0],

@@ -16,7 +16,7 @@ public struct SuperBlock: Equatable, Sendable {
 
     /// Feature bits this code understands, per class (the classes exist so that
     /// snapshots, clones and compression can be added without breaking old readers).
-    public static let knownIncompatible: UInt64 = Features.metadataPagesInClusters | Features.arraysAfterData
+    public static let knownIncompatible: UInt64 = Features.metadataPagesInClusters | Features.arraysAfterData | Features.clones
     public static let knownReadOnlyData: UInt64 = 0
     public static let knownReadOnlyMetadata: UInt64 = 0
 
@@ -39,6 +39,11 @@ public struct SuperBlock: Equatable, Sendable {
         /// online grow put them there); the pages between the log and the metadata page
         /// region are unused. FORMAT.md, "Online grow".
         public static let arraysAfterData: UInt64 = 1 << 1
+        /// Incompatible: blobs may be snapshots and clones (the parent descriptor, log
+        /// records 10-12; a reader without them would take a clone's shared clusters for
+        /// holes and stop replay at the first such record). Set at format, or by the first
+        /// snapshot or clone of an older store. FORMAT.md, "Snapshots and clones".
+        public static let clones: UInt64 = 1 << 2
     }
 
     public var incompatibleFeatures: UInt64 = 0
