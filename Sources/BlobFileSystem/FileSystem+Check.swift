@@ -12,6 +12,8 @@ public struct FileSystemCheckReport: Sendable {
     /// Blobs with no inode attributes: not part of the file system (blobcli import makes
     /// them); reported, not a problem.
     public var foreignBlobs = 0
+    /// Snapshot blobs holding data that copies of files share (FileSystem+Clones.swift).
+    public var sharedDataBlobs = 0
     public var isConsistent: Bool { problems.isEmpty }
 }
 
@@ -83,7 +85,14 @@ extension FileSystem {
         report.orphans = orphans.count
         for id in store.blobIDList {
             guard store.xattr(id, name: Key.inode, isInternal: true) != nil else {
-                report.foreignBlobs += 1
+                if store.xattr(id, name: Key.sharedData, isInternal: true) != nil {
+                    report.sharedDataBlobs += 1
+                    if store.clones(of: id).isEmpty {
+                        report.problems.append("shared data blob \(id): no file reads it (leaked)")
+                    }
+                } else {
+                    report.foreignBlobs += 1
+                }
                 continue
             }
             guard let inode = load(id) else {

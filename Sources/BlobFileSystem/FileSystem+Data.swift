@@ -38,7 +38,7 @@ extension FileSystem {
         releaseIfUnused(id, inode)
     }
 
-    private func regular(_ ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
+    func regular(_ ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
         let inode = try inode(ino)
         guard inode.attributes.isRegular else {
             throw FSError(inode.attributes.isDirectory ? EISDIR : EINVAL, "not a regular file")
@@ -159,7 +159,7 @@ extension FileSystem {
         if !writeBack, writebackReserveClusters > 0, let blob = store.blob(id) {
             // The clusters of the range the file does not have yet (zeroing a gap before
             // it writes only into clusters it already has).
-            let missing = missingClusters(blob, offset / clusterBytes, (end + clusterBytes - 1) / clusterBytes)
+            let missing = missingClusters(blob.extents, offset / clusterBytes, (end + clusterBytes - 1) / clusterBytes)
             if missing > freeClustersForWriting() { throw FSError(ENOSPC, "the rest is held for the page cache's write-back") }
         }
         if offset > inode.attributes.size { try expose(id, inode, from: inode.attributes.size, to: offset) }
@@ -221,8 +221,9 @@ extension FileSystem {
         }
     }
 
+    /// Whether clusters [from, to) hold data: the file's own or shared (read from a snapshot).
     private func allocated(_ blob: BlobMetadata, from: UInt64, to: UInt64) -> Bool {
-        blob.extents.contains { $0.clusterIndex < to && from < $0.clusterIndex + UInt64($0.count) }
+        store.hasData(blob.id, from: from, to: to)
     }
 
     private func unmapClusters(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
@@ -347,7 +348,10 @@ extension FileSystem {
 
     /// Allocates every cluster of [from, to) that is not (zero-filled, so nothing stale shows).
     private func reserve(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
-        guard let blob = store.blob(id) else { return }
+        guard store.blob(id) != nil else { return }
+        // Shared clusters hold data: they are not reserved (a write to one copies it, as
+        // on XFS without FALLOC_FL_UNSHARE_RANGE).
+        let blob = store.dataExtents(id)
         let first = from / clusterBytes
         let last = (to + clusterBytes - 1) / clusterBytes
         guard freeClustersForWriting() >= missingClusters(blob, first, last) else {
@@ -364,13 +368,13 @@ extension FileSystem {
         }
     }
 
-    private func isAllocated(_ blob: BlobMetadata, _ index: UInt64) -> Bool {
-        blob.extents.contains { index >= $0.clusterIndex && index < $0.clusterIndex + UInt64($0.count) }
+    private func isAllocated(_ extents: [Extent], _ index: UInt64) -> Bool {
+        extents.contains { index >= $0.clusterIndex && index < $0.clusterIndex + UInt64($0.count) }
     }
 
-    private func missingClusters(_ blob: BlobMetadata, _ first: UInt64, _ last: UInt64) -> UInt64 {
+    private func missingClusters(_ extents: [Extent], _ first: UInt64, _ last: UInt64) -> UInt64 {
         var present: UInt64 = 0
-        for extent in blob.extents {
+        for extent in extents {
             let lower = max(first, extent.clusterIndex)
             let upper = min(last, extent.clusterIndex + UInt64(extent.count))
             if upper > lower { present += upper - lower }

@@ -159,7 +159,7 @@ extension FileSystem {
         }
         attributes.ctimeNs = now
         if attributes.nlink == 0 && inode.opens == 0 && inode.lookups == 0 {
-            try tx.deleteBlob(id)
+            try deleteFileBlob(&tx, id)
         } else {
             try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
             if attributes.nlink == 0 { try tx.setXattr(0, name: Key.orphanPrefix + String(id), value: [], isInternal: true) }
@@ -218,7 +218,7 @@ extension FileSystem {
         if inode.attributes.nlink == 0, store.blob(id) != nil {
             do {
                 try store.transaction { tx throws(BlobStoreError) in
-                    try tx.deleteBlob(id)
+                    try deleteFileBlob(&tx, id)
                     try tx.removeXattr(0, name: Key.orphanPrefix + String(id), isInternal: true)
                 }
             } catch {

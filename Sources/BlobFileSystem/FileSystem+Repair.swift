@@ -438,6 +438,8 @@ private struct Repair {
             }
             start += chunk.count
         }
-        for id in removals where store.blob(id) != nil { try storeCall { try store.deleteBlob(id) } }
+        for id in removals where store.blob(id) != nil {
+            try storeCall { try store.transaction { (tx) throws(BlobStoreError) in try FileSystem.deleteFileBlob(&tx, id, in: store) } }
+        }
     }
 }

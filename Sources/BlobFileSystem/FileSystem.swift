@@ -110,7 +110,7 @@ public final class FileSystem {
         for id in orphans where (inodes[id]?.opens ?? 0) == 0 && (inodes[id]?.lookups ?? 0) == 0 {
             try storeCall {
                 try store.transaction { tx throws(BlobStoreError) in
-                    if store.blob(id) != nil { try tx.deleteBlob(id) }
+                    if store.blob(id) != nil { try deleteFileBlob(&tx, id) }
                     try tx.removeXattr(0, name: Key.orphanPrefix + String(id), isInternal: true)
                 }
             }
@@ -143,7 +143,10 @@ public final class FileSystem {
 
     func attributes(_ id: UInt64, _ inode: Inode) -> Attributes {
         inode.timesObserved = true
-        let allocated = store.blob(id).map { $0.extents.reduce(UInt64(0)) { $0 + UInt64($1.count) } } ?? 0
+        // Shared clusters count in every file that reads them, as on XFS and btrfs: a copy
+        // does not look sparse (cp then copies it with copy_file_range, sharing again).
+        let extents = store.blob(id).map { $0.parent == nil ? $0.extents : store.dataExtents(id) } ?? []
+        let allocated = extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
         return Attributes(ino: InodeNumber(blob: id), attributes: inode.attributes, allocatedBytes: allocated * clusterBytes,
                           blockSize: UInt32(clusterBytes))
     }

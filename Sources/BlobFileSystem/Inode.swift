@@ -93,6 +93,8 @@ enum Key {
     static let superInfo = "fs"
     /// On the root: "o" + blob id of an unlinked inode still open (deleted at release or at mount).
     static let orphanPrefix = "o"
+    /// On a snapshot blob that holds data files share (no inode; FileSystem+Clones.swift).
+    static let sharedData = "s"
 
     /// A directory entry: "d" + the name when it is UTF-8 (names compare as bytes), else
     /// "x" + the name in hex. The value is the child's blob id (8 bytes) and its type (1).

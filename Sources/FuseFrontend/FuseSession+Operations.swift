@@ -312,6 +312,21 @@ extension FuseSession {
         }
     }
 
+    /// COPY_FILE_RANGE (copy_file_range(2), what cp uses): a whole file copied to the
+    /// start of an empty one shares its clusters (`FileSystem.copyRange`); anything else
+    /// is copied here, up to 8 MiB a call. The kernel caps a request at 4 GiB - 4 KiB (the
+    /// answer is 32 bits), so larger files are copied, not shared.
+    func copyFileRange(_ slot: FuseSlot) {
+        let request = slot.argument(fuse_copy_file_range_in.self)
+        answering(slot) { () throws(FSError) in
+            let copied = try fs.copyRange(from: slot.inode, offset: request.off_in, to: InodeNumber(request.nodeid_out),
+                                          offset: request.off_out, length: min(request.len, UInt64(UInt32.max)))
+            var out = fuse_write_out()
+            out.size = UInt32(copied)
+            slot.reply(out)
+        }
+    }
+
     func statfs(_ slot: FuseSlot) {
         let statistics = fs.statistics()
         var out = unsafe_zeroed(fuse_statfs_out.self)

@@ -240,7 +240,8 @@ final class FuseSession {
         case .fallocate: fallocate(slot)
         case .syncfs: syncfs(slot)
         case .ioctl: ioctl(slot)
-        case .getlk, .setlk, .setlkw, .access, .bmap, .poll, .lseek, .copyFileRange, .tmpfile, .statx,
+        case .copyFileRange: copyFileRange(slot)
+        case .getlk, .setlk, .setlkw, .access, .bmap, .poll, .lseek, .tmpfile, .statx,
              .notifyReply, .setupMapping, .removeMapping:
             // Not served: the kernel falls back (local locks, its own permission checks,
             // generic seek, a read/write copy) and stops asking for most of them.

@@ -109,7 +109,7 @@ struct Info: ParsableCommand {
 func allocatedClusters(_ blob: BlobMetadata) -> UInt64 { blob.extents.reduce(0) { $0 + UInt64($1.count) } }
 
 struct List: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Every blob: id, size, allocated clusters, xattrs.")
+    static let configuration = CommandConfiguration(abstract: "Every blob: id, size, allocated clusters, xattrs, the snapshot it is a clone of.")
     @OptionGroup var options: DeviceArgument
 
     func run() {
@@ -130,24 +130,40 @@ struct List: ParsableCommand {
                                           ("allocated_clusters", .uint(allocated)), ("extents", .int(Int64(blob.extents.count))),
                                           ("xattrs", .array(blob.xattrs.map { .string($0.name) })),
                                           ("internal_xattrs", .int(Int64(blob.internalXattrs.count))),
-                                          ("super_blob", .bool(store.superBlobID == id))]))
+                                          ("super_blob", .bool(store.superBlobID == id)),
+                                          ("snapshot", .bool(blob.isSnapshot)), ("parent", blob.parent.map { .uint($0) } ?? .null),
+                                          ("clones", .array(store.clones(of: id).map { .uint($0) }))]))
                 } else {
                     let names = blob.xattrs.prefix(3).map(\.name).joined(separator: ",") + (blob.xattrs.count > 3 ? ",…" : "")
-                    rows.append(["\(id)\(store.superBlobID == id ? "*" : "")", formatBytes(size), "\(allocated)", "\(blob.extents.count)",
-                                 "\(blob.xattrs.count)" + (names.isEmpty ? "" : " (\(names))"), "\(blob.internalXattrs.count)"])
+                    rows.append(["\(id)\(store.superBlobID == id ? "*" : "")\(blob.isSnapshot ? "s" : "")", formatBytes(size), "\(allocated)", "\(blob.extents.count)",
+                                 "\(blob.xattrs.count)" + (names.isEmpty ? "" : " (\(names))"), "\(blob.internalXattrs.count)",
+                                 blob.parent.map { "\($0)" } ?? "-"])
                 }
                 if index % 1024 == 0 { progress.update(index) }
             }
             progress.update(ids.count)
             emit(options.json, .object([("blobs", .array(items))])) {
-                table(["ID", "SIZE", "ALLOCATED", "EXTENTS", "XATTRS", "INTERNAL"], rows) + "\n\(ids.count) blobs (* super blob)"
+                table(["ID", "SIZE", "ALLOCATED", "EXTENTS", "XATTRS", "INTERNAL", "PARENT"], rows)
+                    + "\n\(ids.count) blobs (* super blob, s snapshot; PARENT: the snapshot a clone reads shared clusters from)"
             }
         }
     }
 }
 
+/// Blob `id`'s parents, nearest first: each with the clusters the one below reads from it
+/// at most (the backed count) and its own allocated clusters.
+func parentChain(_ store: BlobStore, _ id: UInt64) -> [(id: UInt64, backed: UInt64, allocated: UInt64)] {
+    var chain: [(id: UInt64, backed: UInt64, allocated: UInt64)] = []
+    var current = store.blob(id)
+    while let blob = current, let parent = blob.parent, chain.count <= store.blobCount, let next = store.blob(parent) {
+        chain.append((parent, blob.backedClusters, allocatedClusters(next)))
+        current = next
+    }
+    return chain
+}
+
 struct Show: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "One blob: its metadata chain page by page, extents, xattrs.")
+    static let configuration = CommandConfiguration(abstract: "One blob: its metadata chain page by page, extents, xattrs, its chain of snapshots and clones.")
     @OptionGroup var options: DeviceArgument
     @Argument(help: "Blob id.") var id: UInt64
 
@@ -164,6 +180,12 @@ struct Show: ParsableCommand {
                 ("size_bytes", .uint(blob.clusterCount * UInt64(store.clusterSizeBytes))),
                 ("allocated_clusters", .uint(allocatedClusters(blob))),
                 ("changed_since_checkpoint", .bool(store.changedSinceCheckpoint(id))),
+                ("snapshot", .bool(blob.isSnapshot)),
+                ("parents", .array(parentChain(store, id).map { link in
+                    .object([("id", .uint(link.id)), ("backed_clusters", .uint(link.backed)),
+                             ("allocated_clusters", .uint(link.allocated))])
+                })),
+                ("clones", .array(store.clones(of: id).map { .uint($0) })),
                 ("chain", .array(pages.map { page in
                     .object([("page", .uint(UInt64(page.pageID))), ("offset", .uint(page.offset)),
                              ("ok", .bool(page.problem == nil)), ("problem", page.problem.map { .string($0) } ?? .null),
@@ -184,6 +206,14 @@ struct Show: ParsableCommand {
             emit(options.json, value) {
                 var text = "blob \(id): \(blob.clusterCount) clusters (\(formatBytes(blob.clusterCount * UInt64(store.clusterSizeBytes)))), \(allocatedClusters(blob)) allocated"
                 if store.changedSinceCheckpoint(id) { text += "; changed by the log since the checkpoint (chain below is the checkpoint's)" }
+                if blob.isSnapshot { text += "\nsnapshot: its data is read-only" }
+                let chain = parentChain(store, id)
+                if !chain.isEmpty {
+                    text += "\nclone of: " + chain.map { "blob \($0.id) (\($0.backed) clusters backed, \($0.allocated) allocated)" }
+                        .joined(separator: " <- ")
+                }
+                let clones = store.clones(of: id)
+                if !clones.isEmpty { text += "\nclones: " + clones.map(String.init).joined(separator: ", ") }
                 text += "\n\nmetadata chain\n" + table(["PAGE", "OFFSET", "INDEX", "NEXT", "CKPT SEQ", "STATUS"], pages.map { page in
                     ["\(page.pageID)", "\(page.offset)", page.chainIndex.map { "\($0)" } ?? "-",
                      page.nextPage.map { "\($0)" } ?? "end", page.checkpointSequence.map { "\($0)" } ?? "-", page.problem ?? "ok"]

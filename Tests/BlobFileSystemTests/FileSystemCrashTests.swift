@@ -30,6 +30,8 @@ final class FileSystemCrashTests: XCTestCase {
         case truncate(String, UInt64)
         case setXattr(String, String)
         case openUnlinkWriteRelease(String)
+        /// copy_file_range of a whole file into an empty one (shared clusters), then fsync.
+        case copy(String, String)
     }
 
     static let workload: [Op] = [
@@ -43,6 +45,10 @@ final class FileSystemCrashTests: XCTestCase {
         .rename("d/2", "d/1", []), .unlink("d/3"), .write("f1moved", offset: 2_000, count: 100, seed: 5),
         // Whole io units inside the file: through the service, an asynchronous overwrite.
         .write("d/1", offset: 4096, count: 8192, seed: 6),
+        // Instant copies: shared, each side copying what it writes, merged when one goes.
+        .create("e"), .copy("d/1", "e"), .write("e", offset: 100, count: 300, seed: 7),
+        .write("d/1", offset: 0, count: 4096, seed: 8), .create("g"), .copy("e", "g"), .unlink("d/1"),
+        .write("g", offset: 12_288, count: 4096, seed: 9), .unlink("e"),
     ]
 
     static func data(_ seed: UInt64, _ count: Int) -> [UInt8] {
@@ -99,6 +105,12 @@ final class FileSystemCrashTests: XCTestCase {
             _ = try fs.setAttributes(ino: try ino(fs, path), AttributeChanges(size: size), caller: .root)
         case let .setXattr(path, name):
             try fs.setXattr(ino: try ino(fs, path), name: name, value: [1, 2, 3], create: false, replace: false)
+        case let .copy(from, to):
+            let source = try ino(fs, from), target = try ino(fs, to)
+            let size = try fs.getAttributes(ino: source).attributes.size
+            let copied = try fs.copyRange(from: source, offset: 0, to: target, offset: 0, length: size)
+            guard copied == size else { throw FSError(EIO, "copied \(copied) of \(size) bytes") }
+            try fs.fsync(ino: target)
         case let .openUnlinkWriteRelease(path):
             let ino = try ino(fs, path)
             try fs.open(ino: ino)

@@ -169,7 +169,10 @@ public enum LogRecord: Equatable, Sendable {
             guard backed <= MetadataPage.blobClustersMax else {
                 throw reader.error(.invalidField(name: "backed clusters", value: backed), at: 16)
             }
-            record = .setParent(id: id, parent: parent == UInt64.max ? nil : parent, backedClusters: parent == UInt64.max ? 0 : backed)
+            guard parent != UInt64.max || backed == 0 else {
+                throw reader.error(.invalidField(name: "backed clusters without a parent", value: backed), at: 16)
+            }
+            record = .setParent(id: id, parent: parent == UInt64.max ? nil : parent, backedClusters: backed)
         case 0xFF:
             let count = try reader.u32()
             guard count > 0 else { throw reader.error(.invalidField(name: "commit record count", value: 0)) }
