@@ -32,8 +32,9 @@ public final class BlobHandle: @unchecked Sendable {
     public internal(set) var clusterCount: UInt64
     /// Sorted by cluster index.
     var extents: ContiguousArray<Extent>
-    /// What a clone reads from its ancestors where it maps nothing (sorted; empty for a
-    /// blob without a parent). Reads only: a write there goes to the store, which copies.
+    /// What a clone reads from its ancestors (sorted; empty for a blob without a parent;
+    /// looked up after the blob's own extents, which it may overlap). Reads only: a write
+    /// there goes to the store, which copies. The store's cached view, shared, not copied.
     var shared: ContiguousArray<Extent>
     /// A snapshot: writes are refused.
     public internal(set) var isSnapshot: Bool
@@ -45,19 +46,19 @@ public final class BlobHandle: @unchecked Sendable {
     /// Releases waiting for the earlier maps' requests to complete.
     private var waiting: [ReleaseTicket] = []
 
-    init(_ blob: BlobMetadata, shared: [Extent], owner: Reactor?) {
+    init(_ blob: BlobMetadata, shared: ContiguousArray<Extent>, owner: Reactor?) {
         id = blob.id
         self.owner = owner
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
-        self.shared = ContiguousArray(shared)
+        self.shared = shared
         isSnapshot = blob.isSnapshot
     }
 
-    func refresh(_ blob: BlobMetadata, shared: [Extent], releasing ticket: ReleaseTicket?) {
+    func refresh(_ blob: BlobMetadata, shared: ContiguousArray<Extent>, releasing ticket: ReleaseTicket?) {
         clusterCount = blob.clusterCount
         extents = ContiguousArray(blob.extents)
-        self.shared = ContiguousArray(shared)
+        self.shared = shared
         isSnapshot = blob.isSnapshot
         olderInFlight += inFlight
         inFlight = 0
@@ -67,7 +68,7 @@ public final class BlobHandle: @unchecked Sendable {
     }
 
     /// Applies a new snapshot on the owner's thread; `ticket` when clusters were released.
-    func update(_ blob: BlobMetadata, shared: [Extent], releasing ticket: ReleaseTicket?) {
+    func update(_ blob: BlobMetadata, shared: ContiguousArray<Extent>, releasing ticket: ReleaseTicket?) {
         guard let owner, !owner.isCurrent else { return refresh(blob, shared: shared, releasing: ticket) }
         owner.send { [self] in self.refresh(blob, shared: shared, releasing: ticket) }
     }
@@ -134,7 +135,7 @@ extension BlobStore {
     /// the blob's metadata changes. Call on the store's thread.
     public func openBlob(_ id: UInt64, owner: Reactor? = nil) throws(BlobStoreError) -> BlobHandle {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
-        let handle = BlobHandle(blob, shared: sharedExtents(blob), owner: owner)
+        let handle = BlobHandle(blob, shared: ancestorView(blob), owner: owner)
         openHandles[id, default: []].append(handle)
         return handle
     }

@@ -17,6 +17,7 @@ extension BlobStore {
         case let .deleteBlob(id):
             guard let blob = blobs[id] else { throw fail("no such blob") }
             guard clones[id] == nil else { throw fail("the blob has clones") }
+            if blob.isSnapshot { ancestorViews.removeAll() }  // its id may come back as another snapshot
             for extent in blob.extents { release(extent) }
             if let parent = blob.parent { unlinkClone(id, from: parent) }
             blobs[id] = nil
@@ -116,7 +117,7 @@ extension BlobStore {
         }
         if !handles.isEmpty {
             let snapshot = blobs[id] ?? BlobMetadata(id: id)
-            let shared = sharedExtents(snapshot)
+            let shared = ancestorView(snapshot)
             for handle in handles { handle.update(snapshot, shared: shared, releasing: ticket) }
         }
         // Clones read through this blob: their handles take the new view too.

@@ -35,8 +35,19 @@ extension BlobStore {
     /// Whether any of blob clusters [from, to) holds data: its own or one it reads from a parent.
     public func hasData(_ id: UInt64, from: UInt64, to: UInt64) -> Bool {
         guard let blob = blobs[id], to > from else { return false }
-        if blob.extents.contains(where: { $0.clusterIndex < to && from < $0.clusterIndex + UInt64($0.count) }) { return true }
-        return sharedExtents(blob).contains { $0.clusterIndex < to && from < $0.clusterIndex + UInt64($0.count) }
+        func overlaps<C: RandomAccessCollection<Extent>>(_ extents: C) -> Bool where C.Index == Int {
+            // First extent that ends after `from` (sorted, disjoint), then whether it starts before `to`.
+            var low = extents.startIndex, high = extents.endIndex
+            while low < high {
+                let middle = (low + high) / 2
+                if extents[middle].clusterIndex + UInt64(extents[middle].count) <= from { low = middle + 1 } else { high = middle }
+            }
+            return low < extents.endIndex && extents[low].clusterIndex < to
+        }
+        if overlaps(blob.extents) { return true }
+        guard blob.parent != nil else { return false }
+        // Shared clusters under own ones read the own ones: both hold data either way.
+        return overlaps(ancestorView(blob))
     }
 
     /// Every cluster of blob `id` that holds data, its own and those it reads from its
@@ -47,14 +58,16 @@ extension BlobStore {
         return (blob.extents + sharedExtents(blob)).sorted { $0.clusterIndex < $1.clusterIndex }
     }
 
-    /// The extents blob `blob` reads from its ancestors (clusters it does not map, within
-    /// the backed counts), sorted by cluster index: what a handle adds to its own map for reads.
-    func sharedExtents(_ blob: BlobMetadata) -> [Extent] {
-        guard blob.parent != nil, blob.backedClusters > 0 else { return [] }
-        var covered = blob.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
-        var result: [Extent] = []
+    /// What a clone reads from its ancestors, under its own extents too (a lookup tries
+    /// its own first): cached per parent and backed count (`ancestorViews`). Handles hold it.
+    func ancestorView(_ blob: BlobMetadata) -> ContiguousArray<Extent> {
+        guard let parent = blob.parent, blob.backedClusters > 0 else { return [] }
+        let key = AncestorKey(parent: parent, backed: blob.backedClusters)
+        if let view = ancestorViews[key] { return view }
+        var covered: [Range<UInt64>] = []
+        var result: ContiguousArray<Extent> = []
         var limit = blob.backedClusters
-        var next = blob.parent
+        var next: UInt64? = parent
         var depth = 0
         while let id = next, limit > 0, let ancestor = blobs[id], depth <= blobs.count {
             var found: [Range<UInt64>] = []
@@ -66,12 +79,44 @@ extension BlobStore {
                     found.append(piece)
                 }
             }
-            covered = (covered + found).sorted { $0.lowerBound < $1.lowerBound }
+            if !found.isEmpty { covered = Self.union(covered, found) }
             limit = min(limit, ancestor.backedClusters)
             next = ancestor.parent
             depth += 1
         }
-        return result.sorted { $0.clusterIndex < $1.clusterIndex }
+        result.sort { $0.clusterIndex < $1.clusterIndex }
+        ancestorViews[key] = result
+        return result
+    }
+
+    /// The extents blob `blob` reads from its ancestors (clusters it does not map, within
+    /// the backed counts), sorted by cluster index.
+    func sharedExtents(_ blob: BlobMetadata) -> [Extent] {
+        let view = ancestorView(blob)
+        guard !view.isEmpty else { return [] }
+        let own = blob.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
+        var result: [Extent] = []
+        for extent in view {
+            for piece in Self.subtract(own, from: extent.clusterIndex..<(extent.clusterIndex + UInt64(extent.count))) {
+                result.append(slice(extent, piece))
+            }
+        }
+        return result
+    }
+
+    /// Two sorted lists of disjoint ranges, disjoint from each other, merged in order.
+    static func union(_ a: [Range<UInt64>], _ b: [Range<UInt64>]) -> [Range<UInt64>] {
+        var result: [Range<UInt64>] = []
+        result.reserveCapacity(a.count + b.count)
+        var i = 0, j = 0
+        while i < a.count || j < b.count {
+            if j == b.count || (i < a.count && a[i].lowerBound < b[j].lowerBound) {
+                result.append(a[i]); i += 1
+            } else {
+                result.append(b[j]); j += 1
+            }
+        }
+        return result
     }
 
     /// `range` minus the sorted, disjoint `ranges`.
@@ -202,6 +247,7 @@ extension BlobStore {
 
     /// `.snapshot(id, snapshotID)`; nil when applied, else what is wrong.
     func applySnapshot(_ id: UInt64, _ snapshotID: UInt64) -> String? {
+        ancestorViews.removeAll()
         guard var source = blobs[id] else { return "no such blob" }
         guard snapshotID < superBlock.blobIDLimit, blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
         guard !source.isSnapshot, clones[id] == nil else { return "the blob is a snapshot or has clones" }
@@ -224,6 +270,7 @@ extension BlobStore {
 
     /// `.setParent(id, parent, backed)`.
     func applySetParent(_ id: UInt64, _ parent: UInt64?, _ backed: UInt64) -> String? {
+        ancestorViews.removeAll()
         guard var blob = blobs[id] else { return "no such blob" }
         guard backed <= blob.clusterCount else { return "backed clusters beyond the blob" }
         if let parent {
@@ -249,6 +296,7 @@ extension BlobStore {
     /// move to it, the snapshot's others are released, the child takes its parent, and
     /// the snapshot is deleted.
     func applyMerge(_ id: UInt64, into child: UInt64) -> String? {
+        ancestorViews.removeAll()
         guard let snapshot = blobs[id], var clone = blobs[child] else { return "no such blob" }
         guard clone.parent == id, clones[id] == [child] else { return "the child is not the snapshot's only clone" }
         let owned = clone.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
@@ -282,7 +330,7 @@ extension BlobStore {
         return nil
     }
 
-    private func slice(_ extent: Extent, _ range: Range<UInt64>) -> Extent {
+    func slice(_ extent: Extent, _ range: Range<UInt64>) -> Extent {
         Extent(clusterIndex: range.lowerBound, count: UInt32(range.count),
                firstCluster: extent.firstCluster + (range.lowerBound - extent.clusterIndex))
     }
@@ -295,7 +343,7 @@ extension BlobStore {
     /// Gives the handles of `id` and of every blob that reads through it their new view.
     func refreshHandles(ofCloneTree id: UInt64) {
         if let handles = openHandles[id], let blob = blobs[id] {
-            let shared = sharedExtents(blob)
+            let shared = ancestorView(blob)
             for handle in handles { handle.update(blob, shared: shared, releasing: nil) }
         }
         for clone in clones[id] ?? [] { refreshHandles(ofCloneTree: clone) }
@@ -305,6 +353,7 @@ extension BlobStore {
     /// snapshot, and links that loop (the blob then reads its own clusters only).
     func salvageCloneLinks(report: inout SalvageReport) {
         clones = [:]
+        ancestorViews = [:]
         for id in blobs.keys.sorted() {
             guard let parent = blobs[id]!.parent else { continue }
             var why: String?
@@ -336,6 +385,7 @@ extension BlobStore {
     /// exists and is a snapshot, and no chain of parents loops.
     func rebuildCloneIndex() throws(BlobStoreError) {
         clones = [:]
+        ancestorViews = [:]
         for (id, blob) in blobs {
             guard let parent = blob.parent else { continue }
             guard let snapshot = blobs[parent], snapshot.isSnapshot else {

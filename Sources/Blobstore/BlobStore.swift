@@ -1,6 +1,12 @@
 import Bdev
 import Env
 
+/// A clone's parent and backed count: what its ancestors' view depends on.
+struct AncestorKey: Hashable {
+    let parent: UInt64
+    let backed: UInt64
+}
+
 /// One copy (0 or 1) of the blob table or of the bitmaps.
 struct ArrayCopyKey: Hashable {
     let kind: ArrayPageKind
@@ -107,6 +113,12 @@ public final class BlobStore {
     /// For each snapshot, the blobs whose parent it is (kept by `apply` and built at
     /// load: the parent links are in the children's metadata).
     var clones: [UInt64: Set<UInt64>] = [:]
+    /// What a clone with a given parent and backed count reads from its ancestors (the
+    /// ancestors' view, without its own extents), shared by every clone and handle with
+    /// that key: computing it walks every ancestor extent. Ancestors are snapshots and do
+    /// not change, so it is cleared only by the records that change parent links
+    /// (`BlobStore+Clones.swift`).
+    var ancestorViews: [AncestorKey: ContiguousArray<Extent>] = [:]
     /// Released clusters: the quarantine, release epochs (BlobStore+Release.swift).
     var releases = ReleaseTracking()
     /// The durable chain pages of the blobs changed since the checkpoint, plus one each:

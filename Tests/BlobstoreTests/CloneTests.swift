@@ -212,6 +212,33 @@ final class CloneTests: XCTestCase {
         }
     }
 
+    /// Handles of clones of one snapshot share its cached view; each reads its own clusters
+    /// first, and a clone made after another wrote reads the snapshot, not that write.
+    func testClonesOfOneSnapshotShareTheViewNotTheirWrites() throws {
+        let a = try store.createBlob(clusterCount: 4)
+        try store.write(blob: a, offsetUnits: 0, data: pattern(7, 4 * cluster))
+        let snapshot = try store.snapshotBlob(a)
+        let first = try store.cloneBlob(snapshot)
+        let firstHandle = try store.openBlob(first)
+        defer { store.closeBlob(firstHandle) }
+        let shared = try XCTUnwrap(firstHandle.readCluster(1))
+        try store.write(blob: first, offsetUnits: units(cluster), data: [UInt8](repeating: 9, count: cluster))
+        XCTAssertNotEqual(firstHandle.readCluster(1), shared, "the handle reads the clone's own copy")
+        try store.deleteBlob(first)
+        let second = try store.cloneBlob(snapshot)
+        XCTAssertEqual(second, first, "the id comes back")
+        let secondHandle = try store.openBlob(second)
+        defer { store.closeBlob(secondHandle) }
+        XCTAssertEqual(secondHandle.readCluster(1), shared)
+        XCTAssertEqual(try contents(store, second), pattern(7, 4 * cluster))
+        XCTAssertEqual(store.dataExtents(second).reduce(0) { $0 + Int($1.count) }, 4)
+        XCTAssertTrue(store.hasData(second, from: 3, to: 4))
+        try store.resizeBlob(second, clusterCount: 2)
+        try store.resizeBlob(second, clusterCount: 4)
+        XCTAssertFalse(store.hasData(second, from: 2, to: 4), "cut off and grown again: zeros")
+        XCTAssertNil(secondHandle.readCluster(3))
+    }
+
     final class Completion: BdevCompletionHandler {
         var finished = false
         var status: BdevStatus = .success
