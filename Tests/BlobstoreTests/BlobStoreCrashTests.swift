@@ -22,6 +22,16 @@ final class BlobStoreCrashTests: XCTestCase {
         case unmap(slot: Int, cluster: UInt64)
     }
 
+    /// A fault bdev over `backend` once `image` is written to it: where each power cut of a
+    /// campaign starts.
+    static func faultDevice(_ backend: MallocBdev, holding image: [UInt8], reactor: Reactor) throws -> FaultBdev {
+        let inner = Bdev(backend: backend)
+        let copy = try BdevSyncIO(bdev: inner, reactor: reactor)
+        try copy.writeBytes(image, offsetBlocks: 0)
+        copy.close()
+        return FaultBdev(wrapping: inner)
+    }
+
     /// Seeds per write index: `default`, or BLOBFS_CRASH_SEEDS for a longer campaign.
     static func seedCount(_ default: UInt64) -> UInt64 {
         ProcessInfo.processInfo.environment["BLOBFS_CRASH_SEEDS"].flatMap(UInt64.init) ?? `default`

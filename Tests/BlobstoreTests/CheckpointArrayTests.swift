@@ -105,13 +105,7 @@ final class CheckpointArrayTests: XCTestCase {
         while true {
             var finished = false
             for seed in UInt64(0)..<BlobStoreCrashTests.seedCount(3) {
-                let inner = Bdev(backend: try MallocBdev(blockCount: blocks))
-                do {
-                    let copy = try BdevSyncIO(bdev: inner, reactor: reactor)
-                    try copy.writeBytes(image, offsetBlocks: 0)
-                    copy.close()
-                }
-                let fault = FaultBdev(wrapping: inner)
+                let fault = try BlobStoreCrashTests.faultDevice(try MallocBdev(blockCount: blocks), holding: image, reactor: reactor)
                 var io = try BdevSyncIO(bdev: Bdev(backend: fault), reactor: reactor)
                 let store = try BlobStore.load(io).0
                 store.deferCommitFlush = true

@@ -335,13 +335,8 @@ final class CloneTests: XCTestCase {
             var finishedRuns = 0
             while finishedRuns == 0 {
                 for seed in UInt64(0)..<BlobStoreCrashTests.seedCount(2) {
-                    let inner = Bdev(backend: try MallocBdev(blockCount: blocks, blockSizeBytes: blockSize))
-                    do {
-                        let copy = try BdevSyncIO(bdev: inner, reactor: reactor)
-                        try copy.writeBytes(image, offsetBlocks: 0)
-                        copy.close()
-                    }
-                    let fault = FaultBdev(wrapping: inner)
+                    let fault = try BlobStoreCrashTests.faultDevice(try MallocBdev(blockCount: blocks, blockSizeBytes: blockSize),
+                                                                     holding: image, reactor: reactor)
                     var io = try BdevSyncIO(bdev: Bdev(backend: fault), reactor: reactor)
                     var completed = 0
                     do {

@@ -120,13 +120,7 @@ final class GrowTests: XCTestCase {
             var finished = false
             for seed in UInt64(0)..<BlobStoreCrashTests.seedCount(4) {
                 let malloc = try MallocBdev(blockCount: oldBlocks, reservedBlockCount: newBlocks)
-                let inner = Bdev(backend: malloc)
-                do {
-                    let copy = try BdevSyncIO(bdev: inner, reactor: reactor)
-                    try copy.writeBytes(image, offsetBlocks: 0)
-                    copy.close()
-                }
-                let fault = FaultBdev(wrapping: inner)
+                let fault = try BlobStoreCrashTests.faultDevice(malloc, holding: image, reactor: reactor)
                 var io = try BdevSyncIO(bdev: Bdev(backend: fault), reactor: reactor)
                 let store = try BlobStore.load(io).0
                 store.deferCommitFlush = true
