@@ -381,6 +381,22 @@ extension BlobStore {
         }
     }
 
+    /// Salvage: a blob reads through its ancestors, so it is affected when any of them is.
+    func affectClonesOfAffected(_ report: inout SalvageReport) {
+        for id in blobs.keys {
+            var next = blobs[id]?.parent
+            var steps = 0
+            while let ancestor = next, steps <= blobs.count {
+                if report.affectedBlobs.contains(ancestor) {
+                    report.affectedBlobs.insert(id)
+                    break
+                }
+                next = blobs[ancestor]?.parent
+                steps += 1
+            }
+        }
+    }
+
     /// Builds `clones` from the loaded blobs' parent links and checks them: every parent
     /// exists and is a snapshot, and no chain of parents loops.
     func rebuildCloneIndex() throws(BlobStoreError) {

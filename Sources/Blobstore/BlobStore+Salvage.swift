@@ -79,6 +79,7 @@ extension BlobStore {
         store.adoptSalvaged(walks, report: &report)
         store.salvageCloneLinks(report: &report)
         try store.replaySalvaging(report: &report)
+        store.affectClonesOfAffected(&report)
         _ = store.clusters.takeChangedPages()
         _ = store.metadataPageBits.takeChangedPages()
         _ = store.blobIDs.takeChangedPages()

@@ -52,6 +52,11 @@ final class RepairCampaignTests: XCTestCase {
         /// The log sequence after its last change was synced: a replay that reaches it
         /// brings the file back whole.
         var lastLSN: UInt64 = 0
+        /// A copy (copy_file_range, sharing clusters) holds this inode's blocks.
+        var contentOf: InodeNumber?
+        /// Deleted after the checkpoint: a repair whose replay stops before the delete
+        /// brings it back (with its own blocks); else it is gone.
+        var deleted = false
     }
 
     /// A populated image: its bytes, and what each file holds.
@@ -207,6 +212,13 @@ final class RepairCampaignTests: XCTestCase {
         files[b] = Expected(ino: b, path: "/frag-b", mode: UInt32(S_IFREG), size: fragmentBytes)
         try synced(fs, &files, a)
         try synced(fs, &files, b)
+        // Copies sharing clusters (a snapshot of frag-a, two clones; one of a small file),
+        // then frag-a rewritten with its own bytes: copy-on-write clusters of its own.
+        for (source, name) in [(a, "copy-a"), (a, "copy-a2"), (try resolve(fs, "/d1/f3").ino, "copy-small")] {
+            try copy(fs, &files, source, to: name)
+        }
+        try write(fs, a, size: fragmentBytes / 2)
+        try synced(fs, &files, a)
         // Symlinks (one of two target pieces), a hard link, xattrs (one large).
         for (name, target) in [("short", bytes("/d1/f2")), ("long", [UInt8](repeating: UInt8(ascii: "t"), count: 3000))] {
             let link = try fs.make(parent: .root, name: bytes(name), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: target, caller: .root)
@@ -223,6 +235,19 @@ final class RepairCampaignTests: XCTestCase {
             files[ino]!.xattrs[name] = value
             try synced(fs, &files, ino)
         }
+    }
+
+    /// A copy of `source` at the root, named `name`, sharing its clusters.
+    private static func copy(_ fs: FileSystem, _ files: inout [InodeNumber: Expected], _ source: InodeNumber, to name: String) throws {
+        let made = try fs.create(parent: .root, name: bytes(name), mode: 0o644, caller: .root)
+        let size = files[source]!.size
+        guard try fs.copyRange(from: source, offset: 0, to: made.ino, offset: 0, length: size) == size else {
+            throw FSError(EIO, "copy of \(size) bytes")
+        }
+        fs.release(ino: made.ino)
+        files[made.ino] = Expected(ino: made.ino, path: "/" + name, mode: UInt32(S_IFREG), size: size,
+                                   contentOf: files[source]!.contentOf ?? source)
+        try synced(fs, &files, made.ino)
     }
 
     /// Changes after the checkpoint, each synced: new files, an append, a rename, an xattr,
@@ -250,6 +275,17 @@ final class RepairCampaignTests: XCTestCase {
         let link = try fs.make(parent: late, name: bytes("ln"), mode: UInt32(S_IFLNK) | 0o777, symlinkTarget: bytes("n3"), caller: .root)
         files[link.ino] = Expected(ino: link.ino, path: "/late/ln", mode: UInt32(S_IFLNK), size: 2, target: bytes("n3"))
         try done(link.ino)
+        // In the log: a copy (snapshot and clone records), and a file deleted after it was
+        // copied (the merge of its snapshot into the copy).
+        let source = try resolve(fs, "/late/n5").ino
+        try copy(fs, &files, source, to: "late-copy")
+        let doomed = try resolve(fs, "/late/n7").ino
+        try copy(fs, &files, doomed, to: "late-orphaned-copy")
+        try fs.unlink(parent: late, name: bytes("n7"))
+        fs.forget(ino: doomed, count: 100)  // every lookup of it: the blob goes now, not at the next mount
+        files[doomed]!.deleted = true
+        try fs.sync()
+        files[doomed]!.lastLSN = fs.store.logSequence
     }
 
     static func resolve(_ fs: FileSystem, _ path: String) throws -> Attributes {
@@ -360,7 +396,7 @@ final class RepairCampaignTests: XCTestCase {
         var expectedContent: [InodeNumber: [UInt8]] = [:]
         for image in images {
             for (ino, file) in image.files where file.mode == UInt32(S_IFREG) && expectedContent[ino]?.count ?? -1 < Int(file.size) {
-                expectedContent[ino] = Self.content(ino: ino, size: file.size)
+                expectedContent[ino] = Self.content(ino: file.contentOf ?? ino, size: file.size)
             }
         }
         var tally = Tally()
@@ -458,6 +494,12 @@ final class RepairCampaignTests: XCTestCase {
         for (ino, file) in image.files {
             let id = ino.blobID
             let reached = file.lastLSN <= report.replayEndLSN
+            if file.deleted {
+                if reached && !report.affectedBlobs.contains(id) && found[ino] != nil {
+                    XCTFail("\(context): \(file.path) (inode \(ino)) was deleted, yet it is there: \(report.changes.map(\.text).prefix(12))")
+                }
+                continue
+            }
             guard !report.affectedBlobs.contains(id), reached else {
                 tally.touchedFiles += 1
                 if found[ino] == nil { tally.missingFiles += 1 }
@@ -501,7 +543,7 @@ final class RepairCampaignTests: XCTestCase {
                             header.1 |= UInt64(block[offset + 8 + byte]) << (8 * UInt64(byte))
                         }
                     }
-                    XCTFail("\(context): inode \(ino) reads at \(offset) bytes that are not its own (they say inode \(header.0), block \(header.1))")
+                    XCTFail("\(context): inode \(ino) reads at \(offset) bytes that are not its own (they say inode \(header.0), block \(header.1); expected \(expected.map { "\($0.count) bytes" } ?? "none"))")
                     return
                 }
             }
