@@ -55,6 +55,8 @@ extension FileSystem {
                 snapshot = try tx.snapshot(sourceID)
                 try tx.setXattr(snapshot, name: Key.sharedData, value: [], isInternal: true)
             }
+            // A target that was a copy before (truncated to nothing since) lets go of that data.
+            try detachFromSharedData(&tx, targetID)
             let capacity = max(target.clusterCount, clusters)
             if capacity != target.clusterCount { try tx.resizeBlob(targetID, clusterCount: capacity) }
             try tx.setParent(targetID, parent: snapshot, backedClusters: min(clusters, tx.sizeInTransaction(snapshot)))
@@ -71,8 +73,24 @@ extension FileSystem {
     }
 
     static func deleteFileBlob(_ tx: inout BlobTransaction, _ id: UInt64, in store: BlobStore) throws(BlobStoreError) {
-        var parent = tx.parentInTransaction(id)
+        let parent = tx.parentInTransaction(id)
         try tx.deleteBlob(id)
+        try releaseSharedData(&tx, from: parent, in: store)
+    }
+
+    /// Adds to `tx` that file blob `id` reads nothing from shared data any more (it maps
+    /// all it holds): its parent link goes, and the shared data with it when no file
+    /// reads it (or merged into the one that still does).
+    func detachFromSharedData(_ tx: inout BlobTransaction, _ id: UInt64) throws(BlobStoreError) {
+        guard let parent = tx.parentInTransaction(id) else { return }
+        try tx.setParent(id, parent: nil, backedClusters: 0)
+        try Self.releaseSharedData(&tx, from: parent, in: store)
+    }
+
+    /// Shared data `parent` (and up its chain) that lost a reader in this transaction:
+    /// deleted when nothing reads it, merged into the one clone that still does.
+    static func releaseSharedData(_ tx: inout BlobTransaction, from parent: UInt64?, in store: BlobStore) throws(BlobStoreError) {
+        var parent = parent
         while let snapshot = parent, store.xattr(snapshot, name: Key.sharedData, isInternal: true) != nil {
             let clones = tx.clonesInTransaction(snapshot)
             if clones.isEmpty {

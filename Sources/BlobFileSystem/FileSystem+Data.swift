@@ -285,6 +285,8 @@ extension FileSystem {
                 try tx.unmap(id, clusterIndex: index, count: count)
                 index += UInt64(count)
             }
+            // Cut to nothing, a copy reads nothing of the shared data any more: it lets go of it.
+            if release.lowerBound == 0 { try detachFromSharedData(&tx, id) }
         })
         precondition(inode.attributes.size == size && !inode.dirty, "truncate: the new size is committed")
     }

@@ -81,6 +81,27 @@ final class CopyRangeTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(fs.statistics().freeBlocks, free + 70, "every cluster back once no file reads it")
     }
 
+    /// A copy cut to nothing lets go of the shared data; copied into again, it takes the
+    /// new source's; nothing is left behind that no file reads.
+    func testACopyTruncatedToNothingLetsGoOfTheSharedData() throws {
+        let (fs, store, io) = try makeFileSystem()
+        defer { io.close() }
+        let a = try create(fs, "a"), c = try create(fs, "c")
+        try fs.write(ino: a, offset: 0, data: data(3, 40_000))
+        try fs.write(ino: c, offset: 0, data: data(4, 30_000))
+        let b = try create(fs, "b")
+        XCTAssertEqual(try fs.copyRange(from: a, offset: 0, to: b, offset: 0, length: 40_000), 40_000)
+        _ = try fs.setAttributes(ino: b, AttributeChanges(size: 0), caller: .root)
+        XCTAssertNil(store.parent(of: b.blobID))
+        XCTAssertEqual(try fs.copyRange(from: c, offset: 0, to: b, offset: 0, length: 30_000), 30_000)
+        XCTAssertEqual(try contents(fs, b), data(4, 30_000))
+        XCTAssertEqual(try contents(fs, a), data(3, 40_000))
+        let report = FileSystem.check(store)
+        XCTAssertTrue(report.isConsistent, "\(report.problems)")
+        XCTAssertEqual(report.sharedDataBlobs, 1, "a's shared data merged back into a; c's shared by c and b")
+        XCTAssertTrue(store.verify().isConsistent)
+    }
+
     func testPartialCopiesCopyBytes() throws {
         let (fs, store, io) = try makeFileSystem()
         defer { io.close() }

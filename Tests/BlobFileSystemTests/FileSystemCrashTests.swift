@@ -48,7 +48,7 @@ final class FileSystemCrashTests: XCTestCase {
         // Instant copies: shared, each side copying what it writes, merged when one goes.
         .create("e"), .copy("d/1", "e"), .write("e", offset: 100, count: 300, seed: 7),
         .write("d/1", offset: 0, count: 4096, seed: 8), .create("g"), .copy("e", "g"), .unlink("d/1"),
-        .write("g", offset: 12_288, count: 4096, seed: 9), .unlink("e"),
+        .write("g", offset: 12_288, count: 4096, seed: 9), .unlink("e"), .truncate("g", 0), .copy("f1moved", "g"),
     ]
 
     static func data(_ seed: UInt64, _ count: Int) -> [UInt8] {
