@@ -499,6 +499,34 @@ def goals_section(combos, res, idle):
     return summary + [""] + detail + [""], verdicts
 
 
+def clone_section(out, params):
+    """Issue 14: 4 KiB random reads of a copy that shares the original's clusters, against
+    the original right before it (runs/_clone)."""
+    rows = []
+    for meta_path in sorted(glob.glob(os.path.join(out, "runs", "_clone", "*-original.meta.json"))):
+        target = os.path.basename(meta_path)[:-len("-original.meta.json")]
+        got = {}
+        for what in ("original", "copy"):
+            base = os.path.join(out, "runs", "_clone", f"{target}-{what}")
+            meta = read_json(base + ".meta.json") or {}
+            j = read_json(base + ".json")
+            if meta.get("status") == "ok" and j is not None:
+                meta["_ramp"] = params.get("ramp", "0")
+                try:
+                    got[what] = fio_metrics(j, meta)["iops"]
+                except (KeyError, IndexError, TypeError):
+                    pass
+        r = ratio(got.get("copy"), got.get("original"))
+        verdict = "not measured" if r is None else ("met" if r >= 0.9 else "**missed**")
+        rows.append(f"| {target} | {fmt(got.get('original'))} | {fmt(got.get('copy'))} | {fmt(r, 2)} | {verdict} |")
+    if not rows:
+        return ["No blobfs target ran the job.", ""]
+    return ["4 KiB random reads, io_uring, qd32, direct, of the laid-out file and then of a copy made with "
+            "copy_file_range (it shares the file's clusters: every read goes through the shared snapshot). "
+            "Issue 14's goal: the copy ≥ 0.9 × the original.", "",
+            "| target | original IOPS | copy IOPS | copy / original | goal ≥ 0.9 |", "|---|---:|---:|---:|---|"] + rows + [""]
+
+
 def inprocess_section(out):
     md = []
     rows = []
@@ -925,6 +953,9 @@ def main():
         md += ["No blobfs target ran.", ""]
 
     md += profiles_section(out)
+
+    md += ["## Reads through a copy", ""]
+    md += clone_section(out, params)
 
     md += ["## In-process numbers (below FUSE)", ""]
     md += inprocess_section(out)
