@@ -38,6 +38,9 @@ public struct FuseOptions: Sendable {
     /// Per-operation counts and latency histograms (`blobfs stats`); `no_stats` turns them
     /// off (no clock read per request).
     public var statistics = true
+    /// One io_uring per reactor for the FUSE queues and the image's I/O (`ReactorRing`);
+    /// `no_reactor_ring` gives each its own ring, woken through epoll (the earlier path).
+    public var reactorRing = true
     public var mountOptions: [String] = []
     public init() {}
 
@@ -65,6 +68,8 @@ public struct FuseOptions: Sendable {
             case "nodiscard": discard = false
             case "stats": statistics = true
             case "no_stats": statistics = false
+            case "reactor_ring": reactorRing = true
+            case "no_reactor_ring": reactorRing = false
             case "fuse_transport":
                 guard let value, let chosen = Transport(rawValue: value) else {
                     throw FSError(EINVAL, "mount option \(option): expected auto, io_uring or dev_fuse")
@@ -207,7 +212,9 @@ public final class FuseServer: @unchecked Sendable {
                     let ring = try URingFuseChannel(fd: fd, maxWrite: session.maxWrite, reactor: reactor)
                     try ring.start(session)
                     self.ring = ring
-                    transport = "FUSE over io_uring, \(ring.queueCount) queues of \(ring.entriesPerQueue) on one reactor"
+                    channel.readsOnlyWhenReady = true
+                    let sharing = ring.sharesReactorRing ? ", sharing the reactor's io_uring with the device" : ""
+                    transport = "FUSE over io_uring, \(ring.queueCount) queues of \(ring.entriesPerQueue) on one reactor\(sharing)"
                 } catch {
                     Log.logger("fuse").warning("FUSE over io_uring unavailable (\(error)); serving /dev/fuse")
                 }
