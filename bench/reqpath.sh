@@ -24,7 +24,7 @@ trap cleanup EXIT
 mkdir -p "$work/raw"
 FIO_FILE=$work/raw/fio.dat FIO_SIZE=$size fio bench/fio/layout.fio > /dev/null
 
-names=(raw) dirs=("$work/raw")
+names=(raw) dirs=("$work/raw") bins=("")
 index=0
 for spec in "$@"; do
   index=$((index + 1))
@@ -35,7 +35,7 @@ for spec in "$@"; do
   "$blobfs" mount "file:$work/b$index.img" "$work/m$index" ${options:+-o "$options"} > "$work/mount$index.txt"
   mounts+=("$work/m$index")
   FIO_FILE=$work/m$index/fio.dat FIO_SIZE=$size fio bench/fio/layout.fio > /dev/null
-  names+=("b$index") dirs+=("$work/m$index")
+  names+=("b$index") dirs+=("$work/m$index") bins+=("$blobfs")
   echo "b$index = $spec: $(cat "$work/mount$index.txt")" >&2
 done
 
@@ -46,9 +46,22 @@ sample() {  # one /proc/stat sample line, as bench/run's procstat_sample
 }
 sampler() { local fd; exec {fd}<> <(:); while :; do sample; read -r -t 0.05 -u "$fd" _ || true; done; }
 
-# run DIR JOB ENGINE DEPTH DIRECT: "IOPS P50_US P99_US MACHINE_US_PER_IO"
+# daemon_op BLOBFS DIR: "ANSWERED MEAN_US" of READ and WRITE together (blobfs stats)
+daemon_op() {
+  [ -n "$1" ] || { echo "0 0"; return; }
+  "$1" stats "$2" --json | python3 -c '
+import json, sys
+ops = [o for o in json.load(sys.stdin)["operations"] if o["op"] in ("READ", "WRITE")]
+n = sum(o["answered"] for o in ops)
+print(n, sum(o["answered"] * o["latency_us"]["mean"] for o in ops) / max(1, n))'
+}
+
+# run BLOBFS DIR JOB ENGINE DEPTH DIRECT:
+#   "IOPS P50_US P99_US MACHINE_US_PER_IO FIO_MEAN_US DAEMON_MEAN_US"
 run() {
-  local fio=$2.fio
+  local bin=$1; shift
+  local fio=$2.fio n0 m0 n1 m1
+  read -r n0 m0 < <(daemon_op "$bin" "$1")
   : > "$work/samples"; echo '{}' > "$work/meta.json"
   sample >> "$work/samples"
   sampler >> "$work/samples" & local sampler_pid=$!
@@ -56,22 +69,27 @@ run() {
     FIO_RUNTIME=$seconds FIO_RAMP=2 fio --output-format=json "bench/fio/$fio" > "$work/fio.json"
   kill "$sampler_pid"; wait "$sampler_pid" 2>/dev/null || true
   sample >> "$work/samples"
+  read -r n1 m1 < <(daemon_op "$bin" "$1")
   python3 bench/machine_cpu.py "$work/meta.json" "$work/samples" "$work/fio.json"
-  python3 - "$work/fio.json" "$work/meta.json" <<'PY'
+  python3 - "$work/fio.json" "$work/meta.json" "$n0" "$m0" "$n1" "$m1" <<'PY'
 import json, sys
 job = json.load(open(sys.argv[1]))["jobs"][0]
 side = job["read"] if job["read"]["total_ios"] > 0 else job["write"]
 pct = side["clat_ns"]["percentile"] if "clat_ns" in side else side["lat_ns"]["percentile"]
 cpu = json.load(open(sys.argv[2])).get("machine_cpu_us_per_io")
-print("%.0f %.0f %.0f %s" % (side["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000,
-                             "%.1f" % cpu if cpu is not None else "-"))
+n0, m0, n1, m1 = (float(x) for x in sys.argv[3:7])
+# the daemon's mean time from a request's receipt to its answer, over this job (ramp included)
+daemon = (n1 * m1 - n0 * m0) / (n1 - n0) if n1 > n0 else None
+print("%.0f %.0f %.0f %s %.0f %s" % (side["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000,
+                                     "%.1f" % cpu if cpu is not None else "-", side["lat_ns"]["mean"] / 1000,
+                                     "%.0f" % daemon if daemon is not None else "-"))
 PY
 }
 
 jobs=("rand-read io_uring 32 1" "rand-read psync 1 0" "rand-read psync 1 1" "rand-write io_uring 32 1")
 if [ -n "${REQPATH_JOBS:-}" ]; then IFS=, read -r -a jobs <<< "$REQPATH_JOBS"; fi  # e.g. "rand-read psync 1 1"
-echo "| job | round | target | IOPS | p50 us | p99 us | IOPS / raw | machine CPU us / I/O |"
-echo "|---|---|---|---:|---:|---:|---:|---:|"
+echo "| job | round | target | IOPS | p50 us | p99 us | IOPS / raw | machine CPU us / I/O | fio mean us | daemon mean us |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
 count=${#names[@]}
 for job in "${jobs[@]}"; do
   read -r name engine depth direct <<< "$job"
@@ -80,13 +98,14 @@ for job in "${jobs[@]}"; do
     declare -A result=()
     for step in $(seq 0 $((count - 1))); do
       t=$(( (step + round - 1) % count ))
-      result[$t]=$(run "${dirs[$t]}" "$name" "$engine" "$depth" "$direct")
+      result[$t]=$(run "${bins[$t]}" "${dirs[$t]}" "$name" "$engine" "$depth" "$direct")
     done
     read -r raw_iops _ <<< "${result[0]}"
     for t in $(seq 0 $((count - 1))); do
-      read -r iops p50 p99 cpu <<< "${result[$t]}"
+      read -r iops p50 p99 cpu mean daemon <<< "${result[$t]}"
       ratio=$(python3 -c "print('%.2f' % ($iops / max(1, $raw_iops)))")
-      echo "| $label | $round | ${names[$t]} | $iops | $p50 | $p99 | $ratio | $cpu |"
+      [ "$t" = 0 ] && daemon=""
+      echo "| $label | $round | ${names[$t]} | $iops | $p50 | $p99 | $ratio | $cpu | $mean | $daemon |"
     done
     unset result
   done

@@ -28,9 +28,12 @@ final class DevFuseChannel: FuseTransport {
     private(set) var ended = false
     private var pollerID: PollerID?
     private unowned(unsafe) let reactor: Reactor
-    /// When the io_uring transport carries the requests, /dev/fuse brings only FORGET and
-    /// INTERRUPT: it is read when epoll reported it (`readable`), not on every pass (a
-    /// `read` failing with EAGAIN on each pass cost ~10 system calls per request).
+    /// Read /dev/fuse only when epoll reported it (`readable`) and until it says EAGAIN,
+    /// not on every pass (a `read` failing with EAGAIN each pass cost ~10 system calls per
+    /// request): when the io_uring transport carries the requests (/dev/fuse brings only
+    /// FORGET and INTERRUPT), or when the reactor has a ring, whose poll of the epoll set
+    /// reports readiness between busy passes too. Without either, a busy reactor would see
+    /// the fd's readiness only when it next sleeps, so it reads every pass.
     var readsOnlyWhenReady = false
     private var readable = true
 

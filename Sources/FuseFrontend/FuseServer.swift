@@ -4,6 +4,7 @@ import Glibc
 import BlobFileSystem
 import CFuse
 import Env
+import ReactorRing
 import Synchronization
 
 /// Options of the FUSE front end (the `-o` options blobfs handles itself; the rest go
@@ -204,6 +205,8 @@ public final class FuseServer: @unchecked Sendable {
             channel = try DevFuseChannel(fd: fd, slotCount: Self.devFuseSlots, maxWrite: Int(options.maxWrite), reactor: reactor)
             try channel.start(session) { [unowned self] in state.withLock { $0.ended = true } }
         } catch { return "cannot serve /dev/fuse: \(error)" }
+        // With the reactor's ring (made now if mounts use one), epoll's word reaches a busy reactor too.
+        channel.readsOnlyWhenReady = ReactorRing.ring(of: reactor) != nil
         devFuse = channel
         session.onInitialized = { [unowned self, unowned session] in
             var transport = "/dev/fuse (\(Self.devFuseSlots) requests in flight)"

@@ -175,11 +175,7 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     public func wait(timeoutMs: Int32) {
         reactor.preconditionCurrent()
         heldOnePass = false
-        if !epollArmed, let sqe = nextEntry() {
-            io_uring_prep_poll_add(sqe, reactor.epollFD, UInt32(POLLIN))
-            io_uring_sqe_set_data64(sqe, Self.epollTag)
-            epollArmed = true
-        }
+        armEpollPoll()
         var cqe: UnsafeMutablePointer<io_uring_cqe>?
         let result: Int32
         if timeoutMs < 0 {
@@ -191,9 +187,19 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
         report(result)
     }
 
-    /// The epoll poll completed: the set has a ready fd; collect, and arm again at the next sleep.
+    /// The epoll poll completed: the set has a ready fd. Collected now, and the poll armed
+    /// again at once, so a reactor busy for a long time still hears of fds (a /dev/fuse
+    /// request, a message) from its ring's completions, without going to sleep first.
     public func ringCompleted(payload: UInt64, result: Int32) {
         epollArmed = false
         reactor.pollWakeFDs()
+        armEpollPoll()
+    }
+
+    private func armEpollPoll() {
+        guard !epollArmed, let sqe = nextEntry() else { return }
+        io_uring_prep_poll_add(sqe, reactor.epollFD, UInt32(POLLIN))
+        io_uring_sqe_set_data64(sqe, Self.epollTag)
+        epollArmed = true
     }
 }
