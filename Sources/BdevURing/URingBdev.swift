@@ -138,6 +138,9 @@ final class URingChannel: BdevBackendChannel, ReactorRingConsumer {
     /// The reactor's ring and this channel's tag in it (nil: the channel's own ring).
     private let shared: ReactorRing?
     private var sharedTag: UInt64 = 0
+    /// The pass in which `poll` was last called (`Reactor.passStartNs`): a second call in
+    /// one pass is a caller waiting in a loop (a drain), which needs the ring polled by hand.
+    private var lastPollPassNs: UInt64 = .max
     private let blockSizeBytes: Int
     private let directMask: Int
     private var unsubmitted: UInt32 = 0
@@ -157,7 +160,7 @@ final class URingChannel: BdevBackendChannel, ReactorRingConsumer {
             ring = reactorRing.ring
             cqes = .allocate(capacity: 1)
             wakeFD = -1
-            guard let tag = reactorRing.add(self) else {
+            guard let tag = reactorRing.add(self, completesInHandPolls: true) else {
                 cqes.deallocate()
                 throw .invalidConfiguration("\(bdev.name): no consumer tag left in reactor \(reactor.name)'s ring")
             }
@@ -275,7 +278,14 @@ final class URingChannel: BdevBackendChannel, ReactorRingConsumer {
     /// With the reactor's ring: its poller reaps; requests that found its submission
     /// queue full go once the queue has been submitted.
     private func pollShared(_ shared: ReactorRing) -> PollStatus {
-        guard !overflow.isEmpty else { return .idle }
+        let pass = reactor.passStartNs
+        var busy = false
+        if pass == lastPollPassNs && inFlight > 0 {
+            shared.pollByHand()
+            busy = true
+        }
+        lastPollPassNs = pass
+        guard !overflow.isEmpty else { return busy ? .busy : .idle }
         shared.submitNow()
         while !overflow.isEmpty, prepare(overflow[0]) { overflow.removeFirst() }
         return .busy

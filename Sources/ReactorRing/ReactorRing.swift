@@ -24,6 +24,13 @@ public protocol ReactorRingConsumer: AnyObject {
 /// A reactor that loops in interrupt mode leaves its queued entries to its sleep; one that
 /// spins, or is stepped by hand, submits them at the end of each pass of the ring's poller.
 ///
+/// Code that waits for its device requests by polling their channel in a loop (a drain
+/// before unmount, an allocation waiting for released clusters) calls `pollByHand`: it
+/// submits, and hands out the completions of consumers that asked for it (bdev channels,
+/// whose completion only queues the request in its channel); the others (a FUSE request,
+/// the epoll poll) wait in `deferred` for the poller's next pass, so nothing runs nested
+/// inside code that did not expect it.
+///
 /// Entries are 128 bytes (FUSE's commands need `IORING_SETUP_SQE128`); `prepare`-style
 /// helpers of liburing fill the first 64 of them, which is all an ordinary read needs.
 public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
@@ -46,6 +53,18 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
     /// Indexed by tag; slot 0 is unused (user data 0), slot 1 is the ring itself (epoll).
     private var consumers: ContiguousArray<(any ReactorRingConsumer)?>
+    /// By tag: whether the consumer's completions may be handed out by `pollByHand`.
+    private var completesInHandPolls: ContiguousArray<Bool>
+    private struct Completion {
+        var userData: UInt64
+        var result: Int32
+    }
+    /// Completions copied out of the ring before they are handed out (the ring's slots
+    /// are given back first, so a hand poll inside a handler never sees them again).
+    private let batch: UnsafeMutablePointer<Completion>
+    private let handBatch: UnsafeMutablePointer<Completion>
+    /// Completions a hand poll reaped for consumers that do not take them there.
+    private var deferred: ContiguousArray<Completion> = []
     /// Entries queued and not yet taken by the kernel.
     private var unsubmitted: Int { Int(io_uring_sq_ready(ring)) }
     private var epollArmed = false
@@ -77,6 +96,8 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
         self.reactor = reactor
         ring = .allocate(capacity: 1)
         cqes = .allocate(capacity: Int(Self.reapBatch))
+        batch = .allocate(capacity: Int(Self.reapBatch))
+        handBatch = .allocate(capacity: Int(Self.reapBatch))
         var params = io_uring_params()
         params.flags = UInt32(IORING_SETUP_SQE128) | UInt32(IORING_SETUP_SUBMIT_ALL) | UInt32(IORING_SETUP_CQSIZE)
             | UInt32(IORING_SETUP_COOP_TASKRUN) | UInt32(IORING_SETUP_TASKRUN_FLAG)
@@ -92,23 +113,31 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
         guard result == 0 else {
             ring.deallocate()
             cqes.deallocate()
+            batch.deallocate()
+            handBatch.deallocate()
             throw SystemError("io_uring_queue_init (reactor ring, SQE128)", errno: -result)
         }
         consumers = ContiguousArray(repeating: nil, count: Int(Self.tagMask) + 1)
+        completesInHandPolls = ContiguousArray(repeating: false, count: Int(Self.tagMask) + 1)
         consumers[Int(Self.epollTag)] = self
+        // Bounded by the entries in flight; reserved so a hand poll does not allocate.
+        deferred.reserveCapacity(Int(Self.completionEntries))
     }
 
     deinit {
         io_uring_queue_exit(ring)
         ring.deallocate()
         cqes.deallocate()
+        batch.deallocate()
+        handBatch.deallocate()
     }
 
     /// A tag for `consumer`'s entries, or nil when all are taken (the consumer then keeps
     /// a ring of its own). Held unowned: `remove` it before the consumer goes.
-    public func add(_ consumer: any ReactorRingConsumer) -> UInt64? {
+    public func add(_ consumer: any ReactorRingConsumer, completesInHandPolls: Bool = false) -> UInt64? {
         guard let tag = consumers.indices.first(where: { $0 > 0 && consumers[$0] == nil }) else { return nil }
         consumers[tag] = consumer
+        self.completesInHandPolls[tag] = completesInHandPolls
         return UInt64(tag)
     }
 
@@ -140,17 +169,19 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     /// unless the reactor's sleep will (see the type's comment).
     func poll() -> PollStatus {
         var reaped = false
-        while true {
-            let count = io_uring_peek_batch_cqe(ring, cqes, Self.reapBatch)
-            if count == 0 { break }
-            for index in 0..<Int(count) {
-                let cqe = cqes[index]!
-                let data = cqe.pointee.user_data
-                if let consumer = consumers[Int(data & Self.tagMask)] {
-                    consumer.ringCompleted(payload: data & ~Self.tagMask, result: cqe.pointee.res)
-                }
+        if !deferred.isEmpty {
+            var index = 0
+            while index < deferred.count {  // a handler's hand poll may add more
+                deliver(deferred[index])
+                index += 1
             }
-            io_uring_cq_advance(ring, count)
+            deferred.removeAll(keepingCapacity: true)
+            reaped = true
+        }
+        while true {
+            let count = take(into: batch)
+            if count == 0 { break }
+            for index in 0..<count { deliver(batch[index]) }
             reaped = true
         }
         guard unsubmitted > 0 else {
@@ -170,12 +201,55 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
         return .busy
     }
 
+    /// For code that waits for its channel's requests in a loop on the reactor's thread:
+    /// submits what is queued and reaps; completions of consumers that do not take them
+    /// here wait for the poller's next pass.
+    public func pollByHand() {
+        reactor.preconditionCurrent()
+        submitNow()
+        while true {
+            let count = take(into: handBatch)
+            if count == 0 { return }
+            for index in 0..<count {
+                let completion = handBatch[index]
+                if completesInHandPolls[Int(completion.userData & Self.tagMask)] {
+                    deliver(completion)
+                } else {
+                    deferred.append(completion)
+                }
+            }
+        }
+    }
+
+    /// Copies up to a batch of completions out of the ring and gives their slots back.
+    @inline(__always)
+    private func take(into target: UnsafeMutablePointer<Completion>) -> Int {
+        let count = Int(io_uring_peek_batch_cqe(ring, cqes, Self.reapBatch))
+        for index in 0..<count {
+            let cqe = cqes[index]!
+            target[index] = Completion(userData: cqe.pointee.user_data, result: cqe.pointee.res)
+        }
+        if count > 0 { io_uring_cq_advance(ring, UInt32(count)) }
+        return count
+    }
+
+    @inline(__always)
+    private func deliver(_ completion: Completion) {
+        guard let consumer = consumers[Int(completion.userData & Self.tagMask)] else { return }
+        consumer.ringCompleted(payload: completion.userData & ~Self.tagMask, result: completion.result)
+    }
+
     /// The reactor's sleep: submits what is queued and waits for one completion (or the
     /// epoll set, or the timeout) in one system call.
     public func wait(timeoutMs: Int32) {
         reactor.preconditionCurrent()
         heldOnePass = false
         armEpollPoll()
+        if !deferred.isEmpty {
+            // A hand poll after this pass's poller reaped work for it: no sleep.
+            submitNow()
+            return
+        }
         var cqe: UnsafeMutablePointer<io_uring_cqe>?
         let result: Int32
         if timeoutMs < 0 {

@@ -161,4 +161,37 @@ final class URingBdevTests: XCTestCase {
         XCTAssertEqual(received.load(ordering: .relaxed), 50)
         XCTAssertGreaterThan(reactor.sleepCount, 0)
     }
+
+    /// Code that waits for its requests by polling the channel in a loop (a drain before
+    /// unmount, an allocation waiting for released clusters) gets them completed without
+    /// the reactor's loop: the second poll in one pass polls the ring by hand.
+    func testAChannelPolledInALoopCompletesOnTheReactorRing() throws {
+        let path = temporaryImage("ring-drain")
+        let reactor = try Reactor()
+        try ReactorRing.attach(to: reactor)
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        defer { bdev.close() }
+        let channel = try bdev.makeChannel(reactor: reactor)
+        defer { channel.close() }
+        final class Count: BdevCompletionHandler {
+            var completed = 0
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+                if case .success = status { completed += 1 }
+            }
+        }
+        let count = Count()
+        let buffer = try DMABuffer.allocate(bytes: 16 * 4096)
+        for index in 0..<16 {
+            try channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index), countBlocks: 1,
+                              handler: count, tag: UInt64(index))
+        }
+        // On the reactor's thread (run sets it), before its first pass: a drain as code
+        // running on the reactor does it.
+        reactor.run(until: {
+            let deadline = MonotonicClock.nowNs() + 10_000_000_000
+            while channel.inFlight > 0 && MonotonicClock.nowNs() < deadline { _ = channel.poll() }
+            return true
+        })
+        XCTAssertEqual(count.completed, 16)
+    }
 }
