@@ -38,7 +38,8 @@ let package = Package(
         .target(name: "PCI", dependencies: ["Env", "CVFIO"]),
         .target(name: "NVMe", dependencies: ["Bdev", "Env", "PCI", "CVFIO"], swiftSettings: hotPath),
         .target(name: "BdevMalloc", dependencies: ["Bdev", "Env"], swiftSettings: hotPath),
-        .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing"], swiftSettings: hotPath),
+        .target(name: "ReactorRing", dependencies: ["Env", "CURing"], swiftSettings: hotPath),
+        .target(name: "BdevURing", dependencies: ["Bdev", "Env", "CURing", "ReactorRing"], swiftSettings: hotPath),
         .target(name: "BdevFault", dependencies: ["Bdev", "Env"]),
         .target(name: "DeviceSpec", dependencies: ["Bdev", "BdevMalloc", "BdevURing", "BdevFault", "NVMe", "PCI"]),
         .target(name: "BdevConformance", dependencies: ["Bdev", "Env"]),
@@ -54,12 +55,12 @@ let package = Package(
                 "Blobstore", "BlobFileSystem", "Bdev", "DeviceSpec", "Env",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
-        .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "Env", "CFuse", "CFuseKernel", "CURing"],
+        .target(name: "FuseFrontend", dependencies: ["BlobFileSystem", "Blobstore", "Bdev", "Env", "CFuse", "CFuseKernel", "CURing", "ReactorRing"],
                 swiftSettings: hotPath),
         .executableTarget(
             name: "blobfs",
             dependencies: [
-                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "ToolSupport",
+                "BlobFileSystem", "FuseFrontend", "Blobstore", "Bdev", "Env", "DeviceSpec", "ToolSupport", "ReactorRing",
                 "AllocationCounting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -102,7 +103,7 @@ let package = Package(
         .testTarget(name: "BlobcliTests", dependencies: ["Blobstore", "Bdev", "BdevMalloc", "Env"]),
         .testTarget(
             name: "BdevTests",
-            dependencies: ["Bdev", "Env", "BdevMalloc", "BdevURing", "BdevFault", "DeviceSpec", "BdevConformance"]),
+            dependencies: ["Bdev", "Env", "BdevMalloc", "BdevURing", "BdevFault", "DeviceSpec", "BdevConformance", "ReactorRing"]),
     ],
     swiftLanguageModes: [.v6]
 )

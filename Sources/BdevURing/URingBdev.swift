@@ -4,6 +4,7 @@ import Glibc
 import Bdev
 import CURing
 import Env
+import ReactorRing
 import Synchronization
 
 /// A file or block device served through io_uring: one ring per channel (per reactor),
@@ -121,9 +122,11 @@ public final class URingBdev: BdevBackend, @unchecked Sendable {
     }
 }
 
-/// One io_uring per reactor. The ring and the CQE batch array live in memory allocated
-/// once, so the I/O path allocates nothing.
-final class URingChannel: BdevBackendChannel {
+/// One io_uring per reactor: the reactor's own ring (`ReactorRing`) when it has one — its
+/// completions come through the ring's poller, and the reactor's sleep submits — else a
+/// ring of the channel's own, announced to the sleeping reactor by an eventfd. The ring
+/// and the CQE batch array live in memory allocated once, so the I/O path allocates nothing.
+final class URingChannel: BdevBackendChannel, ReactorRingConsumer {
     static let ringEntries: UInt32 = 512
     static let reapBatch: UInt32 = 64
 
@@ -132,6 +135,12 @@ final class URingChannel: BdevBackendChannel {
     private let ring: UnsafeMutablePointer<io_uring>
     private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
     private let wakeFD: Int32
+    /// The reactor's ring and this channel's tag in it (nil: the channel's own ring).
+    private let shared: ReactorRing?
+    private var sharedTag: UInt64 = 0
+    /// The pass in which `poll` was last called (`Reactor.passStartNs`): a second call in
+    /// one pass is a caller waiting in a loop (a drain), which needs the ring polled by hand.
+    private var lastPollPassNs: UInt64 = .max
     private let blockSizeBytes: Int
     private let directMask: Int
     private var unsubmitted: UInt32 = 0
@@ -145,6 +154,20 @@ final class URingChannel: BdevBackendChannel {
         self.reactor = reactor
         blockSizeBytes = bdev.geometry.blockSizeBytes
         directMask = bdev.directAlignmentBytes - 1
+        overflow.reserveCapacity(BdevLimits.queueDepthMax)
+        if let reactorRing = ReactorRing.ring(of: reactor) {
+            shared = reactorRing
+            ring = reactorRing.ring
+            cqes = .allocate(capacity: 1)
+            wakeFD = -1
+            guard let tag = reactorRing.add(self, completesInHandPolls: true) else {
+                cqes.deallocate()
+                throw .invalidConfiguration("\(bdev.name): no consumer tag left in reactor \(reactor.name)'s ring")
+            }
+            sharedTag = tag
+            return
+        }
+        shared = nil
         ring = .allocate(capacity: 1)
         cqes = .allocate(capacity: Int(Self.reapBatch))
         let result = io_uring_queue_init(Self.ringEntries, ring, 0)
@@ -158,11 +181,15 @@ final class URingChannel: BdevBackendChannel {
             _ = io_uring_register_eventfd(ring, wakeFD)
             try? reactor.registerWakeFD(wakeFD)
         }
-        overflow.reserveCapacity(BdevLimits.queueDepthMax)
     }
 
     func close() {
         precondition(inFlight == 0 && overflow.isEmpty, "uring channel closed with I/O in flight")
+        if let shared {
+            shared.remove(tag: sharedTag)
+            cqes.deallocate()
+            return
+        }
         if wakeFD >= 0 {
             reactor.unregisterWakeFD(wakeFD)
             Glibc.close(wakeFD)
@@ -180,7 +207,7 @@ final class URingChannel: BdevBackendChannel {
     /// Fills one SQE for `io`; false when the submission queue is full.
     @inline(__always)
     private func prepare(_ io: BdevIO) -> Bool {
-        guard let sqe = io_uring_get_sqe(ring) else { return false }
+        guard let sqe = shared?.nextEntry() ?? io_uring_get_sqe(ring) else { return false }
         let offset = off_t(Int(io.offsetBlocks) * blockSizeBytes)
         switch io.type {
         case .read, .write:
@@ -206,8 +233,9 @@ final class URingChannel: BdevBackendChannel {
             let mode = (zeroRange ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) | FALLOC_FL_KEEP_SIZE
             io_uring_prep_fallocate(sqe, bdev.bufferedFD, Int32(mode), offset, length)
         }
-        io_uring_sqe_set_data(sqe, Unmanaged.passUnretained(io).toOpaque())
-        unsubmitted += 1
+        let address = UInt64(UInt(bitPattern: Unmanaged.passUnretained(io).toOpaque()))
+        io_uring_sqe_set_data64(sqe, address | sharedTag)
+        if shared == nil { unsubmitted += 1 }
         return true
     }
 
@@ -223,6 +251,7 @@ final class URingChannel: BdevBackendChannel {
     }
 
     func poll() -> PollStatus {
+        if let shared { return pollShared(shared) }
         var busy = false
         while !overflow.isEmpty, prepare(overflow[0]) { overflow.removeFirst() }
         if unsubmitted > 0 {
@@ -235,9 +264,7 @@ final class URingChannel: BdevBackendChannel {
             if count == 0 { break }
             for index in 0..<Int(count) {
                 let cqe = cqes[index]!
-                let io = Unmanaged<BdevIO>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(cqe.pointee.user_data))!)
-                    .takeUnretainedValue()
-                complete(io, result: cqe.pointee.res)
+                complete(Self.request(cqe.pointee.user_data), result: cqe.pointee.res)
             }
             io_uring_cq_advance(ring, count)
             busy = true
@@ -246,6 +273,32 @@ final class URingChannel: BdevBackendChannel {
         // SQEs still queued (the kernel refused them for now) or requests waiting for
         // room: nothing will wake us for those, so keep polling.
         return unsubmitted > 0 || !overflow.isEmpty ? .pending : .idle
+    }
+
+    /// With the reactor's ring: its poller reaps; requests that found its submission
+    /// queue full go once the queue has been submitted.
+    private func pollShared(_ shared: ReactorRing) -> PollStatus {
+        let pass = reactor.passStartNs
+        var busy = false
+        if pass == lastPollPassNs && inFlight > 0 {
+            shared.pollByHand()
+            busy = true
+        }
+        lastPollPassNs = pass
+        guard !overflow.isEmpty else { return busy ? .busy : .idle }
+        shared.submitNow()
+        while !overflow.isEmpty, prepare(overflow[0]) { overflow.removeFirst() }
+        return .busy
+    }
+
+    func ringCompleted(payload: UInt64, result: Int32) {
+        complete(Self.request(payload), result: result)
+    }
+
+    /// The request whose address an entry's user data holds (without a tag).
+    @inline(__always)
+    private static func request(_ userData: UInt64) -> BdevIO {
+        Unmanaged<BdevIO>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(userData))!).takeUnretainedValue()
     }
 
     @inline(__always)

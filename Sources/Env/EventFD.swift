@@ -49,17 +49,19 @@ package struct Epoll: ~Copyable {
         _ = epoll_ctl(fd, EPOLL_CTL_DEL, watched, nil)
     }
 
-    /// Waits up to `timeoutMs` (-1: forever) for any registered fd; returns whether
-    /// `watched` was among those that fired (so its owner drains it only then).
-    package func wait(timeoutMs: Int32, watching watched: Int32) -> Bool {
+    /// Waits up to `timeoutMs` (-1: forever; 0: only looks) for any registered fd and calls
+    /// `fired` with each fd that did (at most 8 per call: edge-triggered, the rest stay
+    /// queued in the set for the next call).
+    package func wait(timeoutMs: Int32, _ fired: (Int32) -> Void) {
         var events = (epoll_event(), epoll_event(), epoll_event(), epoll_event(),
                       epoll_event(), epoll_event(), epoll_event(), epoll_event())
-        return withUnsafeMutableBytes(of: &events) { raw in
+        let count = withUnsafeMutableBytes(of: &events) { raw in
+            Int(epoll_wait(fd, raw.baseAddress!.assumingMemoryBound(to: epoll_event.self), 8, timeoutMs))
+        }
+        guard count > 0 else { return }
+        withUnsafeBytes(of: &events) { raw in
             let pointer = raw.baseAddress!.assumingMemoryBound(to: epoll_event.self)
-            let count = Int(epoll_wait(fd, pointer, 8, timeoutMs))
-            guard count > 0 else { return false }
-            for index in 0..<count where pointer[index].data.fd == watched { return true }
-            return false
+            for index in 0..<count { fired(pointer[index].data.fd) }
         }
     }
 }

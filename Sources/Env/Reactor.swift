@@ -19,6 +19,16 @@ public struct PollerID: Hashable, Sendable {
     fileprivate let value: Int
 }
 
+/// What a reactor sleeps in instead of `epoll_wait`, when one is installed
+/// (`Reactor.waiter`): an io_uring that carries the reactor's own I/O, so that one
+/// `io_uring_enter` submits what the pass queued and waits for its completions. It must
+/// also return when the reactor's epoll set has an fd ready (its wake eventfd: messages,
+/// `wake()`; other registered fds) — then it calls `Reactor.pollWakeFDs()` — and when
+/// `timeoutMs` (-1: none) has passed (the next timer).
+public protocol ReactorWaiter: AnyObject {
+    func wait(timeoutMs: Int32)
+}
+
 /// A reactor: one thread that runs its pollers in a loop, run-to-completion.
 ///
 /// It spins while pollers find work; after `idleBeforeSleepNs` without work it sleeps
@@ -91,6 +101,19 @@ public final class Reactor: @unchecked Sendable {
 
     // Owned by the reactor's thread.
     private var pollers: ContiguousArray<(id: Int, poll: Poller)> = []
+    /// Registered fds whose owner wants to hear when epoll reports them ready.
+    private var readyHandlers: ContiguousArray<(fd: Int32, ready: () -> Void)> = []
+    /// Replaces the epoll sleep (on the reactor's thread, or before it runs).
+    public var waiter: (any ReactorWaiter)?
+    /// An object that lives as long as the reactor and belongs to its thread: the
+    /// reactor's io_uring when it has one (Sources/ReactorRing).
+    public var attachment: AnyObject?
+    /// Whether the loop runs (`run(until:)`), so a pass that finds nothing is followed by
+    /// a sleep; false while a caller steps `runOnce` by hand.
+    public private(set) var isLooping = false
+    /// Whether the pass in progress is the last before the reactor sleeps (the one after it
+    /// announced the sleep): what it queues is submitted by the waiter's sleep.
+    public private(set) var isSleepPass = false
     private var timers: ContiguousArray<TimedPoller> = []
     private var nextPollerID = 0
     private var lastWorkNs: UInt64 = 0
@@ -207,9 +230,35 @@ public final class Reactor: @unchecked Sendable {
         timers.removeAll { $0.id == id.value }
     }
 
-    /// An fd whose readiness should wake the sleeping reactor (edge-triggered).
-    public func registerWakeFD(_ fd: Int32) throws(SystemError) { try epoll.add(fd) }
-    public func unregisterWakeFD(_ fd: Int32) { epoll.remove(fd) }
+    /// An fd whose readiness should wake the sleeping reactor (edge-triggered). `ready`,
+    /// if given, runs on the reactor each time epoll reports the fd (found when the reactor
+    /// goes to sleep, not between busy passes).
+    public func registerWakeFD(_ fd: Int32, ready: (() -> Void)? = nil) throws(SystemError) {
+        try epoll.add(fd)
+        if let ready { readyHandlers.append((fd, ready)) }
+    }
+
+    public func unregisterWakeFD(_ fd: Int32) {
+        epoll.remove(fd)
+        readyHandlers.removeAll { $0.fd == fd }
+    }
+
+    /// The epoll set's fd: a waiter watches it (readable when a registered fd fired).
+    public var epollFD: Int32 { epoll.fd }
+
+    /// Collects what the epoll set reported without waiting (a waiter saw it readable):
+    /// drains the wake eventfd and tells the owners of the fds that fired.
+    public func pollWakeFDs() {
+        epoll.wait(timeoutMs: 0) { fd in fired(fd) }
+    }
+
+    private func fired(_ fd: Int32) {
+        if fd == wakeEvent.fd {
+            wakeEvent.drain()
+            return
+        }
+        for handler in readyHandlers where handler.fd == fd { handler.ready() }
+    }
 
     // MARK: - Messages (any thread)
 
@@ -285,6 +334,9 @@ public final class Reactor: @unchecked Sendable {
         becomeCurrent()
         defer { pthread_setspecific(Self.currentKey, previous) }
         lastWorkNs = MonotonicClock.nowNs()
+        let wasLooping = isLooping
+        isLooping = true
+        defer { isLooping = wasLooping }
         while !done() && !stopRequested {
             step()
         }
@@ -316,13 +368,18 @@ public final class Reactor: @unchecked Sendable {
         sleeping.store(true, ordering: .sequentiallyConsistent)
         // One more pass after announcing the sleep: work that arrived just before the
         // announcement (a doorbell written by a producer that saw us awake) is not missed.
+        isSleepPass = true
         let (busy, pending) = runOnce()
+        isSleepPass = false
         if !busy && !pending && ring.isEmpty {
             sleepCounter.add(1, ordering: .relaxed)
             let asleep = MonotonicClock.nowNs()
             asleepSinceNs.store(asleep, ordering: .relaxed)
-            if epoll.wait(timeoutMs: timeoutToNextTimerMs(now: now), watching: wakeEvent.fd) {
-                wakeEvent.drain()
+            let timeoutMs = timeoutToNextTimerMs(now: now)
+            if let waiter {
+                waiter.wait(timeoutMs: timeoutMs)
+            } else {
+                epoll.wait(timeoutMs: timeoutMs) { fd in fired(fd) }
             }
             asleepSinceNs.store(0, ordering: .relaxed)
             sleptNs.store(sleptNs.load(ordering: .relaxed) &+ (MonotonicClock.nowNs() &- asleep), ordering: .relaxed)

@@ -28,6 +28,14 @@ final class DevFuseChannel: FuseTransport {
     private(set) var ended = false
     private var pollerID: PollerID?
     private unowned(unsafe) let reactor: Reactor
+    /// Read /dev/fuse only when epoll reported it (`readable`) and until it says EAGAIN,
+    /// not on every pass (a `read` failing with EAGAIN each pass cost ~10 system calls per
+    /// request): when the io_uring transport carries the requests (/dev/fuse brings only
+    /// FORGET and INTERRUPT), or when the reactor has a ring, whose poll of the epoll set
+    /// reports readiness between busy passes too. Without either, a busy reactor would see
+    /// the fd's readiness only when it next sleeps, so it reads every pass.
+    var readsOnlyWhenReady = false
+    private var readable = true
 
     init(fd: Int32, slotCount: Int, maxWrite: Int, reactor: Reactor) throws(SystemError) {
         self.fd = fd
@@ -52,7 +60,7 @@ final class DevFuseChannel: FuseTransport {
         for slot in slots { slot.session = session }
         let flags = fcntl(fd, F_GETFL)
         _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-        try reactor.registerWakeFD(fd)
+        try reactor.registerWakeFD(fd) { [unowned self] in readable = true }
         pollerID = reactor.registerPoller { [unowned self] in self.poll() }
     }
 
@@ -66,7 +74,7 @@ final class DevFuseChannel: FuseTransport {
 
     /// Reads the requests waiting (up to 32 a pass, while slots are free).
     private func poll() -> PollStatus {
-        guard !ended else { return .idle }
+        guard !ended, readable || !readsOnlyWhenReady else { return .idle }
         var handled = 0
         while handled < 32, let index = free.last {
             let slot = slots[index]
@@ -75,7 +83,9 @@ final class DevFuseChannel: FuseTransport {
             if count < 0 {
                 switch errno {
                 case EINTR: continue
-                case EAGAIN: return handled > 0 ? .busy : .idle
+                case EAGAIN:
+                    if readsOnlyWhenReady { readable = false }
+                    return handled > 0 ? .busy : .idle
                 default:
                     // ENODEV: unmounted; anything else: the connection is unusable.
                     if errno != ENODEV {

@@ -4,6 +4,7 @@ import Glibc
 import BlobFileSystem
 import CFuse
 import Env
+import ReactorRing
 import Synchronization
 
 /// Options of the FUSE front end (the `-o` options blobfs handles itself; the rest go
@@ -38,6 +39,9 @@ public struct FuseOptions: Sendable {
     /// Per-operation counts and latency histograms (`blobfs stats`); `no_stats` turns them
     /// off (no clock read per request).
     public var statistics = true
+    /// One io_uring per reactor for the FUSE queues and the image's I/O (`ReactorRing`);
+    /// `no_reactor_ring` gives each its own ring, woken through epoll (the earlier path).
+    public var reactorRing = true
     public var mountOptions: [String] = []
     public init() {}
 
@@ -65,6 +69,8 @@ public struct FuseOptions: Sendable {
             case "nodiscard": discard = false
             case "stats": statistics = true
             case "no_stats": statistics = false
+            case "reactor_ring": reactorRing = true
+            case "no_reactor_ring": reactorRing = false
             case "fuse_transport":
                 guard let value, let chosen = Transport(rawValue: value) else {
                     throw FSError(EINVAL, "mount option \(option): expected auto, io_uring or dev_fuse")
@@ -199,6 +205,8 @@ public final class FuseServer: @unchecked Sendable {
             channel = try DevFuseChannel(fd: fd, slotCount: Self.devFuseSlots, maxWrite: Int(options.maxWrite), reactor: reactor)
             try channel.start(session) { [unowned self] in state.withLock { $0.ended = true } }
         } catch { return "cannot serve /dev/fuse: \(error)" }
+        // With the reactor's ring (made now if mounts use one), epoll's word reaches a busy reactor too.
+        channel.readsOnlyWhenReady = ReactorRing.ring(of: reactor) != nil
         devFuse = channel
         session.onInitialized = { [unowned self, unowned session] in
             var transport = "/dev/fuse (\(Self.devFuseSlots) requests in flight)"
@@ -207,7 +215,9 @@ public final class FuseServer: @unchecked Sendable {
                     let ring = try URingFuseChannel(fd: fd, maxWrite: session.maxWrite, reactor: reactor)
                     try ring.start(session)
                     self.ring = ring
-                    transport = "FUSE over io_uring, \(ring.queueCount) queues of \(ring.entriesPerQueue) on one reactor"
+                    channel.readsOnlyWhenReady = true
+                    let sharing = ring.sharesReactorRing ? ", sharing the reactor's io_uring with the device" : ""
+                    transport = "FUSE over io_uring, \(ring.queueCount) queues of \(ring.entriesPerQueue) on one reactor\(sharing)"
                 } catch {
                     Log.logger("fuse").warning("FUSE over io_uring unavailable (\(error)); serving /dev/fuse")
                 }

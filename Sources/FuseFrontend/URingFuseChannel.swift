@@ -4,6 +4,7 @@ import Glibc
 import CFuseKernel
 import CURing
 import Env
+import ReactorRing
 
 /// FUSE over io_uring (protocol 7.42, kernel 6.14+ with the fuse module's enable_uring
 /// set): the kernel keeps one queue per possible CPU; each of our ring entries sits in a
@@ -18,7 +19,12 @@ import Env
 /// reply's out-header) and a payload buffer of `maxWrite` bytes of DMA memory: a WRITE's
 /// bytes arrive at its start, 4 KiB aligned, and a reply's body is sent from it.
 /// FORGET, BATCH_FORGET and INTERRUPT still come through /dev/fuse.
-final class URingFuseChannel: FuseTransport {
+///
+/// When the reactor has a ring of its own (`ReactorRing`), the entries live in it, beside
+/// the device's reads and writes: the reactor's sleep submits a pass's commits and device
+/// requests together and wakes for either kind of completion. Otherwise the channel keeps
+/// a ring of its own, announced to the reactor by an eventfd.
+final class URingFuseChannel: FuseTransport, ReactorRingConsumer {
     let name = "io_uring"
     let fd: Int32
     let queueCount: Int
@@ -34,6 +40,10 @@ final class URingFuseChannel: FuseTransport {
     private var wakeFD: Int32 = -1
     private var pollerID: PollerID?
     private unowned(unsafe) let reactor: Reactor
+    /// The reactor's ring and this channel's tag in it (nil: the channel's own ring).
+    private let shared: ReactorRing?
+    var sharesReactorRing: Bool { shared != nil }
+    private var sharedTag: UInt64 = 0
     /// Entries the kernel tore down (unmount): they are gone for good.
     private(set) var entriesEnded = 0
     private static let headerBytes = MemoryLayout<blobfs_fuse_uring_req_header>.size
@@ -61,25 +71,33 @@ final class URingFuseChannel: FuseTransport {
         self.entriesPerQueue = entriesPerQueue
         queueCount = Self.possibleCPUs()
         let total = queueCount * entriesPerQueue
-        ring = .allocate(capacity: 1)
         cqes = .allocate(capacity: Int(Self.reapBatch))
-        var params = io_uring_params()
-        params.flags = UInt32(IORING_SETUP_SQE128) | UInt32(IORING_SETUP_SUBMIT_ALL)
-        var entries: UInt32 = 1
-        while entries < UInt32(total) { entries <<= 1 }
-        let result = io_uring_queue_init_params(entries, ring, &params)
-        guard result == 0 else {
-            ring.deallocate()
-            cqes.deallocate()
-            throw SystemError("io_uring_queue_init (SQE128)", errno: -result)
+        if let reactorRing = ReactorRing.ring(of: reactor) {
+            shared = reactorRing
+            ring = reactorRing.ring
+        } else {
+            shared = nil
+            ring = .allocate(capacity: 1)
+            var params = io_uring_params()
+            params.flags = UInt32(IORING_SETUP_SQE128) | UInt32(IORING_SETUP_SUBMIT_ALL)
+            var entries: UInt32 = 1
+            while entries < UInt32(total) { entries <<= 1 }
+            let result = io_uring_queue_init_params(entries, ring, &params)
+            guard result == 0 else {
+                ring.deallocate()
+                cqes.deallocate()
+                throw SystemError("io_uring_queue_init (SQE128)", errno: -result)
+            }
         }
         headers = .allocate(byteCount: total * Self.headerBytes, alignment: 64)
         headers.initializeMemory(as: UInt8.self, repeating: 0, count: total * Self.headerBytes)
         iovecs = .allocate(capacity: total * 2)
         let dataBytes = FuseSlot.dataBytes(maxWrite: maxWrite)
         do { buffer = try DMABuffer.allocate(bytes: total * dataBytes) } catch {
-            io_uring_queue_exit(ring)
-            ring.deallocate()
+            if shared == nil {
+                io_uring_queue_exit(ring)
+                ring.deallocate()
+            }
             cqes.deallocate()
             headers.deallocate()
             iovecs.deallocate()
@@ -98,6 +116,16 @@ final class URingFuseChannel: FuseTransport {
     /// kernel refuses with EAGAIN) and starts reaping. Call on the reactor.
     func start(_ session: FuseSession) throws(SystemError) {
         reactor.preconditionCurrent()
+        if let shared {
+            guard let tag = shared.add(self) else { throw SystemError("reactor ring: no consumer tag left", errno: EBUSY) }
+            sharedTag = tag
+            for slot in slots {
+                slot.session = session
+                prepare(slot, command: UInt32(BLOBFS_FUSE_IO_URING_CMD_REGISTER), commitID: 0)
+            }
+            shared.submitNow()
+            return
+        }
         wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
         guard wakeFD >= 0 else { throw SystemError("eventfd") }
         let registered = io_uring_register_eventfd(ring, wakeFD)
@@ -112,6 +140,12 @@ final class URingFuseChannel: FuseTransport {
     }
 
     func stop() {
+        // With the reactor's ring the entries stay registered until the kernel ends them
+        // (unmount); their completions find no consumer and are dropped.
+        if let shared, sharedTag != 0 {
+            shared.remove(tag: sharedTag)
+            sharedTag = 0
+        }
         if let pollerID { reactor.unregisterPoller(pollerID) }
         pollerID = nil
         if wakeFD >= 0 {
@@ -123,8 +157,10 @@ final class URingFuseChannel: FuseTransport {
 
     /// Ends the ring (the kernel cancels what is still registered). After `stop`.
     func close() {
-        io_uring_queue_exit(ring)
-        ring.deallocate()
+        if shared == nil {
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+        }
         cqes.deallocate()
         headers.deallocate()
         iovecs.deallocate()
@@ -134,16 +170,22 @@ final class URingFuseChannel: FuseTransport {
 
     /// Queues REGISTER or COMMIT_AND_FETCH for `slot` (submitted by the next `submit`).
     private func prepare(_ slot: FuseSlot, command: UInt32, commitID: UInt64) {
-        guard let sqe = io_uring_get_sqe(ring) else {
+        guard let sqe = entry() else {
             // Never with one SQE per entry at most in flight; a lost entry would only
             // shrink the queue, not hang it.
             submit()
-            guard let retry = io_uring_get_sqe(ring) else {
+            guard let retry = entry() else {
                 return Log.logger("fuse").error("io_uring: no submission entry for FUSE entry \(slot.index)")
             }
             return fill(retry, slot, command, commitID)
         }
         fill(sqe, slot, command, commitID)
+    }
+
+    @inline(__always)
+    private func entry() -> UnsafeMutablePointer<io_uring_sqe>? {
+        if let shared { return shared.nextEntry() }
+        return io_uring_get_sqe(ring)
     }
 
     private func fill(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ slot: FuseSlot, _ command: UInt32, _ commitID: UInt64) {
@@ -158,15 +200,17 @@ final class URingFuseChannel: FuseTransport {
             raw.storeBytes(of: UInt64(UInt(bitPattern: iovecs + slot.index * 2)), toByteOffset: 16, as: UInt64.self)
             raw.storeBytes(of: UInt32(2), toByteOffset: 24, as: UInt32.self)
         }
-        raw.storeBytes(of: UInt64(slot.index), toByteOffset: 32, as: UInt64.self)  // user_data
+        let userData = UInt64(slot.index) << ReactorRing.tagBits | sharedTag
+        raw.storeBytes(of: userData, toByteOffset: 32, as: UInt64.self)  // user_data
         var request = blobfs_fuse_uring_cmd_req()
         request.commit_id = commitID
         request.qid = queueOf[slot.index]
         (raw + 48).storeBytes(of: request, as: blobfs_fuse_uring_cmd_req.self)
-        unsubmitted += 1
+        if shared == nil { unsubmitted += 1 }
     }
 
     private func submit() {
+        if let shared { return shared.submitNow() }
         guard unsubmitted > 0 else { return }
         let result = io_uring_submit(ring)
         if result >= 0 {
@@ -189,7 +233,7 @@ final class URingFuseChannel: FuseTransport {
             if count == 0 { break }
             for index in 0..<Int(count) {
                 let cqe = cqes[index]!
-                arrived(slots[Int(cqe.pointee.user_data)], result: cqe.pointee.res)
+                arrived(slots[Int(cqe.pointee.user_data >> ReactorRing.tagBits)], result: cqe.pointee.res)
             }
             io_uring_cq_advance(ring, count)
             busy = true
@@ -197,6 +241,11 @@ final class URingFuseChannel: FuseTransport {
         if unsubmitted > 0 { submit() }
         if busy { return .busy }
         return unsubmitted > 0 ? .pending : .idle
+    }
+
+    /// A completion from the reactor's ring.
+    func ringCompleted(payload: UInt64, result: Int32) {
+        arrived(slots[Int(payload >> ReactorRing.tagBits)], result: result)
     }
 
     /// An entry's completion: a request in its buffers, or the end of the entry.

@@ -9,6 +9,7 @@ import ToolSupport
 import Env
 import AllocationCounting
 import FuseFrontend
+import ReactorRing
 import Logging
 
 struct Mount: UsageErrorsExitTwo {
@@ -23,7 +24,8 @@ struct Mount: UsageErrorsExitTwo {
             attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
             held this long; default 30), discard (unmap freed clusters on the device as their release \
             becomes durable; without it, fstrim MOUNTPOINT does it on demand), no_stats (keep no \
-            per-request statistics), control_socket=PATH and control_mode=OCTAL (the control socket \
+            per-request statistics), no_reactor_ring (the FUSE queues and the device each on an io_uring of \
+            their own instead of one per reactor), control_socket=PATH and control_mode=OCTAL (the control socket \
             `blobfs status` asks; default derived from the mountpoint, 0600).
             Logs go to stderr in the foreground, to syslog in the background, or to --log FILE \
             (reopened on SIGHUP). Under systemd (Type=notify) READY=1 is sent once the mount is live.
@@ -154,6 +156,9 @@ struct Mount: UsageErrorsExitTwo {
             bdev.close()
             if let lock { close(lock) }
         }
+        // Before the reactors make their channels: each then gets one ring for its FUSE
+        // queues and its device I/O.
+        ReactorRing.enabled.store(options.reactorRing, ordering: .relaxed)
         let service: FileSystemService
         do {
             service = try FileSystemService(bdev: bdev, format: device.isRAM || format ? BlobStore.Options() : nil,

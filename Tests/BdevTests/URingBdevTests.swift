@@ -3,6 +3,8 @@ import Bdev
 import BdevConformance
 import BdevURing
 import Env
+import ReactorRing
+import Synchronization
 
 final class URingBdevTests: XCTestCase {
     private var paths: [String] = []
@@ -109,5 +111,87 @@ final class URingBdevTests: XCTestCase {
         })
         XCTAssertGreaterThan(reactor.sleepCount, before)
         XCTAssertLessThan(iterations, 20_000, "an idle reactor with a uring channel sleeps instead of spinning")
+    }
+
+    // MARK: - On the reactor's ring (one io_uring per reactor, the reactor sleeps in it)
+
+    func testConformance4KOnTheReactorRing() throws {
+        let path = temporaryImage("ring-4k")
+        let reactor = try Reactor()
+        try ReactorRing.attach(to: reactor)
+        try BdevConformance(reactor: reactor) {
+            Bdev(backend: try URingBdev(path: path, blockSizeBytes: 4096, createSizeBytes: 16 << 20))
+        }.run()
+    }
+
+    func testIdleChannelOnTheReactorRingLetsTheReactorSleep() throws {
+        let path = temporaryImage("ring-idle")
+        let reactor = try Reactor(configuration: .init(idleBeforeSleepNs: 10_000))
+        try ReactorRing.attach(to: reactor)
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
+        defer { io.close(); bdev.close() }
+        try io.writeBytes(pattern(seed: 1, bytes: 4096), offsetBlocks: 0)
+        XCTAssertEqual(try io.readBytes(offsetBlocks: 0, countBlocks: 1), pattern(seed: 1, bytes: 4096))
+        reactor.registerTimedPoller(periodNs: 20_000_000) { .idle }  // bounds each sleep: the timeout works
+        let before = reactor.sleepCount
+        let deadline = MonotonicClock.nowNs() + 300_000_000
+        var iterations = 0
+        reactor.run(until: {
+            iterations += 1
+            return MonotonicClock.nowNs() > deadline
+        })
+        XCTAssertGreaterThan(reactor.sleepCount, before)
+        XCTAssertLessThan(iterations, 20_000, "an idle reactor on its ring sleeps instead of spinning")
+    }
+
+    /// A reactor asleep in its ring wakes for messages sent from another thread (through
+    /// its epoll set, polled by the ring) as it does in epoll.
+    func testAReactorSleepingInItsRingWakesForMessages() throws {
+        let reactor = try Reactor()
+        try reactor.start()
+        defer { reactor.stop() }
+        _ = reactor.call { (try? ReactorRing.attach(to: reactor)) != nil }
+        let received = Atomic<Int>(0)
+        for round in 1...50 {
+            usleep(round % 5 == 0 ? 2_000 : 0)  // some messages find it asleep, some awake
+            reactor.send { received.add(1, ordering: .relaxed) }
+        }
+        XCTAssertEqual(reactor.call { 1 }, 1)
+        XCTAssertEqual(received.load(ordering: .relaxed), 50)
+        XCTAssertGreaterThan(reactor.sleepCount, 0)
+    }
+
+    /// Code that waits for its requests by polling the channel in a loop (a drain before
+    /// unmount, an allocation waiting for released clusters) gets them completed without
+    /// the reactor's loop: the second poll in one pass polls the ring by hand.
+    func testAChannelPolledInALoopCompletesOnTheReactorRing() throws {
+        let path = temporaryImage("ring-drain")
+        let reactor = try Reactor()
+        try ReactorRing.attach(to: reactor)
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        defer { bdev.close() }
+        let channel = try bdev.makeChannel(reactor: reactor)
+        defer { channel.close() }
+        final class Count: BdevCompletionHandler {
+            var completed = 0
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+                if case .success = status { completed += 1 }
+            }
+        }
+        let count = Count()
+        let buffer = try DMABuffer.allocate(bytes: 16 * 4096)
+        for index in 0..<16 {
+            try channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index), countBlocks: 1,
+                              handler: count, tag: UInt64(index))
+        }
+        // On the reactor's thread (run sets it), before its first pass: a drain as code
+        // running on the reactor does it.
+        reactor.run(until: {
+            let deadline = MonotonicClock.nowNs() + 10_000_000_000
+            while channel.inFlight > 0 && MonotonicClock.nowNs() < deadline { _ = channel.poll() }
+            return true
+        })
+        XCTAssertEqual(count.completed, 16)
     }
 }
