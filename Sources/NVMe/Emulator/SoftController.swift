@@ -19,8 +19,14 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         public var serialNumber = "BLOBFS-EMU-0001"
         public var modelNumber = "blobfs software NVMe controller"
         /// A CPU of its own: the device thread is pinned there and spins on its doorbells.
-        /// nil: it sleeps until the driver's register writes wake it (interrupt mode).
+        /// nil: after `pollBeforeSleepNs` without work it sleeps until the driver's register
+        /// writes wake it (interrupt mode).
         public var cpu: Int?
+        /// Unpinned: how long the device thread goes on polling its doorbells after its
+        /// last work before it sleeps (0: it sleeps as soon as a pass finds nothing). A
+        /// host with requests in flight rings again within microseconds; a sleep between
+        /// its batches costs an eventfd write on the host and a wake-up here each time.
+        public var pollBeforeSleepNs: UInt64 = 50_000
         public init() {}
     }
 
@@ -109,7 +115,10 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         ready.reserveCapacity(BdevLimits.queueDepthMax * 2)
         bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
         bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
-        reactor = try Reactor(name: "nvme-emu", configuration: .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000))
+        reactor = try Reactor(name: "nvme-emu", configuration: configuration.cpu != nil
+            ? .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000)
+            : .init(idleBeforeSleepNs: configuration.pollBeforeSleepNs,
+                    polling: configuration.pollBeforeSleepNs > 0 ? .spin : .interrupt))
         let cap = ControllerCapabilities.make(maxQueueEntries: configuration.maxQueueEntries,
                                               timeoutUnits: configuration.timeoutUnits, strideShift: 0)
         MMIO.write64(bar, NVMeRegister.cap, cap.raw)
