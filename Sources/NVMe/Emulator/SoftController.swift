@@ -26,7 +26,13 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         /// last work before it sleeps (0: it sleeps as soon as a pass finds nothing). A
         /// host with requests in flight rings again within microseconds; a sleep between
         /// its batches costs an eventfd write on the host and a wake-up here each time.
+        /// It polls only while its core is its own: every `contentionCheckNs` it reads
+        /// how long it waited for a CPU (/proc/thread-self/schedstat); more than 1/20 of
+        /// the interval means other threads want this core, and it sleeps between batches
+        /// until the next check (a poller runs up a debt with the scheduler that every
+        /// later wake-up pays; a sleeper woken by a doorbell gets the core at once).
         public var pollBeforeSleepNs: UInt64 = 50_000
+        public var contentionCheckNs: UInt64 = 10_000_000
         public init() {}
     }
 
@@ -55,6 +61,12 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
 
     // Controller state: owned by the controller's reactor thread.
     private var lastCC = ControllerConfiguration(raw: 0)
+    /// Unpinned polling (Configuration.pollBeforeSleepNs): pass start times from the reactor.
+    private var lastWorkNs: UInt64 = 0
+    private var contended = true
+    private var lastCheckNs: UInt64 = 0
+    private var lastRunDelayNs: UInt64 = 0
+    private let schedstatBuffer = UnsafeMutablePointer<UInt8>.allocate(capacity: 128)
     /// Queues by ID (0: admin), nil where none exists; sized at start, plain values, so a
     /// command costs no hashing and no reference counting. `queuesChanged()` after each change.
     private var submissionQueues: ContiguousArray<SubmissionQueue?>
@@ -120,16 +132,17 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         ready.reserveCapacity(BdevLimits.queueDepthMax * 2)
         bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
         bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
+        // Unpinned, it polls by its poller's `.pending` (a spin without idle time, so
+        // without sched_yield: a yielding thread loses its place in the scheduler's queue).
         reactor = try Reactor(name: "nvme-emu", configuration: configuration.cpu != nil
             ? .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000)
-            : .init(idleBeforeSleepNs: configuration.pollBeforeSleepNs,
-                    polling: configuration.pollBeforeSleepNs > 0 ? .spin : .interrupt))
+            : .init(idleBeforeSleepNs: 0, polling: .spin))
         let cap = ControllerCapabilities.make(maxQueueEntries: configuration.maxQueueEntries,
                                               timeoutUnits: configuration.timeoutUnits, strideShift: 0)
         MMIO.write64(bar, NVMeRegister.cap, cap.raw)
         MMIO.write32(bar, NVMeRegister.vs, 0x0002_0000)  // 2.0
         // The device's own pollers: registers and queues; and its path to the medium.
-        reactor.registerPoller { [unowned self] in self.poll() }
+        reactor.registerPoller { [unowned self] in self.pollOrSleep(busy: self.poll() == .busy) }
         // The driver's register writes wake the device (EmulatedTransport); a slow timer
         // stays as a safety net.
         reactor.registerTimedPoller(periodNs: 100_000_000) { .idle }
@@ -152,6 +165,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         reactor.stop()
         bar.deallocate()
         segmentScratch.deallocate()
+        schedstatBuffer.deallocate()
     }
 
     public func setFaults(_ faults: Faults) {
@@ -223,6 +237,47 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         // Commands waiting for the namespace: its channel's poller reports whether
         // something must poll for them (it is a poller of this reactor too).
         return busy ? .busy : .idle
+    }
+
+    /// Unpinned: whether to go on polling (`.pending`: the reactor yields and comes back)
+    /// or to sleep until a register write wakes the device (`.idle`).
+    private func pollOrSleep(busy: Bool) -> PollStatus {
+        guard configuration.cpu == nil, configuration.pollBeforeSleepNs > 0 else { return busy ? .busy : .idle }
+        let now = reactor.passStartNs
+        if now &- lastCheckNs >= configuration.contentionCheckNs {
+            let delay = runDelayNs()
+            contended = delay &- lastRunDelayNs > (now &- lastCheckNs) / 20
+            lastRunDelayNs = delay
+            lastCheckNs = now
+        }
+        if busy {
+            lastWorkNs = now
+            return .busy
+        }
+        return !contended && now &- lastWorkNs < configuration.pollBeforeSleepNs ? .pending : .idle
+    }
+
+    /// Time this thread has waited for a CPU since it started (the second field of
+    /// /proc/thread-self/schedstat), read without allocating; 0 if unreadable.
+    private func runDelayNs() -> UInt64 {
+        let fd = open("/proc/thread-self/schedstat", O_RDONLY)
+        guard fd >= 0 else { return 0 }
+        defer { Glibc.close(fd) }
+        let count = read(fd, schedstatBuffer, 127)
+        guard count > 0 else { return 0 }
+        var field = 0
+        var value: UInt64 = 0
+        for index in 0..<count {
+            let byte = schedstatBuffer[index]
+            if byte == UInt8(ascii: " ") {
+                if field == 1 { return value }
+                field += 1
+                value = 0
+            } else if byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") {
+                value = value &* 10 &+ UInt64(byte - UInt8(ascii: "0"))
+            }
+        }
+        return field == 1 ? value : 0
     }
 
     private func fatal(_ why: String) {
