@@ -19,8 +19,20 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         public var serialNumber = "BLOBFS-EMU-0001"
         public var modelNumber = "blobfs software NVMe controller"
         /// A CPU of its own: the device thread is pinned there and spins on its doorbells.
-        /// nil: it sleeps until the driver's register writes wake it (interrupt mode).
+        /// nil: after `pollBeforeSleepNs` without work it sleeps until the driver's register
+        /// writes wake it (interrupt mode).
         public var cpu: Int?
+        /// Unpinned: how long the device thread goes on polling its doorbells after its
+        /// last work before it sleeps (0: it sleeps as soon as a pass finds nothing). A
+        /// host with requests in flight rings again within microseconds; a sleep between
+        /// its batches costs an eventfd write on the host and a wake-up here each time.
+        /// It polls only while its core is its own: every `contentionCheckNs` it reads
+        /// how long it waited for a CPU (/proc/thread-self/schedstat); more than 1/20 of
+        /// the interval means other threads want this core, and it sleeps between batches
+        /// until the next check (a poller runs up a debt with the scheduler that every
+        /// later wake-up pays; a sleeper woken by a doorbell gets the core at once).
+        public var pollBeforeSleepNs: UInt64 = 50_000
+        public var contentionCheckNs: UInt64 = 10_000_000
         public init() {}
     }
 
@@ -44,19 +56,27 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     let reactor: Reactor
     private var channel: BdevChannel?
     private let faultState = Mutex(Faults())
+    /// Whether any fault is set: the I/O path takes `faultState`'s lock only then.
+    private let faultsArmed = Atomic<Bool>(false)
 
     // Controller state: owned by the controller's reactor thread.
     private var lastCC = ControllerConfiguration(raw: 0)
-    private var submissionQueues: [Int: SubmissionQueue] = [:] {
-        didSet { queueList = ContiguousArray(submissionQueues.values.sorted { $0.id < $1.id }) }
-    }
-    /// The submission queues in id order, for the poll loop (rebuilt only when queues change).
-    private var queueList: ContiguousArray<SubmissionQueue> = []
-    private var completionQueues: [Int: CompletionQueue] = [:] {
-        didSet { interruptingQueues = ContiguousArray(completionQueues.values.filter { $0.interrupt != nil }) }
-    }
-    /// The completion queues with interrupts enabled, for the post loop.
-    private var interruptingQueues: ContiguousArray<CompletionQueue> = []
+    /// Unpinned polling (Configuration.pollBeforeSleepNs): pass start times from the reactor.
+    private var lastWorkNs: UInt64 = 0
+    private var contended = true
+    private var lastCheckNs: UInt64 = 0
+    private var lastRunDelayNs: UInt64 = 0
+    private let schedstatBuffer = UnsafeMutablePointer<UInt8>.allocate(capacity: 128)
+    /// Queues by ID (0: admin), nil where none exists; sized at start, plain values, so a
+    /// command costs no hashing and no reference counting. `queuesChanged()` after each change.
+    private var submissionQueues: ContiguousArray<SubmissionQueue?>
+    private var completionQueues: ContiguousArray<CompletionQueue?>
+    /// The host reactor each completion queue's interrupt vector is routed to (IEN set at creation).
+    private var interrupts: ContiguousArray<Reactor?>
+    /// The IDs of the submission queues, in order, for the poll loop.
+    private var queueList: ContiguousArray<Int> = []
+    /// The IDs of the completion queues with interrupts enabled.
+    private var interruptingQueues: ContiguousArray<Int> = []
     /// Commands in the medium's hands, by tag (a slot index); allocated once.
     private var commands: ContiguousArray<InFlight?> = ContiguousArray(repeating: nil, count: BdevLimits.queueDepthMax)
     private var freeTags: ContiguousArray<Int> = ContiguousArray((0..<BdevLimits.queueDepthMax).reversed())
@@ -64,34 +84,34 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     /// Scratch for the segments of one command (copied by the bdev layer at submission).
     private let segmentScratch = UnsafeMutablePointer<DMASegment>.allocate(capacity: BdevLimits.segmentCountMax)
 
-    private final class SubmissionQueue {
-        let id: Int
+    private struct SubmissionQueue {
         let base: UnsafeMutableRawPointer
         let entries: Int
         let completionQueue: Int
         var head = 0
-        init(id: Int, base: UnsafeMutableRawPointer, entries: Int, completionQueue: Int) {
-            self.id = id
-            self.base = base
-            self.entries = entries
-            self.completionQueue = completionQueue
-        }
     }
 
-    private final class CompletionQueue {
+    private struct CompletionQueue {
         let base: UnsafeMutableRawPointer
         let entries: Int
         var tail = 0
         var phase = true
-        /// The host reactor its interrupt vector is routed to (IEN set at creation).
-        let interrupt: Reactor?
         var raised = false
-        init(base: UnsafeMutableRawPointer, entries: Int, interrupt: Reactor?) {
-            self.base = base
-            self.entries = entries
-            self.interrupt = interrupt
-        }
     }
+
+    /// Submission entries taken from one queue per pass before the completions of the pass
+    /// are posted: the host reaps and submits again while the rest are served.
+    static let commandsPerPass = 8
+
+    private func queuesChanged() {
+        queueList = ContiguousArray(submissionQueues.indices.filter { submissionQueues[$0] != nil })
+        interruptingQueues = ContiguousArray(completionQueues.indices.filter {
+            completionQueues[$0] != nil && interrupts[$0] != nil
+        })
+    }
+
+    private func hasCompletionQueue(_ id: Int) -> Bool { id >= 0 && id < completionQueues.count && completionQueues[id] != nil }
+    private func hasSubmissionQueue(_ id: Int) -> Bool { id >= 0 && id < submissionQueues.count && submissionQueues[id] != nil }
 
     /// Interrupt vectors routed to host reactors (the driver's side sets them before it
     /// creates the queue; the device reads them when the queue is created).
@@ -106,16 +126,23 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     public init(namespace: Bdev, configuration: Configuration = Configuration()) throws {
         self.namespace = namespace
         self.configuration = configuration
+        submissionQueues = ContiguousArray(repeating: nil, count: configuration.queueCount + 1)
+        completionQueues = ContiguousArray(repeating: nil, count: configuration.queueCount + 1)
+        interrupts = ContiguousArray(repeating: nil, count: configuration.queueCount + 1)
         ready.reserveCapacity(BdevLimits.queueDepthMax * 2)
         bar = .allocate(byteCount: Self.barBytes, alignment: 4096)
         bar.initializeMemory(as: UInt8.self, repeating: 0, count: Self.barBytes)
-        reactor = try Reactor(name: "nvme-emu", configuration: .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000))
+        // Unpinned, it polls by its poller's `.pending` (a spin without idle time, so
+        // without sched_yield: a yielding thread loses its place in the scheduler's queue).
+        reactor = try Reactor(name: "nvme-emu", configuration: configuration.cpu != nil
+            ? .init(cpu: configuration.cpu, idleBeforeSleepNs: 1_000_000)
+            : .init(idleBeforeSleepNs: 0, polling: .spin))
         let cap = ControllerCapabilities.make(maxQueueEntries: configuration.maxQueueEntries,
                                               timeoutUnits: configuration.timeoutUnits, strideShift: 0)
         MMIO.write64(bar, NVMeRegister.cap, cap.raw)
         MMIO.write32(bar, NVMeRegister.vs, 0x0002_0000)  // 2.0
         // The device's own pollers: registers and queues; and its path to the medium.
-        reactor.registerPoller { [unowned self] in self.poll() }
+        reactor.registerPoller { [unowned self] in self.pollOrSleep(busy: self.poll() == .busy) }
         // The driver's register writes wake the device (EmulatedTransport); a slow timer
         // stays as a safety net.
         reactor.registerTimedPoller(periodNs: 100_000_000) { .idle }
@@ -138,9 +165,14 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         reactor.stop()
         bar.deallocate()
         segmentScratch.deallocate()
+        schedstatBuffer.deallocate()
     }
 
-    public func setFaults(_ faults: Faults) { faultState.withLock { $0 = faults } }
+    public func setFaults(_ faults: Faults) {
+        faultState.withLock { $0 = faults }
+        let armed = faults.reverseCompletions || faults.dropLBA != nil || faults.failLBA != nil || faults.namespaceNotReady
+        faultsArmed.store(armed, ordering: .sequentiallyConsistent)
+    }
 
     /// Sets CSTS.CFS, as a controller that hit a fatal internal error.
     public func raiseFatalStatus() {
@@ -164,22 +196,40 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         }
         let status = ControllerStatus(raw: MMIO.read32(bar, NVMeRegister.csts))
         guard cc.enabled, status.ready, !status.fatal else { return busy ? .busy : .idle }
-        for queue in queueList {
+        var executed = 0
+        var more = false
+        for id in queueList {
             // An admin command earlier in this pass may have deleted the queue (and zeroed
             // its doorbell): reading on would re-execute a lap of stale entries.
-            guard submissionQueues[queue.id] === queue else { continue }
-            let tail = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queue.id, completion: false, strideShift: 0)))
+            guard let queue = submissionQueues[id] else { continue }
+            let tail = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: id, completion: false, strideShift: 0)))
             guard tail < queue.entries else {
-                fatal("submission queue \(queue.id) tail doorbell \(tail) beyond \(queue.entries) entries")
+                fatal("submission queue \(id) tail doorbell \(tail) beyond \(queue.entries) entries")
                 return .busy
             }
-            while queue.head != tail {
-                let entry = SubmissionEntry(loadingFrom: queue.base + queue.head * SubmissionEntry.bytes)
-                queue.head = (queue.head + 1) % queue.entries
-                if queue.id == 0 { executeAdmin(entry) } else { executeIO(entry, queue: queue) }
-                busy = true
+            var head = queue.head
+            var taken = 0
+            while head != tail {
+                if id != 0 && taken == Self.commandsPerPass {
+                    more = true
+                    break
+                }
+                let entry = SubmissionEntry(loadingFrom: queue.base + head * SubmissionEntry.bytes)
+                head = head + 1 == queue.entries ? 0 : head + 1
+                // Before executing: a completion reports the head as of its command.
+                submissionQueues[id]!.head = head
+                if id == 0 { executeAdmin(entry) } else { executeIO(entry, queue: id) }
+                taken += 1
             }
+            executed += taken
         }
+        if executed > 0 {
+            busy = true
+            // A namespace that completes at its next poll (malloc does) completes now, so
+            // the completions of this pass are posted in this pass.
+            _ = channel?.poll()
+        }
+        if more { busy = true }
         if !ready.isEmpty {
             postReady()
             busy = true
@@ -187,6 +237,47 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         // Commands waiting for the namespace: its channel's poller reports whether
         // something must poll for them (it is a poller of this reactor too).
         return busy ? .busy : .idle
+    }
+
+    /// Unpinned: whether to go on polling (`.pending`: the reactor yields and comes back)
+    /// or to sleep until a register write wakes the device (`.idle`).
+    private func pollOrSleep(busy: Bool) -> PollStatus {
+        guard configuration.cpu == nil, configuration.pollBeforeSleepNs > 0 else { return busy ? .busy : .idle }
+        let now = reactor.passStartNs
+        if now &- lastCheckNs >= configuration.contentionCheckNs {
+            let delay = runDelayNs()
+            contended = delay &- lastRunDelayNs > (now &- lastCheckNs) / 20
+            lastRunDelayNs = delay
+            lastCheckNs = now
+        }
+        if busy {
+            lastWorkNs = now
+            return .busy
+        }
+        return !contended && now &- lastWorkNs < configuration.pollBeforeSleepNs ? .pending : .idle
+    }
+
+    /// Time this thread has waited for a CPU since it started (the second field of
+    /// /proc/thread-self/schedstat), read without allocating; 0 if unreadable.
+    private func runDelayNs() -> UInt64 {
+        let fd = open("/proc/thread-self/schedstat", O_RDONLY)
+        guard fd >= 0 else { return 0 }
+        defer { Glibc.close(fd) }
+        let count = read(fd, schedstatBuffer, 127)
+        guard count > 0 else { return 0 }
+        var field = 0
+        var value: UInt64 = 0
+        for index in 0..<count {
+            let byte = schedstatBuffer[index]
+            if byte == UInt8(ascii: " ") {
+                if field == 1 { return value }
+                field += 1
+                value = 0
+            } else if byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") {
+                value = value &* 10 &+ UInt64(byte - UInt8(ascii: "0"))
+            }
+        }
+        return field == 1 ? value : 0
     }
 
     private func fatal(_ why: String) {
@@ -207,13 +298,19 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 fatal("enable with an unsupported configuration (CC 0x\(String(cc.raw, radix: 16)), AQA 0x\(String(aqa, radix: 16)))")
                 return
             }
-            completionQueues[0] = CompletionQueue(base: cq, entries: completionEntries, interrupt: nil)
-            submissionQueues[0] = SubmissionQueue(id: 0, base: sq, entries: submissionEntries, completionQueue: 0)
+            completionQueues[0] = CompletionQueue(base: cq, entries: completionEntries)
+            interrupts[0] = nil
+            submissionQueues[0] = SubmissionQueue(base: sq, entries: submissionEntries, completionQueue: 0)
+            queuesChanged()
             MMIO.write32(bar, NVMeRegister.csts, 1)
         } else if !cc.enabled && lastCC.enabled {
             // Controller reset: queues gone, doorbells zero, not ready.
-            submissionQueues = [:]
-            completionQueues = [:]
+            for id in submissionQueues.indices {
+                submissionQueues[id] = nil
+                completionQueues[id] = nil
+                interrupts[id] = nil
+            }
+            queuesChanged()
             ready = []
             for offset in stride(from: NVMeRegister.doorbellBase, to: Self.barBytes, by: 4) { MMIO.write32(bar, offset, 0) }
             MMIO.write32(bar, NVMeRegister.csts, 0)
@@ -242,7 +339,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     }
 
     private func postReady() {
-        let reverse = faultState.withLock { $0.reverseCompletions }
+        let reverse = faultsArmed.load(ordering: .relaxed) && faultState.withLock { $0.reverseCompletions }
         var kept = 0
         let count = ready.count
         for position in 0..<count {
@@ -258,18 +355,15 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             posted.phase = cq.phase
             // The phase dword goes last, after a release fence: the host polls it.
             posted.store(to: cq.base + cq.tail * CompletionEntry.bytes)
-            cq.tail += 1
-            if cq.tail == cq.entries {
-                cq.tail = 0
-                cq.phase.toggle()
-            }
-            if cq.interrupt != nil { cq.raised = true }
+            completionQueues[queueID]!.tail = cq.tail + 1 == cq.entries ? 0 : cq.tail + 1
+            if cq.tail + 1 == cq.entries { completionQueues[queueID]!.phase.toggle() }
+            completionQueues[queueID]!.raised = true
         }
         ready.removeLast(count - kept)
         // One interrupt per queue per batch, after its entries are visible.
-        for cq in interruptingQueues where cq.raised {
-            cq.raised = false
-            cq.interrupt!.wake()
+        for id in interruptingQueues where completionQueues[id]!.raised {
+            completionQueues[id]!.raised = false
+            interrupts[id]!.wake()
         }
     }
 
@@ -306,7 +400,7 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
         case .createIOCompletionQueue:
             let queueID = Int(command.cdw10 & 0xFFFF)
             let entries = Int(command.cdw10 >> 16) + 1
-            guard queueID >= 1, queueID <= configuration.queueCount, completionQueues[queueID] == nil else {
+            guard queueID >= 1, queueID <= configuration.queueCount, !hasCompletionQueue(queueID) else {
                 return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
             }
             guard entries >= 2, entries <= configuration.maxQueueEntries else {
@@ -316,17 +410,18 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                 return complete(queue: 0, commandID: id, status: .invalidField)
             }
             let vector = Int(command.cdw11 >> 16)
-            let interrupt = command.cdw11 & 2 != 0 ? interruptRoutes.withLock { $0[vector] } : nil
-            completionQueues[queueID] = CompletionQueue(base: base, entries: entries, interrupt: interrupt)
+            interrupts[queueID] = command.cdw11 & 2 != 0 ? interruptRoutes.withLock { $0[vector] } : nil
+            completionQueues[queueID] = CompletionQueue(base: base, entries: entries)
+            queuesChanged()
             complete(queue: 0, commandID: id, status: .success)
         case .createIOSubmissionQueue:
             let queueID = Int(command.cdw10 & 0xFFFF)
             let entries = Int(command.cdw10 >> 16) + 1
             let cqID = Int(command.cdw11 >> 16)
-            guard queueID >= 1, queueID <= configuration.queueCount, submissionQueues[queueID] == nil else {
+            guard queueID >= 1, queueID <= configuration.queueCount, !hasSubmissionQueue(queueID) else {
                 return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
             }
-            guard completionQueues[cqID] != nil, cqID != 0 else {
+            guard hasCompletionQueue(cqID), cqID != 0 else {
                 return complete(queue: 0, commandID: id, status: .completionQueueInvalid)
             }
             guard entries >= 2, entries <= configuration.maxQueueEntries else {
@@ -335,20 +430,26 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             guard command.cdw11 & 1 == 1, let base = hostMemory(command.prp1) else {
                 return complete(queue: 0, commandID: id, status: .invalidField)
             }
-            submissionQueues[queueID] = SubmissionQueue(id: queueID, base: base, entries: entries, completionQueue: cqID)
+            submissionQueues[queueID] = SubmissionQueue(base: base, entries: entries, completionQueue: cqID)
+            queuesChanged()
             complete(queue: 0, commandID: id, status: .success)
         case .deleteIOSubmissionQueue:
             let queueID = Int(command.cdw10 & 0xFFFF)
-            guard queueID >= 1, submissionQueues.removeValue(forKey: queueID) != nil else {
+            guard queueID >= 1, hasSubmissionQueue(queueID) else {
                 return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
             }
+            submissionQueues[queueID] = nil
+            queuesChanged()
             MMIO.write32(bar, NVMeRegister.doorbell(queue: queueID, completion: false, strideShift: 0), 0)
             complete(queue: 0, commandID: id, status: .success)
         case .deleteIOCompletionQueue:
             let queueID = Int(command.cdw10 & 0xFFFF)
-            guard queueID >= 1, completionQueues.removeValue(forKey: queueID) != nil else {
+            guard queueID >= 1, hasCompletionQueue(queueID) else {
                 return complete(queue: 0, commandID: id, status: .invalidQueueIdentifier)
             }
+            completionQueues[queueID] = nil
+            interrupts[queueID] = nil
+            queuesChanged()
             MMIO.write32(bar, NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: 0), 0)
             complete(queue: 0, commandID: id, status: .success)
         case .abort:
@@ -389,40 +490,40 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
 
     // MARK: - I/O commands
 
-    private func executeIO(_ command: SubmissionEntry, queue: SubmissionQueue) {
+    private func executeIO(_ command: SubmissionEntry, queue: Int) {
         let id = command.commandID
         guard let opcode = NVMOpcode(rawValue: command.opcode) else {
-            return complete(queue: queue.id, commandID: id, status: .invalidOpcode)
+            return complete(queue: queue, commandID: id, status: .invalidOpcode)
         }
-        guard command.namespaceID == 1 else { return complete(queue: queue.id, commandID: id, status: .invalidNamespace) }
-        let faults = faultState.withLock { $0 }
-        if faults.namespaceNotReady { return complete(queue: queue.id, commandID: id, status: .namespaceNotReady) }
-        guard let channel else { return complete(queue: queue.id, commandID: id, status: .internalError) }
+        guard command.namespaceID == 1 else { return complete(queue: queue, commandID: id, status: .invalidNamespace) }
+        let faults = faultsArmed.load(ordering: .relaxed) ? faultState.withLock { $0 } : Faults()
+        if faults.namespaceNotReady { return complete(queue: queue, commandID: id, status: .namespaceNotReady) }
+        guard let channel else { return complete(queue: queue, commandID: id, status: .internalError) }
         let geometry = namespace.geometry
         let lba = command.startingLBA
         if opcode != .flush && opcode != .datasetManagement {
             let count = UInt64(command.blockCount)
             guard lba < geometry.blockCount, count <= geometry.blockCount - lba else {
-                return complete(queue: queue.id, commandID: id, status: .lbaOutOfRange)
+                return complete(queue: queue, commandID: id, status: .lbaOutOfRange)
             }
             if faults.dropLBA == lba { return }
-            if let fail = faults.failLBA, fail.lba == lba { return complete(queue: queue.id, commandID: id, status: fail.status) }
+            if let fail = faults.failLBA, fail.lba == lba { return complete(queue: queue, commandID: id, status: fail.status) }
         }
         guard let slot = freeTags.popLast() else {
-            return complete(queue: queue.id, commandID: id, status: .namespaceNotReady)
+            return complete(queue: queue, commandID: id, status: .namespaceNotReady)
         }
         let tag = UInt64(slot)
-        let inFlight = InFlight(queue: queue.id, commandID: id, opcode: command.opcode)
+        let inFlight = InFlight(queue: queue, commandID: id, opcode: command.opcode)
         do throws(BdevError) {
             switch opcode {
             case .read, .write:
                 let bytes = command.blockCount * geometry.blockSizeBytes
                 guard bytes <= (4096 << Int(configuration.maxTransferShift)) else {
-                    return complete(queue: queue.id, commandID: id, status: .invalidField)
+                    return complete(queue: queue, commandID: id, status: .invalidField)
                 }
                 guard let count = prpSegments(command, bytes: bytes) else {
                     freeTags.append(slot)
-                    return complete(queue: queue.id, commandID: id, status: .dataTransferError)
+                    return complete(queue: queue, commandID: id, status: .dataTransferError)
                 }
                 let segments = UnsafeBufferPointer(start: segmentScratch, count: count)
                 commands[slot] = inFlight
@@ -445,10 +546,10 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             case .datasetManagement:
                 // Deallocate each range; the command completes when all have.
                 freeTags.append(slot)
-                guard command.cdw11 >> 2 & 1 == 1 else { return complete(queue: queue.id, commandID: id, status: .success) }
+                guard command.cdw11 >> 2 & 1 == 1 else { return complete(queue: queue, commandID: id, status: .success) }
                 let ranges = Int(command.cdw10 & 0xFF) + 1
                 guard let list = hostMemory(command.prp1) else {
-                    return complete(queue: queue.id, commandID: id, status: .dataTransferError)
+                    return complete(queue: queue, commandID: id, status: .dataTransferError)
                 }
                 var pending = 0
                 for index in 0..<ranges {
@@ -456,11 +557,11 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                     let start = UInt64(littleEndian: list.loadUnaligned(fromByteOffset: index * 16 + 8, as: UInt64.self))
                     guard length > 0 else { continue }
                     guard start < geometry.blockCount, length <= geometry.blockCount - start else {
-                        if pending == 0 { return complete(queue: queue.id, commandID: id, status: .lbaOutOfRange) }
+                        if pending == 0 { return complete(queue: queue, commandID: id, status: .lbaOutOfRange) }
                         break
                     }
                     guard let rangeSlot = freeTags.popLast() else { break }
-                    commands[rangeSlot] = InFlight(queue: queue.id, commandID: id, opcode: command.opcode)
+                    commands[rangeSlot] = InFlight(queue: queue, commandID: id, opcode: command.opcode)
                     dsmRemaining[id, default: 0] += 1
                     do { try channel.unmap(offsetBlocks: start, countBlocks: length, handler: self, tag: UInt64(rangeSlot)) } catch {
                         commands[rangeSlot] = nil
@@ -470,14 +571,14 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
                     }
                     pending += 1
                 }
-                if pending == 0 { complete(queue: queue.id, commandID: id, status: .success) }
+                if pending == 0 { complete(queue: queue, commandID: id, status: .success) }
             }
         } catch {
             if commands[slot] != nil {
                 commands[slot] = nil
                 freeTags.append(slot)
             }
-            complete(queue: queue.id, commandID: id, status: error == .queueFull ? .namespaceNotReady : .internalError)
+            complete(queue: queue, commandID: id, status: error == .queueFull ? .namespaceNotReady : .internalError)
         }
     }
 
