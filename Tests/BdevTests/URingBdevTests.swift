@@ -95,39 +95,15 @@ final class URingBdevTests: XCTestCase {
 
     func testIdleChannelLetsTheReactorSleep() throws {
         // After I/O, the completion eventfd must not keep waking the reactor.
-        let path = temporaryImage("idle")
-        let reactor = try Reactor(configuration: .init(idleBeforeSleepNs: 10_000))
-        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
-        let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
-        defer { io.close(); bdev.close() }
-        try io.writeBytes(pattern(seed: 1, bytes: 4096), offsetBlocks: 0)
-        reactor.registerTimedPoller(periodNs: 20_000_000) { .idle }  // bounds each sleep
-        let before = reactor.sleepCount
-        let deadline = MonotonicClock.nowNs() + 300_000_000
-        var iterations = 0
-        reactor.run(until: {
-            iterations += 1
-            return MonotonicClock.nowNs() > deadline
-        })
-        XCTAssertGreaterThan(reactor.sleepCount, before)
-        XCTAssertLessThan(iterations, 20_000, "an idle reactor with a uring channel sleeps instead of spinning")
+        try assertIdleReactorSleeps(onItsRing: false)
     }
 
-    // MARK: - On the reactor's ring (one io_uring per reactor, the reactor sleeps in it)
-
-    func testConformance4KOnTheReactorRing() throws {
-        let path = temporaryImage("ring-4k")
-        let reactor = try Reactor()
-        try ReactorRing.attach(to: reactor)
-        try BdevConformance(reactor: reactor) {
-            Bdev(backend: try URingBdev(path: path, blockSizeBytes: 4096, createSizeBytes: 16 << 20))
-        }.run()
-    }
-
-    func testIdleChannelOnTheReactorRingLetsTheReactorSleep() throws {
-        let path = temporaryImage("ring-idle")
+    /// I/O through a uring channel, then 300 ms of nothing (a timed poller bounds each
+    /// sleep): the reactor sleeps instead of spinning.
+    private func assertIdleReactorSleeps(onItsRing: Bool) throws {
+        let path = temporaryImage(onItsRing ? "ring-idle" : "idle")
         let reactor = try Reactor(configuration: .init(idleBeforeSleepNs: 10_000))
-        try ReactorRing.attach(to: reactor)
+        if onItsRing { try ReactorRing.attach(to: reactor) }
         let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
         defer { io.close(); bdev.close() }
@@ -142,7 +118,22 @@ final class URingBdevTests: XCTestCase {
             return MonotonicClock.nowNs() > deadline
         })
         XCTAssertGreaterThan(reactor.sleepCount, before)
-        XCTAssertLessThan(iterations, 20_000, "an idle reactor on its ring sleeps instead of spinning")
+        XCTAssertLessThan(iterations, 20_000, "an idle reactor \(onItsRing ? "on its ring" : "with a uring channel") sleeps instead of spinning")
+    }
+
+    // MARK: - On the reactor's ring (one io_uring per reactor, the reactor sleeps in it)
+
+    func testConformance4KOnTheReactorRing() throws {
+        let path = temporaryImage("ring-4k")
+        let reactor = try Reactor()
+        try ReactorRing.attach(to: reactor)
+        try BdevConformance(reactor: reactor) {
+            Bdev(backend: try URingBdev(path: path, blockSizeBytes: 4096, createSizeBytes: 16 << 20))
+        }.run()
+    }
+
+    func testIdleChannelOnTheReactorRingLetsTheReactorSleep() throws {
+        try assertIdleReactorSleeps(onItsRing: true)
     }
 
     /// A reactor asleep in its ring wakes for messages sent from another thread (through

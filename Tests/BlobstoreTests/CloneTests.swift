@@ -36,6 +36,15 @@ final class CloneTests: XCTestCase {
 
     func units(_ byte: Int) -> UInt64 { UInt64(byte / store.ioUnitBytes) }
 
+    /// A blob of `clusters` clusters written whole with pattern `seed`, then snapshotted:
+    /// the blob (now a clone), its bytes, and the snapshot.
+    func snapshotted(clusters: Int, seed: UInt8) throws -> (blob: UInt64, bytes: [UInt8], snapshot: UInt64) {
+        let blob = try store.createBlob(clusterCount: UInt64(clusters))
+        let bytes = pattern(seed, clusters * cluster)
+        try store.write(blob: blob, offsetUnits: 0, data: bytes)
+        return (blob, bytes, try store.snapshotBlob(blob))
+    }
+
     func verify(_ context: String = "") {
         let report = store.verify()
         XCTAssertTrue(report.isConsistent, "\(context) \(report.problems)")
@@ -95,10 +104,7 @@ final class CloneTests: XCTestCase {
     }
 
     func testDeletingASnapshotRefusedWithClonesMergedIntoTheLastOne() throws {
-        let a = try store.createBlob(clusterCount: 6)
-        let original = pattern(2, 6 * cluster)
-        try store.write(blob: a, offsetUnits: 0, data: original)
-        let snapshot = try store.snapshotBlob(a)
+        let (a, original, snapshot) = try snapshotted(clusters: 6, seed: 2)
         let clone = try store.cloneBlob(snapshot)
         try store.write(blob: clone, offsetUnits: units(cluster), data: [UInt8](repeating: 0x22, count: cluster))
         let free = store.freeClusterCount
@@ -163,10 +169,7 @@ final class CloneTests: XCTestCase {
     }
 
     func testCloneShrunkAndGrownReadsZerosAndHolesHideTheParent() throws {
-        let a = try store.createBlob(clusterCount: 6)
-        let original = pattern(5, 6 * cluster)
-        try store.write(blob: a, offsetUnits: 0, data: original)
-        let snapshot = try store.snapshotBlob(a)
+        let (a, original, snapshot) = try snapshotted(clusters: 6, seed: 5)
         let clone = try store.cloneBlob(snapshot)
         try store.resizeBlob(clone, clusterCount: 2)
         try store.resizeBlob(clone, clusterCount: 6)
