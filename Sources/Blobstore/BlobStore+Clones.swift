@@ -205,33 +205,65 @@ extension BlobStore {
     private func copyShared(_ id: UInt64, upTo onlyFrom: UInt64?) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
-        var shared = sharedExtents(blob)
+        var ranges: [Range<UInt64>]
         if let onlyFrom, let parent = blobs[onlyFrom] {
-            // Only what the parent itself maps.
-            let own = parent.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
-            shared = shared.filter { extent in
-                own.contains { $0.contains(extent.clusterIndex) }
-            }.flatMap { extent -> [Extent] in
-                own.compactMap { range -> Extent? in
-                    let lower = max(range.lowerBound, extent.clusterIndex)
-                    let upper = min(range.upperBound, extent.clusterIndex + UInt64(extent.count))
-                    guard upper > lower else { return nil }
-                    return Extent(clusterIndex: lower, count: UInt32(upper - lower),
-                                  firstCluster: extent.firstCluster + (lower - extent.clusterIndex))
-                }
+            // What the parent itself maps, within the backed count, where the blob maps nothing.
+            let own = blob.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
+            ranges = parent.extents.filter { $0.clusterIndex < blob.backedClusters }.flatMap { extent in
+                Self.subtract(own, from: extent.clusterIndex..<min(blob.backedClusters, extent.clusterIndex + UInt64(extent.count)))
             }
+        } else {
+            ranges = sharedExtents(blob).map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
         }
-        let unitsPerCluster = UInt64(clusterSizeBytes / ioUnitBytes)
-        for extent in shared {
-            var index = extent.clusterIndex
-            let end = extent.clusterIndex + UInt64(extent.count)
+        try forEachRun(of: ranges, within: 0..<blob.clusterCount) { (index, count) throws(BlobStoreError) in
+            let units = UInt64(clusterSizeBytes / ioUnitBytes)
+            try write(blob: id, offsetUnits: index * units, data: try read(blob: id, offsetUnits: index * units, countUnits: count * units))
+        }
+    }
+
+    /// Calls `body` with each piece of `ranges` (cluster ranges) inside `window`, at most
+    /// 256 clusters at a time: the copies and zero writes of clones go through `write`,
+    /// one allocating write each.
+    func forEachRun(of ranges: [Range<UInt64>], within window: Range<UInt64>,
+                    _ body: (UInt64, UInt64) throws(BlobStoreError) -> Void) throws(BlobStoreError) {
+        for range in ranges {
+            var index = max(window.lowerBound, range.lowerBound)
+            let end = min(window.upperBound, range.upperBound)
             while index < end {
                 let count = min(end - index, 256)
-                let bytes = try read(blob: id, offsetUnits: index * unitsPerCluster, countUnits: count * unitsPerCluster)
-                try write(blob: id, offsetUnits: index * unitsPerCluster, data: bytes)
+                try body(index, count)
                 index += count
             }
         }
+    }
+
+    /// The first blob up the parent chain from `start` (itself included) for which
+    /// `matches` holds; nil when none does, or when the chain loops without one doing
+    /// (a walk never takes more steps than there are blobs).
+    func firstAncestor(from start: UInt64?, where matches: (UInt64) -> Bool) -> UInt64? {
+        var next = start
+        var steps = 0
+        while let id = next, steps <= blobs.count {
+            if matches(id) { return id }
+            next = blobs[id]?.parent
+            steps += 1
+        }
+        return nil
+    }
+
+    /// Whether the parent chain from `start` comes to `id`, or loops.
+    func chainReaches(_ id: UInt64, from start: UInt64?) -> Bool {
+        firstAncestor(from: start, where: { $0 == id }) != nil || chainLoops(from: start)
+    }
+
+    private func chainLoops(from start: UInt64?) -> Bool {
+        var seen: Set<UInt64> = []
+        var next = start
+        while let id = next {
+            guard seen.insert(id).inserted else { return true }
+            next = blobs[id]?.parent
+        }
+        return false
     }
 
     /// Stores formatted before snapshots existed get the feature bit (a checkpoint writes
@@ -276,13 +308,7 @@ extension BlobStore {
         if let parent {
             guard let snapshot = blobs[parent], snapshot.isSnapshot else { return "the parent is not a snapshot" }
             // No cycle: the new parent does not read through this blob.
-            var next: UInt64? = parent
-            var steps = 0
-            while let ancestor = next {
-                guard ancestor != id, steps <= blobs.count else { return "the parent reads through the blob (a cycle)" }
-                next = blobs[ancestor]?.parent
-                steps += 1
-            }
+            guard !chainReaches(id, from: parent) else { return "the parent reads through the blob (a cycle)" }
         }
         if let old = blob.parent { unlinkClone(id, from: old) }
         if let parent { clones[parent, default: []].insert(id) }
@@ -359,14 +385,8 @@ extension BlobStore {
             var why: String?
             if blobs[parent]?.isSnapshot != true {
                 why = "its parent \(parent) is gone or not a snapshot"
-            } else {
-                var next: UInt64? = parent
-                var steps = 0
-                while let ancestor = next {
-                    if ancestor == id || steps > blobs.count { why = "its parents loop back to it"; break }
-                    next = blobs[ancestor]?.parent
-                    steps += 1
-                }
+            } else if chainReaches(id, from: parent) {
+                why = "its parents loop back to it"
             }
             guard let why else {
                 clones[parent, default: []].insert(id)
@@ -383,17 +403,9 @@ extension BlobStore {
 
     /// Salvage: a blob reads through its ancestors, so it is affected when any of them is.
     func affectClonesOfAffected(_ report: inout SalvageReport) {
-        for id in blobs.keys {
-            var next = blobs[id]?.parent
-            var steps = 0
-            while let ancestor = next, steps <= blobs.count {
-                if report.affectedBlobs.contains(ancestor) {
-                    report.affectedBlobs.insert(id)
-                    break
-                }
-                next = blobs[ancestor]?.parent
-                steps += 1
-            }
+        let affected = report.affectedBlobs
+        for (id, blob) in blobs where firstAncestor(from: blob.parent, where: affected.contains) != nil {
+            report.affectedBlobs.insert(id)
         }
     }
 
@@ -409,14 +421,8 @@ extension BlobStore {
             }
             clones[parent, default: []].insert(id)
         }
-        for id in blobs.keys {
-            var next = blobs[id]?.parent
-            var steps = 0
-            while let ancestor = next {
-                guard ancestor != id, steps <= blobs.count else { throw .corrupt("blob \(id) reads through itself (a cycle of parents)") }
-                next = blobs[ancestor]?.parent
-                steps += 1
-            }
+        for (id, blob) in blobs where chainReaches(id, from: blob.parent) {
+            throw .corrupt("blob \(id) reads through itself (a cycle of parents)")
         }
     }
 }

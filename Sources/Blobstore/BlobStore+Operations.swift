@@ -301,15 +301,10 @@ extension BlobStore {
     /// Writes zeros (allocating) over the clusters of `shared` within `range`: a clone's
     /// way to make clusters its ancestors map read as zeros.
     private func writeZeroClusters(_ id: UInt64, covering shared: [Extent], within range: Range<UInt64>) throws(BlobStoreError) {
-        let unitsPerCluster = UInt64(clusterSizeBytes / ioUnitBytes)
-        for extent in shared {
-            var index = max(range.lowerBound, extent.clusterIndex)
-            let upper = min(range.upperBound, extent.clusterIndex + UInt64(extent.count))
-            while index < upper {
-                let run = min(upper - index, 256)
-                try write(blob: id, offsetUnits: index * unitsPerCluster, data: [UInt8](repeating: 0, count: Int(run) * clusterSizeBytes))
-                index += run
-            }
+        let units = UInt64(clusterSizeBytes / ioUnitBytes)
+        try forEachRun(of: shared.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }, within: range) {
+            (index, count) throws(BlobStoreError) in
+            try write(blob: id, offsetUnits: index * units, data: [UInt8](repeating: 0, count: Int(count) * clusterSizeBytes))
         }
     }
 
