@@ -145,8 +145,7 @@ public final class FileSystem {
         inode.timesObserved = true
         // Shared clusters count in every file that reads them, as on XFS and btrfs: a copy
         // does not look sparse (cp then copies it with copy_file_range, sharing again).
-        let extents = store.blob(id).map { $0.parent == nil ? $0.extents : store.dataExtents(id) } ?? []
-        let allocated = extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+        let allocated = store.dataClusterCount(id)
         return Attributes(ino: InodeNumber(blob: id), attributes: inode.attributes, allocatedBytes: allocated * clusterBytes,
                           blockSize: UInt32(clusterBytes))
     }

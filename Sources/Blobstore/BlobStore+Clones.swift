@@ -58,6 +58,30 @@ extension BlobStore {
         return (blob.extents + sharedExtents(blob)).sorted { $0.clusterIndex < $1.clusterIndex }
     }
 
+    /// How many clusters of blob `id` hold data, its own and those it reads from its
+    /// ancestors (st_blocks): one walk over the two sorted maps, nothing allocated.
+    public func dataClusterCount(_ id: UInt64) -> UInt64 {
+        guard let blob = blobs[id] else { return 0 }
+        let own = blob.extents
+        var total = own.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+        guard blob.parent != nil else { return total }
+        var next = 0  // first own extent that may overlap the current shared one
+        for extent in ancestorView(blob) {
+            let start = extent.clusterIndex, end = start + UInt64(extent.count)
+            while next < own.count, own[next].clusterIndex + UInt64(own[next].count) <= start { next += 1 }
+            var covered: UInt64 = 0
+            var index = next
+            while index < own.count, own[index].clusterIndex < end {
+                let lower = max(start, own[index].clusterIndex)
+                let upper = min(end, own[index].clusterIndex + UInt64(own[index].count))
+                covered += upper - lower
+                index += 1
+            }
+            total += UInt64(extent.count) - covered
+        }
+        return total
+    }
+
     /// What a clone reads from its ancestors, under its own extents too (a lookup tries
     /// its own first): cached per parent and backed count (`ancestorViews`). Handles hold it.
     func ancestorView(_ blob: BlobMetadata) -> ContiguousArray<Extent> {
