@@ -67,6 +67,8 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     private var deferred: ContiguousArray<Completion> = []
     /// Entries queued and not yet taken by the kernel.
     private var unsubmitted: Int { Int(io_uring_sq_ready(ring)) }
+    /// Entries queued and not yet submitted (for tests).
+    public var queuedEntries: Int { unsubmitted }
     private var epollArmed = false
     private var heldOnePass = false
 
@@ -152,6 +154,16 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     @inline(__always)
     public func nextEntry() -> UnsafeMutablePointer<io_uring_sqe>? {
         io_uring_get_sqe(ring)
+    }
+
+    /// The next submission entry for a device request, after submitting what is already
+    /// queued (earlier device requests, FUSE replies): a burst of requests then reaches
+    /// the device one by one, as fio submits, not as one batch at the end of the pass.
+    /// See `URingChannel.prepare` for why.
+    @inline(__always)
+    public func nextEntrySubmittingQueued() -> UnsafeMutablePointer<io_uring_sqe>? {
+        if unsubmitted > 0 { submitNow() }
+        return io_uring_get_sqe(ring)
     }
 
     /// Submits what is queued now (registrations at start, a full submission queue).

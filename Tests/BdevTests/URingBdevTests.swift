@@ -185,4 +185,34 @@ final class URingBdevTests: XCTestCase {
         })
         XCTAssertEqual(count.completed, 16)
     }
+
+    /// A burst of device requests on the reactor's ring reaches the device one by one:
+    /// queueing a request submits the ones queued before it, so only the burst's last
+    /// waits for the reactor's sleep (a batch makes each request wait behind the others
+    /// in the device).
+    func testABurstOfRequestsOnTheReactorRingIsSubmittedAsItIsQueued() throws {
+        let path = temporaryImage("ring-burst")
+        let reactor = try Reactor()
+        let ring = try ReactorRing.attach(to: reactor)
+        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        defer { bdev.close() }
+        let channel = try bdev.makeChannel(reactor: reactor)
+        defer { channel.close() }
+        final class Count: BdevCompletionHandler {
+            var completed = 0
+            func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+                if case .success = status { completed += 1 }
+            }
+        }
+        let count = Count()
+        let buffer = try DMABuffer.allocate(bytes: 8 * 4096)
+        ring.submitNow()  // the ring's own set-up entries
+        for index in 0..<8 {
+            try channel.read(into: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index), countBlocks: 1,
+                             handler: count, tag: UInt64(index))
+            XCTAssertEqual(ring.queuedEntries, 1, "after request \(index), only it waits for the sleep")
+        }
+        reactor.run(until: { count.completed == 8 })
+        XCTAssertEqual(count.completed, 8)
+    }
 }
