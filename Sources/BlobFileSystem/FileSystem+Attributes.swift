@@ -21,7 +21,9 @@ extension FileSystem {
             if let mode = changes.mode { attributes.mode = (attributes.mode & UInt32(S_IFMT)) | (mode & 0o7777) }
             if let uid = changes.uid { attributes.uid = uid }
             if let gid = changes.gid { attributes.gid = gid }
-            if (changes.uid != nil || changes.gid != nil), !attributes.isDirectory, caller.uid != 0 {
+            // chown drops them whoever the caller is, as Linux's chown_common does for
+            // anything but a directory.
+            if changes.dropSetID || (changes.uid != nil || changes.gid != nil), !attributes.isDirectory {
                 attributes.mode &= ~UInt32(S_ISUID)
                 if attributes.mode & UInt32(S_IXGRP) != 0 { attributes.mode &= ~UInt32(S_ISGID) }
             }

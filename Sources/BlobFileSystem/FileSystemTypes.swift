@@ -66,8 +66,13 @@ public struct AttributeChanges: Sendable {
     public var atime: Time?
     public var mtime: Time?
     public var ctime: Int64?
+    /// Drop set-user-ID, and set-group-ID where group-execute is set: what Linux does on
+    /// a write or truncate by a caller without CAP_FSETID (the kernel asks for it with
+    /// FUSE_HANDLE_KILLPRIV_V2's flags).
+    public var dropSetID: Bool
     public init(mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, size: UInt64? = nil, atime: Time? = nil,
-                mtime: Time? = nil, ctime: Int64? = nil) {
+                mtime: Time? = nil, ctime: Int64? = nil, dropSetID: Bool = false) {
+        self.dropSetID = dropSetID
         self.mode = mode
         self.uid = uid
         self.gid = gid

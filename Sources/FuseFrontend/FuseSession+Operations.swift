@@ -119,6 +119,7 @@ extension FuseSession {
             changes.mtime = .ns(ns(request.mtime, request.mtimensec))
         }
         if valid & FATTR_CTIME != 0 { changes.ctime = ns(request.ctime, request.ctimensec) }
+        if valid & FATTR_KILL_SUIDGID != 0 { changes.dropSetID = true }  // a truncate by an unprivileged caller
         answering(slot) { () throws(FSError) in
             replyAttributes(slot, try fs.setAttributes(ino: slot.inode, changes, caller: caller(slot)))
         }
@@ -218,7 +219,11 @@ extension FuseSession {
     func open(_ slot: FuseSlot) {
         let request = slot.argument(fuse_open_in.self)
         answering(slot) { () throws(FSError) in
-            try service.open(ino: slot.inode, truncate: Int32(bitPattern: request.flags) & O_TRUNC != 0)
+            let truncate = Int32(bitPattern: request.flags) & O_TRUNC != 0
+            try service.open(ino: slot.inode, truncate: truncate)
+            if truncate && request.open_flags & UInt32(FUSE_OPEN_KILL_SUIDGID) != 0 {
+                _ = try fs.setAttributes(ino: slot.inode, AttributeChanges(dropSetID: true), caller: caller(slot))
+            }
             var out = fuse_open_out()
             out.open_flags = openFlags(request.flags)
             slot.reply(out)
@@ -265,6 +270,11 @@ extension FuseSession {
         answering(slot) { () throws(FSError) in
             // A write-back of the kernel's page cache may use the room held for it.
             let writeBack = request.write_flags & UInt32(FUSE_WRITE_CACHE) != 0
+            if request.write_flags & UInt32(FUSE_WRITE_KILL_SUIDGID) != 0 {
+                // A write by an unprivileged caller to a set-ID file (the kernel sends it
+                // through, not into its cache): rare, so an attribute change of its own.
+                _ = try fs.setAttributes(ino: slot.inode, AttributeChanges(dropSetID: true), caller: caller(slot))
+            }
             switch try service.startWrite(ino: slot.inode, offset: request.offset, data: slot.data.slice(from: 0, count: count),
                                           append: append, writeBack: writeBack, handler: slot, tag: 0) {
             case .pending:

@@ -38,17 +38,36 @@ final class AttributesAndDirectoriesTests: XCTestCase {
         XCTAssertFalse(try fs.inode(file.ino).dirty, "committed")
     }
 
-    func testChownByAnOrdinaryCallerDropsSetIDBits() throws {
+    /// chown drops set-user-ID, and set-group-ID where group-execute is set, of anything
+    /// but a directory, whoever the caller (Linux's chown_common; with
+    /// FUSE_HANDLE_KILLPRIV_V2 the kernel leaves it to us, root's chown included).
+    func testChownDropsSetIDBits() throws {
         let fs = try makeFileSystem()
         let file = try fs.create(parent: .root, name: name("s"), mode: 0o6755, caller: .root)
         fs.release(ino: file.ino)
         let user = Caller(uid: 1000, gid: 100)
         let after = try fs.setAttributes(ino: file.ino, AttributeChanges(uid: 1000), caller: user)
-        XCTAssertEqual(after.attributes.mode & UInt32(S_ISUID), 0)
-        XCTAssertEqual(after.attributes.mode & UInt32(S_ISGID), 0, "set-group-ID with group execute goes too")
-        let root = try fs.setAttributes(ino: file.ino, AttributeChanges(mode: 0o6755), caller: .root)
-        XCTAssertEqual(try fs.setAttributes(ino: file.ino, AttributeChanges(gid: 5), caller: .root).attributes.mode,
-                       root.attributes.mode, "root's chown keeps them")
+        XCTAssertEqual(after.attributes.mode & 0o7777, 0o755, "set-user-ID and set-group-ID with group execute go")
+        _ = try fs.setAttributes(ino: file.ino, AttributeChanges(mode: 0o6755), caller: .root)
+        XCTAssertEqual(try fs.setAttributes(ino: file.ino, AttributeChanges(gid: 5), caller: .root).attributes.mode & 0o7777,
+                       0o755, "root's chown drops them too")
+        _ = try fs.setAttributes(ino: file.ino, AttributeChanges(mode: 0o2745), caller: .root)
+        XCTAssertEqual(try fs.setAttributes(ino: file.ino, AttributeChanges(uid: 7), caller: .root).attributes.mode & 0o7777,
+                       0o2745, "set-group-ID without group execute (a locking mark) stays")
+        let directory = try fs.make(parent: .root, name: name("d"), mode: UInt32(S_IFDIR) | 0o2775, caller: .root)
+        XCTAssertEqual(try fs.setAttributes(ino: directory.ino, AttributeChanges(uid: 7), caller: .root).attributes.mode & 0o7777,
+                       0o2775, "a directory keeps set-group-ID")
+    }
+
+    /// What the kernel asks for with FATTR_KILL_SUIDGID, FUSE_WRITE_KILL_SUIDGID and
+    /// FUSE_OPEN_KILL_SUIDGID: the same drop, without a chown.
+    func testDropSetIDAlone() throws {
+        let fs = try makeFileSystem()
+        let file = try fs.create(parent: .root, name: name("s"), mode: 0o6777, caller: .root)
+        fs.release(ino: file.ino)
+        let after = try fs.setAttributes(ino: file.ino, AttributeChanges(dropSetID: true), caller: Caller(uid: 1000, gid: 100))
+        XCTAssertEqual(after.attributes.mode & 0o7777, 0o777)
+        XCTAssertEqual(after.attributes.uid, 0, "owner unchanged")
     }
 
     func testTruncateOfADirectoryIsRefused() throws {

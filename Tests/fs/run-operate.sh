@@ -122,6 +122,18 @@ assert all(r['interval'] and 0.4 < r['seconds'] < 2 for r in reports), reports
 assert sum(o['answered'] for r in reports for o in r['operations'] if o['op'] == 'WRITE') >= 100, reports"
   }
   check "stats --interval 0.5 --count 3 --json: three interval reports with the writes of that time" interval
+  xattr_lookups() {
+    "$BLOBFS" stats "$mnt" --json | python3 -c "import json,sys; print(sum(o['answered'] for o in json.load(sys.stdin)['operations'] if o['op'] == 'GETXATTR'))"
+  }
+  no_xattr_per_write() {  # FUSE_HANDLE_KILLPRIV_V2: the mount is SB_NOSEC, so write(2) asks no security.capability
+    local before after
+    before=$(xattr_lookups)
+    dd if=/dev/zero of="$mnt/cached" bs=4k count=2000 status=none || return 1
+    after=$(xattr_lookups)
+    echo "GETXATTR during 2,000 buffered writes: $((after - before))"
+    [ $((after - before)) -lt 20 ]
+  }
+  check "2,000 buffered write(2)s ask for no xattr each (FUSE_HANDLE_KILLPRIV_V2)" no_xattr_per_write
   sync_and_checkpoint() {
     local before
     before=$("$BLOBFS" status "$mnt" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['last_checkpoint']['since_mount'])")
