@@ -35,7 +35,8 @@ extension FileSystem {
     /// alone.
     public static func repair(_ store: BlobStore, expectFileSystem: Bool) throws(FSError) -> FileSystemRepairReport {
         var repair = Repair(store: store)
-        let isFileSystem = store.superBlobID == .rootDirectory && store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic
+        let isFileSystem = store.superBlobID == .rootDirectory
+            && store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic
         guard isFileSystem || expectFileSystem else { return repair.report }
         try repair.run()
         return repair.report

@@ -34,7 +34,7 @@ public struct InodeNumber: RawRepresentable, Hashable, Comparable, Sendable, Cus
 
 extension BlobID {
     /// The root directory's blob: the store's super blob, marked `fs` (FORMAT.md, "File system").
-    static let rootDirectory = InodeNumber.root.blobID
+    public static let rootDirectory = InodeNumber.root.blobID
 }
 
 /// An inode's number and attributes, as `stat` wants them.

@@ -11,7 +11,7 @@ extension BlobStore {
         func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
         switch record {
         case let .createBlob(id):
-            guard id.rawValue < superBlock.blobIDLimit, blobs[id] == nil else { throw fail("blob id in use or out of range") }
+            guard superBlock.covers(id), blobs[id] == nil else { throw fail("blob id in use or out of range") }
             blobs[id] = BlobMetadata(id: id)
             blobIDs.set(id.rawValue)
         case let .deleteBlob(id):

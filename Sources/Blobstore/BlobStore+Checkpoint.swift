@@ -223,8 +223,7 @@ extension BlobStore {
         // What changed since the last checkpoint differs from both copies.
         let tableKeys = [ArrayCopyKey(kind: .table, copy: 0), ArrayCopyKey(kind: .table, copy: 1)]
         let bitmapKeys = [ArrayCopyKey(kind: .bitmap, copy: 0), ArrayCopyKey(kind: .bitmap, copy: 1)]
-        let perPage = UInt64(TablePage.entriesPerPage)
-        let tableChanges = Set(dirtyBlobs.map { Int($0.rawValue / perPage) })
+        let tableChanges = Set(dirtyBlobs.map(TablePage.pageIndex(of:)))
         // Clusters set in memory that the persisted bitmap shows free, by bitmap page: the
         // given ones, quarantined ones, and those held for discard.
         var clusterMasks: [Int: [ClusterRun]] = [:]

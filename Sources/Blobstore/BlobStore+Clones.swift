@@ -305,7 +305,7 @@ extension BlobStore {
     func applySnapshot(_ id: BlobID, _ snapshotID: BlobID) -> String? {
         ancestorViews.removeAll()
         guard var source = blobs[id] else { return "no such blob" }
-        guard snapshotID.rawValue < superBlock.blobIDLimit, blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
+        guard superBlock.covers(snapshotID), blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
         guard !source.isSnapshot, clones[id] == nil else { return "the blob is a snapshot or has clones" }
         let snapshot = BlobMetadata(id: snapshotID, clusterCount: source.clusterCount,
                                     flags: BlobFlags(readOnlyData: BlobFlags.snapshot), extents: source.extents,

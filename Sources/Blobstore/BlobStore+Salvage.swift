@@ -195,11 +195,11 @@ extension BlobStore {
         }
         guard !lost.isEmpty else { return roots }
         let perPage = UInt64(TablePage.entriesPerPage)
-        let lostPages = Set(lost.map { UInt64($0.index) })
+        let lostPages = Set(lost.map(\.index))
         let bits = PersistedBitLookup(self, otherDiffers: otherBitmapDiffers)
-        let found = scanChainHeads(wanted: { lostPages.contains($0.rawValue / perPage) }, bits: bits)
+        let found = scanChainHeads(wanted: { lostPages.contains(TablePage.pageIndex(of: $0)) }, bits: bits)
         for (index, problem) in lost {
-            let ids = found.keys.filter { $0.rawValue / perPage == UInt64(index) }.sorted()
+            let ids = found.keys.filter { TablePage.pageIndex(of: $0) == index }.sorted()
             let listed = ids.prefix(32).map { "\($0) (page \(found[$0]!.page))" }.joined(separator: ", ")
             report.changes.append(RepairChange("table_page", "\(problem): rebuilt from the metadata chains: \(ids.count) blobs found"
                 + (ids.isEmpty ? "" : ": " + listed + (ids.count > 32 ? ", …" : ""))))
@@ -244,7 +244,7 @@ extension BlobStore {
         func consider(_ pageID: UInt32, _ bytes: [UInt8]) {
             let offset = block.metadataPageAddress(pageID) * UInt64(Self.pageBytes)
             guard let page = try? MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID), page.chainIndex == 0,
-                  page.blobID.rawValue < block.blobIDLimit, wanted(page.blobID), page.checkpointSequence <= block.sequence,
+                  block.covers(page.blobID), wanted(page.blobID), page.checkpointSequence <= block.sequence,
                   bits.blobID(page.blobID) != false, bits.metadataPage(pageID, block) != false else { return }
             if let known = best[page.blobID], known.sequence >= page.checkpointSequence { return }
             best[page.blobID] = (pageID, page.checkpointSequence)
@@ -328,7 +328,7 @@ extension BlobStore {
     /// or a cluster, the record wins: it is the newer.
     private func applySalvaging(_ record: LogRecord, report: inout SalvageReport) throws(BlobStoreError) {
         switch record {
-        case let .createBlob(id) where id.rawValue < superBlock.blobIDLimit && blobs[id] != nil:
+        case let .createBlob(id) where superBlock.covers(id) && blobs[id] != nil:
             for clone in clones(of: id) {
                 try apply(.setParent(id: clone, parent: nil, backedClusters: 0), replaying: true)
                 report.affectedBlobs.insert(clone)

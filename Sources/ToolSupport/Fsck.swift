@@ -49,7 +49,7 @@ public enum Fsck {
         let loading = Ticker("fsck: loading the store for the file-system walk")
         let loaded = try? BlobStore.load(io, readOnly: true)
         loading.finish()
-        if let (store, _) = loaded, store.superBlobID == InodeNumber.root.blobID {
+        if let (store, _) = loaded, store.superBlobID == .rootDirectory {
             let walking = Ticker("fsck: walking the file system (directories, links, orphans)")
             defer { walking.finish() }
             let fs = FileSystem.check(store)
@@ -66,7 +66,7 @@ public enum Fsck {
     public static func repair(_ io: BdevSyncIO, dryRun: Bool = false, undoPath: String? = nil) -> RepairReport {
         let superBlob = (try? SuperBlockSlots.read(io))?.current?.block.superBlobID
         let options = RepairOptions(dryRun: dryRun, undoPath: undoPath, force: true) { store, salvage in
-            let fileSystem = try FileSystem.repair(store, expectFileSystem: superBlob == InodeNumber.root.blobID || salvage.superBlobBefore == InodeNumber.root.blobID)
+            let fileSystem = try FileSystem.repair(store, expectFileSystem: superBlob == .rootDirectory || salvage.superBlobBefore == .rootDirectory)
             return (fileSystem.changes, fileSystem.affectedBlobs)
         }
         let repairing = Ticker(dryRun ? "fsck: working out the repair (nothing is written)" : "fsck: repairing")

@@ -133,7 +133,8 @@ final class BlobStoreTests: XCTestCase {
             guard case .invalidArgument = $0 as? BlobStoreError else { return XCTFail("\($0)") }
         }
         XCTAssertThrowsError(try store.write(blob: id, offsetUnits: 0, data: bytes(1, 100)))
-        XCTAssertThrowsError(try store.deleteBlob(BlobID(rawValue: 999))) { XCTAssertEqual($0 as? BlobStoreError, .noSuchBlob(BlobID(rawValue: 999))) }
+        let absent = BlobID(rawValue: 999)
+        XCTAssertThrowsError(try store.deleteBlob(absent)) { XCTAssertEqual($0 as? BlobStoreError, .noSuchBlob(absent)) }
         XCTAssertThrowsError(try store.setXattr(id, name: "", value: []))
         XCTAssertThrowsError(try store.setXattr(id, name: "v", value: [UInt8](repeating: 0, count: 5000)))
         XCTAssertEqual(store.freeClusterCount, store.clusterCount)

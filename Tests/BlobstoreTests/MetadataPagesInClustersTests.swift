@@ -172,7 +172,7 @@ final class MetadataPagesInClustersTests: XCTestCase {
     /// Points blob `id`'s entry in the active table at `page`.
     private func setTableEntry(_ io: BdevSyncIO, _ block: SuperBlock, id: BlobID, to page: UInt32) throws {
         let tableStart = block.table.startPage + UInt64(block.activeCopy) * block.table.pageCount
-        let pageIndex = id.rawValue / UInt64(TablePage.entriesPerPage)
+        let pageIndex = UInt64(TablePage.pageIndex(of: id))
         let raw = try BlobStore.readPages(io, at: tableStart + pageIndex, count: 1)
         var payload = Array(try ArrayPage.decode(raw[...], kind: .table, pageIndex: UInt32(pageIndex), offset: 0).payload)
         let at = Int(id.rawValue % UInt64(TablePage.entriesPerPage)) * 4

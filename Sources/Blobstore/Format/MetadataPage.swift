@@ -272,7 +272,9 @@ public enum MetadataPage {
                     }
                     sawParent = true
                     let parent = try reader.blobID()
-                    guard parent != first.blobID else { throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent.rawValue), at: 0) }
+                    guard parent != first.blobID else {
+                        throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent.rawValue), at: 0)
+                    }
                     blob.parent = parent
                     blob.backedClusters = try reader.u64()
                 case .extents:

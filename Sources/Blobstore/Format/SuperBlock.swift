@@ -69,6 +69,8 @@ public struct SuperBlock: Equatable, Sendable {
     public var dataStartPage: UInt64
     public var clusterCount: UInt64
     public var blobIDLimit: UInt64
+    /// Whether `id` is below the id limit: it has a table entry and a bit in the blob-id bitmap.
+    public func covers(_ id: BlobID) -> Bool { id.rawValue < blobIDLimit }
     public var activeCopy: UInt8
     public var checkpointLSN: UInt64
     public var logTailSequence: UInt64

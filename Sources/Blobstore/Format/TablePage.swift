@@ -55,6 +55,9 @@ public enum TablePage {
     public static let entryBytes = 4
     public static let entriesPerPage = ArrayPage.payloadBytes / entryBytes
 
+    /// The table page that holds blob `id`'s entry.
+    public static func pageIndex(of id: BlobID) -> Int { Int(id.rawValue / UInt64(entriesPerPage)) }
+
     /// The payload of table page `pageIndex`: for each id below `blobIDLimit` on it, the
     /// first page of its chain (`root`; nil: no blob).
     public static func encode(pageIndex: Int, blobIDLimit: UInt64, root: (BlobID) -> UInt32?) -> [UInt8] {
