@@ -24,24 +24,24 @@ extension FileSystem {
     /// is reachable or an orphan (unlinked while open).
     public static func check(_ store: BlobStore) -> FileSystemCheckReport {
         var report = FileSystemCheckReport()
-        guard store.superBlobID == 0, store.xattr(0, name: Key.superInfo, isInternal: true) == magic else {
+        guard store.superBlobID == .rootDirectory, store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic else {
             report.problems.append("super blob: not a blobfs root (no \"\(Key.superInfo)\" marker on blob 0)")
             return report
         }
-        var links: [UInt64: UInt32] = [:]
-        var subdirectories: [UInt64: UInt32] = [:]
-        var attributes: [UInt64: InodeAttributes] = [:]
-        var parents: [UInt64: UInt64] = [:]
-        var queue: [UInt64] = [0]
-        var visited: Set<UInt64> = [0]
-        func load(_ id: UInt64) -> InodeAttributes? {
+        var links: [BlobID: UInt32] = [:]
+        var subdirectories: [BlobID: UInt32] = [:]
+        var attributes: [BlobID: InodeAttributes] = [:]
+        var parents: [BlobID: BlobID] = [:]
+        var queue: [BlobID] = [.rootDirectory]
+        var visited: Set<BlobID> = [.rootDirectory]
+        func load(_ id: BlobID) -> InodeAttributes? {
             if let known = attributes[id] { return known }
             guard let value = store.xattr(id, name: Key.inode, isInternal: true) else { return nil }
             let decoded = InodeAttributes.decode(value)
             attributes[id] = decoded
             return decoded
         }
-        guard load(0)?.isDirectory == true else {
+        guard load(.rootDirectory)?.isDirectory == true else {
             report.problems.append("root (blob 0): attributes missing or not a directory")
             return report
         }
@@ -78,10 +78,7 @@ extension FileSystem {
                 }
             }
         }
-        let orphans = Set(store.blob(0)?.internalXattrs.compactMap { entry -> UInt64? in
-            guard entry.name.hasPrefix(Key.orphanPrefix) else { return nil }
-            return UInt64(entry.name.dropFirst(Key.orphanPrefix.count))
-        } ?? [])
+        let orphans = Set(store.blob(.rootDirectory)?.internalXattrs.compactMap { Key.orphanID($0.name) } ?? [])
         report.orphans = orphans.count
         for id in store.blobIDList {
             guard store.xattr(id, name: Key.inode, isInternal: true) != nil else {
@@ -100,14 +97,14 @@ extension FileSystem {
                 continue
             }
             if inode.isDirectory {
-                let expected = id == 0 || links[id] != nil ? 2 + (subdirectories[id] ?? 0) : 0
+                let expected = id == .rootDirectory || links[id] != nil ? 2 + (subdirectories[id] ?? 0) : 0
                 if inode.nlink != expected {
                     report.problems.append("directory inode \(InodeNumber(blob: id)): link count \(inode.nlink), expected \(expected)")
                 }
             } else if inode.nlink != links[id] ?? 0 {
                 report.problems.append("inode \(InodeNumber(blob: id)): link count \(inode.nlink), named \(links[id] ?? 0) times")
             }
-            if id != 0, links[id] == nil, !orphans.contains(id) {
+            if id != .rootDirectory, links[id] == nil, !orphans.contains(id) {
                 report.problems.append("inode \(InodeNumber(blob: id)): not named in any directory and not an orphan (leaked)")
             }
             if links[id] != nil, orphans.contains(id) {
@@ -123,7 +120,7 @@ extension FileSystem {
 extension FileSystem {
     /// A symlink's size is its target's length, and it has one; a regular file's size is
     /// within its blob (a file grows its blob before its size).
-    static func sizeProblems(_ store: BlobStore, _ id: UInt64, _ inode: InodeAttributes) -> [String] {
+    static func sizeProblems(_ store: BlobStore, _ id: BlobID, _ inode: InodeAttributes) -> [String] {
         if inode.isSymlink {
             var length = 0
             var index = 0

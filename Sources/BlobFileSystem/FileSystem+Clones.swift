@@ -34,7 +34,7 @@ extension FileSystem {
     /// Makes `targetID` (an empty file mapping nothing) a clone of a snapshot of
     /// `sourceID`, of the source's size. false when the blobs cannot share (the caller
     /// copies): the target maps clusters or has clones.
-    private func share(_ sourceID: UInt64, _ sourceInode: Inode, into targetID: UInt64, _ targetInode: Inode) throws(FSError) -> Bool {
+    private func share(_ sourceID: BlobID, _ sourceInode: Inode, into targetID: BlobID, _ targetInode: Inode) throws(FSError) -> Bool {
         guard let source = store.blob(sourceID), let target = store.blob(targetID), !source.isSnapshot, !target.isSnapshot,
               target.extents.isEmpty, store.clones(of: targetID).isEmpty, store.clones(of: sourceID).isEmpty else { return false }
         let size = sourceInode.attributes.size
@@ -47,7 +47,7 @@ extension FileSystem {
         }, also: { (tx) throws(BlobStoreError) in
             // A source that maps nothing of its own already reads everything from shared
             // data: the target reads from the same.
-            let snapshot: UInt64
+            let snapshot: BlobID
             if source.extents.isEmpty, let parent = source.parent, store.xattr(parent, name: Key.sharedData, isInternal: true) != nil,
                source.backedClusters >= clusters {
                 snapshot = parent
@@ -68,11 +68,11 @@ extension FileSystem {
 
     /// Adds to `tx` the deletion of a file's blob, and of the shared data it leaves that
     /// no file reads (or the merge of it into the one file that still does).
-    func deleteFileBlob(_ tx: inout BlobTransaction, _ id: UInt64) throws(BlobStoreError) {
+    func deleteFileBlob(_ tx: inout BlobTransaction, _ id: BlobID) throws(BlobStoreError) {
         try Self.deleteFileBlob(&tx, id, in: store)
     }
 
-    static func deleteFileBlob(_ tx: inout BlobTransaction, _ id: UInt64, in store: BlobStore) throws(BlobStoreError) {
+    static func deleteFileBlob(_ tx: inout BlobTransaction, _ id: BlobID, in store: BlobStore) throws(BlobStoreError) {
         let parent = tx.parentInTransaction(id)
         try tx.deleteBlob(id)
         try releaseSharedData(&tx, from: parent, in: store)
@@ -81,7 +81,7 @@ extension FileSystem {
     /// Adds to `tx` that file blob `id` reads nothing from shared data any more (it maps
     /// all it holds): its parent link goes, and the shared data with it when no file
     /// reads it (or merged into the one that still does).
-    func detachFromSharedData(_ tx: inout BlobTransaction, _ id: UInt64) throws(BlobStoreError) {
+    func detachFromSharedData(_ tx: inout BlobTransaction, _ id: BlobID) throws(BlobStoreError) {
         guard let parent = tx.parentInTransaction(id) else { return }
         try tx.setParent(id, parent: nil, backedClusters: 0)
         try Self.releaseSharedData(&tx, from: parent, in: store)
@@ -89,7 +89,7 @@ extension FileSystem {
 
     /// Shared data `parent` (and up its chain) that lost a reader in this transaction:
     /// deleted when nothing reads it, merged into the one clone that still does.
-    static func releaseSharedData(_ tx: inout BlobTransaction, from parent: UInt64?, in store: BlobStore) throws(BlobStoreError) {
+    static func releaseSharedData(_ tx: inout BlobTransaction, from parent: BlobID?, in store: BlobStore) throws(BlobStoreError) {
         var parent = parent
         while let snapshot = parent, store.xattr(snapshot, name: Key.sharedData, isInternal: true) != nil {
             let clones = tx.clonesInTransaction(snapshot)

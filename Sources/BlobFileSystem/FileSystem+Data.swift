@@ -38,7 +38,7 @@ extension FileSystem {
         releaseIfUnused(id, inode)
     }
 
-    func regular(_ ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
+    func regular(_ ino: InodeNumber) throws(FSError) -> (BlobID, Inode) {
         let inode = try inode(ino)
         guard inode.attributes.isRegular else {
             throw FSError(inode.attributes.isDirectory ? EISDIR : EINVAL, "not a regular file")
@@ -51,7 +51,7 @@ extension FileSystem {
     /// The whole io units a read of `count` bytes at `offset` covers (`start..<alignedEnd`),
     /// the part of them inside the blob (`start..<readEnd`; past it, zeros) and the bytes
     /// it answers (`offset..<end`); nil at or past the end of the file.
-    private func readWindow(_ id: UInt64, _ inode: Inode, offset: UInt64, count: Int)
+    private func readWindow(_ id: BlobID, _ inode: Inode, offset: UInt64, count: Int)
         -> (start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
         let size = inode.attributes.size
         guard offset < size, count > 0 else { return nil }
@@ -80,7 +80,7 @@ extension FileSystem {
     /// the file's blob and the window of whole io units it covers; nil at or past the end
     /// of the file. The access time is updated as for a read.
     func readWindow(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError)
-        -> (id: UInt64, start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
+        -> (id: BlobID, start: UInt64, end: UInt64, alignedEnd: UInt64, readEnd: UInt64)? {
         let (id, inode) = try regular(ino)
         guard let window = readWindow(id, inode, offset: offset, count: count) else { return nil }
         touchAccess(inode)
@@ -90,7 +90,7 @@ extension FileSystem {
     /// The blob of a write of `count` bytes at `offset` that may go straight to its
     /// clusters (`FileSystemService`): whole io units inside the file; nil when the write
     /// needs more (growth, read-modify-write), which the synchronous `write` does.
-    func overwriteTarget(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError) -> UInt64? {
+    func overwriteTarget(ino: InodeNumber, offset: UInt64, count: Int) throws(FSError) -> BlobID? {
         // Overwrites go to the device without the store: its read-only state is checked here.
         guard !store.refusesChanges else { throw FSError(EROFS, store.deviceFailure ?? "read-only") }
         let (id, inode) = try regular(ino)
@@ -102,7 +102,7 @@ extension FileSystem {
     /// An overwrite went to the device: the file's times change as for a write (also for
     /// the writeback cache's writes: this kernel does not stamp a FUSE file's mtime on a
     /// cached write itself, so the stamp is ours).
-    func overwritten(_ id: UInt64) {
+    func overwritten(_ id: BlobID) {
         guard let inode = inodes[id] else { return }
         stampDataWrite(inode)
     }
@@ -194,7 +194,7 @@ extension FileSystem {
     }
 
     /// The blob covers at least `bytes`: grown (thinly, nothing allocated) by doubling.
-    private func ensureCapacity(_ id: UInt64, bytes: UInt64) throws(FSError) {
+    private func ensureCapacity(_ id: BlobID, bytes: UInt64) throws(FSError) {
         let needed = (bytes + clusterBytes - 1) / clusterBytes
         guard let current = store.blob(id)?.clusterCount, current < needed else { return }
         let grown = min(max(needed, current * 2, 16), UInt64(UInt32.max) * 16)
@@ -203,7 +203,7 @@ extension FileSystem {
 
     /// Before a file grows from `from` to `to`: zeroes the bytes past `from` in its last
     /// cluster and releases any whole cluster in between that still holds old bytes.
-    private func expose(_ id: UInt64, _ inode: Inode, from: UInt64, to: UInt64) throws(FSError) {
+    private func expose(_ id: BlobID, _ inode: Inode, from: UInt64, to: UInt64) throws(FSError) {
         guard to > from, let blob = store.blob(id) else { return }
         let capacityBytes = blob.clusterCount * clusterBytes
         guard from < capacityBytes else { return }
@@ -226,7 +226,7 @@ extension FileSystem {
         store.hasData(blob.id, from: from, to: to)
     }
 
-    private func unmapClusters(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+    private func unmapClusters(_ id: BlobID, from: UInt64, to: UInt64) throws(FSError) {
         var index = from
         while index < to {
             let count = UInt32(min(to - index, UInt64(UInt32.max)))
@@ -238,7 +238,7 @@ extension FileSystem {
     /// Zeroes bytes [from, to) of the blob (within its capacity): whole io units with the
     /// device's write-zeroes, partial ones by read-modify-write; unallocated clusters
     /// already read as zeros.
-    func zero(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+    func zero(_ id: BlobID, from: UInt64, to: UInt64) throws(FSError) {
         guard to > from else { return }
         let firstUnit = from / unitBytes
         let endUnit = (to + unitBytes - 1) / unitBytes
@@ -259,7 +259,7 @@ extension FileSystem {
 
     // MARK: - Size
 
-    func truncate(_ id: UInt64, _ inode: Inode, to size: UInt64) throws(FSError) {
+    func truncate(_ id: BlobID, _ inode: Inode, to size: UInt64) throws(FSError) {
         guard size <= fileBytesMax else { throw FSError(EFBIG) }
         let old = inode.attributes.size
         var release: Range<UInt64>?
@@ -333,7 +333,7 @@ extension FileSystem {
     }
 
     /// Bytes [from, to) read as zeros after; whole clusters inside are released.
-    private func punch(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+    private func punch(_ id: BlobID, from: UInt64, to: UInt64) throws(FSError) {
         guard to > from, let blob = store.blob(id) else { return }
         let limit = min(to, blob.clusterCount * clusterBytes)
         guard limit > from else { return }
@@ -349,7 +349,7 @@ extension FileSystem {
     }
 
     /// Allocates every cluster of [from, to) that is not (zero-filled, so nothing stale shows).
-    private func reserve(_ id: UInt64, from: UInt64, to: UInt64) throws(FSError) {
+    private func reserve(_ id: BlobID, from: UInt64, to: UInt64) throws(FSError) {
         guard store.blob(id) != nil else { return }
         // Shared clusters hold data: they are not reserved (a write to one copies it, as
         // on XFS without FALLOC_FL_UNSHARE_RANGE).

@@ -29,7 +29,7 @@ extension FileSystem {
         return handle
     }
 
-    private func cachedInode(blob id: UInt64) -> Inode? { inodes[id] }
+    private func cachedInode(blob id: BlobID) -> Inode? { inodes[id] }
 
     /// Entries of a listing from `offset` on, while `accept` takes them (it returns false
     /// when the reply is full). The offset of an entry's successor is its index + 1.

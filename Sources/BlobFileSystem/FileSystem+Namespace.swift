@@ -69,7 +69,7 @@ extension FileSystem {
         updates.touch(parentSlot, now: now)
         if isDirectory { updates[parentSlot].nlink += 1 }
         let id = try storeCall {
-            try store.transaction { tx throws(BlobStoreError) -> UInt64 in
+            try store.transaction { tx throws(BlobStoreError) -> BlobID in
                 let id = try tx.createBlob()
                 try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
                 if let symlinkTarget {
@@ -131,7 +131,7 @@ extension FileSystem {
                 try tx.setXattr(directoryID, name: Key.entry(newName), value: Key.entryValue(id: id, type: type),
                                 isInternal: true)
                 try updates.write(into: &tx)
-                if wasOrphan { try tx.removeXattr(0, name: Key.orphanPrefix + String(id), isInternal: true) }
+                if wasOrphan { try tx.removeXattr(.rootDirectory, name: Key.orphan(id), isInternal: true) }
             }
         }
         updates.settle()
@@ -143,14 +143,14 @@ extension FileSystem {
 
     // MARK: - Removing
 
-    private func isEmptyDirectory(_ id: UInt64) -> Bool {
+    private func isEmptyDirectory(_ id: BlobID) -> Bool {
         guard let blob = store.blob(id) else { return true }
         return !blob.internalXattrs.contains { Key.entryName($0.name) != nil }
     }
 
     /// Adds to `tx` what dropping one link of `id` takes: its attributes, and its deletion
     /// (or its orphan record while it is still open or known to the kernel).
-    private func dropLink(_ tx: inout BlobTransaction, _ id: UInt64, _ inode: Inode, now: Int64,
+    private func dropLink(_ tx: inout BlobTransaction, _ id: BlobID, _ inode: Inode, now: Int64,
                           attributes: inout InodeAttributes) throws(BlobStoreError) {
         if attributes.isDirectory {
             attributes.nlink = 0
@@ -162,11 +162,11 @@ extension FileSystem {
             try deleteFileBlob(&tx, id)
         } else {
             try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
-            if attributes.nlink == 0 { try tx.setXattr(0, name: Key.orphanPrefix + String(id), value: [], isInternal: true) }
+            if attributes.nlink == 0 { try tx.setXattr(.rootDirectory, name: Key.orphan(id), value: [], isInternal: true) }
         }
     }
 
-    private func settleDropped(_ id: UInt64, _ inode: Inode, _ attributes: InodeAttributes) {
+    private func settleDropped(_ id: BlobID, _ inode: Inode, _ attributes: InodeAttributes) {
         if store.blob(id) == nil {
             inodes[id] = nil
         } else {
@@ -213,13 +213,13 @@ extension FileSystem {
     }
 
     /// Deletes an unlinked inode once nothing refers to it any more.
-    func releaseIfUnused(_ id: UInt64, _ inode: Inode) {
+    func releaseIfUnused(_ id: BlobID, _ inode: Inode) {
         guard inode.opens == 0, inode.lookups == 0 else { return }
         if inode.attributes.nlink == 0, store.blob(id) != nil {
             do {
                 try store.transaction { tx throws(BlobStoreError) in
                     try deleteFileBlob(&tx, id)
-                    try tx.removeXattr(0, name: Key.orphanPrefix + String(id), isInternal: true)
+                    try tx.removeXattr(.rootDirectory, name: Key.orphan(id), isInternal: true)
                 }
             } catch {
                 // Still an orphan on disk: the next mount deletes it.
@@ -300,8 +300,8 @@ extension FileSystem {
         assert(fromID == toID && name == newName || entry(in: fromID, name) == nil, "rename: the old name is gone")
     }
 
-    private func exchange(_ fromID: UInt64, _ fromDirectory: Inode, _ name: [UInt8], _ source: (id: UInt64, type: UInt32),
-                          _ toID: UInt64, _ toDirectory: Inode, _ newName: [UInt8], _ target: (id: UInt64, type: UInt32),
+    private func exchange(_ fromID: BlobID, _ fromDirectory: Inode, _ name: [UInt8], _ source: (id: BlobID, type: UInt32),
+                          _ toID: BlobID, _ toDirectory: Inode, _ newName: [UInt8], _ target: (id: BlobID, type: UInt32),
                           now: Int64) throws(FSError) {
         var updates = InodeUpdates()
         let from = updates.stage(fromID, fromDirectory)

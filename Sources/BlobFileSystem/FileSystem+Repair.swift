@@ -8,7 +8,7 @@ public struct FileSystemRepairReport: Sendable {
     public var changes: [RepairChange] = []
     /// Blobs whose content (attributes, target) the repair rewrote or removed; moving an
     /// inode to /lost+found or fixing its link count does not count.
-    public var affectedBlobs: Set<UInt64> = []
+    public var affectedBlobs: Set<BlobID> = []
 }
 
 extension FileSystem {
@@ -35,7 +35,8 @@ extension FileSystem {
     /// alone.
     public static func repair(_ store: BlobStore, expectFileSystem: Bool) throws(FSError) -> FileSystemRepairReport {
         var repair = Repair(store: store)
-        let isFileSystem = store.superBlobID == 0 && store.xattr(0, name: Key.superInfo, isInternal: true) == magic
+        let isFileSystem = store.superBlobID == .rootDirectory
+            && store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic
         guard isFileSystem || expectFileSystem else { return repair.report }
         try repair.run()
         return repair.report
@@ -48,21 +49,21 @@ private struct Repair {
     let store: BlobStore
     var report = FileSystemRepairReport()
     /// Attributes of every inode, as they will be written.
-    var inodes: [UInt64: InodeAttributes] = [:]
+    var inodes: [BlobID: InodeAttributes] = [:]
     /// Attributes that must be written at the end (rebuilt, or changed by the walk).
-    var rewrite: Set<UInt64> = []
+    var rewrite: Set<BlobID> = []
     /// Directories reached, with the directory that names them.
-    var parentOf: [UInt64: UInt64] = [0: 0]
-    var subdirectories: [UInt64: UInt32] = [:]
-    var links: [UInt64: UInt32] = [:]
-    var orphans: Set<UInt64> = []
+    var parentOf: [BlobID: BlobID] = [.rootDirectory: .rootDirectory]
+    var subdirectories: [BlobID: UInt32] = [:]
+    var links: [BlobID: UInt32] = [:]
+    var orphans: Set<BlobID> = []
     /// Directory entries whose directory is not its parent field's: adopted only when the
     /// directory is not reached through its own parent.
-    var unconfirmed: [(directory: UInt64, key: String, child: UInt64)] = []
+    var unconfirmed: [(directory: BlobID, key: String, child: BlobID)] = []
     /// Internal xattr changes not yet committed (nil value: remove), and blobs to delete.
-    var pending: [(id: UInt64, name: String, value: [UInt8]?)] = []
-    var deletions: [UInt64] = []
-    var lostAndFound: UInt64?
+    var pending: [(id: BlobID, name: String, value: [UInt8]?)] = []
+    var deletions: [BlobID] = []
+    var lostAndFound: BlobID?
     let clusterBytes: UInt64
     static let recordsPerTransaction = 32
 
@@ -71,7 +72,7 @@ private struct Repair {
         clusterBytes = UInt64(store.clusterSizeBytes)
     }
 
-    mutating func note(_ kind: String, _ id: UInt64?, _ text: String, affects: Bool = false) {
+    mutating func note(_ kind: String, _ id: BlobID?, _ text: String, affects: Bool = false) {
         report.changes.append(RepairChange(kind, blob: id, text))
         if affects, let id { report.affectedBlobs.insert(id) }
     }
@@ -79,7 +80,7 @@ private struct Repair {
     mutating func run() throws(FSError) {
         try makeRootWhole()
         readInodes()
-        walk(from: [0])
+        walk(from: [.rootDirectory])
         adoptUnconfirmed()
         settleOrphans()
         try linkUnreachable()
@@ -92,44 +93,44 @@ private struct Repair {
     private mutating func makeRootWhole() throws(FSError) {
         let now = realtimeNs()
         var root = InodeAttributes(mode: UInt32(S_IFDIR) | 0o755, uid: 0, gid: 0, nlink: 2, timeNs: now, generation: 1)
-        guard store.blob(0) != nil else {
+        guard store.blob(.rootDirectory) != nil else {
             try storeCall {
                 try store.transaction { tx throws(BlobStoreError) in
                     let id = try tx.createBlob()
-                    precondition(id == 0, "blob 0 is free, and the first id a transaction hands out")
-                    try tx.setXattr(0, name: Key.superInfo, value: FileSystem.magic, isInternal: true)
-                    try tx.setXattr(0, name: Key.inode, value: root.encode(), isInternal: true)
-                    try tx.setSuperBlob(0)
+                    precondition(id == .rootDirectory, "blob 0 is free, and the first id a transaction hands out")
+                    try tx.setXattr(.rootDirectory, name: Key.superInfo, value: FileSystem.magic, isInternal: true)
+                    try tx.setXattr(.rootDirectory, name: Key.inode, value: root.encode(), isInternal: true)
+                    try tx.setSuperBlob(.rootDirectory)
                 }
             }
-            note("root_recreated", 0, "the root directory (blob 0) is gone: a new, empty one is made; the inodes it named go to /lost+found",
+            note("root_recreated", .rootDirectory, "the root directory (blob 0) is gone: a new, empty one is made; the inodes it named go to /lost+found",
                  affects: true)
             return
         }
-        if store.xattr(0, name: Key.superInfo, isInternal: true) != FileSystem.magic {
-            pending.append((0, Key.superInfo, FileSystem.magic))
-            note("root_marker", 0, "the root (blob 0) lacks the file-system marker \"\(Key.superInfo)\": set")
+        if store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) != FileSystem.magic {
+            pending.append((.rootDirectory, Key.superInfo, FileSystem.magic))
+            note("root_marker", .rootDirectory, "the root (blob 0) lacks the file-system marker \"\(Key.superInfo)\": set")
         }
-        if let value = store.xattr(0, name: Key.inode, isInternal: true), let decoded = InodeAttributes.decode(value) {
+        if let value = store.xattr(.rootDirectory, name: Key.inode, isInternal: true), let decoded = InodeAttributes.decode(value) {
             guard !decoded.isDirectory else { return try claimSuperBlob() }
             root.uid = decoded.uid
             root.gid = decoded.gid
         }
         try storeCall {
             try store.transaction { tx throws(BlobStoreError) in
-                try tx.setXattr(0, name: Key.inode, value: root.encode(), isInternal: true)
+                try tx.setXattr(.rootDirectory, name: Key.inode, value: root.encode(), isInternal: true)
             }
         }
-        note("root_attributes", 0, "the root's attributes are missing, unreadable or not a directory's: made a directory's (mode 0755)",
+        note("root_attributes", .rootDirectory, "the root's attributes are missing, unreadable or not a directory's: made a directory's (mode 0755)",
              affects: true)
         try claimSuperBlob()
     }
 
     private mutating func claimSuperBlob() throws(FSError) {
-        guard store.superBlobID != 0 else { return }
+        guard store.superBlobID != .rootDirectory else { return }
         let before = store.superBlobID
-        try storeCall { try store.setSuperBlob(0) }
-        note("super_blob", 0, "the store's super blob was \(before.map(String.init) ?? "none"): set to blob 0, the root")
+        try storeCall { try store.setSuperBlob(.rootDirectory) }
+        note("super_blob", .rootDirectory, "the store's super blob was \(before.map { "\($0)" } ?? "none"): set to blob 0, the root")
     }
 
     // MARK: - Inodes
@@ -137,10 +138,10 @@ private struct Repair {
     /// Attributes of every blob that has them; rebuilt for those whose bytes do not decode
     /// or that a directory names without any. Symlinks without a target are removed.
     private mutating func readInodes() {
-        var named: [UInt64: UInt32] = [:]  // a type some entry gives each blob
+        var named: [BlobID: UInt32] = [:]  // a type some entry gives each blob
         for id in store.blobIDList {
             guard let blob = store.blob(id), store.xattr(id, name: Key.inode, isInternal: true).flatMap(InodeAttributes.decode)?.isDirectory == true
-                    || id == 0 else { continue }
+                    || id == .rootDirectory else { continue }
             for (key, value) in blob.internalXattrs where Key.entryName(key) != nil {
                 if let entry = Key.decodeEntry(value), named[entry.id] == nil { named[entry.id] = entry.type }
             }
@@ -160,7 +161,7 @@ private struct Repair {
                 var attributes = InodeAttributes(mode: type | (type == UInt32(S_IFDIR) ? 0o700 : 0o600), uid: 0, gid: 0,
                                                  size: type == UInt32(S_IFREG) ? end : 0, timeNs: realtimeNs(),
                                                  generation: store.logSequence)
-                attributes.parent = 0
+                attributes.parent = .rootDirectory
                 inodes[id] = attributes
                 rewrite.insert(id)
                 note("attributes_rebuilt", id, "inode \(InodeNumber(blob: id)): attributes \(value == nil ? "missing" : "unreadable (\(value!.count) bytes)"): rebuilt as a \(Self.typeName(type)) owned by root",
@@ -186,7 +187,7 @@ private struct Repair {
     // MARK: - Tree
 
     /// Walks directories from `start` (each already reached), breadth first.
-    private mutating func walk(from start: [UInt64]) {
+    private mutating func walk(from start: [BlobID]) {
         var queue = start
         while let directory = queue.popLast() {
             guard let blob = store.blob(directory) else { continue }
@@ -211,7 +212,7 @@ private struct Repair {
                 }
                 if parentOf[entry.id] != nil {
                     drop(directory, key, "entry \(shown): directory inode \(InodeNumber(blob: entry.id)) is named elsewhere already (a directory has one name)")
-                } else if child.parent != directory, entry.id != 0 {
+                } else if child.parent != directory, entry.id != .rootDirectory {
                     unconfirmed.append((directory, key, entry.id))
                 } else {
                     adopt(entry.id, in: directory)
@@ -221,12 +222,12 @@ private struct Repair {
         }
     }
 
-    private mutating func drop(_ directory: UInt64, _ key: String, _ why: String) {
+    private mutating func drop(_ directory: BlobID, _ key: String, _ why: String) {
         pending.append((directory, key, nil))
         note("entry_dropped", directory, why + ": dropped")
     }
 
-    private mutating func adopt(_ child: UInt64, in directory: UInt64) {
+    private mutating func adopt(_ child: BlobID, in directory: BlobID) {
         parentOf[child] = directory
         subdirectories[directory, default: 0] += 1
     }
@@ -237,7 +238,7 @@ private struct Repair {
         while !unconfirmed.isEmpty {
             let entries = unconfirmed
             unconfirmed = []
-            var reached: [UInt64] = []
+            var reached: [BlobID] = []
             for (directory, key, child) in entries {
                 if parentOf[child] != nil {
                     drop(directory, key, "entry \"\(String(decoding: Key.entryName(key) ?? [], as: UTF8.self))\" in directory \(InodeNumber(blob: directory)): directory inode \(InodeNumber(blob: child)) is named elsewhere already (a directory has one name)")
@@ -251,15 +252,15 @@ private struct Repair {
     }
 
     private mutating func settleOrphans() {
-        guard let root = store.blob(0) else { return }
+        guard let root = store.blob(.rootDirectory) else { return }
         for (name, _) in root.internalXattrs where name.hasPrefix(Key.orphanPrefix) && name != Key.superInfo {
-            guard let id = UInt64(name.dropFirst(Key.orphanPrefix.count)), let attributes = inodes[id] else {
-                pending.append((0, name, nil))
+            guard let id = Key.orphanID(name), let attributes = inodes[id] else {
+                pending.append((.rootDirectory, name, nil))
                 note("orphan_marker", nil, "orphan marker \"\(name)\" names no inode: removed")
                 continue
             }
-            if links[id] != nil || parentOf[id] != nil || id == 0 {
-                pending.append((0, name, nil))
+            if links[id] != nil || parentOf[id] != nil || id == .rootDirectory {
+                pending.append((.rootDirectory, name, nil))
                 note("orphan_marker", id, "inode \(InodeNumber(blob: id)) is marked an orphan (unlinked while open) yet a directory names it: the marker is removed")
                 continue
             }
@@ -275,20 +276,20 @@ private struct Repair {
     // MARK: - lost+found
 
     private mutating func linkUnreachable() throws(FSError) {
-        var namedIn: [UInt64: Set<UInt64>] = [:]
+        var namedIn: [BlobID: Set<BlobID>] = [:]
         for (id, attributes) in inodes where attributes.isDirectory {
             guard let blob = store.blob(id) else { continue }
             for (key, value) in blob.internalXattrs where Key.entryName(key) != nil {
                 if let entry = Key.decodeEntry(value) { namedIn[entry.id, default: []].insert(id) }
             }
         }
-        func unreachableDirectories() -> [UInt64] {
+        func unreachableDirectories() -> [BlobID] {
             inodes.filter { $0.value.isDirectory && parentOf[$0.key] == nil && !orphans.contains($0.key) }.map(\.key).sorted()
         }
         for start in unreachableDirectories() where parentOf[start] == nil {
             // Its topmost unreached ancestor that names it: the subtree keeps its shape.
             var top = start
-            var seen: Set<UInt64> = [start]
+            var seen: Set<BlobID> = [start]
             while let parent = inodes[top]?.parent, parentOf[parent] == nil, inodes[parent]?.isDirectory == true,
                   namedIn[top]?.contains(parent) == true, seen.insert(parent).inserted, !orphans.contains(parent) {
                 top = parent
@@ -302,7 +303,7 @@ private struct Repair {
     }
 
     /// Names `id` in /lost+found by its inode number.
-    private mutating func link(_ id: UInt64) throws(FSError) {
+    private mutating func link(_ id: BlobID) throws(FSError) {
         let directory = try lostAndFoundDirectory()
         guard let attributes = inodes[id] else { return }
         var name = InodeNumber(blob: id).description
@@ -324,15 +325,15 @@ private struct Repair {
 
     private var lostAndFoundName = "lost+found"
 
-    private mutating func lostAndFoundDirectory() throws(FSError) -> UInt64 {
+    private mutating func lostAndFoundDirectory() throws(FSError) -> BlobID {
         if let lostAndFound { return lostAndFound }
         var name = "lost+found"
         var suffix = 0
         while true {
             let key = Key.entry(Array(name.utf8))
-            let existing = store.xattr(0, name: key, isInternal: true).flatMap(Key.decodeEntry)
-            let dropped = pending.contains { $0.id == 0 && $0.name == key && $0.value == nil }
-            if let existing, !dropped, inodes[existing.id]?.isDirectory == true, parentOf[existing.id] == 0 {
+            let existing = store.xattr(.rootDirectory, name: key, isInternal: true).flatMap(Key.decodeEntry)
+            let dropped = pending.contains { $0.id == .rootDirectory && $0.name == key && $0.value == nil }
+            if let existing, !dropped, inodes[existing.id]?.isDirectory == true, parentOf[existing.id] == .rootDirectory {
                 lostAndFound = existing.id
                 lostAndFoundName = name
                 return existing.id
@@ -346,18 +347,18 @@ private struct Repair {
         let now = realtimeNs()
         var attributes = InodeAttributes(mode: UInt32(S_IFDIR) | 0o700, uid: 0, gid: 0, nlink: 2, timeNs: now,
                                          generation: store.logSequence)
-        attributes.parent = 0
+        attributes.parent = .rootDirectory
         let key = Key.entry(Array(name.utf8))
         let id = try storeCall {
-            try store.transaction { tx throws(BlobStoreError) -> UInt64 in
+            try store.transaction { tx throws(BlobStoreError) -> BlobID in
                 let id = try tx.createBlob()
                 try tx.setXattr(id, name: Key.inode, value: attributes.encode(), isInternal: true)
-                try tx.setXattr(0, name: key, value: Key.entryValue(id: id, type: attributes.type), isInternal: true)
+                try tx.setXattr(.rootDirectory, name: key, value: Key.entryValue(id: id, type: attributes.type), isInternal: true)
                 return id
             }
         }
         inodes[id] = attributes
-        adopt(id, in: 0)
+        adopt(id, in: .rootDirectory)
         lostAndFound = id
         lostAndFoundName = name
         note("lost_found_made", id, "made /\(name) (inode \(InodeNumber(blob: id)), mode 0700) for the inodes no directory names")
@@ -377,7 +378,7 @@ private struct Repair {
                     notes.append("link count \(attributes.nlink) → \(expected)")
                     attributes.nlink = expected
                 }
-                let parent = parentOf[id] ?? 0
+                let parent = parentOf[id] ?? .rootDirectory
                 if attributes.parent != parent {
                     notes.append("parent inode \(InodeNumber(blob: attributes.parent)) → \(InodeNumber(blob: parent))")
                     attributes.parent = parent

@@ -36,7 +36,7 @@ public final class FileSystem {
     }
 
     public let store: BlobStore
-    var inodes: [UInt64: Inode] = [:]
+    var inodes: [BlobID: Inode] = [:]
     /// Clusters held back for the kernel's page cache (`writebackReserveBytes`).
     private(set) var writebackReserveClusters: UInt64 = 0
     /// Directory listings handed out by `openDirectory`, by handle.
@@ -60,11 +60,11 @@ public final class FileSystem {
         let now = realtimeNs()
         var root = InodeAttributes(mode: UInt32(S_IFDIR) | (rootMode & 0o7777), uid: owner.uid, gid: owner.gid, nlink: 2,
                                    timeNs: now, generation: 1)
-        root.parent = 0
+        root.parent = .rootDirectory
         try storeCall {
             try store.transaction { tx throws(BlobStoreError) in
                 let id = try tx.createBlob()
-                precondition(id == 0, "a fresh store hands out blob 0 first")
+                precondition(id == .rootDirectory, "a fresh store hands out blob 0 first")
                 try tx.setXattr(id, name: Key.superInfo, value: magic, isInternal: true)
                 try tx.setXattr(id, name: Key.inode, value: root.encode(), isInternal: true)
                 try tx.setSuperBlob(id)
@@ -76,11 +76,11 @@ public final class FileSystem {
     /// Opens the file system on a loaded store; inodes unlinked while open before a
     /// crash are deleted now.
     public static func mount(_ store: BlobStore) throws(FSError) -> FileSystem {
-        guard store.superBlobID == 0, store.xattr(0, name: Key.superInfo, isInternal: true) == magic else {
+        guard store.superBlobID == .rootDirectory, store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic else {
             throw FSError(EINVAL, "no blobfs file system on this blob store (the super blob is not a blobfs root)")
         }
         let fs = FileSystem(store: store)
-        _ = try fs.inode(blob: 0)
+        _ = try fs.inode(blob: .rootDirectory)
         // A read-only store (offline inspection) is looked at as it is: orphans stay.
         guard !store.isReadOnly else { return fs }
         // Namespace changes are durable at fsync/sync (and within a second: the
@@ -102,16 +102,15 @@ public final class FileSystem {
     }
 
     private func deleteOrphans() throws(FSError) {
-        guard let root = store.blob(0) else { return }
-        let orphans = root.internalXattrs.compactMap { entry -> UInt64? in
-            guard entry.name.hasPrefix(Key.orphanPrefix), entry.name != Key.superInfo else { return nil }
-            return UInt64(entry.name.dropFirst(Key.orphanPrefix.count))
+        guard let root = store.blob(.rootDirectory) else { return }
+        let orphans = root.internalXattrs.compactMap { entry -> BlobID? in
+            entry.name != Key.superInfo ? Key.orphanID(entry.name) : nil
         }
         for id in orphans where (inodes[id]?.opens ?? 0) == 0 && (inodes[id]?.lookups ?? 0) == 0 {
             try storeCall {
                 try store.transaction { tx throws(BlobStoreError) in
                     if store.blob(id) != nil { try deleteFileBlob(&tx, id) }
-                    try tx.removeXattr(0, name: Key.orphanPrefix + String(id), isInternal: true)
+                    try tx.removeXattr(.rootDirectory, name: Key.orphan(id), isInternal: true)
                 }
             }
             inodes[id] = nil
@@ -122,7 +121,7 @@ public final class FileSystem {
 
 
     /// The inode held by blob `id`, read into the cache if it is not there.
-    func inode(blob id: UInt64) throws(FSError) -> Inode {
+    func inode(blob id: BlobID) throws(FSError) -> Inode {
         if let cached = inodes[id] { return cached }
         guard let value = store.xattr(id, name: Key.inode, isInternal: true) else {
             throw FSError(ENOENT, "no inode \(InodeNumber(blob: id))")
@@ -141,7 +140,7 @@ public final class FileSystem {
         return try inode(blob: ino.blobID)
     }
 
-    func attributes(_ id: UInt64, _ inode: Inode) -> Attributes {
+    func attributes(_ id: BlobID, _ inode: Inode) -> Attributes {
         inode.timesObserved = true
         // Shared clusters count in every file that reads them, as on XFS and btrfs: a copy
         // does not look sparse (cp then copies it with copy_file_range, sharing again).
@@ -175,13 +174,13 @@ public final class FileSystem {
         guard name.count <= Self.nameBytesMax else { throw FSError(ENAMETOOLONG, "\(name.count)-byte name") }
     }
 
-    func directory(ino: InodeNumber) throws(FSError) -> (UInt64, Inode) {
+    func directory(ino: InodeNumber) throws(FSError) -> (BlobID, Inode) {
         let inode = try inode(ino)
         guard inode.attributes.isDirectory else { throw FSError(ENOTDIR, "inode \(ino)") }
         return (ino.blobID, inode)
     }
 
-    func entry<Name: Collection<UInt8>>(in directoryID: UInt64, _ name: Name) -> (id: UInt64, type: UInt32)? {
+    func entry<Name: Collection<UInt8>>(in directoryID: BlobID, _ name: Name) -> (id: BlobID, type: UInt32)? {
         store.xattr(directoryID, name: Key.entry(name), isInternal: true).flatMap(Key.decodeEntry)
     }
 

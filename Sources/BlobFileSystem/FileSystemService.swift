@@ -240,7 +240,7 @@ public final class FileSystemService: @unchecked Sendable {
     /// The metadata reactor's data channel (reads and overwrites of allocated clusters).
     private var dataBdevChannel: BdevChannel?
     private var dataChannel: BlobChannel?
-    private var openBlobs: [UInt64: OpenBlob] = [:]
+    private var openBlobs: [BlobID: OpenBlob] = [:]
     /// Handles of files closed while I/O through them was still in flight.
     private var closingHandles: [BlobHandle] = []
 
@@ -389,7 +389,7 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// The handle of an open file's blob (one is opened if the file was opened before the
     /// data path knew it).
-    private func handle(_ fileSystem: FileSystem, _ id: UInt64) throws(FSError) -> BlobHandle {
+    private func handle(_ fileSystem: FileSystem, _ id: BlobID) throws(FSError) -> BlobHandle {
         if let open = openBlobs[id] { return open.handle }
         let handle = try storeCall { try fileSystem.store.openBlob(id, owner: blobService.reactor) }
         openBlobs[id] = OpenBlob(handle)

@@ -16,20 +16,25 @@ public struct Caller: Sendable {
 
 /// An inode number as the kernel knows it (the FUSE node id; `root` is 1). The inode is
 /// held by blob `blobID`, the number less one (FORMAT.md, "File system"). A type of its
-/// own, after swift-system's RawRepresentable wrappers, so that an inode number and a
-/// blob id (a bare `UInt64` of the blob store) cannot be mixed up; no integer literals
+/// own, after swift-system's RawRepresentable wrappers (as the store's `BlobID` is), so
+/// that an inode number and a blob id cannot be mixed up; no integer literals
 /// either (`inode(0)` read as inode 0 where blob 0 was meant once).
 public struct InodeNumber: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }
     public init(_ rawValue: UInt64) { self.rawValue = rawValue }
     /// The inode of the blob `id`.
-    public init(blob id: UInt64) { rawValue = id + 1 }
+    public init(blob id: BlobID) { rawValue = id.rawValue + 1 }
     public static let root = InodeNumber(1)
     /// The blob that holds the inode.
-    public var blobID: UInt64 { rawValue - 1 }
+    public var blobID: BlobID { BlobID(rawValue: rawValue - 1) }
     public var description: String { String(rawValue) }
     public static func < (a: InodeNumber, b: InodeNumber) -> Bool { a.rawValue < b.rawValue }
+}
+
+extension BlobID {
+    /// The root directory's blob: the store's super blob, marked `fs` (FORMAT.md, "File system").
+    public static let rootDirectory = InodeNumber.root.blobID
 }
 
 /// An inode's number and attributes, as `stat` wants them.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Blobstore
 
 /// The attributes of one inode, kept in its blob's internal xattr "i" (FORMAT.md, "File
 /// system"). Little-endian, 80 bytes.
@@ -17,8 +18,8 @@ public struct InodeAttributes: Equatable, Sendable {
     /// Distinguishes the inodes that reuse one blob id over time (FUSE's generation).
     public var generation: UInt64
     public var rdev: UInt32
-    /// A directory's parent (directories have exactly one); 0 for other inodes.
-    public var parent: UInt64
+    /// A directory's parent (directories have exactly one); blob 0 for other inodes.
+    public var parent: BlobID
 
     static let encodedBytes = 80
     static let version: UInt32 = 1
@@ -36,7 +37,7 @@ public struct InodeAttributes: Equatable, Sendable {
         birthNs = timeNs
         self.generation = generation
         self.rdev = rdev
-        parent = 0
+        parent = BlobID(rawValue: 0)
     }
 
     public var type: UInt32 { mode & UInt32(S_IFMT) }
@@ -52,7 +53,7 @@ public struct InodeAttributes: Equatable, Sendable {
             withUnsafeBytes(of: &little) { bytes.append(contentsOf: $0) }
         }
         put(Self.version); put(mode); put(uid); put(gid); put(nlink); put(rdev)
-        put(size); put(atimeNs); put(mtimeNs); put(ctimeNs); put(birthNs); put(generation); put(parent)
+        put(size); put(atimeNs); put(mtimeNs); put(ctimeNs); put(birthNs); put(generation); put(parent.rawValue)
         return bytes
     }
 
@@ -75,7 +76,7 @@ public struct InodeAttributes: Equatable, Sendable {
         attributes.ctimeNs = get(Int64.self)
         attributes.birthNs = get(Int64.self)
         attributes.generation = get(UInt64.self)
-        attributes.parent = get(UInt64.self)
+        attributes.parent = BlobID(rawValue: get(UInt64.self))
         return attributes
     }
 }
@@ -93,6 +94,12 @@ enum Key {
     static let superInfo = "fs"
     /// On the root: "o" + blob id of an unlinked inode still open (deleted at release or at mount).
     static let orphanPrefix = "o"
+    static func orphan(_ id: BlobID) -> String { orphanPrefix + String(id.rawValue) }
+    /// The blob of an orphan key, nil for other keys.
+    static func orphanID(_ key: String) -> BlobID? {
+        guard key.hasPrefix(orphanPrefix), let raw = UInt64(key.dropFirst(orphanPrefix.count)) else { return nil }
+        return BlobID(rawValue: raw)
+    }
     /// On a snapshot blob that holds data files share (no inode; FileSystem+Clones.swift).
     static let sharedData = "s"
 
@@ -120,17 +127,17 @@ enum Key {
         return name
     }
 
-    static func entryValue(id: UInt64, type: UInt32) -> [UInt8] {
-        var bytes = withUnsafeBytes(of: id.littleEndian) { Array($0) }
+    static func entryValue(id: BlobID, type: UInt32) -> [UInt8] {
+        var bytes = withUnsafeBytes(of: id.rawValue.littleEndian) { Array($0) }
         bytes.append(UInt8(truncatingIfNeeded: type >> 12))
         return bytes
     }
 
-    static func decodeEntry(_ value: [UInt8]) -> (id: UInt64, type: UInt32)? {
+    static func decodeEntry(_ value: [UInt8]) -> (id: BlobID, type: UInt32)? {
         guard value.count == 9 else { return nil }
-        var id: UInt64 = 0
-        for index in 0..<8 { id |= UInt64(value[index]) << (8 * UInt64(index)) }
-        return (id, UInt32(value[8]) << 12)
+        var raw: UInt64 = 0
+        for index in 0..<8 { raw |= UInt64(value[index]) << (8 * UInt64(index)) }
+        return (BlobID(rawValue: raw), UInt32(value[8]) << 12)
     }
 }
 

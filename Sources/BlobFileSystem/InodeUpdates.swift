@@ -11,14 +11,14 @@ extension FileSystem {
     /// Use: `let slot = updates.stage(id, inode)`, change `updates[slot]`, then
     /// `try updates.write(into: &tx)` inside the transaction and `updates.settle()` after it.
     struct InodeUpdates {
-        private var ids: [UInt64] = []
+        private var ids: [BlobID] = []
         private var cached: [Inode] = []
         private var staged: [InodeAttributes] = []
         private var written = false
 
         /// Stages `inode` (blob `id`) with its current attributes unless it is staged
         /// already; returns its slot either way.
-        mutating func stage(_ id: UInt64, _ inode: Inode) -> Int {
+        mutating func stage(_ id: BlobID, _ inode: Inode) -> Int {
             if let slot = ids.firstIndex(of: id) {
                 assert(cached[slot] === inode, "blob \(id) staged with two different inodes")
                 return slot
@@ -64,7 +64,7 @@ extension FileSystem {
 
     /// Commits `change` to the attributes of one inode (with whatever else `body` adds to
     /// the transaction) and settles it: the pattern of every single-inode attribute change.
-    func updateAttributes(_ id: UInt64, _ inode: Inode, _ change: (inout InodeAttributes) -> Void,
+    func updateAttributes(_ id: BlobID, _ inode: Inode, _ change: (inout InodeAttributes) -> Void,
                           also body: (inout BlobTransaction) throws(BlobStoreError) -> Void = { _ throws(BlobStoreError) in })
         throws(FSError) {
         var updates = InodeUpdates()

@@ -27,7 +27,7 @@ final class ReleaseTicket: Sendable {
 /// owner, a late read never returns its bytes. Close a handle only after its I/O
 /// completed (channels keep an unretained reference while a request is in flight).
 public final class BlobHandle: @unchecked Sendable {
-    public let id: UInt64
+    public let id: BlobID
     public let owner: Reactor?
     public internal(set) var clusterCount: UInt64
     /// Sorted by cluster index.
@@ -133,7 +133,7 @@ public final class BlobHandle: @unchecked Sendable {
 extension BlobStore {
     /// Opens a blob for the data path of `owner` (nil: this thread); the handle follows
     /// the blob's metadata changes. Call on the store's thread.
-    public func openBlob(_ id: UInt64, owner: Reactor? = nil) throws(BlobStoreError) -> BlobHandle {
+    public func openBlob(_ id: BlobID, owner: Reactor? = nil) throws(BlobStoreError) -> BlobHandle {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let handle = BlobHandle(blob, shared: ancestorView(blob), owner: owner)
         openHandles[id, default: []].append(handle)

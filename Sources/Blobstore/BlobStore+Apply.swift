@@ -11,9 +11,9 @@ extension BlobStore {
         func fail(_ what: String) -> BlobStoreError { .corrupt("replaying \(record): \(what)") }
         switch record {
         case let .createBlob(id):
-            guard id < superBlock.blobIDLimit, blobs[id] == nil else { throw fail("blob id in use or out of range") }
+            guard superBlock.covers(id), blobs[id] == nil else { throw fail("blob id in use or out of range") }
             blobs[id] = BlobMetadata(id: id)
-            blobIDs.set(id)
+            blobIDs.set(id.rawValue)
         case let .deleteBlob(id):
             guard let blob = blobs[id] else { throw fail("no such blob") }
             guard clones[id] == nil else { throw fail("the blob has clones") }
@@ -21,7 +21,7 @@ extension BlobStore {
             for extent in blob.extents { release(extent) }
             if let parent = blob.parent { unlinkClone(id, from: parent) }
             blobs[id] = nil
-            blobIDs.clear(id)
+            blobIDs.clear(id.rawValue)
             if superBlock.superBlobID == id { superBlock.superBlobID = nil }
         case let .resizeBlob(id, count):
             guard var blob = blobs[id] else { throw fail("no such blob") }
@@ -92,7 +92,7 @@ extension BlobStore {
     /// After a record changed blob `id`: the next checkpoint rewrites its chain, the
     /// clusters the record released go back (or wait for the blob's open handles), and
     /// the handles take the new map.
-    private func changed(_ id: UInt64, replaying: Bool) {
+    private func changed(_ id: BlobID, replaying: Bool) {
         dirtyBlobs.insert(id)
         // The next checkpoint writes this blob's chain afresh if it exists.
         let estimate = chainPagesEstimate(id)

@@ -55,7 +55,7 @@ extension BlobStore {
     /// `superseded` the old ones) and writes them, in runs of consecutive pages (fresh
     /// pages are handed out in order, so a checkpoint of many small blobs is a few large
     /// writes).
-    private func writeChains(sequence: UInt64, chains: inout [UInt64: [UInt32]], superseded: inout [UInt32],
+    private func writeChains(sequence: UInt64, chains: inout [BlobID: [UInt32]], superseded: inout [UInt32],
                              allocation: inout CheckpointAllocation) throws(BlobStoreError) {
         let region = superBlock.metadataPages.pageCount
         let clustersForPages = superBlock.metadataPageIDLimit - region
@@ -179,7 +179,7 @@ extension BlobStore {
 
     /// The state after the switch to `next`: its chains and persisted metadata bitmap are
     /// the durable ones, every release so far is durable, superseded chains are free.
-    private func adoptCheckpoint(_ next: SuperBlock, chains: [UInt64: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
+    private func adoptCheckpoint(_ next: SuperBlock, chains: [BlobID: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
                                  supersededClusters: [UInt64], allocatedClusterCount: UInt64) {
         releases.unlogged = []
         let oldTailSequence = superBlock.logTailSequence
@@ -214,7 +214,7 @@ extension BlobStore {
     /// the pages of this copy (table pages, then bitmap pages) that may differ from the
     /// other copy, nil when that copy is unknown.
     @discardableResult
-    func writeTableAndBitmaps(copy: UInt8, chains: [UInt64: [UInt32]], metadataBits: Bitmap? = nil,
+    func writeTableAndBitmaps(copy: UInt8, chains: [BlobID: [UInt32]], metadataBits: Bitmap? = nil,
                               freeClusters: [UInt64] = [], checkpointSequence: UInt64,
                               announce: Bool = false) throws(BlobStoreError) -> [UInt32]? {
         let block = superBlock
@@ -223,8 +223,7 @@ extension BlobStore {
         // What changed since the last checkpoint differs from both copies.
         let tableKeys = [ArrayCopyKey(kind: .table, copy: 0), ArrayCopyKey(kind: .table, copy: 1)]
         let bitmapKeys = [ArrayCopyKey(kind: .bitmap, copy: 0), ArrayCopyKey(kind: .bitmap, copy: 1)]
-        let perPage = UInt64(TablePage.entriesPerPage)
-        let tableChanges = Set(dirtyBlobs.map { Int($0 / perPage) })
+        let tableChanges = Set(dirtyBlobs.map(TablePage.pageIndex(of:)))
         // Clusters set in memory that the persisted bitmap shows free, by bitmap page: the
         // given ones, quarantined ones, and those held for discard.
         var clusterMasks: [Int: [ClusterRun]] = [:]

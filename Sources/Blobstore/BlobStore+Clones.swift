@@ -13,10 +13,10 @@ extension BlobStore {
     // MARK: - Queries
 
     /// The snapshot blob `id` is a clone of.
-    public func parent(of id: UInt64) -> UInt64? { blobs[id]?.parent }
+    public func parent(of id: BlobID) -> BlobID? { blobs[id]?.parent }
 
     /// The blobs that are clones of `id`, sorted.
-    public func clones(of id: UInt64) -> [UInt64] { (clones[id] ?? []).sorted() }
+    public func clones(of id: BlobID) -> [BlobID] { (clones[id] ?? []).sorted() }
 
     /// Device cluster that blob cluster `index` reads from: the blob's own, else its
     /// parent's within the backed count, up the chain; nil: the cluster reads as zeros.
@@ -33,7 +33,7 @@ extension BlobStore {
     }
 
     /// Whether any of blob clusters [from, to) holds data: its own or one it reads from a parent.
-    public func hasData(_ id: UInt64, from: UInt64, to: UInt64) -> Bool {
+    public func hasData(_ id: BlobID, from: UInt64, to: UInt64) -> Bool {
         guard let blob = blobs[id], to > from else { return false }
         func overlaps<C: RandomAccessCollection<Extent>>(_ extents: C) -> Bool where C.Index == Int {
             // First extent that ends after `from` (sorted, disjoint), then whether it starts before `to`.
@@ -52,7 +52,7 @@ extension BlobStore {
 
     /// Every cluster of blob `id` that holds data, its own and those it reads from its
     /// ancestors, sorted by cluster index.
-    public func dataExtents(_ id: UInt64) -> [Extent] {
+    public func dataExtents(_ id: BlobID) -> [Extent] {
         guard let blob = blobs[id] else { return [] }
         guard blob.parent != nil else { return blob.extents }
         return (blob.extents + sharedExtents(blob)).sorted { $0.clusterIndex < $1.clusterIndex }
@@ -60,7 +60,7 @@ extension BlobStore {
 
     /// How many clusters of blob `id` hold data, its own and those it reads from its
     /// ancestors (st_blocks): one walk over the two sorted maps, nothing allocated.
-    public func dataClusterCount(_ id: UInt64) -> UInt64 {
+    public func dataClusterCount(_ id: BlobID) -> UInt64 {
         guard let blob = blobs[id] else { return 0 }
         let own = blob.extents
         var total = own.reduce(UInt64(0)) { $0 + UInt64($1.count) }
@@ -91,7 +91,7 @@ extension BlobStore {
         var covered: [Range<UInt64>] = []
         var result: ContiguousArray<Extent> = []
         var limit = blob.backedClusters
-        var next: UInt64? = parent
+        var next: BlobID? = parent
         var depth = 0
         while let id = next, limit > 0, let ancestor = blobs[id], depth <= blobs.count {
             var found: [Range<UInt64>] = []
@@ -173,11 +173,11 @@ extension BlobStore {
     /// it writes its own. Returns the snapshot's id. A snapshot, or a blob with clones,
     /// cannot be snapshotted.
     @discardableResult
-    public func snapshotBlob(_ id: UInt64, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> UInt64 {
+    public func snapshotBlob(_ id: BlobID, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> BlobID {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         try enableClones()
-        let snapshot = try transaction { (tx) throws(BlobStoreError) -> UInt64 in
+        let snapshot = try transaction { (tx) throws(BlobStoreError) -> BlobID in
             let snapshot = try tx.snapshot(id)
             for (name, value) in xattrs { try tx.setXattr(snapshot, name: name, value: value) }
             return snapshot
@@ -189,9 +189,9 @@ extension BlobStore {
 
     /// A new thin clone of snapshot `snapshot` (SPDK's create_clone), of the snapshot's size.
     @discardableResult
-    public func cloneBlob(_ snapshot: UInt64, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> UInt64 {
+    public func cloneBlob(_ snapshot: BlobID, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> BlobID {
         try enableClones()
-        let clone = try transaction { (tx) throws(BlobStoreError) -> UInt64 in
+        let clone = try transaction { (tx) throws(BlobStoreError) -> BlobID in
             let clone = try tx.createClone(of: snapshot)
             for (name, value) in xattrs { try tx.setXattr(clone, name: name, value: value) }
             return clone
@@ -205,7 +205,7 @@ extension BlobStore {
     /// parent (SPDK's inflate, except that clusters no ancestor maps stay thin: they read
     /// as zeros either way). The copy goes before the one commit that drops the parent, so
     /// a crash part way leaves a clone that reads the same.
-    public func inflateBlob(_ id: UInt64) throws(BlobStoreError) {
+    public func inflateBlob(_ id: BlobID) throws(BlobStoreError) {
         try copyShared(id, upTo: nil)
         guard blobs[id]?.parent != nil else { return }
         try commit([.setParent(id: id, parent: nil, backedClusters: 0)])
@@ -214,7 +214,7 @@ extension BlobStore {
 
     /// Copies into blob `id` the clusters its parent maps and then makes the parent's
     /// parent its own (SPDK's decouple_parent): the blob no longer depends on its parent.
-    public func decoupleParent(_ id: UInt64) throws(BlobStoreError) {
+    public func decoupleParent(_ id: BlobID) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard let parentID = blob.parent, let parent = blobs[parentID] else { return }
         try copyShared(id, upTo: parentID)
@@ -226,7 +226,7 @@ extension BlobStore {
 
     /// Writes into blob `id` the clusters it reads from its ancestors (only from `upTo`
     /// itself when given), in runs of up to 256 clusters.
-    private func copyShared(_ id: UInt64, upTo onlyFrom: UInt64?) throws(BlobStoreError) {
+    private func copyShared(_ id: BlobID, upTo onlyFrom: BlobID?) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         var ranges: [Range<UInt64>]
@@ -264,7 +264,7 @@ extension BlobStore {
     /// The first blob up the parent chain from `start` (itself included) for which
     /// `matches` holds; nil when none does, or when the chain loops without one doing
     /// (a walk never takes more steps than there are blobs).
-    func firstAncestor(from start: UInt64?, where matches: (UInt64) -> Bool) -> UInt64? {
+    func firstAncestor(from start: BlobID?, where matches: (BlobID) -> Bool) -> BlobID? {
         var next = start
         var steps = 0
         while let id = next, steps <= blobs.count {
@@ -276,12 +276,12 @@ extension BlobStore {
     }
 
     /// Whether the parent chain from `start` comes to `id`, or loops.
-    func chainReaches(_ id: UInt64, from start: UInt64?) -> Bool {
+    func chainReaches(_ id: BlobID, from start: BlobID?) -> Bool {
         firstAncestor(from: start, where: { $0 == id }) != nil || chainLoops(from: start)
     }
 
-    private func chainLoops(from start: UInt64?) -> Bool {
-        var seen: Set<UInt64> = []
+    private func chainLoops(from start: BlobID?) -> Bool {
+        var seen: Set<BlobID> = []
         var next = start
         while let id = next {
             guard seen.insert(id).inserted else { return true }
@@ -302,10 +302,10 @@ extension BlobStore {
     // MARK: - Applying the records (BlobStore+Apply.swift calls these)
 
     /// `.snapshot(id, snapshotID)`; nil when applied, else what is wrong.
-    func applySnapshot(_ id: UInt64, _ snapshotID: UInt64) -> String? {
+    func applySnapshot(_ id: BlobID, _ snapshotID: BlobID) -> String? {
         ancestorViews.removeAll()
         guard var source = blobs[id] else { return "no such blob" }
-        guard snapshotID < superBlock.blobIDLimit, blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
+        guard superBlock.covers(snapshotID), blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
         guard !source.isSnapshot, clones[id] == nil else { return "the blob is a snapshot or has clones" }
         let snapshot = BlobMetadata(id: snapshotID, clusterCount: source.clusterCount,
                                     flags: BlobFlags(readOnlyData: BlobFlags.snapshot), extents: source.extents,
@@ -319,13 +319,13 @@ extension BlobStore {
         source.backedClusters = source.clusterCount
         clones[snapshotID] = [id]
         blobs[snapshotID] = snapshot
-        blobIDs.set(snapshotID)
+        blobIDs.set(snapshotID.rawValue)
         blobs[id] = source
         return nil
     }
 
     /// `.setParent(id, parent, backed)`.
-    func applySetParent(_ id: UInt64, _ parent: UInt64?, _ backed: UInt64) -> String? {
+    func applySetParent(_ id: BlobID, _ parent: BlobID?, _ backed: UInt64) -> String? {
         ancestorViews.removeAll()
         guard var blob = blobs[id] else { return "no such blob" }
         guard backed <= blob.clusterCount else { return "backed clusters beyond the blob" }
@@ -345,7 +345,7 @@ extension BlobStore {
     /// `.mergeIntoChild(id, child)`: the clusters the child reads from snapshot `id`
     /// move to it, the snapshot's others are released, the child takes its parent, and
     /// the snapshot is deleted.
-    func applyMerge(_ id: UInt64, into child: UInt64) -> String? {
+    func applyMerge(_ id: BlobID, into child: BlobID) -> String? {
         ancestorViews.removeAll()
         guard let snapshot = blobs[id], var clone = blobs[child] else { return "no such blob" }
         guard clone.parent == id, clones[id] == [child] else { return "the child is not the snapshot's only clone" }
@@ -375,7 +375,7 @@ extension BlobStore {
         }
         blobs[child] = clone
         blobs[id] = nil
-        blobIDs.clear(id)
+        blobIDs.clear(id.rawValue)
         if superBlock.superBlobID == id { superBlock.superBlobID = nil }
         return nil
     }
@@ -385,13 +385,13 @@ extension BlobStore {
                firstCluster: extent.firstCluster + (range.lowerBound - extent.clusterIndex))
     }
 
-    func unlinkClone(_ id: UInt64, from parent: UInt64) {
+    func unlinkClone(_ id: BlobID, from parent: BlobID) {
         clones[parent]?.remove(id)
         if clones[parent]?.isEmpty == true { clones[parent] = nil }
     }
 
     /// Gives the handles of `id` and of every blob that reads through it their new view.
-    func refreshHandles(ofCloneTree id: UInt64) {
+    func refreshHandles(ofCloneTree id: BlobID) {
         if let handles = openHandles[id], let blob = blobs[id] {
             let shared = ancestorView(blob)
             for handle in handles { handle.update(blob, shared: shared, releasing: nil) }
@@ -454,25 +454,25 @@ extension BlobStore {
 extension BlobTransaction {
     // What the transaction's earlier records make of the clone relation.
 
-    public func parentInTransaction(_ id: UInt64) -> UInt64? {
+    public func parentInTransaction(_ id: BlobID) -> BlobID? {
         if let overlay = parents[id] { return overlay }
         return created.contains(id) ? nil : store.blobs[id]?.parent
     }
 
-    public func clonesInTransaction(_ id: UInt64) -> Set<UInt64> {
+    public func clonesInTransaction(_ id: BlobID) -> Set<BlobID> {
         cloneSets[id] ?? (created.contains(id) ? [] : store.clones[id] ?? [])
     }
 
-    public func isSnapshotInTransaction(_ id: UInt64) -> Bool {
+    public func isSnapshotInTransaction(_ id: BlobID) -> Bool {
         snapshotsMade.contains(id) || (!created.contains(id) && store.blobs[id]?.isSnapshot == true)
     }
 
-    public func sizeInTransaction(_ id: UInt64) -> UInt64 {
+    public func sizeInTransaction(_ id: BlobID) -> UInt64 {
         sizes[id] ?? (created.contains(id) ? 0 : store.blobs[id]?.clusterCount ?? 0)
     }
 
     /// Records that `id` now reads through `parent` (nil: nothing).
-    mutating func link(_ id: UInt64, to parent: UInt64?) {
+    mutating func link(_ id: BlobID, to parent: BlobID?) {
         if let old = parentInTransaction(id) {
             var set = clonesInTransaction(old)
             set.remove(id)
@@ -487,7 +487,7 @@ extension BlobTransaction {
     }
 
     /// A snapshot of blob `id` (see `BlobStore.snapshotBlob`); its id is usable in later records.
-    public mutating func snapshot(_ id: UInt64) throws(BlobStoreError) -> UInt64 {
+    public mutating func snapshot(_ id: BlobID) throws(BlobStoreError) -> BlobID {
         try require(id)
         guard !isSnapshotInTransaction(id) else { throw .snapshotReadOnly(id) }
         let clones = clonesInTransaction(id)
@@ -502,7 +502,7 @@ extension BlobTransaction {
     }
 
     /// A new thin clone of snapshot `snapshot`, of its size.
-    public mutating func createClone(of snapshot: UInt64) throws(BlobStoreError) -> UInt64 {
+    public mutating func createClone(of snapshot: BlobID) throws(BlobStoreError) -> BlobID {
         try require(snapshot)
         guard isSnapshotInTransaction(snapshot) else { throw .invalidArgument("blob \(snapshot) is not a snapshot") }
         let size = sizeInTransaction(snapshot)
@@ -513,7 +513,7 @@ extension BlobTransaction {
 
     /// Makes blob `id` a clone of snapshot `parent` (nil: of nothing), its first
     /// `backedClusters` clusters backed by it. `id` may not be a snapshot or have clones.
-    public mutating func setParent(_ id: UInt64, parent: UInt64?, backedClusters: UInt64) throws(BlobStoreError) {
+    public mutating func setParent(_ id: BlobID, parent: BlobID?, backedClusters: UInt64) throws(BlobStoreError) {
         try require(id)
         guard !isSnapshotInTransaction(id), clonesInTransaction(id).isEmpty else { throw .snapshotReadOnly(id) }
         if let parent {
@@ -528,7 +528,7 @@ extension BlobTransaction {
     }
 
     /// Deletes snapshot `id` by merging it into its only clone `child`.
-    public mutating func mergeIntoChild(_ id: UInt64, child: UInt64) throws(BlobStoreError) {
+    public mutating func mergeIntoChild(_ id: BlobID, child: BlobID) throws(BlobStoreError) {
         try require(id)
         try require(child)
         guard isSnapshotInTransaction(id), clonesInTransaction(id) == [child], parentInTransaction(child) == id else {

@@ -182,7 +182,7 @@ extension BlobStore {
     private func loadCheckpoint() throws(BlobStoreError) {
         let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
         let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
-        var roots: [(id: UInt64, root: UInt32)] = []
+        var roots: [(id: BlobID, root: UInt32)] = []
         for pageIndex in 0..<Int(superBlock.table.pageCount) {
             let page: ArraySlice<UInt8>
             do {
@@ -200,7 +200,7 @@ extension BlobStore {
                 try account(blob, chain: chain)
                 blobs[id] = blob
                 durableChains[id] = chain
-                blobIDs.set(id)
+                blobIDs.set(id.rawValue)
             }
         }
     }
@@ -231,7 +231,7 @@ extension BlobStore {
 
     /// One blob's chain as a walk reads it.
     private struct ChainWalk {
-        let id: UInt64
+        let id: BlobID
         var pages: [MetadataPage.Page] = []
         var ids: [UInt32] = []
         var next: UInt32?
@@ -241,7 +241,7 @@ extension BlobStore {
     /// unfinished chain, up to `chainReadBatch` pages in flight (`readScattered`). A chain
     /// ends at a page whose index in it is not the next one (a loop comes back to an
     /// earlier page: decodeBlob names it); a chain longer than there are pages is refused.
-    private func readChains(_ roots: ArraySlice<(id: UInt64, root: UInt32)>,
+    private func readChains(_ roots: ArraySlice<(id: BlobID, root: UInt32)>,
                             buffer: borrowing DMABuffer) throws(BlobStoreError) -> [(BlobMetadata, [UInt32])] {
         var walks = roots.map { ChainWalk(id: $0.id, next: $0.root) }
         while true {
@@ -297,7 +297,7 @@ extension BlobStore {
     }
 
     /// A chain's pages, decoded into the blob they describe, which must be `expectedID`.
-    private func decodeChain(_ pages: [MetadataPage.Page], ids: [UInt32], expectedID: UInt64) throws(BlobStoreError) -> BlobMetadata {
+    private func decodeChain(_ pages: [MetadataPage.Page], ids: [UInt32], expectedID: BlobID) throws(BlobStoreError) -> BlobMetadata {
         let blob: BlobMetadata
         do {
             blob = try MetadataPage.decodeBlob(pages, pageIDs: ids, offsets: ids.map {

@@ -206,7 +206,7 @@ extension BlobStore {
 
     /// What the durable chain of blob `id` costs a checkpoint that rewrites it: its pages
     /// and one more.
-    func chainPagesEstimate(_ id: UInt64) -> UInt64 { UInt64(durableChains[id]?.count ?? 0) + 1 }
+    func chainPagesEstimate(_ id: BlobID) -> UInt64 { UInt64(durableChains[id]?.count ?? 0) + 1 }
 
     /// A checkpoint must always find pages for the chains it rewrites (the old ones are
     /// free only after it), or a full log would stop every commit, and unloading. So when
@@ -216,7 +216,7 @@ extension BlobStore {
     /// or xattr removal), refuse it with no space before anything is written.
     private func keepRoomForCheckpoint(_ records: [LogRecord]) throws(BlobStoreError) {
         var added: UInt64 = 2  // the log pages this transaction may take
-        var seen: Set<UInt64> = []
+        var seen: Set<BlobID> = []
         var frees = false
         for record in records {
             switch record {

@@ -5,20 +5,21 @@ extension BlobStore {
 
     /// Creates a blob of `clusterCount` clusters, all unallocated (thin).
     @discardableResult
-    public func createBlob(clusterCount: UInt64 = 0, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> UInt64 {
-        guard let id = blobIDs.firstClear() else { throw .noSpace("all \(superBlock.blobIDLimit) blob ids are in use") }
+    public func createBlob(clusterCount: UInt64 = 0, xattrs: [(name: String, value: [UInt8])] = []) throws(BlobStoreError) -> BlobID {
+        guard let free = blobIDs.firstClear() else { throw .noSpace("all \(superBlock.blobIDLimit) blob ids are in use") }
+        let id = BlobID(rawValue: free)
         for (name, value) in xattrs { try Self.validateXattr(name, value) }
         var records: [LogRecord] = [.createBlob(id: id)]
         if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
         records += xattrs.map { .setXattr(id: id, internal: false, name: $0.name, value: $0.value) }
         try commit(records)
-        precondition(blobs[id]?.clusterCount == clusterCount && blobIDs[id], "createBlob: blob \(id) exists, thin, its id taken")
+        precondition(blobs[id]?.clusterCount == clusterCount && blobIDs[id.rawValue], "createBlob: blob \(id) exists, thin, its id taken")
         return id
     }
 
     /// Deletes a blob. A snapshot with one clone is merged into it (the clusters the clone
     /// reads from it become the clone's); with more clones it is refused.
-    public func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
+    public func deleteBlob(_ id: BlobID) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
         let clones = self.clones[id] ?? []
         guard clones.count <= 1 else { throw .hasClones(blob: id, count: clones.count) }
@@ -27,7 +28,7 @@ extension BlobStore {
     }
 
     /// Grows (thin) or shrinks (releasing clusters past the new end) a blob.
-    public func resizeBlob(_ id: UInt64, clusterCount: UInt64) throws(BlobStoreError) {
+    public func resizeBlob(_ id: BlobID, clusterCount: UInt64) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
@@ -37,7 +38,7 @@ extension BlobStore {
                "resizeBlob: no extent past the end")
     }
 
-    public func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
+    public func setXattr(_ id: BlobID, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
         try Self.validateXattr(name, value)
         try commit([.setXattr(id: id, internal: isInternal, name: name, value: value)])
@@ -46,7 +47,7 @@ extension BlobStore {
 
     /// Removes an xattr; false when the blob had none of that name.
     @discardableResult
-    public func removeXattr(_ id: UInt64, name: String, isInternal: Bool = false) throws(BlobStoreError) -> Bool {
+    public func removeXattr(_ id: BlobID, name: String, isInternal: Bool = false) throws(BlobStoreError) -> Bool {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard (isInternal ? blob.internalXattrs : blob.xattrs).contains(name: name) else { return false }
         try commit([.removeXattr(id: id, internal: isInternal, name: name)])
@@ -54,12 +55,12 @@ extension BlobStore {
         return true
     }
 
-    public func xattr(_ id: UInt64, name: String, isInternal: Bool = false) -> [UInt8]? {
+    public func xattr(_ id: BlobID, name: String, isInternal: Bool = false) -> [UInt8]? {
         guard let blob = blobs[id] else { return nil }
         return (isInternal ? blob.internalXattrs : blob.xattrs)[name]
     }
 
-    public func setSuperBlob(_ id: UInt64?) throws(BlobStoreError) {
+    public func setSuperBlob(_ id: BlobID?) throws(BlobStoreError) {
         if let id, blobs[id] == nil { throw .noSuchBlob(id) }
         try commit([.setSuperBlob(id: id)])
         precondition(superBlobID == id, "setSuperBlob: the super blob is \(String(describing: id))")
@@ -149,7 +150,7 @@ extension BlobStore {
     ///
     /// In a clone, a cluster read from an ancestor is copied: the new cluster gets the
     /// ancestor's bytes around the data (copy-on-write), and the ancestor is left as it was.
-    public func write(blob id: UInt64, offsetUnits: UInt64, data: [UInt8]) throws(BlobStoreError) {
+    public func write(blob id: BlobID, offsetUnits: UInt64, data: [UInt8]) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         let (start, end) = try checkRange(blob, offsetUnits, data.count)
@@ -252,7 +253,7 @@ extension BlobStore {
     /// Reads whole io units; unallocated clusters read as zeros (in a clone: as the
     /// ancestor that maps them has them). Physically contiguous
     /// clusters are one device read.
-    public func read(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) -> [UInt8] {
+    public func read(blob id: BlobID, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) -> [UInt8] {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         let (start, end) = try checkRange(blob, offsetUnits, Int(countUnits) * ioUnitBytes)
         let clusterBytes = UInt64(clusterSizeBytes)
@@ -280,7 +281,7 @@ extension BlobStore {
     /// In a clone, a range that reaches the end of what its parent backs lowers the backed
     /// count in the same commit; clusters inside it that an ancestor maps get zeros
     /// written instead (allocated: the clone cannot hide its parent's cluster otherwise).
-    public func unmap(blob id: UInt64, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
+    public func unmap(blob id: BlobID, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }
         guard count > 0, clusterIndex + UInt64(count) <= blob.clusterCount else {
@@ -300,7 +301,7 @@ extension BlobStore {
 
     /// Writes zeros (allocating) over the clusters of `shared` within `range`: a clone's
     /// way to make clusters its ancestors map read as zeros.
-    private func writeZeroClusters(_ id: UInt64, covering shared: [Extent], within range: Range<UInt64>) throws(BlobStoreError) {
+    private func writeZeroClusters(_ id: BlobID, covering shared: [Extent], within range: Range<UInt64>) throws(BlobStoreError) {
         let units = UInt64(clusterSizeBytes / ioUnitBytes)
         try forEachRun(of: shared.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }, within: range) {
             (index, count) throws(BlobStoreError) in
@@ -310,7 +311,7 @@ extension BlobStore {
 
     /// Zeroes whole io units: allocated clusters get zeros written (a device write-zeroes
     /// per contiguous run); unallocated ones already read as zeros and stay unallocated.
-    public func writeZeroes(blob id: UInt64, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
+    public func writeZeroes(blob id: BlobID, offsetUnits: UInt64, countUnits: UInt64) throws(BlobStoreError) {
         guard !isReadOnly, !discardsWrites, writeObserver == nil else { throw .readOnly }
         guard let blob = blobs[id] else { throw .noSuchBlob(id) }
         guard !blob.isSnapshot else { throw .snapshotReadOnly(id) }

@@ -8,10 +8,10 @@ public struct RepairChange: Sendable, Equatable {
     /// `log_records_dropped`, `log_cleared`, and the file system's (`FileSystem.repair`).
     public var kind: String
     /// The blob it concerns, if one.
-    public var blob: UInt64?
+    public var blob: BlobID?
     public var text: String
 
-    public init(_ kind: String, blob: UInt64? = nil, _ text: String) {
+    public init(_ kind: String, blob: BlobID? = nil, _ text: String) {
         self.kind = kind
         self.blob = blob
         self.text = text
@@ -26,8 +26,8 @@ public struct SalvageReport: Sendable {
     /// Blobs whose content (data, xattrs, size) may differ from what they held before the
     /// damage: removed, cut to their readable metadata pages, clusters taken from them,
     /// log records about them dropped.
-    public var affectedBlobs: Set<UInt64> = []
-    public var removedBlobs: Set<UInt64> = []
+    public var affectedBlobs: Set<BlobID> = []
+    public var removedBlobs: Set<BlobID> = []
     public var replayedTransactions = 0
     public var discardedRecords = 0
     public var droppedRecords = 0
@@ -35,7 +35,7 @@ public struct SalvageReport: Sendable {
     public var replayEndLSN: UInt64 = 0
     public var logStop: FormatError?
     /// The super blob as the super block named it (the file system's root is blob 0).
-    public var superBlobBefore: UInt64?
+    public var superBlobBefore: BlobID?
 }
 
 extension BlobStore {
@@ -159,7 +159,7 @@ extension BlobStore {
 
     /// The table's roots, every page taken from the active copy, the other copy or the chains.
     private func salvageTable(otherTableDiffers: Set<Int>?, otherBitmapDiffers: Set<Int>?,
-                              report: inout SalvageReport) throws(BlobStoreError) -> [(id: UInt64, root: UInt32)] {
+                              report: inout SalvageReport) throws(BlobStoreError) -> [(id: BlobID, root: UInt32)] {
         let block = superBlock
         let count = block.table.pageCount
         let active = block.activeCopy
@@ -167,7 +167,7 @@ extension BlobStore {
         let otherStart = block.table.startPage + UInt64(1 - active) * count
         let activePages = readPagesTolerant(at: activeStart, count: count)
         var otherPages: [[UInt8]?]?
-        var roots: [(id: UInt64, root: UInt32)] = []
+        var roots: [(id: BlobID, root: UInt32)] = []
         var lost: [(index: Int, problem: String)] = []
         for index in 0..<Int(count) {
             let problem: String
@@ -195,11 +195,11 @@ extension BlobStore {
         }
         guard !lost.isEmpty else { return roots }
         let perPage = UInt64(TablePage.entriesPerPage)
-        let lostPages = Set(lost.map { UInt64($0.index) })
+        let lostPages = Set(lost.map(\.index))
         let bits = PersistedBitLookup(self, otherDiffers: otherBitmapDiffers)
-        let found = scanChainHeads(wanted: { lostPages.contains($0 / perPage) }, bits: bits)
+        let found = scanChainHeads(wanted: { lostPages.contains(TablePage.pageIndex(of: $0)) }, bits: bits)
         for (index, problem) in lost {
-            let ids = found.keys.filter { $0 / perPage == UInt64(index) }.sorted()
+            let ids = found.keys.filter { TablePage.pageIndex(of: $0) == index }.sorted()
             let listed = ids.prefix(32).map { "\($0) (page \(found[$0]!.page))" }.joined(separator: ", ")
             report.changes.append(RepairChange("table_page", "\(problem): rebuilt from the metadata chains: \(ids.count) blobs found"
                 + (ids.isEmpty ? "" : ": " + listed + (ids.count > 32 ? ", …" : ""))))
@@ -210,9 +210,11 @@ extension BlobStore {
             // Blobs the bitmap (or the other copy's page, however old) says existed, whose
             // first page the scan did not find: lost with their table entry. Named, so
             // that nobody takes what they held for intact.
-            var known = Set<UInt64>()
+            var known = Set<BlobID>()
             let first = UInt64(index) * perPage
-            for id in first..<min(first + perPage, block.blobIDLimit) where bits.blobID(id) == true { known.insert(id) }
+            for id in (first..<min(first + perPage, block.blobIDLimit)).lazy.map(BlobID.init(rawValue:)) where bits.blobID(id) == true {
+                known.insert(id)
+            }
             if otherPages == nil { otherPages = readPagesTolerant(at: otherStart, count: count) }
             if let bytes = otherPages?[index],
                let payload = try? ArrayPage.decode(bytes[...], kind: .table, pageIndex: UInt32(index),
@@ -228,7 +230,7 @@ extension BlobStore {
         return roots.sorted { $0.id < $1.id }
     }
 
-    private func tableEntries(_ payload: ArraySlice<UInt8>, page: Int) -> [(id: UInt64, root: UInt32)] {
+    private func tableEntries(_ payload: ArraySlice<UInt8>, page: Int) -> [(id: BlobID, root: UInt32)] {
         TablePage.decode(payload, pageIndex: page, blobIDLimit: superBlock.blobIDLimit)
     }
 
@@ -236,13 +238,13 @@ extension BlobStore {
     /// (with the feature) in clusters the persisted bitmap does not show free: for each
     /// blob, the one the latest checkpoint wrote, not after this super block's, whose blob
     /// id and page the persisted bitmaps do not show free.
-    private func scanChainHeads(wanted: (UInt64) -> Bool, bits: PersistedBitLookup) -> [UInt64: (page: UInt32, sequence: UInt64)] {
-        var best: [UInt64: (page: UInt32, sequence: UInt64)] = [:]
+    private func scanChainHeads(wanted: (BlobID) -> Bool, bits: PersistedBitLookup) -> [BlobID: (page: UInt32, sequence: UInt64)] {
+        var best: [BlobID: (page: UInt32, sequence: UInt64)] = [:]
         let block = superBlock
         func consider(_ pageID: UInt32, _ bytes: [UInt8]) {
             let offset = block.metadataPageAddress(pageID) * UInt64(Self.pageBytes)
             guard let page = try? MetadataPage.decodePage(bytes[...], offset: offset, pageID: pageID), page.chainIndex == 0,
-                  page.blobID < block.blobIDLimit, wanted(page.blobID), page.checkpointSequence <= block.sequence,
+                  block.covers(page.blobID), wanted(page.blobID), page.checkpointSequence <= block.sequence,
                   bits.blobID(page.blobID) != false, bits.metadataPage(pageID, block) != false else { return }
             if let known = best[page.blobID], known.sequence >= page.checkpointSequence { return }
             best[page.blobID] = (pageID, page.checkpointSequence)
@@ -280,7 +282,7 @@ extension BlobStore {
             let page = block.log.startPage + sequence % block.log.pageCount
             return (try self.readPages(at: page, count: 1), page * UInt64(Self.pageBytes))
         }
-        var dropped: [UInt64: (count: Int, first: UInt64, last: UInt64, why: String)] = [:]
+        var dropped: [BlobID: (count: Int, first: UInt64, last: UInt64, why: String)] = [:]
         var storeWide: [String] = []
         for transaction in scan.transactions {
             for logged in transaction {
@@ -326,7 +328,7 @@ extension BlobStore {
     /// or a cluster, the record wins: it is the newer.
     private func applySalvaging(_ record: LogRecord, report: inout SalvageReport) throws(BlobStoreError) {
         switch record {
-        case let .createBlob(id) where id < superBlock.blobIDLimit && blobs[id] != nil:
+        case let .createBlob(id) where superBlock.covers(id) && blobs[id] != nil:
             for clone in clones(of: id) {
                 try apply(.setParent(id: clone, parent: nil, backedClusters: 0), replaying: true)
                 report.affectedBlobs.insert(clone)
@@ -339,7 +341,7 @@ extension BlobStore {
                 "blob \(id): the log creates it anew after the checkpoint, so the blob the checkpoint had under that id is stale: removed"))
         case let .mapExtent(id, extent) where blobs[id] != nil && extent.firstCluster <= superBlock.clusterCount
             && UInt64(extent.count) <= superBlock.clusterCount - extent.firstCluster:
-            var taken: [(cluster: UInt64, owner: UInt64, index: UInt64)] = []
+            var taken: [(cluster: UInt64, owner: BlobID, index: UInt64)] = []
             for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) where clusters[cluster] {
                 guard let (owner, index) = extentOwner(of: cluster), owner != id else {
                     throw .corrupt("replaying \(record): cluster \(cluster) holds a metadata page or is the blob's already")
@@ -360,7 +362,7 @@ extension BlobStore {
 
     /// The blob whose extents map device cluster `cluster`, and the blob cluster it maps
     /// (a walk over every blob: only for the rare conflict).
-    private func extentOwner(of cluster: UInt64) -> (UInt64, UInt64)? {
+    private func extentOwner(of cluster: UInt64) -> (BlobID, UInt64)? {
         for (id, blob) in blobs {
             for extent in blob.extents where cluster >= extent.firstCluster && cluster - extent.firstCluster < UInt64(extent.count) {
                 return (id, extent.clusterIndex + (cluster - extent.firstCluster))
@@ -444,7 +446,7 @@ struct PersistedBitLookup {
     }
 
     func cluster(_ cluster: UInt64) -> Bool? { bit(cluster, from: clusterStart) }
-    func blobID(_ id: UInt64) -> Bool? { bit(id, from: idStart) }
+    func blobID(_ id: BlobID) -> Bool? { bit(id.rawValue, from: idStart) }
     func metadataPage(_ page: UInt32, _ block: SuperBlock) -> Bool? {
         if let cluster = block.metadataPageCluster(page) { return self.cluster(cluster) }
         return bit(UInt64(page), from: metadataStart)

@@ -6,7 +6,7 @@ import Env
 extension BlobStore {
     /// One blob's chain as far as it reads.
     struct SalvageWalk {
-        let id: UInt64
+        let id: BlobID
         var pages: [MetadataPage.Page] = []
         var ids: [UInt32] = []
         var next: UInt32?
@@ -14,11 +14,11 @@ extension BlobStore {
         var problem: String?
     }
 
-    func walkChainsSalvaging(_ roots: [(id: UInt64, root: UInt32)]) throws(BlobStoreError) -> [SalvageWalk] {
+    func walkChainsSalvaging(_ roots: [(id: BlobID, root: UInt32)]) throws(BlobStoreError) -> [SalvageWalk] {
         let buffer: DMABuffer
         do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
         let block = superBlock
-        var claimed: [UInt32: UInt64] = [:]
+        var claimed: [UInt32: BlobID] = [:]
         var result: [SalvageWalk] = []
         result.reserveCapacity(roots.count)
         for batchStart in stride(from: 0, to: roots.count, by: Self.chainReadBatch) {
@@ -103,7 +103,7 @@ extension BlobStore {
         for (blob, chain) in kept {
             blobs[blob.id] = blob
             durableChains[blob.id] = chain
-            blobIDs.set(blob.id)
+            blobIDs.set(blob.id.rawValue)
             if report.affectedBlobs.contains(blob.id) { markRewritten(blob.id) }
         }
         if let superBlob = superBlock.superBlobID, blobs[superBlob] == nil {
@@ -174,7 +174,7 @@ extension BlobStore {
     /// and free unless a chain page is in them; each blob that lost some is reported.
     private func unmapContested(_ contested: Set<UInt64>, from kept: inout [(blob: BlobMetadata, chain: [UInt32])],
                                 metadataClusters: Set<UInt64>, report: inout SalvageReport) {
-        var claimants: [UInt64: [UInt64]] = [:]
+        var claimants: [UInt64: [BlobID]] = [:]
         for index in kept.indices {
             var blob = kept[index].blob
             var lost: [UInt64] = []
@@ -184,7 +184,7 @@ extension BlobStore {
             kept[index].blob = blob
         }
         for cluster in contested where !metadataClusters.contains(cluster) { clusters.clear(cluster) }
-        var byBlob: [UInt64: [UInt64]] = [:]
+        var byBlob: [BlobID: [UInt64]] = [:]
         for (cluster, owners) in claimants { for owner in owners { byBlob[owner, default: []].append(cluster) } }
         for (id, lost) in byBlob.sorted(by: { $0.key < $1.key }) {
             let sorted = lost.sorted()
@@ -223,7 +223,7 @@ extension BlobStore {
     }
 
     /// The next checkpoint writes the blob's chain afresh (as after a change by a record).
-    func markRewritten(_ id: UInt64) {
+    func markRewritten(_ id: BlobID) {
         dirtyBlobs.insert(id)
         guard blobs[id] != nil, countedDirty.insert(id).inserted else { return }
         dirtyChainPages += chainPagesEstimate(id)

@@ -3,7 +3,7 @@ import Env
 
 /// A clone's parent and backed count: what its ancestors' view depends on.
 struct AncestorKey: Hashable {
-    let parent: UInt64
+    let parent: BlobID
     let backed: UInt64
 }
 
@@ -95,9 +95,9 @@ public final class BlobStore {
     public static let logPagesRange: ClosedRange<UInt64> = 2...(1 << 20)
     let io: BdevSyncIO
     public internal(set) var superBlock: SuperBlock
-    var blobs: [UInt64: BlobMetadata] = [:]
-    var durableChains: [UInt64: [UInt32]] = [:]
-    var dirtyBlobs: Set<UInt64> = []
+    var blobs: [BlobID: BlobMetadata] = [:]
+    var durableChains: [BlobID: [UInt32]] = [:]
+    var dirtyBlobs: Set<BlobID> = []
     var clusters: Bitmap
     var metadataPageBits: Bitmap
     var blobIDs: Bitmap
@@ -109,10 +109,10 @@ public final class BlobStore {
     var copyDifferences: [ArrayCopyKey: Set<Int>] = [:]
     /// Blobs open for the data path; their handles follow metadata changes (each on the
     /// reactor that owns it).
-    var openHandles: [UInt64: [BlobHandle]] = [:]
+    var openHandles: [BlobID: [BlobHandle]] = [:]
     /// For each snapshot, the blobs whose parent it is (kept by `apply` and built at
     /// load: the parent links are in the children's metadata).
-    var clones: [UInt64: Set<UInt64>] = [:]
+    var clones: [BlobID: Set<BlobID>] = [:]
     /// What a clone with a given parent and backed count reads from its ancestors (the
     /// ancestors' view, without its own extents), shared by every clone and handle with
     /// that key: computing it walks every ancestor extent. Ancestors are snapshots and do
@@ -125,7 +125,7 @@ public final class BlobStore {
     /// with the log pages in use, a bound on the pages the next checkpoint writes.
     var dirtyChainPages: UInt64 = 0
     /// The changed blobs counted in `dirtyChainPages` (those that still exist).
-    var countedDirty: Set<UInt64> = []
+    var countedDirty: Set<BlobID> = []
     /// Metadata pages of the last checkpoint's chains that are in data clusters.
     public internal(set) var metadataPagesInClusterCount: UInt64 = 0
     /// Clusters a write is committing the mapping of (written, not yet set in `clusters`).
@@ -200,9 +200,9 @@ public final class BlobStore {
 
     // MARK: - Queries
 
-    public var blobIDList: [UInt64] { blobs.keys.sorted() }
-    public func blob(_ id: UInt64) -> BlobMetadata? { blobs[id] }
-    public var superBlobID: UInt64? { superBlock.superBlobID }
+    public var blobIDList: [BlobID] { blobs.keys.sorted() }
+    public func blob(_ id: BlobID) -> BlobMetadata? { blobs[id] }
+    public var superBlobID: BlobID? { superBlock.superBlobID }
     public var clusterCount: UInt64 { superBlock.clusterCount }
     /// Free as the metadata has it (clusters released while open handles finish with
     /// them count as free).

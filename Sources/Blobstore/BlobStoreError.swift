@@ -12,7 +12,7 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     case corrupt(String)
     case device(BdevError)
     case noSpace(String)
-    case noSuchBlob(UInt64)
+    case noSuchBlob(BlobID)
     case invalidArgument(String)
     /// The store was loaded read-only.
     case readOnly
@@ -20,15 +20,15 @@ public enum BlobStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     case geometry(String)
     /// A data-path write reached a cluster not yet allocated (allocation belongs to the
     /// metadata owner: `BlobStore.write`).
-    case unallocated(blob: UInt64, cluster: UInt64)
+    case unallocated(blob: BlobID, cluster: UInt64)
     /// The device was lost during a write or flush (`BdevError.deviceLost`); the store
     /// refuses every change until it is loaded again (`BlobStore.lostDevice`).
     case deviceLost(BdevError)
     /// The blob is a snapshot: its data is shared with its clones and read-only.
-    case snapshotReadOnly(UInt64)
+    case snapshotReadOnly(BlobID)
     /// The blob is a snapshot that more than one clone reads from (or, for a snapshot,
     /// any): it cannot be deleted or snapshotted before they are.
-    case hasClones(blob: UInt64, count: Int)
+    case hasClones(blob: BlobID, count: Int)
 
     public var description: String {
         switch self {

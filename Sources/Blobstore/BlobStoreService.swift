@@ -76,7 +76,7 @@ public final class BlobStoreService: @unchecked Sendable {
     }
 
     /// Opens a blob for the data path of `owner`.
-    public func openBlob(_ id: UInt64, owner: Reactor) throws -> BlobHandle {
+    public func openBlob(_ id: BlobID, owner: Reactor) throws -> BlobHandle {
         try perform { try $0.openBlob(id, owner: owner) }
     }
 

@@ -7,29 +7,29 @@
 public struct BlobTransaction {
     unowned let store: BlobStore
     var records: [LogRecord] = []
-    var created: Set<UInt64> = []
-    var deleted: Set<UInt64> = []
+    var created: Set<BlobID> = []
+    var deleted: Set<BlobID> = []
     /// What the earlier records of this transaction make of parent links, clone sets and
     /// sizes (BlobStore+Clones.swift): the clone records are checked against them.
-    var parents: [UInt64: UInt64?] = [:]
-    var cloneSets: [UInt64: Set<UInt64>] = [:]
-    var sizes: [UInt64: UInt64] = [:]
-    var snapshotsMade: Set<UInt64> = []
+    var parents: [BlobID: BlobID?] = [:]
+    var cloneSets: [BlobID: Set<BlobID>] = [:]
+    var sizes: [BlobID: UInt64] = [:]
+    var snapshotsMade: Set<BlobID> = []
 
     init(store: BlobStore) { self.store = store }
 
     public var isEmpty: Bool { records.isEmpty }
 
-    func exists(_ id: UInt64) -> Bool {
+    func exists(_ id: BlobID) -> Bool {
         !deleted.contains(id) && (created.contains(id) || store.blobs[id] != nil)
     }
 
-    func require(_ id: UInt64) throws(BlobStoreError) {
+    func require(_ id: BlobID) throws(BlobStoreError) {
         guard exists(id) else { throw .noSuchBlob(id) }
     }
 
     /// A new, empty blob of `clusterCount` thin clusters; its id is usable in later records.
-    public mutating func createBlob(clusterCount: UInt64 = 0) throws(BlobStoreError) -> UInt64 {
+    public mutating func createBlob(clusterCount: UInt64 = 0) throws(BlobStoreError) -> BlobID {
         let id = try newBlobID()
         records.append(.createBlob(id: id))
         if clusterCount > 0 { records.append(.resizeBlob(id: id, clusterCount: clusterCount)) }
@@ -38,10 +38,10 @@ public struct BlobTransaction {
     }
 
     /// A blob id free in the store and not used by this transaction, taken.
-    mutating func newBlobID() throws(BlobStoreError) -> UInt64 {
-        var candidate = store.blobIDs.firstClear(from: 0)
+    mutating func newBlobID() throws(BlobStoreError) -> BlobID {
+        var candidate = store.blobIDs.firstClear(from: 0).map(BlobID.init(rawValue:))
         while let id = candidate, created.contains(id) || deleted.contains(id) {
-            candidate = store.blobIDs.firstClear(from: id + 1)
+            candidate = store.blobIDs.firstClear(from: id.rawValue + 1).map(BlobID.init(rawValue:))
         }
         guard let id = candidate else { throw .noSpace("all \(store.superBlock.blobIDLimit) blob ids are in use") }
         created.insert(id)
@@ -49,7 +49,7 @@ public struct BlobTransaction {
     }
 
     /// Deletes a blob; a snapshot with clones is refused (`BlobStore.deleteBlob` merges one).
-    public mutating func deleteBlob(_ id: UInt64) throws(BlobStoreError) {
+    public mutating func deleteBlob(_ id: BlobID) throws(BlobStoreError) {
         try require(id)
         let clones = clonesInTransaction(id)
         guard clones.isEmpty else { throw .hasClones(blob: id, count: clones.count) }
@@ -59,7 +59,7 @@ public struct BlobTransaction {
         records.append(.deleteBlob(id: id))
     }
 
-    public mutating func resizeBlob(_ id: UInt64, clusterCount: UInt64) throws(BlobStoreError) {
+    public mutating func resizeBlob(_ id: BlobID, clusterCount: UInt64) throws(BlobStoreError) {
         try require(id)
         guard clusterCount <= UInt64(UInt32.max) * 16 else { throw .invalidArgument("blob size \(clusterCount) clusters") }
         guard !isSnapshotInTransaction(id) else { throw .snapshotReadOnly(id) }
@@ -70,7 +70,7 @@ public struct BlobTransaction {
     /// Releases blob clusters [clusterIndex, clusterIndex + count). They read as zeros
     /// after: in a clone the range must reach the end of what the parent backs, whose
     /// backed count it lowers (a hole inside it needs zeros written: `BlobStore.unmap`).
-    public mutating func unmap(_ id: UInt64, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
+    public mutating func unmap(_ id: BlobID, clusterIndex: UInt64, count: UInt32) throws(BlobStoreError) {
         try require(id)
         guard count > 0 else { return }
         guard !isSnapshotInTransaction(id) else { throw .snapshotReadOnly(id) }
@@ -85,18 +85,18 @@ public struct BlobTransaction {
         records.append(.setParent(id: id, parent: parent, backedClusters: clusterIndex))
     }
 
-    public mutating func setXattr(_ id: UInt64, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
+    public mutating func setXattr(_ id: BlobID, name: String, value: [UInt8], isInternal: Bool = false) throws(BlobStoreError) {
         try require(id)
         try BlobStore.validateXattr(name, value)
         records.append(.setXattr(id: id, internal: isInternal, name: name, value: value))
     }
 
-    public mutating func removeXattr(_ id: UInt64, name: String, isInternal: Bool = false) throws(BlobStoreError) {
+    public mutating func removeXattr(_ id: BlobID, name: String, isInternal: Bool = false) throws(BlobStoreError) {
         try require(id)
         records.append(.removeXattr(id: id, internal: isInternal, name: name))
     }
 
-    public mutating func setSuperBlob(_ id: UInt64?) throws(BlobStoreError) {
+    public mutating func setSuperBlob(_ id: BlobID?) throws(BlobStoreError) {
         if let id { try require(id) }
         records.append(.setSuperBlob(id: id))
     }

@@ -40,15 +40,15 @@ private struct VerifyPass {
 
     /// What the chains own: each cluster's and each metadata page's blob.
     struct Owners {
-        var clusters: [UInt64: UInt64] = [:]
-        var pages: [UInt32: UInt64] = [:]
+        var clusters: [UInt64: BlobID] = [:]
+        var pages: [UInt32: BlobID] = [:]
         /// Clusters found owned twice (one problem each up to `doublyOwnedListed`, then a count).
         var doublyOwned: UInt64 = 0
     }
 
     static let doublyOwnedListed: UInt64 = 32
     /// Each decoded blob's parent link and whether it is a snapshot (`checkParents`).
-    var links: [UInt64: (parent: UInt64?, isSnapshot: Bool)] = [:]
+    var links: [BlobID: (parent: BlobID?, isSnapshot: Bool)] = [:]
 
     init(io: BdevSyncIO) { self.io = io }
 
@@ -68,7 +68,7 @@ private struct VerifyPass {
                 continue
             }
             if !parentLink.isSnapshot { report.problems.append("blob \(id) is a clone of blob \(parent), which is not a snapshot") }
-            var next: UInt64? = parent
+            var next: BlobID? = parent
             var steps = 0
             while let ancestor = next {
                 if ancestor == id || steps > links.count {
@@ -127,9 +127,9 @@ private struct VerifyPass {
     }
 
     /// The active table: blob id -> first metadata page.
-    mutating func readTable(_ block: SuperBlock) -> [UInt64: UInt32] {
+    mutating func readTable(_ block: SuperBlock) -> [BlobID: UInt32] {
         let tableStart = block.table.startPage + UInt64(block.activeCopy) * block.table.pageCount
-        var roots: [UInt64: UInt32] = [:]
+        var roots: [BlobID: UInt32] = [:]
         guard let table = read(tableStart, block.table.pageCount) else { return roots }
         for index in 0..<Int(block.table.pageCount) {
             do {
@@ -146,7 +146,7 @@ private struct VerifyPass {
     /// chains at a time with all the batch's reads in flight (most chains are one page);
     /// the walk takes pages from there, and reads the rest, and any read-ahead that
     /// failed, one by one.
-    mutating func walkChains(_ roots: [UInt64: UInt32], _ block: SuperBlock) -> Owners {
+    mutating func walkChains(_ roots: [BlobID: UInt32], _ block: SuperBlock) -> Owners {
         var owners = Owners()
         let sortedRoots = roots.sorted(by: { $0.key < $1.key })
         let batch = BlobStore.chainReadBatch
@@ -169,7 +169,7 @@ private struct VerifyPass {
 
     /// The pages of blob `id`'s chain that decode, up to the first that does not, each
     /// claimed (with its cluster, when it is in one) for `id`.
-    mutating func walkChain(of id: UInt64, from root: UInt32, _ block: SuperBlock, readAhead: [UInt32: ArraySlice<UInt8>],
+    mutating func walkChain(of id: BlobID, from root: UInt32, _ block: SuperBlock, readAhead: [UInt32: ArraySlice<UInt8>],
                             owners: inout Owners) -> (pages: [MetadataPage.Page], ids: [UInt32]) {
         var next: UInt32? = root
         var pages: [MetadataPage.Page] = []
@@ -213,7 +213,7 @@ private struct VerifyPass {
     }
 
     /// Decodes blob `id` from its chain's pages and claims its clusters.
-    mutating func claimClusters(of id: UInt64, pages: [MetadataPage.Page], ids: [UInt32], _ block: SuperBlock,
+    mutating func claimClusters(of id: BlobID, pages: [MetadataPage.Page], ids: [UInt32], _ block: SuperBlock,
                                 owners: inout Owners) {
         do {
             // Decoding checks every extent against the device (O(extents)): the loop below
@@ -240,7 +240,7 @@ private struct VerifyPass {
     }
 
     /// The persisted bitmaps against what the metadata says.
-    mutating func checkBitmaps(_ block: SuperBlock, slot: Int, owners: Owners, roots: [UInt64: UInt32]) {
+    mutating func checkBitmaps(_ block: SuperBlock, slot: Int, owners: Owners, roots: [BlobID: UInt32]) {
         let bitmapStart = block.bitmaps.startPage + UInt64(block.activeCopy) * block.bitmaps.pageCount
         let bitmapRegionError = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes))
         if let bitmapRegionError { report.problems.append("\(bitmapRegionError)") }
@@ -257,7 +257,7 @@ private struct VerifyPass {
         let sections: [(String, Bitmap, Bitmap)] = [
             ("cluster", bitmaps.clusters, inUse(owners.clusters.keys, count: bitmaps.clusters.count)),
             ("metadata page", bitmaps.metadataPages, inUse(owners.pages.keys, count: bitmaps.metadataPages.count)),
-            ("blob id", bitmaps.blobIDs, inUse(roots.keys, count: bitmaps.blobIDs.count)),
+            ("blob id", bitmaps.blobIDs, inUse(roots.keys.lazy.map(\.rawValue), count: bitmaps.blobIDs.count)),
         ]
         for (name, persisted, used) in sections {
             let (leaked, unmarked) = persisted.differences(from: used, listing: 5)

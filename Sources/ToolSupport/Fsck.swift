@@ -49,7 +49,7 @@ public enum Fsck {
         let loading = Ticker("fsck: loading the store for the file-system walk")
         let loaded = try? BlobStore.load(io, readOnly: true)
         loading.finish()
-        if let (store, _) = loaded, store.superBlobID == 0 {
+        if let (store, _) = loaded, store.superBlobID == .rootDirectory {
             let walking = Ticker("fsck: walking the file system (directories, links, orphans)")
             defer { walking.finish() }
             let fs = FileSystem.check(store)
@@ -66,7 +66,7 @@ public enum Fsck {
     public static func repair(_ io: BdevSyncIO, dryRun: Bool = false, undoPath: String? = nil) -> RepairReport {
         let superBlob = (try? SuperBlockSlots.read(io))?.current?.block.superBlobID
         let options = RepairOptions(dryRun: dryRun, undoPath: undoPath, force: true) { store, salvage in
-            let fileSystem = try FileSystem.repair(store, expectFileSystem: superBlob == 0 || salvage.superBlobBefore == 0)
+            let fileSystem = try FileSystem.repair(store, expectFileSystem: superBlob == .rootDirectory || salvage.superBlobBefore == .rootDirectory)
             return (fileSystem.changes, fileSystem.affectedBlobs)
         }
         let repairing = Ticker(dryRun ? "fsck: working out the repair (nothing is written)" : "fsck: repairing")
@@ -223,11 +223,11 @@ public enum Fsck {
                                 ("marked_count", .uint(change.markedCount)), ("marked", .array(change.marked.map { .uint($0) }))])
             })),
             ("changes", .array(report.changes.map { change in
-                .object([("kind", .string(change.kind)), ("blob", change.blob.map { .uint($0) } ?? .null),
-                         ("ino", change.blob.map { .uint($0 + 1) } ?? .null), ("text", .string(change.text))])
+                .object([("kind", .string(change.kind)), ("blob", change.blob.map { .blob($0) } ?? .null),
+                         ("ino", change.blob.map { .ino(InodeNumber(blob: $0)) } ?? .null), ("text", .string(change.text))])
             })),
-            ("removed_blobs", .array(report.removedBlobs.sorted().map { .uint($0) })),
-            ("affected_blobs", .array(report.affectedBlobs.sorted().map { .uint($0) })),
+            ("removed_blobs", .array(report.removedBlobs.sorted().map { .blob($0) })),
+            ("affected_blobs", .array(report.affectedBlobs.sorted().map { .blob($0) })),
             ("cleared_log_pages", .array(report.clearedLogPages.map { .uint($0) })),
             ("undo_file", report.undoPath.map { .object([("path", .string($0)), ("pages", .int(Int64(report.undoPageCount)))]) } ?? .null),
         ])

@@ -1,3 +1,6 @@
+import BlobFileSystem
+import Blobstore
+
 /// A small JSON value and its printer (the tools' `--json` output; no Foundation).
 public indirect enum JSON: Sendable {
     case object([(String, JSON)])
@@ -72,4 +75,11 @@ public func table(_ header: [String], _ rows: [[String]]) -> String {
         }.joined(separator: "  ")
     }
     return ([line(header)] + rows.map(line)).joined(separator: "\n")
+}
+
+extension JSON {
+    /// A blob id as the tools print it: its number.
+    public static func blob(_ id: BlobID) -> JSON { .uint(id.rawValue) }
+    /// An inode number as the tools print it: its number.
+    public static func ino(_ ino: InodeNumber) -> JSON { .uint(ino.rawValue) }
 }

@@ -74,7 +74,7 @@ final class BlobTarget: PerfTarget {
 /// that the measured phase reads and overwrites allocated data.
 final class BlobSetup: @unchecked Sendable {
     let store: BlobStore
-    let blobID: UInt64
+    let blobID: BlobID
     private let io: BdevSyncIO
 
     init(bdev: Bdev) throws {

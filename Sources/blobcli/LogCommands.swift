@@ -31,7 +31,7 @@ struct DumpMetadata: ParsableCommand {
                 let inspected = store.inspectMetadataPage(page)
                 if inspected.problem != nil { bad += 1 }
                 if options.json {
-                    items.append(.object([("page", .uint(UInt64(page))), ("offset", .uint(inspected.offset)), ("blob", .uint(blob)),
+                    items.append(.object([("page", .uint(UInt64(page))), ("offset", .uint(inspected.offset)), ("blob", .blob(blob)),
                                           ("index", inspected.chainIndex.map { .uint(UInt64($0)) } ?? .null),
                                           ("next", inspected.nextPage.map { .uint(UInt64($0)) } ?? .null),
                                           ("checkpoint_sequence", inspected.checkpointSequence.map { .uint($0) } ?? .null),
@@ -63,7 +63,7 @@ func describe(_ record: LogRecord) -> String {
     case let .setXattr(id, isInternal, name, value): "set \(isInternal ? "internal " : "")xattr \(name) of blob \(id) (\(value.count) bytes)"
     case let .removeXattr(id, isInternal, name): "remove \(isInternal ? "internal " : "")xattr \(name) of blob \(id)"
     case let .setFlags(id, flags): "set flags of blob \(id): invalid 0x\(String(flags.invalid, radix: 16))"
-    case let .setSuperBlob(id): "super blob := \(id.map(String.init) ?? "none")"
+    case let .setSuperBlob(id): "super blob := \(id.map { "\($0)" } ?? "none")"
     case let .snapshot(id, snapshot): "snapshot blob \(id) as blob \(snapshot)"
     case let .setParent(id, parent, backed):
         parent.map { "blob \(id) := clone of \($0) (\(backed) clusters backed)" } ?? "blob \(id) := no parent"

@@ -50,7 +50,7 @@ func modeString(_ mode: UInt32) -> String {
 }
 
 func attributesJSON(_ name: String, _ a: Attributes) -> JSON {
-    .object([("name", .string(name)), ("ino", .uint(a.ino.rawValue)), ("mode", .string(String(a.attributes.mode, radix: 8))),
+    .object([("name", .string(name)), ("ino", .ino(a.ino)), ("mode", .string(String(a.attributes.mode, radix: 8))),
              ("type", .string(typeLetter(a.attributes.mode))), ("links", .uint(UInt64(a.attributes.nlink))),
              ("uid", .uint(UInt64(a.attributes.uid))), ("gid", .uint(UInt64(a.attributes.gid))), ("size", .uint(a.attributes.size)),
              ("allocated_bytes", .uint(a.allocatedBytes)), ("mtime_ns", .int(a.attributes.mtimeNs)),
@@ -197,10 +197,10 @@ struct Tree: ParsableCommand {
                     if a.attributes.isDirectory {
                         counts.directories += 1
                         let children = try walk(entry.ino, prefix + (last ? "    " : "│   "))
-                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino.rawValue)), ("children", .array(children))]))
+                        items.append(.object([("name", .string(name)), ("ino", .ino(entry.ino)), ("children", .array(children))]))
                     } else {
                         counts.files += 1
-                        items.append(.object([("name", .string(name)), ("ino", .uint(entry.ino.rawValue)), ("size", .uint(a.attributes.size))]))
+                        items.append(.object([("name", .string(name)), ("ino", .ino(entry.ino)), ("size", .uint(a.attributes.size))]))
                     }
                 }
                 return items

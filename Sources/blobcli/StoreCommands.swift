@@ -67,7 +67,7 @@ struct Info: ParsableCommand {
                     ("clusters", .uint(store.clusterCount)), ("free_clusters", .uint(store.freeClusterCount)),
                     ("metadata_pages", .uint(store.metadataPageCount)), ("free_metadata_pages", .uint(store.freeRegionMetadataPageCount)),
                     ("metadata_pages_in_clusters", .uint(store.metadataPagesInClusterCount)),
-                    ("super_blob", store.superBlobID.map { .uint($0) } ?? .null),
+                    ("super_blob", store.superBlobID.map { .blob($0) } ?? .null),
                 ])),
             ])
             emit(options.json, value) {
@@ -126,13 +126,13 @@ struct List: ParsableCommand {
                 let size = blob.clusterCount * UInt64(store.clusterSizeBytes)
                 let allocated = allocatedClusters(blob)
                 if options.json {
-                    items.append(.object([("id", .uint(id)), ("size_bytes", .uint(size)), ("clusters", .uint(blob.clusterCount)),
+                    items.append(.object([("id", .blob(id)), ("size_bytes", .uint(size)), ("clusters", .uint(blob.clusterCount)),
                                           ("allocated_clusters", .uint(allocated)), ("extents", .int(Int64(blob.extents.count))),
                                           ("xattrs", .array(blob.xattrs.map { .string($0.name) })),
                                           ("internal_xattrs", .int(Int64(blob.internalXattrs.count))),
                                           ("super_blob", .bool(store.superBlobID == id)),
-                                          ("snapshot", .bool(blob.isSnapshot)), ("parent", blob.parent.map { .uint($0) } ?? .null),
-                                          ("clones", .array(store.clones(of: id).map { .uint($0) }))]))
+                                          ("snapshot", .bool(blob.isSnapshot)), ("parent", blob.parent.map { .blob($0) } ?? .null),
+                                          ("clones", .array(store.clones(of: id).map { .blob($0) }))]))
                 } else {
                     let names = blob.xattrs.prefix(3).map(\.name).joined(separator: ",") + (blob.xattrs.count > 3 ? ",…" : "")
                     rows.append(["\(id)\(store.superBlobID == id ? "*" : "")\(blob.isSnapshot ? "s" : "")", formatBytes(size), "\(allocated)", "\(blob.extents.count)",
@@ -152,8 +152,8 @@ struct List: ParsableCommand {
 
 /// Blob `id`'s parents, nearest first: each with the clusters the one below reads from it
 /// at most (the backed count) and its own allocated clusters.
-func parentChain(_ store: BlobStore, _ id: UInt64) -> [(id: UInt64, backed: UInt64, allocated: UInt64)] {
-    var chain: [(id: UInt64, backed: UInt64, allocated: UInt64)] = []
+func parentChain(_ store: BlobStore, _ id: BlobID) -> [(id: BlobID, backed: UInt64, allocated: UInt64)] {
+    var chain: [(id: BlobID, backed: UInt64, allocated: UInt64)] = []
     var current = store.blob(id)
     while let blob = current, let parent = blob.parent, chain.count <= store.blobCount, let next = store.blob(parent) {
         chain.append((parent, blob.backedClusters, allocatedClusters(next)))
@@ -165,7 +165,7 @@ func parentChain(_ store: BlobStore, _ id: UInt64) -> [(id: UInt64, backed: UInt
 struct Show: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "One blob: its metadata chain page by page, extents, xattrs, its chain of snapshots and clones.")
     @OptionGroup var options: DeviceArgument
-    @Argument(help: "Blob id.") var id: UInt64
+    @Argument(help: "Blob id.") var id: BlobID
 
     func run() {
         blobcli.run {
@@ -176,16 +176,16 @@ struct Show: ParsableCommand {
             let pages = store.chainPages(id)
             let bad = pages.contains { $0.problem != nil }
             let value = JSON.object([
-                ("id", .uint(id)), ("clusters", .uint(blob.clusterCount)),
+                ("id", .blob(id)), ("clusters", .uint(blob.clusterCount)),
                 ("size_bytes", .uint(blob.clusterCount * UInt64(store.clusterSizeBytes))),
                 ("allocated_clusters", .uint(allocatedClusters(blob))),
                 ("changed_since_checkpoint", .bool(store.changedSinceCheckpoint(id))),
                 ("snapshot", .bool(blob.isSnapshot)),
                 ("parents", .array(parentChain(store, id).map { link in
-                    .object([("id", .uint(link.id)), ("backed_clusters", .uint(link.backed)),
+                    .object([("id", .blob(link.id)), ("backed_clusters", .uint(link.backed)),
                              ("allocated_clusters", .uint(link.allocated))])
                 })),
-                ("clones", .array(store.clones(of: id).map { .uint($0) })),
+                ("clones", .array(store.clones(of: id).map { .blob($0) })),
                 ("chain", .array(pages.map { page in
                     .object([("page", .uint(UInt64(page.pageID))), ("offset", .uint(page.offset)),
                              ("ok", .bool(page.problem == nil)), ("problem", page.problem.map { .string($0) } ?? .null),
@@ -236,7 +236,7 @@ struct Show: ParsableCommand {
 struct Dump: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Write a blob's data (all its clusters; holes as zeros) to FILE.")
     @OptionGroup var options: DeviceArgument
-    @Argument(help: "Blob id.") var id: UInt64
+    @Argument(help: "Blob id.") var id: BlobID
     @Argument(help: "Output file (- for stdout).") var file: String
 
     func run() {
@@ -262,7 +262,7 @@ struct Dump: ParsableCommand {
                 cluster += count
             }
             if !options.json, file != "-" { print("blob \(id): \(formatBytes(blob.clusterCount * UInt64(store.clusterSizeBytes))) written to \(file)") }
-            if options.json { print(JSON.object([("id", .uint(id)), ("bytes", .uint(blob.clusterCount * UInt64(store.clusterSizeBytes))), ("file", .string(file))]).render()) }
+            if options.json { print(JSON.object([("id", .blob(id)), ("bytes", .uint(blob.clusterCount * UInt64(store.clusterSizeBytes))), ("file", .string(file))]).render()) }
         }
     }
 }
@@ -297,7 +297,7 @@ struct Import: ParsableCommand {
             }
             try store.sync()
             try opened.close()
-            emit(options.json, .object([("id", .uint(id)), ("bytes", .int(Int64(data.count)))])) { "\(id)" }
+            emit(options.json, .object([("id", .blob(id)), ("bytes", .int(Int64(data.count)))])) { "\(id)" }
         }
     }
 }
@@ -306,7 +306,7 @@ struct Xattr: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "get, set or rm a blob's xattr (set and rm write).")
     @OptionGroup var options: DeviceArgument
     @Argument(help: "get, set or rm.") var action: String
-    @Argument(help: "Blob id.") var id: UInt64
+    @Argument(help: "Blob id.") var id: BlobID
     @Argument(help: "Xattr name.") var name: String
     @Argument(help: "Value (set).") var value: String?
     @Flag(help: "An internal xattr (the file system's own).") var `internal` = false
@@ -328,7 +328,7 @@ struct Xattr: ParsableCommand {
             case "get":
                 defer { try? opened.close() }
                 guard let found = store.xattr(id, name: name, isInternal: `internal`) else { throw Failure("blob \(id) has no xattr \(name)") }
-                emit(options.json, .object([("id", .uint(id)), ("name", .string(name)), ("value", .string(xattrText(found)))])) { xattrText(found) }
+                emit(options.json, .object([("id", .blob(id)), ("name", .string(name)), ("value", .string(xattrText(found)))])) { xattrText(found) }
             case "set":
                 try store.setXattr(id, name: name, value: Array(value!.utf8), isInternal: `internal`)
                 try opened.close()

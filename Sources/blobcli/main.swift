@@ -27,6 +27,14 @@ struct BlobCLI: UsageErrorsExitTwo {
                       Replay.self, Fsck.self, Undo.self, Trim.self, Ls.self, Stat.self, Cat.self, Tree.self, Get.self])
 }
 
+/// A blob id on the command line: its number.
+extension BlobID: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let raw = UInt64(argument) else { return nil }
+        self.init(rawValue: raw)
+    }
+}
+
 struct DeviceArgument: ParsableArguments {
     @Argument(help: "Image path or device spec.") var device: String
     @Flag(help: "Machine-readable output (schema: docs/BLOBCLI.md).") var json = false

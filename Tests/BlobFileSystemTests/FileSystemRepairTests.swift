@@ -41,7 +41,7 @@ final class FileSystemRepairTests: XCTestCase {
         return (store, inos)
     }
 
-    private func id(_ ino: InodeNumber) -> UInt64 { ino.blobID }
+    private func id(_ ino: InodeNumber) -> BlobID { ino.blobID }
 
     private func XCTAssertMentions(_ text: String, _ parts: String..., file: StaticString = #filePath, line: UInt = #line) {
         for part in parts where !text.contains(part) { XCTFail("\"\(text)\" does not mention \"\(part)\"", file: file, line: line) }
@@ -65,7 +65,7 @@ final class FileSystemRepairTests: XCTestCase {
 
     func testADirectoryNoDirectoryNamesGoesToLostAndFoundWithItsSubtree() throws {
         let (store, inos) = try makeTree()
-        XCTAssertTrue(try store.removeXattr(0, name: "dd", isInternal: true))
+        XCTAssertTrue(try store.removeXattr(.rootDirectory, name: "dd", isInternal: true))
         let report = try repairAndCheck(store)
         XCTAssertTrue(report.changes.contains { $0.kind == "lost_found_made" })
         let linked = try XCTUnwrap(report.changes.first { $0.kind == "lost_found" })
@@ -89,7 +89,7 @@ final class FileSystemRepairTests: XCTestCase {
         var attributes = try XCTUnwrap(InodeAttributes.decode(try XCTUnwrap(store.xattr(id(inos["/d/a"]!), name: "i", isInternal: true))))
         attributes.nlink = 7
         try store.setXattr(id(inos["/d/a"]!), name: "i", value: attributes.encode(), isInternal: true)
-        try store.setXattr(0, name: "dtop", value: Key.entryValue(id: id(inos["/top"]!), type: UInt32(S_IFDIR)), isInternal: true)
+        try store.setXattr(.rootDirectory, name: "dtop", value: Key.entryValue(id: id(inos["/top"]!), type: UInt32(S_IFDIR)), isInternal: true)
         let report = try repairAndCheck(store)
         XCTAssertMentions(report.changes.map(\.text).joined(separator: "\n"), "entry \"b\" in directory \(inos["/d"]!): inode \(inos["/d/b"]!) does not exist: dropped",
                           "inode \(inos["/d/a"]!): link count 7 → 2", "entry \"top\" in directory 1: type 4")
@@ -101,12 +101,12 @@ final class FileSystemRepairTests: XCTestCase {
 
     func testARootWhoseBlobIsGoneIsMadeAnewAndEverythingGoesToLostAndFound() throws {
         let (store, inos) = try makeTree()
-        try store.deleteBlob(0)
+        try store.deleteBlob(.rootDirectory)
         XCTAssertNil(store.superBlobID)
         let report = try FileSystem.repair(store, expectFileSystem: true)
         XCTAssertEqual(FileSystem.check(store).problems, [], "\(report.changes.map(\.text))")
         XCTAssertEqual(report.changes.first?.kind, "root_recreated")
-        XCTAssertEqual(store.superBlobID, 0)
+        XCTAssertEqual(store.superBlobID, .rootDirectory)
         let fs = try FileSystem.mount(store)
         // The root named /d, /top and /l: they are linked by inode number; /d keeps its subtree.
         for path in ["/d", "/top", "/l"] {
@@ -115,7 +115,7 @@ final class FileSystemRepairTests: XCTestCase {
         XCTAssertEqual(try resolve(fs, "/lost+found/\(inos["/d"]!)/a2").ino, inos["/d/a"])
         // Without a file system to expect, a store whose super blob is gone is left alone.
         let (plain, _) = try makeTree()
-        try plain.deleteBlob(0)
+        try plain.deleteBlob(.rootDirectory)
         XCTAssertEqual(try FileSystem.repair(plain, expectFileSystem: false).changes, [])
     }
 
@@ -145,7 +145,7 @@ final class FileSystemRepairTests: XCTestCase {
 
     func testADirectoryNamedTwiceKeepsTheNameItsParentFieldGives() throws {
         let (store, inos) = try makeTree()
-        try store.setXattr(0, name: "dalias", value: Key.entryValue(id: id(inos["/d/s"]!), type: UInt32(S_IFDIR)), isInternal: true)
+        try store.setXattr(.rootDirectory, name: "dalias", value: Key.entryValue(id: id(inos["/d/s"]!), type: UInt32(S_IFDIR)), isInternal: true)
         let report = try repairAndCheck(store)
         XCTAssertMentions(report.changes.map(\.text).joined(separator: "\n"), "entry \"alias\" in directory 1", "named elsewhere")
         let fs = try FileSystem.mount(store)
@@ -155,8 +155,8 @@ final class FileSystemRepairTests: XCTestCase {
 
     func testAnOrphanMarkerOnANamedInodeIsRemovedBeforeAMountWouldDeleteIt() throws {
         let (store, inos) = try makeTree()
-        try store.setXattr(0, name: "o\(id(inos["/top"]!))", value: [], isInternal: true)
-        try store.setXattr(0, name: "o999", value: [], isInternal: true)
+        try store.setXattr(.rootDirectory, name: "o\(id(inos["/top"]!))", value: [], isInternal: true)
+        try store.setXattr(.rootDirectory, name: "o999", value: [], isInternal: true)
         XCTAssertTrue(FileSystem.check(store).problems.contains("inode \(inos["/top"]!): marked an orphan, yet named in a directory"))
         try repairAndCheck(store)
         let fs = try FileSystem.mount(store)

@@ -83,7 +83,7 @@ final class DamagedImageTests: XCTestCase {
         let image = try TestImage.populated()
         // Rewrite blob 1's chain (valid CRC) so that its extent points at blob 0's first cluster.
         let (owner, victim) = (image.blobs[0], image.blobs[1])
-        var (stolen, chain, metadata): (UInt64, [UInt32], BlobMetadata) = (0, [], BlobMetadata(id: 0))
+        var (stolen, chain, metadata): (UInt64, [UInt32], BlobMetadata) = (0, [], BlobMetadata(id: BlobID(rawValue: 0)))
         var ownerExtents: [Extent] = []
         try image.with { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)

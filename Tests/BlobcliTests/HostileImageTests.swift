@@ -108,11 +108,11 @@ final class HostileImageTests: XCTestCase {
 
     /// Replaces the one-page chain of `blob` with a page holding `descriptors` (header and
     /// CRC valid): what a crafted image carries where the encoder's preconditions never ran.
-    private func craftChain(_ image: TestImage, blob: UInt64, _ descriptors: [[UInt8]]) throws -> (pageID: UInt32, offset: UInt64) {
+    private func craftChain(_ image: TestImage, blob: BlobID, _ descriptors: [[UInt8]]) throws -> (pageID: UInt32, offset: UInt64) {
         let pageID = try image.chain(of: blob)[0]
         let sequence = try image.superBlock().sequence
         let body = descriptors.flatMap { $0 }
-        var bytes = Self.le(UInt64(MetadataPage.magic), 4) + Self.le(0, 4) + Self.le(blob, 8) + Self.le(0, 4)
+        var bytes = Self.le(UInt64(MetadataPage.magic), 4) + Self.le(0, 4) + Self.le(blob.rawValue, 8) + Self.le(0, 4)
             + Self.le(UInt64(MetadataPage.noNextPage), 4) + Self.le(sequence, 8) + Self.le(UInt64(body.count), 2)
             + Self.le(UInt64(descriptors.count), 2) + Self.le(0, 4) + body
         bytes += [UInt8](repeating: 0, count: TestImage.pageBytes - bytes.count)

@@ -10,10 +10,10 @@ import Env
 /// every byte the repair overwrote.
 final class RepairTests: XCTestCase {
     /// Every blob's metadata and data, to compare before and after.
-    private func contents(_ image: TestImage) throws -> [UInt64: (BlobMetadata, [UInt8])] {
+    private func contents(_ image: TestImage) throws -> [BlobID: (BlobMetadata, [UInt8])] {
         try image.with { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
-            var result: [UInt64: (BlobMetadata, [UInt8])] = [:]
+            var result: [BlobID: (BlobMetadata, [UInt8])] = [:]
             for id in store.blobIDList {
                 let blob = try XCTUnwrap(store.blob(id))
                 let data = blob.clusterCount == 0 ? [] : try store.read(blob: id, offsetUnits: 0, countUnits: blob.clusterCount)
@@ -23,8 +23,8 @@ final class RepairTests: XCTestCase {
         }
     }
 
-    private func assertSameContents(_ image: TestImage, _ expected: [UInt64: (BlobMetadata, [UInt8])],
-                                    except: Set<UInt64> = [], file: StaticString = #filePath, line: UInt = #line) throws {
+    private func assertSameContents(_ image: TestImage, _ expected: [BlobID: (BlobMetadata, [UInt8])],
+                                    except: Set<BlobID> = [], file: StaticString = #filePath, line: UInt = #line) throws {
         let now = try contents(image)
         for (id, (blob, data)) in expected where !except.contains(id) {
             guard let found = now[id] else { return XCTFail("blob \(id) is gone", file: file, line: line) }
@@ -67,7 +67,7 @@ final class RepairTests: XCTestCase {
         // A blob deleted after its chain was written leaves that chain in a free page: the
         // scan must not bring it back (its id is free in the bitmap).
         let image = try TestImage(megabytes: 8)
-        var ghost: UInt64 = 0
+        var ghost = BlobID(rawValue: 0)
         try image.format { store in
             ghost = try store.createBlob(clusterCount: 1, xattrs: [("ghost", [1])])
             try store.write(blob: ghost, offsetUnits: 0, data: [UInt8](repeating: 0x66, count: 4096))
@@ -94,8 +94,8 @@ final class RepairTests: XCTestCase {
 
     func testChainCutAtADamagedSecondPageKeepsWhatTheFirstHolds() throws {
         let image = try TestImage(megabytes: 8)
-        var big: UInt64 = 0
-        var other: UInt64 = 0
+        var big = BlobID(rawValue: 0)
+        var other = BlobID(rawValue: 0)
         try image.format { store in
             big = try store.createBlob(clusterCount: 1, xattrs: (0..<4).map { ("x\($0)", [UInt8](repeating: UInt8($0), count: 1500)) })
             try store.write(blob: big, offsetUnits: 0, data: [UInt8](repeating: 0x42, count: 4096))

@@ -15,7 +15,7 @@ final class TestImage {
     let reactor: Reactor
     let blocksPerPage: UInt64
     /// Blob ids made by `populated`: a data blob, a blob with xattrs, an empty one.
-    var blobs: [UInt64] = []
+    var blobs: [BlobID] = []
 
     init(megabytes: UInt64 = 8, blockSize: Int = 4096) throws {
         bdev = Bdev(backend: try MallocBdev(blockCount: (megabytes << 20) / UInt64(blockSize), blockSizeBytes: blockSize))
@@ -90,7 +90,7 @@ final class TestImage {
     /// Device page of metadata page `id`, and the first page of `blob`'s chain.
     func metadataPage(_ id: UInt32) throws -> UInt64 { try superBlock().metadataPages.startPage + UInt64(id) }
 
-    func chain(of blob: UInt64) throws -> [UInt32] {
+    func chain(of blob: BlobID) throws -> [UInt32] {
         try with { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
             return store.chainPages(blob).map(\.pageID)

@@ -53,12 +53,12 @@ final class BlobStoreCrashTests: XCTestCase {
     }
 
     struct Snapshot: Equatable {
-        var blobs: [UInt64: BlobState]
-        var superBlob: UInt64?
+        var blobs: [BlobID: BlobState]
+        var superBlob: BlobID?
     }
 
     static func snapshot(_ store: BlobStore) throws -> Snapshot {
-        var blobs: [UInt64: BlobState] = [:]
+        var blobs: [BlobID: BlobState] = [:]
         for id in store.blobIDList {
             let blob = store.blob(id)!
             let units = blob.clusterCount * UInt64(store.clusterSizeBytes / store.ioUnitBytes)
@@ -77,7 +77,7 @@ final class BlobStoreCrashTests: XCTestCase {
         }
     }
 
-    static func run(_ op: Op, on store: BlobStore, slots: inout [UInt64]) throws {
+    static func run(_ op: Op, on store: BlobStore, slots: inout [BlobID]) throws {
         switch op {
         case let .create(clusters, xattr):
             slots.append(try store.createBlob(clusterCount: clusters, xattrs: xattr.map { [($0, [7])] } ?? []))
@@ -96,7 +96,7 @@ final class BlobStoreCrashTests: XCTestCase {
     /// Metadata equal to one side; data equal to that side too, except that an
     /// interrupted in-place overwrite may leave any sector old or new.
     static func matches(_ state: Snapshot, before: Snapshot, after: Snapshot, allowMixing: Bool) -> Bool {
-        func metadata(_ s: Snapshot) -> [UInt64: [String]] {
+        func metadata(_ s: Snapshot) -> [BlobID: [String]] {
             s.blobs.mapValues { ["\($0.clusterCount)"] + $0.xattrs.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" } }
         }
         func matches(side: Snapshot, other: Snapshot) -> Bool {
@@ -147,7 +147,7 @@ final class BlobStoreCrashTests: XCTestCase {
             let io = try BdevSyncIO(bdev: Bdev(backend: try MallocBdev(blockCount: (4 << 20) / UInt64(blockSize),
                                                                         blockSizeBytes: blockSize)), reactor: reactor)
             let store = try BlobStore.format(io, options: options)
-            var slots: [UInt64] = []
+            var slots: [BlobID] = []
             reference.append(try Self.snapshot(store))
             for op in Self.workload {
                 let free = store.freeClusterCount
@@ -178,7 +178,7 @@ final class BlobStoreCrashTests: XCTestCase {
                 var io = try BdevSyncIO(bdev: device, reactor: reactor)
                 let store = try BlobStore.format(io, options: options)
                 fault.powerCut(afterWrites: fault.writeCount + cutIndex)
-                var slots: [UInt64] = []
+                var slots: [BlobID] = []
                 var completed = 0
                 do {
                     for op in Self.workload {

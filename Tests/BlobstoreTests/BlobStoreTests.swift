@@ -133,7 +133,8 @@ final class BlobStoreTests: XCTestCase {
             guard case .invalidArgument = $0 as? BlobStoreError else { return XCTFail("\($0)") }
         }
         XCTAssertThrowsError(try store.write(blob: id, offsetUnits: 0, data: bytes(1, 100)))
-        XCTAssertThrowsError(try store.deleteBlob(999)) { XCTAssertEqual($0 as? BlobStoreError, .noSuchBlob(999)) }
+        let absent = BlobID(rawValue: 999)
+        XCTAssertThrowsError(try store.deleteBlob(absent)) { XCTAssertEqual($0 as? BlobStoreError, .noSuchBlob(absent)) }
         XCTAssertThrowsError(try store.setXattr(id, name: "", value: []))
         XCTAssertThrowsError(try store.setXattr(id, name: "v", value: [UInt8](repeating: 0, count: 5000)))
         XCTAssertEqual(store.freeClusterCount, store.clusterCount)
@@ -172,7 +173,7 @@ final class BlobStoreTests: XCTestCase {
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)
         defer { io.close() }
         let store = try BlobStore.format(io, options: .init(metadataPages: 2048, blobIDLimit: 1024))
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for index in 0..<700 {
             let id = try store.createBlob(clusterCount: UInt64(1 + index % 5))
             // Every seventh blob gets xattrs enough for 2 to 4 pages.
@@ -182,7 +183,7 @@ final class BlobStoreTests: XCTestCase {
             if index % 3 == 0 { try store.write(blob: id, offsetUnits: 0, data: bytes(UInt64(index), 4096)) }
             ids.append(id)
         }
-        for id in ids where id % 11 == 5 { try store.deleteBlob(id) }
+        for id in ids where id.rawValue % 11 == 5 { try store.deleteBlob(id) }
         try store.checkpoint()
         let expected = store.blobIDList.map { store.blob($0)! }
         XCTAssertTrue(expected.contains { MetadataPage.pagesNeeded(for: $0) >= 3 }, "some chains are several pages long")
@@ -193,7 +194,7 @@ final class BlobStoreTests: XCTestCase {
         XCTAssertTrue(loaded.blobIDList.map { loaded.blob($0)! } == expected, "every blob's metadata as it was")
         XCTAssertEqual(loaded.freeClusterCount, free.0)
         XCTAssertEqual(loaded.metadataPageBits.setCount, free.1)
-        XCTAssertEqual(try loaded.read(blob: 3, offsetUnits: 0, countUnits: 1), bytes(3, 4096))
+        XCTAssertEqual(try loaded.read(blob: BlobID(rawValue: 3), offsetUnits: 0, countUnits: 1), bytes(3, 4096))
         try loaded.unload()
         XCTAssertTrue(Verifier.verify(io).isConsistent)
     }
@@ -237,7 +238,7 @@ final class BlobStoreTests: XCTestCase {
         var io = try BdevSyncIO(bdev: bdev, reactor: reactor)
         let store = try BlobStore.format(io, options: .init(logPages: 4, metadataPages: 128, blobIDLimit: 128))
         store.deferCommitFlush = true
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for index in 0..<5 {  // five pages of records: more than the log
             let id = try store.createBlob()
             try store.setXattr(id, name: "v", value: bytes(UInt64(index), 3000))
@@ -306,14 +307,14 @@ final class BlobStoreTests: XCTestCase {
         var io = try BdevSyncIO(bdev: bdev, reactor: reactor)
         _ = try BlobStore.format(io, options: Self.options)
         io.close()
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for round in 0..<6 {
             io = try BdevSyncIO(bdev: bdev, reactor: reactor)
             let (store, _) = try BlobStore.load(io)
             XCTAssertEqual(store.blobIDList, ids.sorted(), "round \(round)")
-            for id in ids { XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 1), bytes(id, 4096)) }
+            for id in ids { XCTAssertEqual(try store.read(blob: id, offsetUnits: 0, countUnits: 1), bytes(id.rawValue, 4096)) }
             let id = try store.createBlob(clusterCount: 1)
-            try store.write(blob: id, offsetUnits: 0, data: bytes(id, 4096))
+            try store.write(blob: id, offsetUnits: 0, data: bytes(id.rawValue, 4096))
             ids.append(id)
             XCTAssertTrue(Verifier.verify(io).isConsistent, "round \(round): \(Verifier.verify(io).problems)")
             io.close()  // no unload

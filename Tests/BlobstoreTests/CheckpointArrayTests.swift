@@ -19,7 +19,7 @@ final class CheckpointArrayTests: XCTestCase {
         let block = store.superBlock
         let arrayPages = Int(block.table.pageCount + block.bitmaps.pageCount)
         XCTAssertGreaterThan(arrayPages, 130, "1 GiB: 129 table pages and the bitmaps per copy")
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for index in 0..<40 {
             let id = try store.createBlob(clusterCount: 2)
             try store.write(blob: id, offsetUnits: 0, data: BlobStoreCrashTests.data(UInt64(index), 8192))
@@ -83,19 +83,19 @@ final class CheckpointArrayTests: XCTestCase {
             image = try BlobStore.readPages(io, at: 0, count: blocks)
             io.close()
         }
-        func workload(_ store: BlobStore, synced: inout Set<UInt64>) throws {
+        func workload(_ store: BlobStore, synced: inout Set<BlobID>) throws {
             for round in 0..<6 {
                 if round % 2 == 0 {
-                    try store.deleteBlob(UInt64(10 + round))
+                    try store.deleteBlob(BlobID(rawValue: UInt64(10 + round)))
                     let id = try store.createBlob(clusterCount: 1, xattrs: [("r", [UInt8(round)])])
                     try store.write(blob: id, offsetUnits: 0, data: BlobStoreCrashTests.data(UInt64(round), 4096))
                 } else {
-                    try store.deleteBlob(UInt64(1030 + round))
+                    try store.deleteBlob(BlobID(rawValue: UInt64(1030 + round)))
                 }
                 if round == 2 {
                     try store.sync()
                     // What the later rounds delete may or may not survive the cut.
-                    synced = Set(store.blobIDList).subtracting([14, 1033, 1035])
+                    synced = Set(store.blobIDList).subtracting([14, 1033, 1035].map(BlobID.init(rawValue:)))
                 }
                 try store.checkpoint()
             }
@@ -111,7 +111,7 @@ final class CheckpointArrayTests: XCTestCase {
                 store.deferCommitFlush = true
                 try store.checkpoint()  // the other copy now differs from this one in some pages only
                 fault.powerCut(afterWrites: fault.writeCount + cut)
-                var synced: Set<UInt64> = []
+                var synced: Set<BlobID> = []
                 do {
                     try workload(store, synced: &synced)
                     finished = true
@@ -158,7 +158,7 @@ final class CheckpointArrayTests: XCTestCase {
             try store.sync()
             try store.checkpoint()
             try store.checkpoint()  // both copies known, equal but for what the last one changed
-            try store.deleteBlob(1031)  // table page 1: not among the pages the last checkpoint changed
+            try store.deleteBlob(BlobID(rawValue: 1031))  // table page 1: not among the pages the last checkpoint changed
             // Power goes after `cut` writes of the checkpoint (the announcement, the table
             // page, a bitmap page); of the unflushed writes, all survive but the first (the
             // delete's log page, unless a flush made it durable).

@@ -28,7 +28,7 @@ final class CloneTests: XCTestCase {
 
     func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7) ^ seed } }
 
-    func contents(_ store: BlobStore, _ id: UInt64) throws -> [UInt8] {
+    func contents(_ store: BlobStore, _ id: BlobID) throws -> [UInt8] {
         let blob = try XCTUnwrap(store.blob(id))
         guard blob.clusterCount > 0 else { return [] }
         return try store.read(blob: id, offsetUnits: 0, countUnits: blob.clusterCount * UInt64(cluster / store.ioUnitBytes))
@@ -38,7 +38,7 @@ final class CloneTests: XCTestCase {
 
     /// A blob of `clusters` clusters written whole with pattern `seed`, then snapshotted:
     /// the blob (now a clone), its bytes, and the snapshot.
-    func snapshotted(clusters: Int, seed: UInt8) throws -> (blob: UInt64, bytes: [UInt8], snapshot: UInt64) {
+    func snapshotted(clusters: Int, seed: UInt8) throws -> (blob: BlobID, bytes: [UInt8], snapshot: BlobID) {
         let blob = try store.createBlob(clusterCount: UInt64(clusters))
         let bytes = pattern(seed, clusters * cluster)
         try store.write(blob: blob, offsetUnits: 0, data: bytes)
@@ -258,7 +258,7 @@ final class CloneTests: XCTestCase {
 
     /// Each step of the workload is one durable operation; `states[k]` is every blob's
     /// parent and bytes after k steps.
-    typealias State = [UInt64: (parent: UInt64?, bytes: [UInt8])]
+    typealias State = [BlobID: (parent: BlobID?, bytes: [UInt8])]
     static let stepCount = 10
 
     static func workload(_ store: BlobStore, steps: Int) throws -> Int {
@@ -270,14 +270,14 @@ final class CloneTests: XCTestCase {
     /// Runs the first `steps` steps; `done` counts those that returned (also when one throws).
     static func workload(_ store: BlobStore, steps: Int, done: inout Int) throws {
         let unitsPerCluster = UInt64(4096 / store.ioUnitBytes)
-        let a: UInt64 = 0
+        let a = BlobID(rawValue: 0)
         func step(_ body: () throws -> Void) throws -> Bool {
             guard done < steps else { return false }
             try body()
             done += 1
             return true
         }
-        var snapshot: UInt64 = 0, clone: UInt64 = 0
+        var snapshot = BlobID(rawValue: 0), clone = BlobID(rawValue: 0)
         guard try step({ snapshot = try store.snapshotBlob(a) }) else { return }
         guard try step({ clone = try store.cloneBlob(snapshot) }) else { return }
         guard try step({ try store.write(blob: clone, offsetUnits: 2 * unitsPerCluster + 1, data: [UInt8](repeating: 0xC1, count: store.ioUnitBytes)) }) else { return }

@@ -7,7 +7,7 @@ import Env
 /// Loading damaged stores: a typed error naming the structure and offset, never a crash;
 /// a damaged super block slot falls back to the other one.
 final class DamagedStoreTests: XCTestCase {
-    private func formatted() throws -> (Bdev, Reactor, UInt64) {
+    private func formatted() throws -> (Bdev, Reactor, BlobID) {
         let bdev = Bdev(backend: try MallocBdev(blockCount: 2048))
         let reactor = try Reactor()
         let io = try BdevSyncIO(bdev: bdev, reactor: reactor)

@@ -105,7 +105,7 @@ final class DeferredCommitTests: XCTestCase {
                 try store.deleteBlob(old)
                 try store.sync()
                 let writesBefore = rig.fault.writeCount
-                var made: [(UInt64, [UInt8])] = []
+                var made: [(BlobID, [UInt8])] = []
                 for index in 0..<6 {
                     let id = try store.createBlob(clusterCount: 1)
                     let data = [UInt8](repeating: UInt8(0x40 + index), count: 4096)
@@ -138,7 +138,7 @@ final class DeferredCommitTests: XCTestCase {
     func testACheckpointInsideAnAllocatingWriteLeavesItsClustersAlone() throws {
         var rig = try Rig(try Reactor(), blocks: 2048, options: Self.smallLogAndRegion)
         let store = rig.store
-        var blobs: [(UInt64, [UInt8])] = []
+        var blobs: [(BlobID, [UInt8])] = []
         for index in 0..<24 {
             let id = try store.createBlob(clusterCount: 1)
             let data = [UInt8](repeating: UInt8(index + 1), count: 4096)
@@ -177,7 +177,7 @@ final class DeferredCommitTests: XCTestCase {
                 let victim = try store.createBlob(clusterCount: 4)
                 let original = [UInt8](repeating: 0xAA, count: 4 * 4096)
                 try store.write(blob: victim, offsetUnits: 0, data: original)
-                var others: [UInt64] = []
+                var others: [BlobID] = []
                 for index in 0..<20 {
                     let id = try store.createBlob(clusterCount: 1)
                     try store.write(blob: id, offsetUnits: 0, data: [UInt8](repeating: UInt8(index), count: 4096))

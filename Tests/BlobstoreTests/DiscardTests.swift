@@ -46,7 +46,7 @@ final class DiscardTests: XCTestCase {
         }
 
         /// Device blocks of blob `id`'s clusters (4 KiB blocks).
-        func blocks(of id: UInt64) -> [UInt64] {
+        func blocks(of id: BlobID) -> [UInt64] {
             store.blob(id)!.extents.flatMap { extent in
                 (0..<UInt64(extent.count)).map { store.clusterOffsetBytes(extent.firstCluster + $0) / 4096 }
             }
@@ -83,7 +83,7 @@ final class DiscardTests: XCTestCase {
 
     /// A blob of `clusters` clusters, each written with its pattern, named by xattr.
     @discardableResult
-    static func makeBlob(_ store: BlobStore, _ name: String, clusters: UInt64) throws -> UInt64 {
+    static func makeBlob(_ store: BlobStore, _ name: String, clusters: UInt64) throws -> BlobID {
         let id = try store.createBlob(clusterCount: clusters, xattrs: [("name", Array(name.utf8))])
         try store.write(blob: id, offsetUnits: 0, data: (0..<clusters).flatMap { pattern(name, $0) })
         return id
@@ -396,7 +396,7 @@ final class DiscardTests: XCTestCase {
     static func run(_ rig: Rig, context: String,
                     sawUnmaps: ([(writeIndex: UInt64, offsetBlocks: UInt64, countBlocks: UInt64)]) -> Void = { _ in })
         -> (mustExist: [String: UInt64], mayExist: [String: Set<UInt64>], completed: Bool) {
-        var ids: [String: UInt64] = [:]
+        var ids: [String: BlobID] = [:]
         var sizes: [String: Set<UInt64>] = [:]   // the sizes a load may find
         var synced: [String: UInt64] = [:]        // sizes as of the last completed sync
         var created: [String: UInt64] = [:]

@@ -17,9 +17,9 @@ final class ErrnoMappingTests: XCTestCase {
             (.corrupt("page 3"), EIO),
             (.format(FormatError("metadata page", offset: 4096, .badChecksum(stored: 1, computed: 2))), EIO),
             (.device(.io(errno: ENOSPC)), EIO),
-            (.noSuchBlob(7), EIO),
+            (.noSuchBlob(BlobID(rawValue: 7)), EIO),
             (.geometry("block size"), EIO),
-            (.unallocated(blob: 1, cluster: 2), EIO),
+            (.unallocated(blob: BlobID(rawValue: 1), cluster: 2), EIO),
         ]
         for (error, expected) in cases { XCTAssertEqual(error.errno, expected, "\(error)") }
     }

@@ -12,12 +12,12 @@ final class FormatTests: XCTestCase {
                    table: .init(startPage: 258, pageCount: 4), bitmaps: .init(startPage: 266, pageCount: 4),
                    metadataPages: .init(startPage: 274, pageCount: 4096), dataStartPage: 4370,
                    clusterCount: (1 << 18) - 4370, blobIDLimit: 4 * UInt64(TablePage.entriesPerPage), activeCopy: 1,
-                   checkpointLSN: 99, logTailSequence: 12, superBlobID: 3)
+                   checkpointLSN: 99, logTailSequence: 12, superBlobID: BlobID(rawValue: 3))
     }
 
     static func sampleBlob(extents: Int = 3) -> BlobMetadata {
         BlobMetadata(
-            id: 42, clusterCount: UInt64(extents) * 10 + 5, flags: BlobFlags(readOnlyMetadata: 2),
+            id: BlobID(rawValue: 42), clusterCount: UInt64(extents) * 10 + 5, flags: BlobFlags(readOnlyMetadata: 2),
             extents: (0..<extents).map { Extent(clusterIndex: UInt64($0) * 10, count: 7, firstCluster: 1000 + UInt64($0) * 64) },
             xattrs: [("name", Array("file.txt".utf8)), ("empty", [])],
             internalXattrs: [("fs.inode", [1, 2, 3, 4])])
@@ -217,16 +217,33 @@ final class FormatTests: XCTestCase {
         return all.enumerated().map { LoggedRecord(lsn: firstLSN + UInt64($0), transaction: firstLSN, record: $1) }
     }
 
+    /// Blob ids for the record tests (no literals: `BlobID` has none).
+    static func blob(_ raw: UInt64) -> BlobID { BlobID(rawValue: raw) }
+
     static let everyRecordKind: [LogRecord] = [
-        .createBlob(id: 5), .resizeBlob(id: 5, clusterCount: 100),
-        .mapExtent(id: 5, extent: Extent(clusterIndex: 3, count: 4, firstCluster: 99)),
-        .unmapClusters(id: 5, clusterIndex: 3, count: 1),
-        .setXattr(id: 5, internal: false, name: "user.x", value: [9, 8, 7]),
-        .setXattr(id: 5, internal: true, name: "mode", value: []),
-        .removeXattr(id: 5, internal: false, name: "user.x"),
-        .setFlags(id: 5, flags: BlobFlags(invalid: 1, readOnlyData: 2, readOnlyMetadata: 3)),
-        .setSuperBlob(id: 5), .setSuperBlob(id: nil), .deleteBlob(id: 5),
+        .createBlob(id: FormatTests.blob(5)), .resizeBlob(id: FormatTests.blob(5), clusterCount: 100),
+        .mapExtent(id: FormatTests.blob(5), extent: Extent(clusterIndex: 3, count: 4, firstCluster: 99)),
+        .unmapClusters(id: FormatTests.blob(5), clusterIndex: 3, count: 1),
+        .setXattr(id: FormatTests.blob(5), internal: false, name: "user.x", value: [9, 8, 7]),
+        .setXattr(id: FormatTests.blob(5), internal: true, name: "mode", value: []),
+        .removeXattr(id: FormatTests.blob(5), internal: false, name: "user.x"),
+        .setFlags(id: FormatTests.blob(5), flags: BlobFlags(invalid: 1, readOnlyData: 2, readOnlyMetadata: 3)),
+        .setSuperBlob(id: FormatTests.blob(5)), .setSuperBlob(id: nil), .deleteBlob(id: FormatTests.blob(5)),
     ]
+
+    /// A blob id is its raw u64 on disk, little-endian; no blob (a super blob or parent
+    /// unset) is all ones, as it was when ids were bare integers.
+    func testBlobIDsAreTheirRawValueOnDisk() throws {
+        XCTAssertEqual(MemoryLayout<BlobID>.size, MemoryLayout<UInt64>.size)
+        XCTAssertEqual(LogRecord.createBlob(id: Self.blob(0x0102_0304_0506_0708)).encodePayload(), [8, 7, 6, 5, 4, 3, 2, 1])
+        XCTAssertEqual(LogRecord.setSuperBlob(id: nil).encodePayload(), [UInt8](repeating: 0xFF, count: 8))
+        XCTAssertEqual(LogRecord.setParent(id: Self.blob(1), parent: nil, backedClusters: 0).encodePayload(),
+                       [1, 0, 0, 0, 0, 0, 0, 0] + [UInt8](repeating: 0xFF, count: 8) + [UInt8](repeating: 0, count: 8))
+        XCTAssertEqual(try LogRecord.decode(type: 9, payload: [UInt8](repeating: 0xFF, count: 8), structure: "test", offset: 0),
+                       .setSuperBlob(id: nil))
+        XCTAssertEqual(Self.blob(42).description, "42")
+        XCTAssertLessThan(Self.blob(2), Self.blob(10))
+    }
 
     func testLogPageRoundTripWithEveryRecordKind() throws {
         let records = Self.transaction(3, firstLSN: 40, Self.everyRecordKind)
@@ -254,13 +271,13 @@ final class FormatTests: XCTestCase {
     }
 
     func testRecordTornAtEveryByteOffset() throws {
-        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1), .resizeBlob(id: 1, clusterCount: 8)])
+        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: Self.blob(1)), .resizeBlob(id: Self.blob(1), clusterCount: 8)])
         let second = Self.transaction(2, firstLSN: 4, Self.everyRecordKind)
         // A 4-page log on its second lap: sequence 5 at index 1, sequence 6 at index 2,
         // over the first lap's page 2.
         let goodPage = LogPage.encode(sequence: 5, storeTag: 1, records: first)
         let lastPage = LogPage.encode(sequence: 6, storeTag: 1, records: second)
-        let stale = LogPage.encode(sequence: 2, storeTag: 1, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: 7)]))
+        let stale = LogPage.encode(sequence: 2, storeTag: 1, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: Self.blob(7))]))
         let used = LogPage.headerBytes + second.reduce(0) { $0 + LogPage.encodedBytes($1.record) }
         for tear in 0..<used {
             // The device wrote the first `tear` bytes of the page; the rest is what was there.
@@ -284,23 +301,23 @@ final class FormatTests: XCTestCase {
         let pages: UInt64 = 4
         var lsn: UInt64 = 10
         // Sequence 4 was written at index 0 before the checkpoint moved the tail to 5.
-        var content: [(UInt64, [LoggedRecord])] = [(4, Self.transaction(4, firstLSN: 7, [.createBlob(id: 9)]))]
+        var content: [(UInt64, [LoggedRecord])] = [(4, Self.transaction(4, firstLSN: 7, [.createBlob(id: Self.blob(9))]))]
         for sequence in UInt64(5)...7 {
-            let records = Self.transaction(sequence, firstLSN: lsn, [.createBlob(id: sequence)])
+            let records = Self.transaction(sequence, firstLSN: lsn, [.createBlob(id: Self.blob(sequence))])
             content.append((sequence, records))
             lsn += UInt64(records.count)
         }
         let image = logImage(pages: pages, content: content)
         let result = scan(image, pages: pages, tail: 5, lsn: 10, transaction: 5)
-        XCTAssertEqual(result.transactions.map { $0.map(\.record) }, [[.createBlob(id: 5)], [.createBlob(id: 6)], [.createBlob(id: 7)]])
+        XCTAssertEqual(result.transactions.map { $0.map(\.record) }, (5...7).map { [.createBlob(id: Self.blob($0))] })
         XCTAssertEqual(result.endSequence, 8)
         XCTAssertEqual(result.stop?.problem, .sequenceGap(expected: 8, found: 4))
         XCTAssertEqual(result.stop?.offset, 0 * 4096 + 8, "page 8 lives at index 0; its sequence field is at byte 8")
     }
 
     func testLSNGapStopsReplay() {
-        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)])
-        let skipped = Self.transaction(2, firstLSN: 5, [.createBlob(id: 2)])  // LSNs 3 and 4 are missing
+        let first = Self.transaction(1, firstLSN: 1, [.createBlob(id: Self.blob(1))])
+        let skipped = Self.transaction(2, firstLSN: 5, [.createBlob(id: Self.blob(2))])  // LSNs 3 and 4 are missing
         let image = logImage(pages: 8, content: [(0, first), (1, skipped)])
         let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
         XCTAssertEqual(result.transactions.count, 1)
@@ -309,8 +326,8 @@ final class FormatTests: XCTestCase {
     }
 
     func testUncommittedTailIsDiscarded() {
-        let committed = Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)])
-        let open = [LoggedRecord(lsn: 3, transaction: 3, record: .createBlob(id: 2))]
+        let committed = Self.transaction(1, firstLSN: 1, [.createBlob(id: Self.blob(1))])
+        let open = [LoggedRecord(lsn: 3, transaction: 3, record: .createBlob(id: Self.blob(2)))]
         let image = logImage(pages: 8, content: [(0, committed), (1, open)])
         let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
         XCTAssertEqual(result.transactions.count, 1)
@@ -320,7 +337,7 @@ final class FormatTests: XCTestCase {
     }
 
     func testAnotherStoresLogPageEndsTheLog() {
-        let image: [UInt64: [UInt8]] = [0: LogPage.encode(sequence: 0, storeTag: 2, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: 1)]))]
+        let image: [UInt64: [UInt8]] = [0: LogPage.encode(sequence: 0, storeTag: 2, records: Self.transaction(1, firstLSN: 1, [.createBlob(id: Self.blob(1))]))]
         let result = scan(image, pages: 8, tail: 0, lsn: 1, transaction: 1)
         XCTAssertEqual(result.transactions.count, 0)
         XCTAssertEqual(result.stop?.problem, .invalidField(name: "store tag", value: 2))
@@ -346,12 +363,12 @@ final class FormatTests: XCTestCase {
         // written nor read.
         let limit = perPage + 700
         let roots: [UInt64: UInt32] = [perPage: 0, perPage + 1: 7, perPage + 300: 0x0102_0304, limit - 1: UInt32.max - 1]
-        let payload = TablePage.encode(pageIndex: 1, blobIDLimit: limit) { roots[$0] }
+        let payload = TablePage.encode(pageIndex: 1, blobIDLimit: limit) { roots[$0.rawValue] }
         XCTAssertEqual(payload.count, ArrayPage.payloadBytes)
         XCTAssertEqual(Array(payload[0..<4]), [1, 0, 0, 0], "root 0 is stored as 1: 0 means no blob")
         XCTAssertEqual(Array(payload[(300 * 4)..<(301 * 4)]), [0x05, 0x03, 0x02, 0x01], "root + 1, little-endian")
         let decoded = TablePage.decode(payload[...], pageIndex: 1, blobIDLimit: limit)
-        XCTAssertEqual(decoded.map(\.id), roots.keys.sorted())
+        XCTAssertEqual(decoded.map(\.id.rawValue), roots.keys.sorted())
         XCTAssertEqual(decoded.map(\.root), roots.keys.sorted().map { roots[$0]! })
         var past = payload
         past[700 * 4] = 9

@@ -13,8 +13,8 @@ final class GrowTests: XCTestCase {
     static let pageBlocks: UInt64 = 1  // 4 KiB blocks
 
     /// A store with blobs of every kind of metadata, some of it only in the log.
-    private func populate(_ store: BlobStore, count: Int, seed: UInt64) throws -> [UInt64: [UInt8]] {
-        var contents: [UInt64: [UInt8]] = [:]
+    private func populate(_ store: BlobStore, count: Int, seed: UInt64) throws -> [BlobID: [UInt8]] {
+        var contents: [BlobID: [UInt8]] = [:]
         for index in 0..<count {
             let id = try store.createBlob(clusterCount: 3, xattrs: [("n", Array("blob \(index)".utf8))])
             let data = BlobStoreCrashTests.data(seed &+ UInt64(index), 8192)
@@ -24,7 +24,7 @@ final class GrowTests: XCTestCase {
         return contents
     }
 
-    private func check(_ store: BlobStore, _ contents: [UInt64: [UInt8]], _ context: String) throws {
+    private func check(_ store: BlobStore, _ contents: [BlobID: [UInt8]], _ context: String) throws {
         let report = store.verify()
         XCTAssertTrue(report.isConsistent, "\(context): \(report.problems)")
         for (id, data) in contents {
@@ -105,7 +105,7 @@ final class GrowTests: XCTestCase {
         let reactor = try Reactor()
         let oldBlocks: UInt64 = 4096, newBlocks: UInt64 = 8192
         let image: [UInt8]
-        var synced: [UInt64: [UInt8]] = [:]
+        var synced: [BlobID: [UInt8]] = [:]
         do {
             let io = try BdevSyncIO(bdev: Bdev(backend: try MallocBdev(blockCount: oldBlocks)), reactor: reactor)
             let store = try BlobStore.format(io, options: .init(logPages: 32))

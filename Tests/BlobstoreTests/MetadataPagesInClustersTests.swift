@@ -43,7 +43,7 @@ final class MetadataPagesInClustersTests: XCTestCase {
         let (io, _) = try makeIO()
         let store = try BlobStore.format(io, options: Self.small)
         let freeAtStart = store.freeClusterCount
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for index in 0..<300 {
             let id = try store.createBlob(clusterCount: 1, xattrs: [("name", Array("blob \(index)".utf8))])
             try store.write(blob: id, offsetUnits: 0, data: Self.content(index))
@@ -90,7 +90,7 @@ final class MetadataPagesInClustersTests: XCTestCase {
     func testAFullStoreKeepsRoomForCheckpoints() throws {
         let (io, _) = try makeIO(megabytes: 4)
         let store = try BlobStore.format(io, options: Self.small)
-        var small: [UInt64] = []
+        var small: [BlobID] = []
         for _ in 0..<60 { small.append(try store.createBlob(xattrs: [("x", [1])])) }
         try store.checkpoint()  // the region (16 pages) is full: chains in clusters
         XCTAssertGreaterThan(store.metadataClusterReserve, 0)
@@ -136,7 +136,7 @@ final class MetadataPagesInClustersTests: XCTestCase {
     func testDamagedChainsIntoClustersAreNamed() throws {
         let (io, _) = try makeIO()
         let store = try BlobStore.format(io, options: Self.small)
-        var ids: [UInt64] = []
+        var ids: [BlobID] = []
         for index in 0..<20 {
             let id = try store.createBlob(clusterCount: 1)
             try store.write(blob: id, offsetUnits: 0, data: Self.content(index))
@@ -170,12 +170,12 @@ final class MetadataPagesInClustersTests: XCTestCase {
     }
 
     /// Points blob `id`'s entry in the active table at `page`.
-    private func setTableEntry(_ io: BdevSyncIO, _ block: SuperBlock, id: UInt64, to page: UInt32) throws {
+    private func setTableEntry(_ io: BdevSyncIO, _ block: SuperBlock, id: BlobID, to page: UInt32) throws {
         let tableStart = block.table.startPage + UInt64(block.activeCopy) * block.table.pageCount
-        let pageIndex = UInt64(id) / UInt64(TablePage.entriesPerPage)
+        let pageIndex = UInt64(TablePage.pageIndex(of: id))
         let raw = try BlobStore.readPages(io, at: tableStart + pageIndex, count: 1)
         var payload = Array(try ArrayPage.decode(raw[...], kind: .table, pageIndex: UInt32(pageIndex), offset: 0).payload)
-        let at = Int(id % UInt64(TablePage.entriesPerPage)) * 4
+        let at = Int(id.rawValue % UInt64(TablePage.entriesPerPage)) * 4
         let value = page + 1
         for byte in 0..<4 { payload[at + byte] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(byte))) }
         let encoded = ArrayPage.encode(kind: .table, checkpointSequence: block.sequence, pageIndex: UInt32(pageIndex), payload: payload[...])

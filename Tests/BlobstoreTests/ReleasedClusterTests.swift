@@ -38,7 +38,7 @@ final class ReleasedClusterTests: XCTestCase {
         let data: Reactor
         let side: DataSide
         let handle: BlobHandle
-        let victim: UInt64
+        let victim: BlobID
         let victimClusters: [UInt64]
     }
 
@@ -83,7 +83,7 @@ final class ReleasedClusterTests: XCTestCase {
     }
 
     /// Writes one new blob of `clusters` clusters full of `byte`; returns it and its clusters.
-    private func newBlob(_ service: BlobStoreService, clusters: UInt64, byte: UInt8) throws -> (UInt64, Set<UInt64>) {
+    private func newBlob(_ service: BlobStoreService, clusters: UInt64, byte: UInt8) throws -> (BlobID, Set<UInt64>) {
         try service.perform { store in
             let id = try store.createBlob(clusterCount: clusters)
             try store.write(blob: id, offsetUnits: 0, data: [UInt8](repeating: byte, count: Int(clusters) * 4096))

@@ -7,7 +7,7 @@ final class StoreStateTests: XCTestCase {
     func testMetadataLogNumbersTransactionsFromTheCheckpoint() {
         var log = MetadataLog(FormatTests.sampleSuperBlock())  // checkpoint LSN 99, tail 12
         XCTAssertEqual(log.head, 12)
-        let first = log.numbered([.createBlob(id: 1), .setSuperBlob(id: 1)])
+        let first = log.numbered([.createBlob(id: BlobID(rawValue: 1)), .setSuperBlob(id: BlobID(rawValue: 1))])
         XCTAssertEqual(first.map(\.lsn), [100, 101, 102])
         XCTAssertEqual(Set(first.map(\.transaction)), [100])
         XCTAssertEqual(first.last?.record, .commit(recordCount: 3))
@@ -15,7 +15,7 @@ final class StoreStateTests: XCTestCase {
         log.enqueue(first, bytes: 60)
         XCTAssertEqual(log.nextLSN, 103)
         XCTAssertEqual(log.commitEpoch, 1)
-        let second = log.numbered([.deleteBlob(id: 1)])
+        let second = log.numbered([.deleteBlob(id: BlobID(rawValue: 1))])
         XCTAssertEqual(second.first?.lsn, 103)
         log.enqueue(second, bytes: 20)
 
@@ -23,7 +23,7 @@ final class StoreStateTests: XCTestCase {
         let taken = log.takePending()
         XCTAssertTrue(log.pending.isEmpty)
         XCTAssertEqual(log.pendingBytes, 0)
-        let third = log.numbered([.createBlob(id: 2)])
+        let third = log.numbered([.createBlob(id: BlobID(rawValue: 2))])
         log.enqueue(third, bytes: 20)
         log.putBack(taken, dataFlush: true)
         XCTAssertEqual(log.pending.map(\.lsn), Array(100...106))
@@ -34,9 +34,9 @@ final class StoreStateTests: XCTestCase {
         var log = MetadataLog(FormatTests.sampleSuperBlock())
         let capacity = BlobStore.pageBytes - LogPage.headerBytes
         let value = [UInt8](repeating: 7, count: 1500)
-        let records = log.numbered([.setXattr(id: 1, internal: false, name: "a", value: value),
-                                    .setXattr(id: 1, internal: false, name: "b", value: value),
-                                    .setXattr(id: 1, internal: false, name: "c", value: value)])
+        let records = log.numbered([.setXattr(id: BlobID(rawValue: 1), internal: false, name: "a", value: value),
+                                    .setXattr(id: BlobID(rawValue: 1), internal: false, name: "b", value: value),
+                                    .setXattr(id: BlobID(rawValue: 1), internal: false, name: "c", value: value)])
         let fresh = log.pages(for: records, reopened: nil)
         XCTAssertEqual(fresh.firstSequence, 12)
         XCTAssertEqual(fresh.pages.map(\.count), [2, 2], "two xattrs of 1500 bytes fill a page")
@@ -45,7 +45,7 @@ final class StoreStateTests: XCTestCase {
 
         // The open page is the one before the head: records that fit join it.
         log.head = 14
-        let small = log.numbered([.createBlob(id: 2)])
+        let small = log.numbered([.createBlob(id: BlobID(rawValue: 2))])
         let joined = log.pages(for: small, reopened: (records, 100))
         XCTAssertEqual(joined.firstSequence, 13)
         XCTAssertEqual(joined.pages.count, 1)

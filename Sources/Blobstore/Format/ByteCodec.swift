@@ -63,6 +63,8 @@ struct ByteWriter {
     mutating func u16(_ value: UInt16) { put(UInt64(value), width: 2) }
     mutating func u32(_ value: UInt32) { put(UInt64(value), width: 4) }
     mutating func u64(_ value: UInt64) { put(value, width: 8) }
+    /// A blob id is its raw value; `nil` (no blob) is all ones.
+    mutating func blobID(_ id: BlobID?) { u64(id?.rawValue ?? UInt64.max) }
 
     mutating func raw(_ data: some Collection<UInt8>) {
         precondition(data.count <= remaining, "encoder overflow: \(data.count) bytes, \(remaining) left")
@@ -113,6 +115,12 @@ struct ByteReader {
     mutating func u16() throws(FormatError) -> UInt16 { UInt16(try take(2)) }
     mutating func u32() throws(FormatError) -> UInt32 { UInt32(try take(4)) }
     mutating func u64() throws(FormatError) -> UInt64 { try take(8) }
+    mutating func blobID() throws(FormatError) -> BlobID { BlobID(rawValue: try take(8)) }
+    /// All ones is no blob (`ByteWriter.blobID`).
+    mutating func optionalBlobID() throws(FormatError) -> BlobID? {
+        let raw = try take(8)
+        return raw == UInt64.max ? nil : BlobID(rawValue: raw)
+    }
 
     mutating func raw(_ count: Int) throws(FormatError) -> [UInt8] {
         guard count >= 0, count <= remaining else { throw error(.truncated(needed: count, available: remaining)) }

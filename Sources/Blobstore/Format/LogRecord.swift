@@ -5,25 +5,25 @@
 /// One metadata change. Records are redo records: replaying a committed transaction on
 /// the state of the checkpoint it follows yields the state after it.
 public enum LogRecord: Equatable, Sendable {
-    case createBlob(id: UInt64)
-    case deleteBlob(id: UInt64)
-    case resizeBlob(id: UInt64, clusterCount: UInt64)
-    case mapExtent(id: UInt64, extent: Extent)
-    case unmapClusters(id: UInt64, clusterIndex: UInt64, count: UInt32)
-    case setXattr(id: UInt64, internal: Bool, name: String, value: [UInt8])
-    case removeXattr(id: UInt64, internal: Bool, name: String)
-    case setFlags(id: UInt64, flags: BlobFlags)
-    case setSuperBlob(id: UInt64?)
+    case createBlob(id: BlobID)
+    case deleteBlob(id: BlobID)
+    case resizeBlob(id: BlobID, clusterCount: UInt64)
+    case mapExtent(id: BlobID, extent: Extent)
+    case unmapClusters(id: BlobID, clusterIndex: UInt64, count: UInt32)
+    case setXattr(id: BlobID, internal: Bool, name: String, value: [UInt8])
+    case removeXattr(id: BlobID, internal: Bool, name: String)
+    case setFlags(id: BlobID, flags: BlobFlags)
+    case setSuperBlob(id: BlobID?)
     /// Blob `snapshot` (a free id) is created with blob `id`'s size, clusters, parent and
     /// backed count, as a snapshot (read-only data); `id` keeps its size, xattrs and flags,
     /// maps nothing, and becomes its clone (parent `snapshot`, every cluster backed).
-    case snapshot(id: UInt64, snapshot: UInt64)
+    case snapshot(id: BlobID, snapshot: BlobID)
     /// Blob `id` becomes a clone of `parent` (nil: of nothing), its first `backedClusters`
     /// clusters backed by it.
-    case setParent(id: UInt64, parent: UInt64?, backedClusters: UInt64)
+    case setParent(id: BlobID, parent: BlobID?, backedClusters: UInt64)
     /// Snapshot `id`, whose only clone is `child`, is deleted: the clusters the child reads
     /// from it move to the child, the others are released, and the child takes its parent.
-    case mergeIntoChild(id: UInt64, child: UInt64)
+    case mergeIntoChild(id: BlobID, child: BlobID)
     /// Ends a transaction of `recordCount` records (the commit included).
     case commit(recordCount: UInt32)
 
@@ -46,7 +46,7 @@ public enum LogRecord: Equatable, Sendable {
     }
 
     /// The blob a record changes (nil for store-wide records).
-    public var blobID: UInt64? {
+    public var blobID: BlobID? {
         switch self {
         case let .createBlob(id), let .deleteBlob(id), let .resizeBlob(id, _), let .mapExtent(id, _),
              let .unmapClusters(id, _, _), let .setXattr(id, _, _, _), let .removeXattr(id, _, _), let .setFlags(id, _),
@@ -57,7 +57,7 @@ public enum LogRecord: Equatable, Sendable {
     }
 
     /// The second blob a record changes: the new snapshot, the child a snapshot merges into.
-    public var otherBlobID: UInt64? {
+    public var otherBlobID: BlobID? {
         switch self {
         case let .snapshot(_, other), let .mergeIntoChild(_, other): other
         default: nil
@@ -68,28 +68,28 @@ public enum LogRecord: Equatable, Sendable {
         var writer = ByteWriter(count: LogPage.recordPayloadBytesMax)
         switch self {
         case let .createBlob(id), let .deleteBlob(id):
-            writer.u64(id)
+            writer.blobID(id)
         case let .resizeBlob(id, count):
-            writer.u64(id); writer.u64(count)
+            writer.blobID(id); writer.u64(count)
         case let .mapExtent(id, extent):
-            writer.u64(id); writer.u64(extent.clusterIndex); writer.u32(extent.count); writer.u64(extent.firstCluster)
+            writer.blobID(id); writer.u64(extent.clusterIndex); writer.u32(extent.count); writer.u64(extent.firstCluster)
         case let .unmapClusters(id, index, count):
-            writer.u64(id); writer.u64(index); writer.u32(count)
+            writer.blobID(id); writer.u64(index); writer.u32(count)
         case let .setXattr(id, isInternal, name, value):
             let nameBytes = Array(name.utf8)
-            writer.u64(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.u16(UInt16(value.count))
+            writer.blobID(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.u16(UInt16(value.count))
             writer.raw(nameBytes); writer.raw(value)
         case let .removeXattr(id, isInternal, name):
             let nameBytes = Array(name.utf8)
-            writer.u64(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.raw(nameBytes)
+            writer.blobID(id); writer.u8(isInternal ? 1 : 0); writer.u16(UInt16(nameBytes.count)); writer.raw(nameBytes)
         case let .setFlags(id, flags):
-            writer.u64(id); writer.u64(flags.invalid); writer.u64(flags.readOnlyData); writer.u64(flags.readOnlyMetadata)
+            writer.blobID(id); writer.u64(flags.invalid); writer.u64(flags.readOnlyData); writer.u64(flags.readOnlyMetadata)
         case let .setSuperBlob(id):
-            writer.u64(id ?? UInt64.max)
+            writer.blobID(id)
         case let .snapshot(id, other), let .mergeIntoChild(id, other):
-            writer.u64(id); writer.u64(other)
+            writer.blobID(id); writer.blobID(other)
         case let .setParent(id, parent, backed):
-            writer.u64(id); writer.u64(parent ?? UInt64.max); writer.u64(backed)
+            writer.blobID(id); writer.blobID(parent); writer.u64(backed)
         case let .commit(count):
             writer.u32(count)
         }
@@ -100,19 +100,19 @@ public enum LogRecord: Equatable, Sendable {
         var reader = ByteReader(payload[...], structure: structure, base: offset)
         let record: LogRecord
         switch type {
-        case 1: record = .createBlob(id: try reader.u64())
-        case 2: record = .deleteBlob(id: try reader.u64())
+        case 1: record = .createBlob(id: try reader.blobID())
+        case 2: record = .deleteBlob(id: try reader.blobID())
         // Ranges are checked here so that replay can add without overflow: no blob exceeds
         // MetadataPage.blobClustersMax clusters, no device cluster number wraps.
         case 3:
-            let id = try reader.u64()
+            let id = try reader.blobID()
             let count = try reader.u64()
             guard count <= MetadataPage.blobClustersMax else {
                 throw reader.error(.invalidField(name: "blob size (clusters)", value: count), at: 8)
             }
             record = .resizeBlob(id: id, clusterCount: count)
         case 4:
-            let id = try reader.u64()
+            let id = try reader.blobID()
             let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(), firstCluster: try reader.u64())
             guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0), at: 16) }
             guard extent.clusterIndex <= MetadataPage.blobClustersMax,
@@ -124,7 +124,7 @@ public enum LogRecord: Equatable, Sendable {
             }
             record = .mapExtent(id: id, extent: extent)
         case 5:
-            let id = try reader.u64()
+            let id = try reader.blobID()
             let index = try reader.u64()
             let count = try reader.u32()
             guard count > 0, index <= MetadataPage.blobClustersMax, UInt64(count) <= MetadataPage.blobClustersMax - index else {
@@ -132,7 +132,7 @@ public enum LogRecord: Equatable, Sendable {
             }
             record = .unmapClusters(id: id, clusterIndex: index, count: count)
         case 6, 7:
-            let id = try reader.u64()
+            let id = try reader.blobID()
             let isInternal = try reader.u8()
             guard isInternal <= 1 else { throw reader.error(.invalidField(name: "xattr class", value: UInt64(isInternal))) }
             let nameLength = Int(try reader.u16())
@@ -151,28 +151,32 @@ public enum LogRecord: Equatable, Sendable {
                 ? .setXattr(id: id, internal: isInternal == 1, name: name, value: try reader.raw(valueLength))
                 : .removeXattr(id: id, internal: isInternal == 1, name: name)
         case 8:
-            record = .setFlags(id: try reader.u64(), flags: BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
+            record = .setFlags(id: try reader.blobID(), flags: BlobFlags(invalid: try reader.u64(), readOnlyData: try reader.u64(),
                                                                       readOnlyMetadata: try reader.u64()))
         case 9:
-            let id = try reader.u64()
-            record = .setSuperBlob(id: id == UInt64.max ? nil : id)
+            record = .setSuperBlob(id: try reader.optionalBlobID())
         case 10, 12:
-            let id = try reader.u64()
-            let other = try reader.u64()
-            guard other != id else { throw reader.error(.invalidField(name: "second blob id (the same blob)", value: other), at: 8) }
+            let id = try reader.blobID()
+            let other = try reader.blobID()
+            guard other != id else {
+                throw reader.error(.invalidField(name: "second blob id (the same blob)", value: other.rawValue), at: 8)
+            }
             record = type == 10 ? .snapshot(id: id, snapshot: other) : .mergeIntoChild(id: id, child: other)
         case 11:
-            let id = try reader.u64()
-            let parent = try reader.u64()
+            let id = try reader.blobID()
+            let parentField = try reader.u64()  // all ones: no parent (`ByteWriter.blobID`)
+            let parent = parentField == UInt64.max ? nil : BlobID(rawValue: parentField)
             let backed = try reader.u64()
-            guard parent != id else { throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent), at: 8) }
+            guard parentField != id.rawValue else {
+                throw reader.error(.invalidField(name: "parent (the blob itself)", value: parentField), at: 8)
+            }
             guard backed <= MetadataPage.blobClustersMax else {
                 throw reader.error(.invalidField(name: "backed clusters", value: backed), at: 16)
             }
-            guard parent != UInt64.max || backed == 0 else {
+            guard parent != nil || backed == 0 else {
                 throw reader.error(.invalidField(name: "backed clusters without a parent", value: backed), at: 16)
             }
-            record = .setParent(id: id, parent: parent == UInt64.max ? nil : parent, backedClusters: backed)
+            record = .setParent(id: id, parent: parent, backedClusters: backed)
         case 0xFF:
             let count = try reader.u32()
             guard count > 0 else { throw reader.error(.invalidField(name: "commit record count", value: 0)) }

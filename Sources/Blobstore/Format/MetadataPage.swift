@@ -35,7 +35,7 @@ public struct BlobFlags: Equatable, Sendable {
 }
 
 public struct BlobMetadata: Equatable, Sendable {
-    public var id: UInt64
+    public var id: BlobID
     public var clusterCount: UInt64
     public var flags: BlobFlags
     /// Sorted by clusterIndex, not overlapping.
@@ -46,13 +46,13 @@ public struct BlobMetadata: Equatable, Sendable {
     /// The snapshot this blob is a clone of (nil: none). Blob clusters below
     /// `backedClusters` that the blob does not map read from the parent (and, where the
     /// parent maps nothing either, from its parent, up the chain); the others read as zeros.
-    public var parent: UInt64?
+    public var parent: BlobID?
     /// How many leading blob clusters the parent backs (0 without a parent): a shrink
     /// lowers it, so clusters cut off and grown again read as zeros, not as the parent's.
     public var backedClusters: UInt64
 
-    public init(id: UInt64, clusterCount: UInt64 = 0, flags: BlobFlags = BlobFlags(), extents: [Extent] = [],
-                xattrs: XattrList = [], internalXattrs: XattrList = [], parent: UInt64? = nil, backedClusters: UInt64 = 0) {
+    public init(id: BlobID, clusterCount: UInt64 = 0, flags: BlobFlags = BlobFlags(), extents: [Extent] = [],
+                xattrs: XattrList = [], internalXattrs: XattrList = [], parent: BlobID? = nil, backedClusters: UInt64 = 0) {
         self.id = id
         self.clusterCount = clusterCount
         self.flags = flags
@@ -110,7 +110,7 @@ public enum MetadataPage {
         if let parent = blob.parent {
             var writer = ByteWriter(count: 4 + 16)
             writer.u8(DescriptorType.parent.rawValue); writer.u8(0); writer.u16(16)
-            writer.u64(parent); writer.u64(blob.backedClusters)
+            writer.blobID(parent); writer.u64(blob.backedClusters)
             result.append(writer.bytes)
         }
         var start = 0
@@ -169,7 +169,7 @@ public enum MetadataPage {
             var writer = ByteWriter(count: pageBytes)
             writer.u32(magic)
             writer.u32(0)  // checksum, sealed below
-            writer.u64(blob.id)
+            writer.blobID(blob.id)
             writer.u32(UInt32(index))
             writer.u32(index + 1 < pageIDs.count ? pageIDs[index + 1] : noNextPage)
             writer.u64(checkpointSequence)
@@ -184,7 +184,7 @@ public enum MetadataPage {
 
     /// One decoded page of a chain.
     public struct Page: Sendable {
-        public var blobID: UInt64
+        public var blobID: BlobID
         public var chainIndex: UInt32
         public var nextPage: UInt32?
         public var checkpointSequence: UInt64
@@ -199,7 +199,7 @@ public enum MetadataPage {
         guard found == magic else { throw reader.error(.badMagic(found: UInt64(found)), at: 0) }
         try reader.verifyChecksum(over: 8..<pageBytes, at: 4)
         _ = try reader.u32()
-        let blobID = try reader.u64()
+        let blobID = try reader.blobID()
         let chainIndex = try reader.u32()
         let next = try reader.u32()
         let checkpoint = try reader.u64()
@@ -245,7 +245,7 @@ public enum MetadataPage {
         for (index, page) in pages.enumerated() {
             let name = "metadata page \(pageIDs[index])"
             guard page.blobID == first.blobID else {
-                throw FormatError(name, offset: offsets[index] + 8, .invalidField(name: "blob id", value: page.blobID))
+                throw FormatError(name, offset: offsets[index] + 8, .invalidField(name: "blob id", value: page.blobID.rawValue))
             }
             guard page.chainIndex == UInt32(index) else {
                 throw FormatError(name, offset: offsets[index] + 16,
@@ -271,8 +271,10 @@ public enum MetadataPage {
                         throw reader.error(.invalidField(name: "parent descriptor", value: UInt64(descriptor.payload.count)))
                     }
                     sawParent = true
-                    let parent = try reader.u64()
-                    guard parent != first.blobID else { throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent), at: 0) }
+                    let parent = try reader.blobID()
+                    guard parent != first.blobID else {
+                        throw reader.error(.invalidField(name: "parent (the blob itself)", value: parent.rawValue), at: 0)
+                    }
                     blob.parent = parent
                     blob.backedClusters = try reader.u64()
                 case .extents:

@@ -69,10 +69,12 @@ public struct SuperBlock: Equatable, Sendable {
     public var dataStartPage: UInt64
     public var clusterCount: UInt64
     public var blobIDLimit: UInt64
+    /// Whether `id` is below the id limit: it has a table entry and a bit in the blob-id bitmap.
+    public func covers(_ id: BlobID) -> Bool { id.rawValue < blobIDLimit }
     public var activeCopy: UInt8
     public var checkpointLSN: UInt64
     public var logTailSequence: UInt64
-    public var superBlobID: UInt64?
+    public var superBlobID: BlobID?
     /// Pages of the table and bitmap copies (table pages first, then bitmap pages, by
     /// index within a copy) whose payload this checkpoint's copy has and the other copy
     /// has not; nil: not recorded (then the other copy is unknown). Lets the first
@@ -88,7 +90,7 @@ public struct SuperBlock: Equatable, Sendable {
     public init(sequence: UInt64, storeID: (UInt64, UInt64), blockSizeBytes: UInt32, clusterSizeBytes: UInt32,
                 isClean: Bool, devicePages: UInt64, log: Region, table: Region, bitmaps: Region,
                 metadataPages: Region, dataStartPage: UInt64, clusterCount: UInt64, blobIDLimit: UInt64,
-                activeCopy: UInt8, checkpointLSN: UInt64, logTailSequence: UInt64, superBlobID: UInt64?) {
+                activeCopy: UInt8, checkpointLSN: UInt64, logTailSequence: UInt64, superBlobID: BlobID?) {
         self.sequence = sequence
         self.storeID = storeID
         self.blockSizeBytes = blockSizeBytes
@@ -138,7 +140,7 @@ public struct SuperBlock: Equatable, Sendable {
         writer.raw([UInt8](repeating: 0, count: 7))
         writer.u64(checkpointLSN)
         writer.u64(logTailSequence)
-        writer.u64(superBlobID ?? UInt64.max)
+        writer.blobID(superBlobID)
         if let changed = changedSincePrevious, changed.count <= Self.changedPagesMax {
             writer.u32(UInt32(changed.count + 1))
             for page in changed { writer.u32(page) }
@@ -192,7 +194,7 @@ public struct SuperBlock: Equatable, Sendable {
         _ = try reader.raw(7)
         let checkpointLSN = try reader.u64()
         let logTail = try reader.u64()
-        let superBlob = try reader.u64()
+        let superBlob = try reader.optionalBlobID()
         let changedField = try reader.u32()
         guard changedField <= UInt32(changedPagesMax) + 1 else {
             throw reader.error(.invalidField(name: "changed array pages", value: UInt64(changedField)), at: 208)
@@ -208,7 +210,7 @@ public struct SuperBlock: Equatable, Sendable {
             isClean: flags & 1 == 1, devicePages: devicePages, log: regions[0], table: regions[1], bitmaps: regions[2],
             metadataPages: regions[3], dataStartPage: dataStart, clusterCount: clusterCount, blobIDLimit: blobIDLimit,
             activeCopy: activeCopy, checkpointLSN: checkpointLSN, logTailSequence: logTail,
-            superBlobID: superBlob == UInt64.max ? nil : superBlob)
+            superBlobID: superBlob)
         var copy = block
         copy.incompatibleFeatures = incompatible
         copy.isCheckpointIntent = flags & 2 != 0

@@ -55,14 +55,17 @@ public enum TablePage {
     public static let entryBytes = 4
     public static let entriesPerPage = ArrayPage.payloadBytes / entryBytes
 
+    /// The table page that holds blob `id`'s entry.
+    public static func pageIndex(of id: BlobID) -> Int { Int(id.rawValue / UInt64(entriesPerPage)) }
+
     /// The payload of table page `pageIndex`: for each id below `blobIDLimit` on it, the
     /// first page of its chain (`root`; nil: no blob).
-    public static func encode(pageIndex: Int, blobIDLimit: UInt64, root: (UInt64) -> UInt32?) -> [UInt8] {
+    public static func encode(pageIndex: Int, blobIDLimit: UInt64, root: (BlobID) -> UInt32?) -> [UInt8] {
         var payload = [UInt8](repeating: 0, count: ArrayPage.payloadBytes)
         for entry in 0..<entriesPerPage {
             let id = UInt64(pageIndex) * UInt64(entriesPerPage) + UInt64(entry)
             guard id < blobIDLimit else { break }
-            guard let root = root(id) else { continue }
+            guard let root = root(BlobID(rawValue: id)) else { continue }
             precondition(root < UInt32.max, "blob \(id): root page \(root) has no table entry")
             let value = root + 1
             for byte in 0..<entryBytes { payload[entry * entryBytes + byte] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(byte))) }
@@ -72,16 +75,16 @@ public enum TablePage {
 
     /// The blobs of table page `pageIndex`'s payload (`ArrayPage.decode`'s), by id, with
     /// the first page of their chain; entries at or past `blobIDLimit` are not read.
-    public static func decode(_ payload: ArraySlice<UInt8>, pageIndex: Int, blobIDLimit: UInt64) -> [(id: UInt64, root: UInt32)] {
+    public static func decode(_ payload: ArraySlice<UInt8>, pageIndex: Int, blobIDLimit: UInt64) -> [(id: BlobID, root: UInt32)] {
         precondition(payload.count >= ArrayPage.payloadBytes)
-        var roots: [(id: UInt64, root: UInt32)] = []
+        var roots: [(id: BlobID, root: UInt32)] = []
         for entry in 0..<entriesPerPage {
             let id = UInt64(pageIndex) * UInt64(entriesPerPage) + UInt64(entry)
             guard id < blobIDLimit else { break }
             let at = payload.startIndex + entry * entryBytes
             let value = UInt32(payload[at]) | UInt32(payload[at + 1]) << 8 | UInt32(payload[at + 2]) << 16
                 | UInt32(payload[at + 3]) << 24
-            if value != 0 { roots.append((id, value - 1)) }
+            if value != 0 { roots.append((BlobID(rawValue: id), value - 1)) }
         }
         return roots
     }

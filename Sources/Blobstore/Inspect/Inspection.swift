@@ -6,7 +6,7 @@ public struct ChainPage: Sendable {
     public var offset: UInt64
     /// nil when the page decodes (magic, CRC, header); otherwise what is wrong.
     public var problem: String?
-    public var blobID: UInt64?
+    public var blobID: BlobID?
     public var chainIndex: UInt32?
     public var nextPage: UInt32?
     public var checkpointSequence: UInt64?
@@ -15,18 +15,18 @@ public struct ChainPage: Sendable {
 extension BlobStore {
     /// The metadata pages of `id`'s chain as of the checkpoint (empty for a blob created
     /// since), each re-read and decoded.
-    public func chainPages(_ id: UInt64) -> [ChainPage] {
+    public func chainPages(_ id: BlobID) -> [ChainPage] {
         (durableChains[id] ?? []).map(inspectMetadataPage)
     }
 
     /// Every metadata page the checkpoint's chains use, by page id, with its owner.
-    public var metadataPageOwners: [(page: UInt32, blob: UInt64)] {
+    public var metadataPageOwners: [(page: UInt32, blob: BlobID)] {
         durableChains.flatMap { id, pages in pages.map { ($0, id) } }.sorted { $0.page < $1.page }
     }
 
     /// Whether the blob changed since the checkpoint (its chain on the device is older
     /// than what the log replay produced).
-    public func changedSinceCheckpoint(_ id: UInt64) -> Bool { dirtyBlobs.contains(id) }
+    public func changedSinceCheckpoint(_ id: BlobID) -> Bool { dirtyBlobs.contains(id) }
 
     public func inspectMetadataPage(_ pageID: UInt32) -> ChainPage {
         let page = superBlock.metadataPageAddress(pageID)
@@ -49,7 +49,7 @@ extension BlobStore {
     }
 
     /// Device byte offset of a blob cluster's data, if allocated.
-    public func deviceOffset(blob id: UInt64, cluster index: UInt64) -> UInt64? {
+    public func deviceOffset(blob id: BlobID, cluster index: UInt64) -> UInt64? {
         guard let blob = blobs[id], let cluster = physicalCluster(blob, index) else { return nil }
         return superBlock.dataStartPage * UInt64(Self.pageBytes) + cluster * UInt64(clusterSizeBytes)
     }

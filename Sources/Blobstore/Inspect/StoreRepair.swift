@@ -118,8 +118,8 @@ public struct RepairReport: Sendable {
     public var changes: [RepairChange] = []
     /// Blobs whose content may differ from what it was before the damage (see
     /// `SalvageReport.affectedBlobs`), the blob store's and the layer above's.
-    public var affectedBlobs: Set<UInt64> = []
-    public var removedBlobs: Set<UInt64> = []
+    public var affectedBlobs: Set<BlobID> = []
+    public var removedBlobs: Set<BlobID> = []
     /// The first LSN the log replay did not reach (transactions from there on are lost).
     public var replayEndLSN: UInt64 = 0
     /// Log pages past the new tail that were zeroed (their sequences).
@@ -142,10 +142,10 @@ public struct RepairOptions {
     public var force = false
     /// The layer above (the file system): runs on the salvaged store after its first
     /// checkpoint; returns its changes and the blobs whose content they touched.
-    public var upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<UInt64>))?
+    public var upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<BlobID>))?
 
     public init(dryRun: Bool = false, undoPath: String? = nil, force: Bool = false,
-                upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<UInt64>))? = nil) {
+                upperLayer: ((BlobStore, SalvageReport) throws -> (changes: [RepairChange], affected: Set<BlobID>))? = nil) {
         self.dryRun = dryRun
         self.undoPath = undoPath
         self.force = force
