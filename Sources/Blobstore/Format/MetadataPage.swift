@@ -278,50 +278,10 @@ public enum MetadataPage {
                     blob.parent = parent
                     blob.backedClusters = try reader.u64()
                 case .extents:
-                    let count = Int(try reader.u16())
-                    guard descriptor.payload.count == 2 + count * extentBytes else {
-                        throw reader.error(.invalidField(name: "extent count", value: UInt64(count)), at: 0)
-                    }
-                    for _ in 0..<count {
-                        let at = reader.position
-                        let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(),
-                                            firstCluster: try reader.u64())
-                        guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0), at: at + 8) }
-                        // Ends checked without overflow: within the largest blob, within the device.
-                        guard extent.clusterIndex <= blobClustersMax, UInt64(extent.count) <= blobClustersMax - extent.clusterIndex else {
-                            throw reader.error(.invalidField(name: "extent cluster index", value: extent.clusterIndex), at: at)
-                        }
-                        guard extent.firstCluster <= clusterLimit, UInt64(extent.count) <= clusterLimit - extent.firstCluster else {
-                            throw reader.error(.invalidField(name: "extent of \(extent.count) clusters beyond the device (\(clusterLimit) clusters) at first cluster",
-                                                             value: extent.firstCluster), at: at)
-                        }
-                        if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > extent.clusterIndex {
-                            throw reader.error(.invalidField(name: "extent order", value: extent.clusterIndex), at: at)
-                        }
-                        blob.extents.append(extent)
-                    }
+                    try decodeExtents(&reader, payloadBytes: descriptor.payload.count, clusterLimit: clusterLimit, into: &blob)
                 case .xattr, .internalXattr:
-                    let nameLength = Int(try reader.u16())
-                    let valueLength = Int(try reader.u16())
-                    guard descriptor.payload.count == 4 + nameLength + valueLength, nameLength > 0 else {
-                        throw reader.error(.invalidField(name: "xattr lengths", value: UInt64(nameLength)), at: 0)
-                    }
-                    // What the encoder (a checkpoint) and a log record can hold.
-                    guard nameLength <= xattrNameBytesMax else {
-                        throw reader.error(.invalidField(name: "xattr name length", value: UInt64(nameLength)), at: 0)
-                    }
-                    guard nameLength + valueLength <= xattrBytesMax else {
-                        throw reader.error(.invalidField(name: "xattr size", value: UInt64(nameLength + valueLength)), at: 2)
-                    }
-                    guard let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
-                        throw reader.error(.invalidField(name: "xattr name (not UTF-8)", value: UInt64(nameLength)), at: 4)
-                    }
-                    let value = try reader.raw(valueLength)
-                    let unique = descriptor.type == DescriptorType.xattr.rawValue
-                        ? blob.xattrs.appendUnique(name, value) : blob.internalXattrs.appendUnique(name, value)
-                    guard unique else {
-                        throw reader.error(.invalidField(name: "xattr name repeated", value: UInt64(nameLength)), at: 4)
-                    }
+                    try decodeXattr(&reader, payloadBytes: descriptor.payload.count,
+                                    isInternal: descriptor.type == DescriptorType.internalXattr.rawValue, into: &blob)
                 case nil:
                     throw FormatError(name, offset: offsets[index] + UInt64(descriptor.offset),
                                       .invalidField(name: "descriptor type", value: UInt64(descriptor.type)))
@@ -340,5 +300,59 @@ public enum MetadataPage {
                               .invalidField(name: "extent beyond blob size", value: last.clusterIndex))
         }
         return blob
+    }
+
+    /// An extents descriptor: in order, non-empty, each within the largest blob and the device.
+    private static func decodeExtents(_ reader: inout ByteReader, payloadBytes: Int, clusterLimit: UInt64,
+                                      into blob: inout BlobMetadata) throws(FormatError) {
+        let count = Int(try reader.u16())
+        guard payloadBytes == 2 + count * extentBytes else {
+            throw reader.error(.invalidField(name: "extent count", value: UInt64(count)), at: 0)
+        }
+        for _ in 0..<count {
+            let at = reader.position
+            let extent = Extent(clusterIndex: try reader.u64(), count: try reader.u32(),
+                                firstCluster: try reader.u64())
+            guard extent.count > 0 else { throw reader.error(.invalidField(name: "extent length", value: 0), at: at + 8) }
+            // Ends checked without overflow: within the largest blob, within the device.
+            guard extent.clusterIndex <= blobClustersMax, UInt64(extent.count) <= blobClustersMax - extent.clusterIndex else {
+                throw reader.error(.invalidField(name: "extent cluster index", value: extent.clusterIndex), at: at)
+            }
+            guard extent.firstCluster <= clusterLimit, UInt64(extent.count) <= clusterLimit - extent.firstCluster else {
+                throw reader.error(.invalidField(name: "extent of \(extent.count) clusters beyond the device (\(clusterLimit) clusters) at first cluster",
+                                                 value: extent.firstCluster), at: at)
+            }
+            if let last = blob.extents.last, last.clusterIndex + UInt64(last.count) > extent.clusterIndex {
+                throw reader.error(.invalidField(name: "extent order", value: extent.clusterIndex), at: at)
+            }
+            blob.extents.append(extent)
+        }
+    }
+
+    /// An xattr descriptor (user-visible or internal): lengths within what a checkpoint and
+    /// a log record can hold, a UTF-8 name, no name twice.
+    private static func decodeXattr(_ reader: inout ByteReader, payloadBytes: Int, isInternal: Bool,
+                                    into blob: inout BlobMetadata) throws(FormatError) {
+        let nameLength = Int(try reader.u16())
+        let valueLength = Int(try reader.u16())
+        guard payloadBytes == 4 + nameLength + valueLength, nameLength > 0 else {
+            throw reader.error(.invalidField(name: "xattr lengths", value: UInt64(nameLength)), at: 0)
+        }
+        // What the encoder (a checkpoint) and a log record can hold.
+        guard nameLength <= xattrNameBytesMax else {
+            throw reader.error(.invalidField(name: "xattr name length", value: UInt64(nameLength)), at: 0)
+        }
+        guard nameLength + valueLength <= xattrBytesMax else {
+            throw reader.error(.invalidField(name: "xattr size", value: UInt64(nameLength + valueLength)), at: 2)
+        }
+        guard let name = String(validating: try reader.raw(nameLength), as: UTF8.self) else {
+            throw reader.error(.invalidField(name: "xattr name (not UTF-8)", value: UInt64(nameLength)), at: 4)
+        }
+        let value = try reader.raw(valueLength)
+        let unique = isInternal
+            ? blob.internalXattrs.appendUnique(name, value) : blob.xattrs.appendUnique(name, value)
+        guard unique else {
+            throw reader.error(.invalidField(name: "xattr name repeated", value: UInt64(nameLength)), at: 4)
+        }
     }
 }
