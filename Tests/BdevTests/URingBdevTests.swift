@@ -157,20 +157,10 @@ final class URingBdevTests: XCTestCase {
     /// unmount, an allocation waiting for released clusters) gets them completed without
     /// the reactor's loop: the second poll in one pass polls the ring by hand.
     func testAChannelPolledInALoopCompletesOnTheReactorRing() throws {
-        let path = temporaryImage("ring-drain")
-        let reactor = try Reactor()
-        try ReactorRing.attach(to: reactor)
-        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        let (reactor, _, bdev, channel) = try channelOnTheReactorRing("ring-drain")
         defer { bdev.close() }
-        let channel = try bdev.makeChannel(reactor: reactor)
         defer { channel.close() }
-        final class Count: BdevCompletionHandler {
-            var completed = 0
-            func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
-                if case .success = status { completed += 1 }
-            }
-        }
-        let count = Count()
+        let count = SuccessCount()
         let buffer = try DMABuffer.allocate(bytes: 16 * 4096)
         for index in 0..<16 {
             try channel.write(from: buffer, bufferOffset: index * 4096, offsetBlocks: UInt64(index), countBlocks: 1,
@@ -191,20 +181,10 @@ final class URingBdevTests: XCTestCase {
     /// waits for the reactor's sleep (a batch makes each request wait behind the others
     /// in the device).
     func testABurstOfRequestsOnTheReactorRingIsSubmittedAsItIsQueued() throws {
-        let path = temporaryImage("ring-burst")
-        let reactor = try Reactor()
-        let ring = try ReactorRing.attach(to: reactor)
-        let bdev = Bdev(backend: try URingBdev(path: path, createSizeBytes: 1 << 20))
+        let (reactor, ring, bdev, channel) = try channelOnTheReactorRing("ring-burst")
         defer { bdev.close() }
-        let channel = try bdev.makeChannel(reactor: reactor)
         defer { channel.close() }
-        final class Count: BdevCompletionHandler {
-            var completed = 0
-            func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
-                if case .success = status { completed += 1 }
-            }
-        }
-        let count = Count()
+        let count = SuccessCount()
         let buffer = try DMABuffer.allocate(bytes: 8 * 4096)
         ring.submitNow()  // the ring's own set-up entries
         for index in 0..<8 {
@@ -214,5 +194,21 @@ final class URingBdevTests: XCTestCase {
         }
         reactor.run(until: { count.completed == 8 })
         XCTAssertEqual(count.completed, 8)
+    }
+
+    /// A reactor with its ring, and a channel to a 1 MiB image file on it.
+    private func channelOnTheReactorRing(_ name: String) throws -> (Reactor, ReactorRing, Bdev, BdevChannel) {
+        let reactor = try Reactor()
+        let ring = try ReactorRing.attach(to: reactor)
+        let bdev = Bdev(backend: try URingBdev(path: temporaryImage(name), createSizeBytes: 1 << 20))
+        return (reactor, ring, bdev, try bdev.makeChannel(reactor: reactor))
+    }
+}
+
+/// Counts the requests that completed with success.
+private final class SuccessCount: BdevCompletionHandler {
+    var completed = 0
+    func bdevIOCompleted(tag: UInt64, status: BdevStatus) {
+        if case .success = status { completed += 1 }
     }
 }
