@@ -66,9 +66,7 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     /// Completions a hand poll reaped for consumers that do not take them there.
     private var deferred: ContiguousArray<Completion> = []
     /// Entries queued and not yet taken by the kernel.
-    private var unsubmitted: Int { Int(io_uring_sq_ready(ring)) }
-    /// Entries queued and not yet submitted (for tests).
-    public var queuedEntries: Int { unsubmitted }
+    public var queuedEntries: Int { Int(io_uring_sq_ready(ring)) }
     private var epollArmed = false
     private var heldOnePass = false
 
@@ -162,13 +160,13 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
     /// See `URingChannel.prepare` for why.
     @inline(__always)
     public func nextEntrySubmittingQueued() -> UnsafeMutablePointer<io_uring_sqe>? {
-        if unsubmitted > 0 { submitNow() }
+        if queuedEntries > 0 { submitNow() }
         return io_uring_get_sqe(ring)
     }
 
     /// Submits what is queued now (registrations at start, a full submission queue).
     public func submitNow() {
-        guard unsubmitted > 0 else { return }
+        guard queuedEntries > 0 else { return }
         report(io_uring_submit(ring))
     }
 
@@ -196,7 +194,7 @@ public final class ReactorRing: ReactorWaiter, ReactorRingConsumer {
             for index in 0..<count { deliver(batch[index]) }
             reaped = true
         }
-        guard unsubmitted > 0 else {
+        guard queuedEntries > 0 else {
             heldOnePass = false
             return reaped ? .busy : .idle
         }

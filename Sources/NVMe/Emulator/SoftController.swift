@@ -355,9 +355,14 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
             posted.phase = cq.phase
             // The phase dword goes last, after a release fence: the host polls it.
             posted.store(to: cq.base + cq.tail * CompletionEntry.bytes)
-            completionQueues[queueID]!.tail = cq.tail + 1 == cq.entries ? 0 : cq.tail + 1
-            if cq.tail + 1 == cq.entries { completionQueues[queueID]!.phase.toggle() }
-            completionQueues[queueID]!.raised = true
+            var advanced = cq
+            advanced.tail += 1
+            if advanced.tail == cq.entries {
+                advanced.tail = 0
+                advanced.phase.toggle()
+            }
+            advanced.raised = true
+            completionQueues[queueID] = advanced
         }
         ready.removeLast(count - kept)
         // One interrupt per queue per batch, after its entries are visible.
