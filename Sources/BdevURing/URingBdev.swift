@@ -209,11 +209,11 @@ final class URingChannel: BdevBackendChannel, ReactorRingConsumer {
     private func prepare(_ io: BdevIO) -> Bool {
         // On the reactor's ring, what is already queued (our earlier requests, FUSE replies)
         // goes now, before this request is queued: a burst of requests (a pass that took
-        // 16-25 FUSE reads) then reaches the device one by one, as fio submits, not as one
+        // 13-25 FUSE reads) then reaches the device one by one, as fio submits, not as one
         // batch at the end of the pass. In a batch each request waits behind the others
-        // inside the device: on this machine's virtio disk, at equal queue depth, 0.52 ms
-        // per read in batches against 0.33 ms one by one (bench/results/
-        // reqpath-2026-12-07.md, "Submitting one by one"). A lone request (qd1) still goes
+        // inside the device: on this machine's virtio disk, qd32 reads spent 442-457 us
+        // each in the device in batches against 300-318 us one by one (bench/blk-latency.sh;
+        // bench/results/reqpath-2026-12-07.md, section 4). A lone request (qd1) still goes
         // with the reactor's sleep, at no extra system call.
         guard let sqe = shared?.nextEntrySubmittingQueued() ?? io_uring_get_sqe(ring) else { return false }
         let offset = off_t(Int(io.offsetBlocks) * blockSizeBytes)
