@@ -339,11 +339,13 @@ public final class NVMeSoftController: BdevCompletionHandler, @unchecked Sendabl
     }
 
     private func postReady() {
-        let reverse = faultsArmed.load(ordering: .relaxed) && faultState.withLock { $0.reverseCompletions }
+        // Reversed in place, so that the entries kept for a full queue (written from the
+        // front) only ever overwrite entries already read.
+        if faultsArmed.load(ordering: .relaxed) && faultState.withLock({ $0.reverseCompletions }) { ready.reverse() }
         var kept = 0
         let count = ready.count
         for position in 0..<count {
-            let (queueID, entry) = ready[reverse ? count - 1 - position : position]
+            let (queueID, entry) = ready[position]
             guard let cq = completionQueues[queueID] else { continue }
             let head = Int(MMIO.read32(bar, NVMeRegister.doorbell(queue: queueID, completion: true, strideShift: 0)))
             if (cq.tail + 1) % cq.entries == head {  // full: the host has not consumed yet
