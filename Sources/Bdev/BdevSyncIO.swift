@@ -46,8 +46,12 @@ public final class BdevSyncIO: BdevCompletionHandler {
 
     /// Reads `countBlocks` blocks at each of `offsets` into consecutive slices of `buffer`
     /// (read `i` at byte `i * countBlocks * blockSize`), keeping up to the channel's queue
-    /// depth in flight; returns when all have completed. The first error is thrown, after
-    /// every submitted read has completed.
+    /// depth in flight, offsets that follow each other on the device joined into one read
+    /// (up to `scatteredRunMax`); returns when all have completed. The first error is
+    /// thrown, after every submitted read has completed.
+    /// The most offsets `readScattered` joins into one read.
+    static let scatteredRunMax = 64
+
     public func readScattered(into buffer: borrowing DMABuffer, offsets: some Collection<UInt64>,
                               countBlocks: UInt64) throws(BdevError) {
         let bytes = Int(countBlocks) * geometry.blockSizeBytes
@@ -55,18 +59,25 @@ public final class BdevSyncIO: BdevCompletionHandler {
             throw .lengthMismatch(bufferBytes: buffer.count, requestBytes: offsets.count * bytes)
         }
         var submitError: BdevError?
-        for (index, offset) in offsets.enumerated() {
+        let offsets = Array(offsets)
+        var index = 0
+        while index < offsets.count {
+            // Offsets that follow each other on the device are one read (chains written in
+            // one checkpoint lie in runs of consecutive pages).
+            var end = index + 1
+            while end < offsets.count, end - index < Self.scatteredRunMax, offsets[end] == offsets[end - 1] &+ countBlocks { end += 1 }
             if channel.inFlight >= channel.queueDepth {
                 channel.reactor.run(until: { channel.inFlight < channel.queueDepth })
             }
             do {
-                try channel.read(into: buffer, bufferOffset: index * bytes, offsetBlocks: offset,
-                                 countBlocks: countBlocks, handler: self)
+                try channel.read(into: buffer, bufferOffset: index * bytes, offsetBlocks: offsets[index],
+                                 countBlocks: countBlocks * UInt64(end - index), handler: self)
             } catch {
                 submitError = error
                 break
             }
             outstanding += 1
+            index = end
             if firstError != nil { break }
         }
         channel.reactor.run(until: { outstanding == 0 })

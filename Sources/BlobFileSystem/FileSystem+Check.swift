@@ -24,6 +24,11 @@ extension FileSystem {
     /// is reachable or an orphan (unlinked while open).
     public static func check(_ store: BlobStore) -> FileSystemCheckReport {
         var report = FileSystemCheckReport()
+        // Every blob is looked at: their chains read in batches, not one by one on first use.
+        do { try store.readAllChains() } catch {
+            report.problems.append("blob metadata: \(error)")
+            return report
+        }
         guard store.superBlobID == .rootDirectory, store.xattr(.rootDirectory, name: Key.superInfo, isInternal: true) == magic else {
             report.problems.append("super blob: not a blobfs root (no \"\(Key.superInfo)\" marker on blob 0)")
             return report

@@ -78,6 +78,8 @@ private struct Repair {
     }
 
     mutating func run() throws(FSError) {
+        // Every blob is looked at: their chains read in batches, not one by one on first use.
+        do { try store.readAllChains() } catch { throw FSError(error) }
         try makeRootWhole()
         readInodes()
         walk(from: [.rootDirectory])

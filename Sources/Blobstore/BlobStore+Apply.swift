@@ -16,7 +16,7 @@ extension BlobStore {
             blobIDs.set(id.rawValue)
         case let .deleteBlob(id):
             guard let blob = blobs[id] else { throw fail("no such blob") }
-            guard clones[id] == nil else { throw fail("the blob has clones") }
+            guard cloneSet(id) == nil else { throw fail("the blob has clones") }
             if blob.isSnapshot { ancestorViews.removeAll() }  // its id may come back as another snapshot
             for extent in blob.extents { release(extent) }
             if let parent = blob.parent { unlinkClone(id, from: parent) }
@@ -121,7 +121,7 @@ extension BlobStore {
             for handle in handles { handle.update(snapshot, shared: shared, releasing: ticket) }
         }
         // Clones read through this blob: their handles take the new view too.
-        for clone in clones[id] ?? [] { refreshHandles(ofCloneTree: clone) }
+        for clone in cloneSet(id) ?? [] { refreshHandles(ofCloneTree: clone) }
     }
 
     /// Removes the mapping of blob clusters [from, from + count), releasing their clusters.

@@ -36,7 +36,9 @@ extension BlobStore {
         let changed = try writeTableAndBitmaps(copy: copy, chains: chains, metadataBits: persisted,
                                                freeClusters: supersededClusters, checkpointSequence: sequence, announce: true)
         try flush()
-        let next = try switchSuperBlock(sequence: sequence, copy: copy, clean: clean, changed: changed)
+        let inClusters = metadataPagesInClusterCount + UInt64(allocation.clusters.count) - UInt64(supersededClusters.count)
+        let next = try switchSuperBlock(sequence: sequence, copy: copy, clean: clean, changed: changed,
+                                        metadataPagesInClusters: inClusters)
         switched = true
         adoptCheckpoint(next, chains: chains, metadataBits: persisted, superseded: superseded,
                         supersededClusters: supersededClusters, allocatedClusterCount: UInt64(allocation.clusters.count))
@@ -157,7 +159,8 @@ extension BlobStore {
 
     /// Writes the super block of checkpoint `sequence` (table and bitmaps in `copy`, the
     /// log from `metadataLog.head` on) to its slot and flushes: the checkpoint's switch.
-    private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?) throws(BlobStoreError) -> SuperBlock {
+    private func switchSuperBlock(sequence: UInt64, copy: UInt8, clean: Bool, changed: [UInt32]?,
+                                  metadataPagesInClusters: UInt64) throws(BlobStoreError) -> SuperBlock {
         precondition(sequence == superBlock.sequence + 1 && copy == 1 - superBlock.activeCopy,
                      "a checkpoint is the next one, into the inactive copy")
         precondition(metadataLog.nextLSN - 1 >= superBlock.checkpointLSN && metadataLog.head >= superBlock.logTailSequence,
@@ -169,6 +172,7 @@ extension BlobStore {
         next.logTailSequence = metadataLog.head
         next.isClean = clean
         next.changedSincePrevious = changed.flatMap { $0.count <= SuperBlock.changedPagesMax ? $0 : nil }
+        next.metadataPagesInClusters = metadataPagesInClusters
         let encoded = next.encode()
         assert((try? SuperBlock.decode(encoded[...], offset: UInt64(next.slot) * UInt64(Self.pageBytes))) == next,
                "the super block written decodes to the one meant")
@@ -194,15 +198,14 @@ extension BlobStore {
             discardAfterCheckpoint(oldTailSequence: oldTailSequence,
                                    supersededRegionPages: superseded.filter { superBlock.metadataPageCluster($0) == nil })
         }
-        metadataPagesInClusterCount += allocatedClusterCount
-        metadataPagesInClusterCount -= UInt64(supersededClusters.count)
+        metadataPagesInClusterCount = next.metadataPagesInClusters ?? 0
         dirtyBlobs = []
         countedDirty = []
         dirtyChainPages = 0
         checkpointCount += 1
         lastCheckpointNs = MonotonicClock.nowNs()
         precondition(metadataLog.pending.isEmpty, "a checkpoint holds every deferred transaction")
-        precondition(durableChains.count == blobs.count, "after a checkpoint every blob has a durable chain")
+        precondition(durableChains.count == blobs.readCount, "after a checkpoint every blob read has a durable chain")
         precondition(blobIDs.setCount == UInt64(blobs.count), "a blob id is in use exactly while its blob exists")
     }
 
@@ -264,8 +267,10 @@ extension BlobStore {
         copyDifferences[tableKey] = nil  // unknown until every write below succeeded
         try writeArrayPages(tableWrites, kind: .table, sequence: checkpointSequence,
                             at: block.table.startPage + UInt64(copy) * block.table.pageCount) { page in
-            let payload = TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] }
-            assert(TablePage.decode(payload[...], pageIndex: page, blobIDLimit: block.blobIDLimit).allSatisfy { chains[$0.id]?[0] == $0.root },
+            // A blob whose chain was never read keeps the chain the table named at load.
+            let payload = TablePage.encode(pageIndex: page, blobIDLimit: block.blobIDLimit) { chains[$0]?[0] ?? blobs.unreadRoot($0) }
+            assert(TablePage.decode(payload[...], pageIndex: page, blobIDLimit: block.blobIDLimit)
+                .allSatisfy { (chains[$0.id]?[0] ?? blobs.unreadRoot($0.id)) == $0.root },
                    "table page \(page) decodes to the chains' first pages")
             return payload
         }

@@ -16,7 +16,7 @@ extension BlobStore {
     public func parent(of id: BlobID) -> BlobID? { blobs[id]?.parent }
 
     /// The blobs that are clones of `id`, sorted.
-    public func clones(of id: BlobID) -> [BlobID] { (clones[id] ?? []).sorted() }
+    public func clones(of id: BlobID) -> [BlobID] { (cloneSet(id) ?? []).sorted() }
 
     /// Device cluster that blob cluster `index` reads from: the blob's own, else its
     /// parent's within the backed count, up the chain; nil: the cluster reads as zeros.
@@ -196,7 +196,7 @@ extension BlobStore {
             for (name, value) in xattrs { try tx.setXattr(clone, name: name, value: value) }
             return clone
         }
-        precondition(blobs[clone]?.parent == snapshot && clones[snapshot]?.contains(clone) == true,
+        precondition(blobs[clone]?.parent == snapshot && cloneSet(snapshot)?.contains(clone) == true,
                      "cloneBlob: \(clone) is a clone of \(snapshot)")
         return clone
     }
@@ -306,7 +306,7 @@ extension BlobStore {
         ancestorViews.removeAll()
         guard var source = blobs[id] else { return "no such blob" }
         guard superBlock.covers(snapshotID), blobs[snapshotID] == nil else { return "snapshot id in use or out of range" }
-        guard !source.isSnapshot, clones[id] == nil else { return "the blob is a snapshot or has clones" }
+        guard !source.isSnapshot, cloneSet(id) == nil else { return "the blob is a snapshot or has clones" }
         let snapshot = BlobMetadata(id: snapshotID, clusterCount: source.clusterCount,
                                     flags: BlobFlags(readOnlyData: BlobFlags.snapshot), extents: source.extents,
                                     parent: source.parent, backedClusters: source.backedClusters)
@@ -348,7 +348,7 @@ extension BlobStore {
     func applyMerge(_ id: BlobID, into child: BlobID) -> String? {
         ancestorViews.removeAll()
         guard let snapshot = blobs[id], var clone = blobs[child] else { return "no such blob" }
-        guard clone.parent == id, clones[id] == [child] else { return "the child is not the snapshot's only clone" }
+        guard clone.parent == id, cloneSet(id) == [child] else { return "the child is not the snapshot's only clone" }
         let owned = clone.extents.map { $0.clusterIndex..<($0.clusterIndex + UInt64($0.count)) }
         var moved: [Extent] = []
         for extent in snapshot.extents {
@@ -396,15 +396,34 @@ extension BlobStore {
             let shared = ancestorView(blob)
             for handle in handles { handle.update(blob, shared: shared, releasing: nil) }
         }
-        for clone in clones[id] ?? [] { refreshHandles(ofCloneTree: clone) }
+        for clone in cloneSet(id) ?? [] { refreshHandles(ofCloneTree: clone) }
+    }
+
+    /// The clones of `id` (nil: none). Only a snapshot has clones; when `clones` is
+    /// partial (chains read on demand) the first question about a snapshot reads every
+    /// chain and builds it whole. A chain that cannot be read leaves the store refusing
+    /// changes (`chainReadFailure`), so an answer missing a clone commits nothing.
+    func cloneSet(_ id: BlobID) -> Set<BlobID>? {
+        if !clonesComplete {
+            guard blobs[id]?.isSnapshot == true else { return nil }
+            do throws(BlobStoreError) {
+                try readEveryChain()
+                try rebuildCloneIndex()
+            } catch {
+                chainReadFailed(error, "the clones of snapshot \(id)")
+                return clones[id]
+            }
+        }
+        return clones[id]
     }
 
     /// Salvage: builds `clones`, dropping parent links to a blob that is gone or not a
     /// snapshot, and links that loop (the blob then reads its own clusters only).
     func salvageCloneLinks(report: inout SalvageReport) {
         clones = [:]
+        clonesComplete = true
         ancestorViews = [:]
-        for id in blobs.keys.sorted() {
+        for id in blobs.ids.sorted() {
             guard let parent = blobs[id]!.parent else { continue }
             var why: String?
             if blobs[parent]?.isSnapshot != true {
@@ -437,6 +456,7 @@ extension BlobStore {
     /// exists and is a snapshot, and no chain of parents loops.
     func rebuildCloneIndex() throws(BlobStoreError) {
         clones = [:]
+        clonesComplete = true
         ancestorViews = [:]
         for (id, blob) in blobs {
             guard let parent = blob.parent else { continue }
@@ -460,7 +480,7 @@ extension BlobTransaction {
     }
 
     public func clonesInTransaction(_ id: BlobID) -> Set<BlobID> {
-        cloneSets[id] ?? (created.contains(id) ? [] : store.clones[id] ?? [])
+        cloneSets[id] ?? (created.contains(id) ? [] : store.cloneSet(id) ?? [])
     }
 
     public func isSnapshotInTransaction(_ id: BlobID) -> Bool {

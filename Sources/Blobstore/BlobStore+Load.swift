@@ -57,6 +57,7 @@ extension BlobStore {
             clusterCount: (devicePages - dataStart) / clusterPages, blobIDLimit: idLimit, activeCopy: 0,
             checkpointLSN: 0, logTailSequence: 0, superBlobID: nil)
         if pagesInClusters { block.incompatibleFeatures |= SuperBlock.Features.metadataPagesInClusters }
+        block.metadataPagesInClusters = 0
         block.incompatibleFeatures |= SuperBlock.Features.clones
         let store = BlobStore(io: io, superBlock: block)
         try store.writeTableAndBitmaps(copy: 0, chains: [:], checkpointSequence: 1)
@@ -112,7 +113,7 @@ extension BlobStore {
         if let error = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes)) { throw .format(error) }
         let store = BlobStore(io: io, superBlock: block)
         try store.loadCheckpoint()
-        try store.rebuildCloneIndex()
+        if store.blobs.allRead { try store.rebuildCloneIndex() } else { store.clonesComplete = false }
         store.knowArrayCopies(otherSlot: try? decoded[1 - slot].get(), rewrite: readOnly || rewriteArrays)
         let scan = LogScanner.scan(tailSequence: block.logTailSequence, logPages: block.log.pageCount,
                                    storeTag: block.storeID.0, firstLSN: block.checkpointLSN + 1) { sequence in
@@ -120,8 +121,14 @@ extension BlobStore {
             return (try store.readPages(at: page, count: 1), page * UInt64(pageBytes))
         }
         for transaction in scan.transactions {
-            for logged in transaction { try store.apply(logged.record, replaying: true) }
+            for logged in transaction {
+                do { try store.apply(logged.record, replaying: true) } catch {
+                    // A chain the record needed and could not read says more than the record's complaint.
+                    throw store.chainReadFailure ?? error
+                }
+            }
         }
+        if let failure = store.chainReadFailure { throw failure }
         store.metadataLog.head = scan.endSequence
         store.metadataLog.nextLSN = scan.nextLSN
         store.lastScan = scan
@@ -175,10 +182,12 @@ extension BlobStore {
         return changed
     }
 
-    /// Reads the active table and every chain it names; derives the bitmaps. Chains are
-    /// read a batch of blobs at a time, every page of a batch's walk step in flight at
-    /// once (`readChains`): a store of many small blobs loads at the device's queue depth,
-    /// not one page round trip after another.
+    /// Reads the active table. When the super block records how many metadata pages live
+    /// in data clusters (every checkpoint since the field exists does), the bitmaps are
+    /// read too and no chain is: each blob's chain is read when the blob is first used
+    /// (`BlobCache`), so a clean load of a million blobs reads a few MiB, not a million
+    /// pages. Otherwise (a store last written before the field existed) every chain is
+    /// read now and the bitmaps are derived from them, as before.
     private func loadCheckpoint() throws(BlobStoreError) {
         let copyStart = superBlock.table.startPage + UInt64(superBlock.activeCopy) * superBlock.table.pageCount
         let tableBytes = try readPages(at: copyStart, count: superBlock.table.pageCount)
@@ -192,29 +201,163 @@ extension BlobStore {
             } catch { throw .format(error) }
             roots += TablePage.decode(page, pageIndex: pageIndex, blobIDLimit: superBlock.blobIDLimit)
         }
+        for (id, root) in roots { blobs.noteUnread(id, root: root) }
+        guard let inClusters = superBlock.metadataPagesInClusters else {
+            for (id, _) in roots { blobIDs.set(id.rawValue) }
+            try readEveryChain(deriving: true)
+            return
+        }
+        try readBitmaps()
+        guard blobIDs.setCount == UInt64(roots.count), roots.allSatisfy({ blobIDs[$0.id.rawValue] }) else {
+            // The table and the id bitmap disagree (a damaged store): trust neither bitmap,
+            // derive all three from the chains as a store without the count is loaded.
+            Log.logger("blobstore").warning("the blob table names \(roots.count) blobs, the blob-id bitmap \(blobIDs.setCount) (different ids): reading every chain to rebuild the bitmaps")
+            clusters = Bitmap(count: superBlock.clusterCount)
+            metadataPageBits = Bitmap(count: superBlock.metadataPages.pageCount)
+            blobIDs = Bitmap(count: superBlock.blobIDLimit)
+            for (id, _) in roots { blobIDs.set(id.rawValue) }
+            try readEveryChain(deriving: true)
+            return
+        }
+        metadataPagesInClusterCount = inClusters
+    }
+
+    /// The active copy of the three bitmaps, as the last checkpoint wrote them.
+    private func readBitmaps() throws(BlobStoreError) {
+        let start = superBlock.bitmaps.startPage + UInt64(superBlock.activeCopy) * superBlock.bitmaps.pageCount
+        let (bitmaps, errors) = PersistedBitmaps.decode(try readPages(at: start, count: superBlock.bitmaps.pageCount), at: start, superBlock)
+        guard let bitmaps else { throw .format(errors[0]) }
+        clusters = bitmaps.clusters
+        metadataPageBits = bitmaps.metadataPages
+        blobIDs = bitmaps.blobIDs
+    }
+
+    /// Reads every chain not read yet, batched: before walking every blob (a listing, a
+    /// file-system check), far faster than reading them one by one on first use.
+    /// A read that fails leaves the store refusing changes, as one on first use does.
+    public func readAllChains() throws(BlobStoreError) {
+        do { try readEveryChain() } catch {
+            chainReadFailed(error, "the blobs' metadata chains")
+            throw error
+        }
+    }
+
+    /// Reads the chains of those of `ids` not read yet, in one batch (all their pages of
+    /// each walk step in flight at once): for a caller about to use many blobs (a
+    /// directory listing with attributes), instead of one read after another on first
+    /// use. A failure is a failure on first use (`chainReadFailed`).
+    public func readChains(of ids: some Sequence<BlobID>) {
+        let batch = ids.compactMap { id in blobs.unreadRoot(id).map { (id: id, root: $0) } }
+        guard !batch.isEmpty else { return }
+        do throws(BlobStoreError) {
+            let buffer: DMABuffer
+            do { buffer = try DMABuffer.allocate(bytes: min(batch.count, Self.chainReadBatch) * Self.pageBytes) } catch {
+                throw .device(.system(error))
+            }
+            for start in stride(from: 0, to: batch.count, by: Self.chainReadBatch) {
+                for (blob, chain) in try readChains(batch[start..<min(batch.count, start + Self.chainReadBatch)], buffer: buffer) {
+                    try account(blob, chain: chain, deriving: false)
+                    blobs.noteRead(blob)
+                    durableChains[blob.id] = chain
+                }
+            }
+        } catch {
+            chainReadFailed(error, "the metadata of \(batch.count) blobs")
+        }
+    }
+
+    /// Reads the chain of every blob not read yet, a batch at a time (`readChains`: every
+    /// page of a batch's walk step in flight at once, so many small blobs are read at the
+    /// device's queue depth). `deriving`: the bitmaps are built from the chains (and a
+    /// page or cluster owned twice is refused); else each chain is checked against the
+    /// bitmaps read at load.
+    func readEveryChain(deriving: Bool = false) throws(BlobStoreError) {
+        guard !blobs.allRead else { return }
+        let ids = blobs.unreadIDs.sorted()
         let buffer: DMABuffer
         do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
-        for batchStart in stride(from: 0, to: roots.count, by: Self.chainReadBatch) {
-            let batch = roots[batchStart..<min(roots.count, batchStart + Self.chainReadBatch)]
-            for (id, (blob, chain)) in zip(batch.lazy.map(\.id), try readChains(batch, buffer: buffer)) {
-                try account(blob, chain: chain)
-                blobs[id] = blob
-                durableChains[id] = chain
-                blobIDs.set(id.rawValue)
+        for batchStart in stride(from: 0, to: ids.count, by: Self.chainReadBatch) {
+            let batch = ids[batchStart..<min(ids.count, batchStart + Self.chainReadBatch)].map { (id: $0, root: blobs.unreadRoot($0)!) }
+            for (blob, chain) in try readChains(batch[...], buffer: buffer) {
+                try account(blob, chain: chain, deriving: deriving)
+                blobs.noteRead(blob)
+                durableChains[blob.id] = chain
             }
         }
+        if !deriving { try checkSingleOwners() }
+    }
+
+    /// With every chain read: no cluster is mapped by two blobs or holds a metadata page
+    /// and a blob's data (what a load that derives the bitmaps refuses; checking each
+    /// chain against the bitmaps read at load cannot see it).
+    private func checkSingleOwners() throws(BlobStoreError) {
+        var owned = Bitmap(count: superBlock.clusterCount)
+        for (id, chain) in durableChains {
+            for page in chain {
+                guard let cluster = superBlock.metadataPageCluster(page) else { continue }
+                guard !owned[cluster] else { throw .corrupt("metadata page \(page) (cluster \(cluster)) of blob \(id) is owned twice") }
+                owned.set(cluster)
+            }
+        }
+        for (id, blob) in blobs {
+            for extent in blob.extents {
+                for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) where cluster < owned.count {
+                    guard !owned[cluster] else { throw .corrupt("cluster \(cluster) is owned twice (blob \(id) and another)") }
+                    owned.set(cluster)
+                }
+            }
+        }
+    }
+
+    /// One blob's chain, read on its first use (`BlobCache.reader`). A chain that cannot
+    /// be read, or that the bitmaps say is not there, makes the store refuse changes
+    /// (`chainReadFailed`): nil.
+    func readOnDemand(_ id: BlobID, root: UInt32) -> BlobMetadata? {
+        do throws(BlobStoreError) {
+            let buffer: DMABuffer
+            do { buffer = try DMABuffer.allocate(bytes: Self.pageBytes) } catch { throw .device(.system(error)) }
+            let (blob, chain) = try readChains([(id: id, root: root)][...], buffer: buffer)[0]
+            try account(blob, chain: chain, deriving: false)
+            durableChains[id] = chain
+            return blob
+        } catch {
+            chainReadFailed(error, "the metadata of blob \(id)")
+            return nil
+        }
+    }
+
+    /// A chain read after the load failed: the store takes no more changes (a blob it
+    /// cannot read must not look absent to a change), logged once; the load that replays
+    /// the log, `blobcli fsck` and `fsck --repair` say what is wrong.
+    func chainReadFailed(_ error: BlobStoreError, _ what: String) {
+        if chainReadFailure == nil {
+            chainReadFailure = error
+            Log.logger("blobstore").error("reading \(what) failed (\(error)): the store takes no more changes; check it with blobcli fsck")
+        }
+        if deviceFailure == nil { deviceFailure = "reading \(what): \(error)" }
+        isReadOnly = true
     }
 
     /// Blobs whose chains a load reads together (and pages per batched read: 1 MiB).
     static let chainReadBatch = 256
 
-    /// Marks a loaded blob's metadata pages and clusters in use; refuses double owners.
-    private func account(_ blob: BlobMetadata, chain: [UInt32]) throws(BlobStoreError) {
+    /// `deriving`: marks a blob's metadata pages and clusters in use, refusing double
+    /// owners (bitmaps built from the chains). Else checks that the bitmaps read at load
+    /// have them in use.
+    private func account(_ blob: BlobMetadata, chain: [UInt32], deriving: Bool) throws(BlobStoreError) {
         for page in chain {
             if let cluster = superBlock.metadataPageCluster(page) {
+                if !deriving {
+                    guard clusters[cluster] else { throw .corrupt("blob \(blob.id): metadata page \(page) is in cluster \(cluster), free in the bitmap") }
+                    continue
+                }
                 guard !clusters[cluster] else { throw .corrupt("metadata page \(page) (cluster \(cluster)) is owned twice") }
                 clusters.set(cluster)
                 metadataPagesInClusterCount += 1
+                continue
+            }
+            if !deriving {
+                guard metadataPageBits[UInt64(page)] else { throw .corrupt("blob \(blob.id): metadata page \(page) is free in the bitmap") }
                 continue
             }
             guard !metadataPageBits[UInt64(page)] else { throw .corrupt("metadata page \(page) is in two chains") }
@@ -223,6 +366,10 @@ extension BlobStore {
         for extent in blob.extents {
             for cluster in extent.firstCluster..<(extent.firstCluster + UInt64(extent.count)) {
                 guard cluster < superBlock.clusterCount else { throw .corrupt("blob \(blob.id) maps cluster \(cluster) beyond the device") }
+                if !deriving {
+                    guard clusters[cluster] else { throw .corrupt("blob \(blob.id) maps cluster \(cluster), free in the bitmap") }
+                    continue
+                }
                 guard !clusters[cluster] else { throw .corrupt("cluster \(cluster) is owned twice (blob \(blob.id) and another)") }
                 clusters.set(cluster)
             }

@@ -21,7 +21,7 @@ extension BlobStore {
     /// reads from it become the clone's); with more clones it is refused.
     public func deleteBlob(_ id: BlobID) throws(BlobStoreError) {
         guard blobs[id] != nil else { throw .noSuchBlob(id) }
-        let clones = self.clones[id] ?? []
+        let clones = cloneSet(id) ?? []
         guard clones.count <= 1 else { throw .hasClones(blob: id, count: clones.count) }
         try commit([clones.first.map { .mergeIntoChild(id: id, child: $0) } ?? .deleteBlob(id: id)])
         precondition(blobs[id] == nil, "deleteBlob: blob \(id) is gone")

@@ -95,7 +95,7 @@ public final class BlobStore {
     public static let logPagesRange: ClosedRange<UInt64> = 2...(1 << 20)
     let io: BdevSyncIO
     public internal(set) var superBlock: SuperBlock
-    var blobs: [BlobID: BlobMetadata] = [:]
+    let blobs = BlobCache()
     var durableChains: [BlobID: [UInt32]] = [:]
     var dirtyBlobs: Set<BlobID> = []
     var clusters: Bitmap
@@ -113,6 +113,12 @@ public final class BlobStore {
     /// For each snapshot, the blobs whose parent it is (kept by `apply` and built at
     /// load: the parent links are in the children's metadata).
     var clones: [BlobID: Set<BlobID>] = [:]
+    /// Whether `clones` holds every link. A load that reads chains on demand leaves it
+    /// partial (links of unread clones are missing); `cloneSet` completes it the first
+    /// time a snapshot's clones are asked for.
+    var clonesComplete = true
+    /// The first chain a read on demand could not read (the store then takes no changes).
+    public internal(set) var chainReadFailure: BlobStoreError?
     /// What a clone with a given parent and backed count reads from its ancestors (the
     /// ancestors' view, without its own extents), shared by every clone and handle with
     /// that key: computing it walks every ancestor extent. Ancestors are snapshots and do
@@ -196,12 +202,15 @@ public final class BlobStore {
         metadataLog = MetadataLog(superBlock)
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
         ioUnitBytes = io.geometry.blockSizeBytes
+        blobs.reader = { [unowned self] id, root in self.readOnDemand(id, root: root) }
     }
 
     // MARK: - Queries
 
-    public var blobIDList: [BlobID] { blobs.keys.sorted() }
+    public var blobIDList: [BlobID] { blobs.ids.sorted() }
     public func blob(_ id: BlobID) -> BlobMetadata? { blobs[id] }
+    /// Whether `id`'s chain is in memory (or `id` is no blob): using it reads nothing.
+    public func isRead(_ id: BlobID) -> Bool { blobs.unreadRoot(id) == nil }
     public var superBlobID: BlobID? { superBlock.superBlobID }
     public var clusterCount: UInt64 { superBlock.clusterCount }
     /// Free as the metadata has it (clusters released while open handles finish with

@@ -241,6 +241,13 @@ private struct VerifyPass {
 
     /// The persisted bitmaps against what the metadata says.
     mutating func checkBitmaps(_ block: SuperBlock, slot: Int, owners: Owners, roots: [BlobID: UInt32]) {
+        // A load that reads chains on demand takes this count from the super block.
+        if let recorded = block.metadataPagesInClusters {
+            let counted = UInt64(owners.pages.keys.lazy.filter { block.metadataPageCluster($0) != nil }.count)
+            if recorded != counted {
+                report.problems.append("the super block records \(recorded) metadata pages in data clusters; the chains hold \(counted)")
+            }
+        }
         let bitmapStart = block.bitmaps.startPage + UInt64(block.activeCopy) * block.bitmaps.pageCount
         let bitmapRegionError = block.bitmapRegionError(slotOffset: UInt64(slot * pageBytes))
         if let bitmapRegionError { report.problems.append("\(bitmapRegionError)") }

@@ -22,6 +22,7 @@ struct DumpMetadata: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
+            try store.readAllChains()
             let owners = store.metadataPageOwners
             var progress = Progress("dump-md", total: owners.count)
             var rows: [[String]] = []

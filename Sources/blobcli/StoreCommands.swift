@@ -117,6 +117,7 @@ struct List: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
+            try store.readAllChains()
             let ids = store.blobIDList
             var progress = Progress("list", total: ids.count)
             var rows: [[String]] = []
@@ -172,7 +173,10 @@ struct Show: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            guard let blob = store.blob(id) else { throw Failure("no blob \(id) in \(options.device)", status: 2) }
+            guard let blob = store.blob(id) else {
+                if let failure = store.chainReadFailure { throw failure }
+                throw Failure("no blob \(id) in \(options.device)", status: 2)
+            }
             let pages = store.chainPages(id)
             let bad = pages.contains { $0.problem != nil }
             let value = JSON.object([
@@ -244,7 +248,10 @@ struct Dump: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            guard let blob = store.blob(id) else { throw Failure("no blob \(id) in \(options.device)", status: 2) }
+            guard let blob = store.blob(id) else {
+                if let failure = store.chainReadFailure { throw failure }
+                throw Failure("no blob \(id) in \(options.device)", status: 2)
+            }
             let fd = file == "-" ? 1 : Glibc.open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw Failure("\(file): \(String(cString: strerror(errno)))", status: 2) }
             defer { if fd != 1 { Glibc.close(fd) } }

@@ -298,6 +298,7 @@ final class RepairCampaignTests: XCTestCase {
                                  files: [InodeNumber: Expected]) throws -> Image {
         try withIO(bdev, reactor) { io in
             let (store, _) = try BlobStore.load(io, readOnly: true)
+            try store.readAllChains()
             let block = store.superBlock
             var region: [UInt64] = []
             var inClusters: [UInt64] = []

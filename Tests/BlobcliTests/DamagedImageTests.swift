@@ -28,9 +28,10 @@ final class DamagedImageTests: XCTestCase {
                           "CRC32C mismatch")
         XCTAssertLessThanOrEqual(report.problems.count, 2, "\(report.problems)")
 
-        // Read commands cannot load it: a typed error naming the page and the offset (exit 2).
+        // A load reads no chain; reading them all (what list and the checks do) is a typed
+        // error naming the page and the offset (exit 2).
         try image.with { io in
-            XCTAssertThrowsError(try BlobStore.load(io, readOnly: true)) { error in
+            XCTAssertThrowsError(try BlobStore.load(io, readOnly: true).0.readAllChains()) { error in
                 guard case let .format(format) = error as? BlobStoreError else { return XCTFail("\(error)") }
                 XCTAssertEqual(format.structure, "metadata page \(pageID)")
                 XCTAssertEqual(format.offset, crcOffset)
@@ -102,7 +103,7 @@ final class DamagedImageTests: XCTestCase {
         let report = try image.with { Verifier.verify($0) }
         XCTAssertTrue(report.problems.contains("cluster \(stolen) is owned by blobs \(owner) and \(victim)"), "\(report.problems)")
         try image.with { io in
-            XCTAssertThrowsError(try BlobStore.load(io, readOnly: true)) { error in
+            XCTAssertThrowsError(try BlobStore.load(io, readOnly: true).0.readAllChains()) { error in
                 guard case let .corrupt(what) = error as? BlobStoreError else { return XCTFail("\(error)") }
                 XCTAssertMentions(what, "cluster \(stolen)", "owned twice")
             }

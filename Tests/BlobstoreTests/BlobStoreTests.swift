@@ -199,8 +199,11 @@ final class BlobStoreTests: XCTestCase {
         XCTAssertTrue(Verifier.verify(io).isConsistent)
     }
 
-    /// A chain read that fails in the middle of a batch: the load is refused with the
-    /// device's error once every read of the batch has completed, and a later load works.
+    /// A load reads the super blocks, the table, the bitmaps and the log, not the chains.
+    /// A chain read that fails in the middle of a batch (`readAllChains`, 600 chains in
+    /// three batches) fails with the device's error once every read of the batch has
+    /// completed, and so does one read on first use (the blob reads as absent); either
+    /// leaves the store refusing changes, and a later load works.
     func testAFailedChainReadFailsTheLoadCleanly() throws {
         let reactor = try Reactor()
         let fault = FaultBdev(wrapping: Bdev(backend: try MallocBdev(blockCount: 4096)))
@@ -210,23 +213,57 @@ final class BlobStoreTests: XCTestCase {
         for _ in 0..<600 { _ = try store.createBlob(clusterCount: 1) }
         try store.unload()
         io.close()
-        // The load reads the super blocks, the table, the log, then 600 chains (three
-        // batches): fail one read early, and two in the second batch.
-        for failing in [UInt64(3), 300, 400] {
+        func expectDeviceError(_ error: any Error) {
+            guard case .device = error as? BlobStoreError else { return XCTFail("\(error)") }
+        }
+        // How many device reads a load and a readAllChains make (runs of consecutive
+        // chain pages are joined into one read).
+        io = try BdevSyncIO(bdev: device, reactor: reactor)
+        var start = fault.ioCount
+        let (probe, _) = try BlobStore.load(io)
+        let loadIOs = fault.ioCount - start
+        start = fault.ioCount
+        try probe.readAllChains()
+        let chainIOs = fault.ioCount - start
+        XCTAssertGreaterThan(chainIOs, 2)
+        XCTAssertLessThan(loadIOs, 20, "a load reads no chain")
+        io.close()
+        // A failed read during the load fails it.
+        io = try BdevSyncIO(bdev: device, reactor: reactor)
+        fault.failIO(at: fault.ioCount + 3)
+        XCTAssertThrowsError(try BlobStore.load(io), "read 3 of the load fails", expectDeviceError)
+        XCTAssertEqual(io.channel.inFlight, 0, "nothing left in flight")
+        fault.clearFaults()
+        io.close()
+        // An early, a middle and the last read of the chains fails.
+        for failing in [UInt64(1), chainIOs / 2, chainIOs] {
             io = try BdevSyncIO(bdev: device, reactor: reactor)
+            let (loaded, _) = try BlobStore.load(io)
             fault.failIO(at: fault.ioCount + failing)
-            XCTAssertThrowsError(try BlobStore.load(io), "read \(failing) fails") {
-                guard case .device = $0 as? BlobStoreError else { return XCTFail("\($0)") }
-            }
+            XCTAssertThrowsError(try loaded.readAllChains(), "chain read \(failing) fails", expectDeviceError)
             XCTAssertEqual(io.channel.inFlight, 0, "nothing left in flight")
+            XCTAssertNotNil(loaded.chainReadFailure)
+            XCTAssertThrowsError(try loaded.createBlob()) { XCTAssertEqual($0 as? BlobStoreError, .readOnly) }
             fault.clearFaults()
             io.close()
         }
+        // On first use: the blob reads as absent, and the store takes no change.
         io = try BdevSyncIO(bdev: device, reactor: reactor)
-        let (loaded, report) = try BlobStore.load(io)
-        XCTAssertTrue(report.wasClean)
+        let (onDemand, _) = try BlobStore.load(io)
+        fault.failIO(at: fault.ioCount + 1)
+        XCTAssertNil(onDemand.blob(BlobID(rawValue: 7)))
+        fault.clearFaults()
+        guard case .device = onDemand.chainReadFailure else { return XCTFail("\(String(describing: onDemand.chainReadFailure))") }
+        XCTAssertTrue(onDemand.refusesChanges)
+        XCTAssertNotNil(onDemand.blob(BlobID(rawValue: 8)), "other chains still read")
+        io.close()
+        io = try BdevSyncIO(bdev: device, reactor: reactor)
+        // (The stores above were loaded for writing and never unloaded: not clean.)
+        let (loaded, _) = try BlobStore.load(io)
+        try loaded.readAllChains()
         XCTAssertEqual(loaded.blobIDList.count, 600)
         try loaded.unload()
+        XCTAssertTrue(Verifier.verify(io).isConsistent)
         io.close()
     }
 

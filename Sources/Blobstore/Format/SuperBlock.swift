@@ -80,6 +80,12 @@ public struct SuperBlock: Equatable, Sendable {
     /// has not; nil: not recorded (then the other copy is unknown). Lets the first
     /// checkpoint after a load write only what differs, not both arrays whole.
     public var changedSincePrevious: [UInt32]?
+    /// How many metadata pages the checkpoint's chains keep in data clusters; nil: not
+    /// recorded (a store written before the field existed). With it, a load knows the
+    /// count without reading every chain (`BlobStore+Load`, chains read on demand).
+    public var metadataPagesInClusters: UInt64?
+    /// The largest count the field holds (7 bytes).
+    public static let metadataPagesInClustersMax: UInt64 = (1 << 56) - 2
     /// What fits the slot after the fixed fields.
     public static let changedPagesMax = (checksumOffset - 212) / 4
 
@@ -137,7 +143,8 @@ public struct SuperBlock: Equatable, Sendable {
         writer.u64(clusterCount)
         writer.u64(blobIDLimit)
         writer.u8(activeCopy)
-        writer.raw([UInt8](repeating: 0, count: 7))
+        let inClusters = metadataPagesInClusters.map { $0 + 1 } ?? 0  // 0: not recorded
+        for byte in 0..<7 { writer.u8(UInt8(truncatingIfNeeded: inClusters >> (8 * UInt64(byte)))) }
         writer.u64(checkpointLSN)
         writer.u64(logTailSequence)
         writer.blobID(superBlobID)
@@ -190,8 +197,11 @@ public struct SuperBlock: Equatable, Sendable {
         let blobIDLimit = try reader.u64()
         let activeCopy = try reader.u8()
         guard activeCopy <= 1 else { throw reader.error(.invalidField(name: "active copy", value: UInt64(activeCopy)), at: 176) }
-        try reader.requireZero(177..<184)
-        _ = try reader.raw(7)
+        var inClustersField: UInt64 = 0
+        for byte in 0..<7 { inClustersField |= UInt64(try reader.u8()) << (8 * UInt64(byte)) }
+        guard inClustersField == 0 || inClustersField - 1 <= clusterCount else {
+            throw reader.error(.invalidField(name: "metadata pages in clusters", value: inClustersField - 1), at: 177)
+        }
         let checkpointLSN = try reader.u64()
         let logTail = try reader.u64()
         let superBlob = try reader.optionalBlobID()
@@ -215,6 +225,7 @@ public struct SuperBlock: Equatable, Sendable {
         copy.incompatibleFeatures = incompatible
         copy.isCheckpointIntent = flags & 2 != 0
         copy.changedSincePrevious = changed
+        copy.metadataPagesInClusters = inClustersField == 0 ? nil : inClustersField - 1
         copy.readOnlyDataFeatures = readOnlyData
         copy.readOnlyMetadataFeatures = readOnlyMetadata
         try copy.validateGeometry(reader)

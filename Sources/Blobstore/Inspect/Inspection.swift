@@ -16,10 +16,12 @@ extension BlobStore {
     /// The metadata pages of `id`'s chain as of the checkpoint (empty for a blob created
     /// since), each re-read and decoded.
     public func chainPages(_ id: BlobID) -> [ChainPage] {
-        (durableChains[id] ?? []).map(inspectMetadataPage)
+        _ = blobs[id]  // reads the chain if the load left it unread
+        return (durableChains[id] ?? []).map(inspectMetadataPage)
     }
 
-    /// Every metadata page the checkpoint's chains use, by page id, with its owner.
+    /// Every metadata page the checkpoint's chains use, by page id, with its owner: of
+    /// the chains read so far (`readAllChains` first for all of them).
     public var metadataPageOwners: [(page: UInt32, blob: BlobID)] {
         durableChains.flatMap { id, pages in pages.map { ($0, id) } }.sorted { $0.page < $1.page }
     }
