@@ -44,6 +44,9 @@ extension FileSystem {
     public func readDirectoryPlus(handle: UInt64, offset: UInt64, _ accept: (DirectoryEntry, Attributes?, UInt64) -> Bool) throws(FSError) {
         guard let entries = listings[handle] else { throw FSError(EBADF, "directory handle \(handle)") }
         var index = Int(min(offset, UInt64(entries.count)))
+        // The inodes a reply may hold, read together rather than one by one below
+        // (a no-op for those already read).
+        store.readChains(of: entries[index..<min(entries.count, index + 256)].lazy.map(\.ino.blobID))
         while index < entries.count {
             let entry = entries[index]
             let isDot = index < 2

@@ -18,9 +18,27 @@ extension FileSystem {
         let (directoryID, _) = try directory(ino: parent)
         guard name.count <= Self.nameBytesMax else { throw FSError(ENAMETOOLONG) }
         guard let found = entry(in: directoryID, name) else { throw FSError(ENOENT) }
+        if inodes[found.id] == nil, !store.isRead(found.id) { readAhead(in: directoryID, from: Key.entry(name)) }
         let inode = try inode(blob: found.id)
         inode.lookups += 1
         return attributes(found.id, inode)
+    }
+
+    /// Inodes read ahead after a lookup that has to read one from the device: the next
+    /// entries of its directory, in listing order, read in one batch (a walk of the tree,
+    /// `find | xargs stat`, looks them up next) rather than one device read each.
+    static let readAheadEntries = 128
+
+    private func readAhead(in directoryID: BlobID, from key: String) {
+        guard let entries = store.blob(directoryID)?.internalXattrs, let start = entries.position(of: key) else { return }
+        var ids: [BlobID] = []
+        ids.reserveCapacity(Self.readAheadEntries)
+        for position in start..<min(entries.count, start + Self.readAheadEntries) {
+            let entry = entries[position]
+            guard Key.entryName(entry.name) != nil, let decoded = Key.decodeEntry(entry.value), inodes[decoded.id] == nil else { continue }
+            ids.append(decoded.id)
+        }
+        store.readChains(of: ids)
     }
 
     /// The kernel dropped `count` references to `ino`.

@@ -41,6 +41,9 @@ public struct XattrList: RandomAccessCollection, Sendable, ExpressibleByArrayLit
     }
 
     public func contains(name: String) -> Bool { index[Key(name)] != nil }
+    /// Where `name` is in the list (positions follow insertion order, but for a removal,
+    /// which moves the last entry into the hole).
+    public func position(of name: String) -> Int? { index[Key(name)] }
 
     /// Sets `name` (replacing its value in place when present).
     public mutating func set(_ name: String, _ value: [UInt8]) {
