@@ -5,8 +5,9 @@
 # fresh sparse image for each BLOBFS binary given and on libfuse's passthrough_ll over
 # a directory of the file system /var/tmp is on (ext4 here), ROUNDS times, alternating.
 # Prints one Markdown row per run: files/s of the create loop alone (the mkdirs are not
-# timed), and for blobfs the FUSE requests the loop sent (from `blobfs stats`: count and
-# mean latency in the daemon per opcode).
+# timed), and for blobfs the daemon's CPU time (its threads' run time, /proc/PID/task/*/schedstat) per create
+# over the loop and the FUSE requests the loop sent (from `blobfs stats`: count and mean
+# latency in the daemon per opcode).
 #   bench/creates.sh [COUNT] [ROUNDS] [BLOBFS...]   (default: this tree's release build)
 # passthrough_ll runs only when COUNT is at least 1000 below the open-file limit
 # (`ulimit -n`: it holds a descriptor per inode the kernel has not forgotten).
@@ -25,8 +26,9 @@ fi
 work=$(mktemp -d /var/tmp/creates.XXXXXX)
 pt_pid=""
 cleanup() {
-  mountpoint -q "$work/mnt" && { fusermount3 -u "$work/mnt" 2>/dev/null || fusermount3 -u -z "$work/mnt"; }
-  [ -n "$pt_pid" ] && kill "$pt_pid" 2>/dev/null
+  set +e
+  if mountpoint -q "$work/mnt"; then fusermount3 -u "$work/mnt" 2>/dev/null || fusermount3 -u -z "$work/mnt"; fi
+  if [ -n "$pt_pid" ]; then kill "$pt_pid" 2>/dev/null; wait "$pt_pid" 2>/dev/null; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -59,6 +61,8 @@ print(round(count / (time.monotonic() - start)))
 PY
 }
 
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{ns += $1} END {print ns}'; }  # run time of all its threads
+
 requests() {  # the stats JSON on stdin -> "OP count mean-us" for opcodes answered 100+ times
   python3 -c '
 import json, sys
@@ -70,18 +74,21 @@ print(", ".join(out))
 '
 }
 
-echo "| target | round | files/s | requests (opcode count mean-us in daemon) |"
-echo "|---|---:|---:|---|"
+echo "| target | round | files/s | daemon CPU per create (us) | requests (opcode count mean-us in daemon) |"
+echo "|---|---:|---:|---:|---|"
 for round in $(seq "$rounds"); do
   for blobfs in "$@"; do
     rm -f "$work/c.img"
     "$blobfs" mkfs "$work/c.img" --size 16G > /dev/null
     "${daemon_cpu[@]}" "$blobfs" mount "$work/c.img" "$work/mnt" > /dev/null
+    daemon=$(pgrep -f "blobfs mount $work/c.img" | head -1)
+    cpu_before=$(cpu_ns "$daemon")
     rate=$(create_loop "$work/mnt")
+    cpu_us=$(python3 -c "print(f'{($(cpu_ns "$daemon") - $cpu_before) / 1000 / $count:.1f}')")
     stats=$("$blobfs" stats "$work/mnt" --json 2>/dev/null | requests 2>/dev/null || echo "?")
     "$blobfs" unmount "$work/mnt"
     for _ in $(seq 100); do mountpoint -q "$work/mnt" || break; sleep 0.1; done
-    echo "| $blobfs | $round | $rate | $stats |"
+    echo "| $blobfs | $round | $rate | $cpu_us | $stats |"
   done
   # passthrough_ll keeps an O_PATH descriptor per inode the kernel knows: more files
   # than the open-file limit fail (EMFILE, seen as EBADF), so it runs at that limit
@@ -91,6 +98,6 @@ for round in $(seq "$rounds"); do
     for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
     rate=$(create_loop "$work/mnt")
     fusermount3 -u "$work/mnt"; wait "$pt_pid" || true; pt_pid=""
-    echo "| passthrough_ll over $(findmnt -n -o FSTYPE -T "$work") | $round | $rate | |"
+    echo "| passthrough_ll over $(findmnt -n -o FSTYPE -T "$work") | $round | $rate | | |"
   fi
 done
