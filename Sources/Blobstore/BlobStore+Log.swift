@@ -137,6 +137,9 @@ extension BlobStore {
     /// Deferred mode: log record bytes held in memory before they are written.
     static let pendingLogLimit = 8 * (pageBytes - LogPage.headerBytes)
 
+    /// The most log pages one device write carries (256 KiB).
+    static let logWritePagesMax = 64
+
     /// Writes the deferred transactions to the log (not flushed), after a flush that makes
     /// the data of the allocating writes under them durable. A log without room for them
     /// takes a checkpoint instead, which holds them.
@@ -188,11 +191,24 @@ extension BlobStore {
             guard !applied else { return false }
             return try writeLog(logged, applied: false)
         }
+        // Pages that lie side by side in the region go in one device write (up to
+        // `logWritePagesMax`): a deferred batch of 8-9 pages was 8-9 synchronous writes,
+        // each a wait of the metadata reactor. Nothing is promised before the flush, and
+        // unflushed writes may land in any order or not at all either way.
+        var run: [UInt8] = []
+        var runStart: UInt64 = 0
         for (index, content) in pages.enumerated() {
             let sequence = firstSequence + UInt64(index)
-            let bytes = LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
-            try writePages(at: superBlock.log.startPage + sequence % logPages, bytes)
+            let at = superBlock.log.startPage + sequence % logPages
+            let runPages = run.count / Self.pageBytes
+            if !run.isEmpty && (at != runStart + UInt64(runPages) || runPages == Self.logWritePagesMax) {
+                try writePages(at: runStart, run)
+                run.removeAll(keepingCapacity: true)
+            }
+            if run.isEmpty { runStart = at }
+            run += LogPage.encode(sequence: sequence, storeTag: superBlock.storeID.0, records: content)
         }
+        if !run.isEmpty { try writePages(at: runStart, run) }
         if deferCommitFlush {
             metadataLog.openPage = (pages[pages.count - 1], used)
         } else {

@@ -73,6 +73,33 @@ final class DeferredCommitTests: XCTestCase {
         }
     }
 
+    /// The records waiting in memory are written to the log in one device write when
+    /// their pages lie side by side in the region: a batch of `pendingLogLimit` bytes (8-9
+    /// pages) was one synchronous write per page, each a wait of the metadata reactor in
+    /// the middle of a FUSE CREATE.
+    func testWaitingRecordsGoToTheLogInOneWrite() throws {
+        let reactor = try Reactor()
+        let options = BlobStore.Options(clusterSizeBytes: 4096, logPages: 64, metadataPages: 128, blobIDLimit: 128)
+        let rig = try Rig(reactor, blocks: 4096, options: options)
+        defer { rig.io.close() }
+        let store = rig.store
+        let id = try store.createBlob(clusterCount: 0)
+        try store.sync()
+        let headBefore = store.metadataLog.head
+        let writesBefore = rig.fault.writeCount
+        var commits = 0
+        repeat {
+            try store.setXattr(id, name: "k", value: [UInt8](repeating: UInt8(truncatingIfNeeded: commits), count: 300))
+            commits += 1
+        } while !store.metadataLog.pending.isEmpty
+        XCTAssertGreaterThanOrEqual(store.metadataLog.head - headBefore, 8, "a batch of 8 pages or more (\(commits) commits)")
+        XCTAssertEqual(rig.fault.writeCount - writesBefore, 1, "the batch's pages in one write")
+        try store.unload()
+        let (loaded, _) = try BlobStore.load(rig.io)
+        XCTAssertEqual(loaded.xattr(id, name: "k"), [UInt8](repeating: UInt8(truncatingIfNeeded: commits - 1), count: 300))
+        try loaded.unload()
+    }
+
     func testCommitsBecomeDurableInOrderAtSync() throws {
         var rig = try Rig(try Reactor())
         let store = rig.store

@@ -245,6 +245,22 @@ final class FormatTests: XCTestCase {
         XCTAssertLessThan(Self.blob(2), Self.blob(10))
     }
 
+    /// A record's size is counted without encoding it (`payloadBytes`, what a commit
+    /// sizes its pages by): it must be what the encoding writes, for every kind, with a
+    /// multi-byte UTF-8 name too.
+    func testPayloadBytesIsTheEncodedSize() {
+        let records = Self.everyRecordKind + [
+            .snapshot(id: Self.blob(5), snapshot: Self.blob(6)), .mergeIntoChild(id: Self.blob(6), child: Self.blob(5)),
+            .setParent(id: Self.blob(5), parent: nil, backedClusters: 7), .commit(recordCount: 3),
+            .setXattr(id: Self.blob(5), internal: true, name: "dnäme", value: [UInt8](repeating: 1, count: 80)),
+            .removeXattr(id: Self.blob(5), internal: true, name: "dnäme"),
+        ]
+        for record in records {
+            XCTAssertEqual(record.payloadBytes, record.encodePayload().count, "\(record)")
+            XCTAssertEqual(LogPage.encodedBytes(record), LogPage.recordHeaderBytes + record.encodePayload().count, "\(record)")
+        }
+    }
+
     func testLogPageRoundTripWithEveryRecordKind() throws {
         let records = Self.transaction(3, firstLSN: 40, Self.everyRecordKind)
         let page = LogPage.encode(sequence: 17, storeTag: 0xABCD, records: records)

@@ -64,8 +64,26 @@ public enum LogRecord: Equatable, Sendable {
         }
     }
 
+    /// The bytes `encodePayload` writes, counted without encoding: a commit sizes each
+    /// record two or three times (`LogPage.encodedBytes`), and an encoding allocates and
+    /// zeroes a page-sized buffer.
+    var payloadBytes: Int {
+        switch self {
+        case .createBlob, .deleteBlob, .setSuperBlob: 8
+        case .resizeBlob: 16
+        case .mapExtent: 28
+        case .unmapClusters: 20
+        case let .setXattr(_, _, name, value): 13 + name.utf8.count + value.count
+        case let .removeXattr(_, _, name): 11 + name.utf8.count
+        case .setFlags: 32
+        case .snapshot, .mergeIntoChild: 16
+        case .setParent: 24
+        case .commit: 4
+        }
+    }
+
     func encodePayload() -> [UInt8] {
-        var writer = ByteWriter(count: LogPage.recordPayloadBytesMax)
+        var writer = ByteWriter(count: payloadBytes)
         switch self {
         case let .createBlob(id), let .deleteBlob(id):
             writer.blobID(id)
@@ -93,7 +111,8 @@ public enum LogRecord: Equatable, Sendable {
         case let .commit(count):
             writer.u32(count)
         }
-        return Array(writer.bytes[0..<writer.position])
+        precondition(writer.position == writer.bytes.count, "payloadBytes counts what encodePayload writes")
+        return writer.bytes
     }
 
     static func decode(type: UInt8, payload: [UInt8], structure: String, offset: UInt64) throws(FormatError) -> LogRecord {
@@ -213,7 +232,7 @@ public enum LogPage {
 
     /// Encoded size of a record.
     public static func encodedBytes(_ record: LogRecord) -> Int {
-        recordHeaderBytes + record.encodePayload().count
+        recordHeaderBytes + record.payloadBytes
     }
 
     /// One page holding `records` (which must fit: see `encodedBytes`).
