@@ -17,12 +17,15 @@ public final class FileSystemService: @unchecked Sendable {
 
     /// Loads (or formats, `format` given) the store on `bdev` and mounts the file system.
     /// `discard`: freed clusters are unmapped on the device once their release is durable
-    /// (`blobfs mount -o discard`); `trim` works either way.
-    public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil, discard: Bool = false) throws {
+    /// (`blobfs mount -o discard`); `trim` works either way. `metadataCache`: blobs whose
+    /// metadata stays in memory at most (`BlobStore.metadataCacheLimit`; 0: no limit).
+    public init(bdev: Bdev, format: BlobStore.Options? = nil, cpu: Int? = nil, discard: Bool = false,
+                metadataCache: Int = 0) throws {
         blobService = try BlobStoreService(bdev: bdev, format: format, cpu: cpu)
         let failure: FSError? = blobService.reactor.call { [self] in
             do {
                 let store = try storeOf()
+                store.metadataCacheLimit = metadataCache
                 fileSystem = format != nil ? try FileSystem.format(store) : try FileSystem.mount(store)
                 try makeDataChannel(store)
                 try blobService.startTrimmer(discardReleasedClusters: discard)
@@ -437,6 +440,10 @@ public final class FileSystemService: @unchecked Sendable {
         public var blobs: UInt64
         public var dirtyInodes: Int
         public var cachedInodes: Int
+        /// Blobs whose metadata is in memory, the limit (0: none), and how many were let go.
+        public var metadataCached: Int
+        public var metadataCacheLimit: Int
+        public var metadataEvictions: UInt64
         public var openFiles: Int
         public var unflushedCommits: Bool
         public var checkpointSequence: UInt64
@@ -464,7 +471,9 @@ public final class FileSystemService: @unchecked Sendable {
             metadataRegionPages: store.metadataPageCount, metadataRegionFreePages: store.freeRegionMetadataPageCount,
             metadataPagesInClusters: store.metadataPagesInClusterCount, logPages: block.log.pageCount,
             logPagesInUse: store.logPagesInUse, blobIDLimit: store.blobIDLimit, blobs: UInt64(store.blobCount),
-            dirtyInodes: fileSystem.dirtyInodeCount, cachedInodes: fileSystem.cachedInodeCount, openFiles: openBlobs.count,
+            dirtyInodes: fileSystem.dirtyInodeCount, cachedInodes: fileSystem.cachedInodeCount,
+            metadataCached: store.metadataCacheCount, metadataCacheLimit: store.metadataCacheLimit,
+            metadataEvictions: store.metadataCacheEvictions, openFiles: openBlobs.count,
             unflushedCommits: store.hasUnflushedCommits, checkpointSequence: block.sequence,
             checkpoints: store.checkpointCount, lastCheckpointNs: store.lastCheckpointNs, flushes: flushCount,
             flushFailures: flushFailures, lastFlushNs: lastFlushNs, readOnly: store.refusesChanges, readOnlyReason: store.deviceFailure,

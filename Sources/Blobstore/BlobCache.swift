@@ -6,6 +6,12 @@
 ///
 /// Iterating requires every chain read (`readAll` on the store first); `count` and
 /// `ids` include unread blobs.
+///
+/// With a `limit`, reading one more blob than the limit evicts blobs in the order they
+/// were read, down to seven eighths of it: those the store lets go (`evictable`: clean,
+/// no open handle, not the super blob) become unread again, their chain's first page
+/// remembered. Eviction is suspended (`suspendEviction`) while a caller needs every blob
+/// in memory at once (reading all chains, rebuilding the clone index).
 final class BlobCache {
     private(set) var read: [BlobID: BlobMetadata] = [:]
     /// Unread blobs: the first page of each one's chain, from the table.
@@ -13,6 +19,17 @@ final class BlobCache {
     /// Reads one unread blob's chain: its metadata, nil if it could not be read (the
     /// reader reports why). Set by the store.
     var reader: ((BlobID, UInt32) -> BlobMetadata?)?
+    /// Blobs kept in memory at most (0: no limit).
+    var limit = 0
+    /// Whether the store lets `id` go now: the first page of its durable chain (the
+    /// store forgets the chain), nil to keep it.
+    var evictable: ((BlobID) -> UInt32?)?
+    private var suspended = 0
+    /// Blobs in the order they were read (an id may appear more than once, or after it
+    /// was let go: skipped then).
+    private var order: [BlobID] = []
+    private var orderHead = 0
+    private(set) var evictions: UInt64 = 0
 
     subscript(id: BlobID) -> BlobMetadata? {
         get {
@@ -24,6 +41,10 @@ final class BlobCache {
             yield &read[id]
         }
         set {
+            // A blob let go is read again first: the store must know its durable chain
+            // (a change supersedes it, a deletion frees it).
+            if unread[id] != nil { _ = readIfUnread(id) }
+            if newValue != nil && read[id] == nil { noteInMemory(id) }
             read[id] = newValue
             unread[id] = nil
         }
@@ -34,7 +55,44 @@ final class BlobCache {
         guard let blob = reader(id, root) else { return nil }
         unread[id] = nil
         read[id] = blob
+        noteInMemory(id)
         return blob
+    }
+
+    private func noteInMemory(_ id: BlobID) {
+        guard limit > 0 else { return }
+        order.append(id)
+        if read.count > limit && suspended == 0 { evict(downTo: limit - limit / 8, keeping: id) }
+    }
+
+    /// Lets blobs go, oldest read first, until `target` are in memory or none of the
+    /// others may go; `keeping` (the one just read) stays.
+    private func evict(downTo target: Int, keeping: BlobID) {
+        guard let evictable else { return }
+        var kept: [BlobID] = []
+        while read.count > target, orderHead < order.count {
+            let id = order[orderHead]
+            orderHead += 1
+            guard read[id] != nil else { continue }
+            guard id != keeping, let root = evictable(id) else { kept.append(id); continue }
+            read[id] = nil
+            unread[id] = root
+            evictions += 1
+        }
+        if orderHead > 4096 && orderHead * 2 > order.count {
+            order.removeFirst(orderHead)
+            orderHead = 0
+        }
+        order += kept
+    }
+
+    /// Until the matching `resumeEviction`, every blob read stays in memory.
+    func suspendEviction() { suspended += 1 }
+
+    /// Ends a `suspendEviction`; the last one evicts what is over the limit.
+    func resumeEviction() {
+        suspended -= 1
+        if suspended == 0, limit > 0, read.count > limit, let last = order.last { evict(downTo: limit - limit / 8, keeping: last) }
     }
 
     /// A load found blob `id` in the table, its chain starting at page `root`.
@@ -44,6 +102,7 @@ final class BlobCache {
     func noteRead(_ blob: BlobMetadata) {
         unread[blob.id] = nil
         read[blob.id] = blob
+        noteInMemory(blob.id)
     }
 
     /// The first page of an unread blob's chain (for the table a checkpoint writes).
@@ -56,10 +115,6 @@ final class BlobCache {
     /// Every blob id in use, read or not.
     var ids: [BlobID] { Array(read.keys) + Array(unread.keys) }
 
-    func removeAll() {
-        read = [:]
-        unread = [:]
-    }
 }
 
 extension BlobCache: Sequence {

@@ -7,6 +7,9 @@ extension BlobStore {
     /// before `metadataLog.head` is no longer needed afterwards.
     public func checkpoint(clean: Bool = false) throws(BlobStoreError) {
         guard !isReadOnly else { throw .readOnly }
+        // The chains it copies and adopts must stay those of the blobs in memory.
+        blobs.suspendEviction()
+        defer { blobs.resumeEviction() }
         var chains = durableChains
         var superseded: [UInt32] = []
         let sequence = superBlock.sequence + 1

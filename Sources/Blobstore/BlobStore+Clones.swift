@@ -406,6 +406,9 @@ extension BlobStore {
     func cloneSet(_ id: BlobID) -> Set<BlobID>? {
         if !clonesComplete {
             guard blobs[id]?.isSnapshot == true else { return nil }
+            // The rebuild walks every blob: all of them in memory until it is done.
+            blobs.suspendEviction()
+            defer { blobs.resumeEviction() }
             do throws(BlobStoreError) {
                 try readEveryChain()
                 try rebuildCloneIndex()

@@ -273,6 +273,10 @@ extension BlobStore {
     /// bitmaps read at load.
     func readEveryChain(deriving: Bool = false) throws(BlobStoreError) {
         guard !blobs.allRead else { return }
+        // Every blob in memory at once (what the caller walks next); a cache limit
+        // applies again after (`resumeEviction`).
+        blobs.suspendEviction()
+        defer { blobs.resumeEviction() }
         let ids = blobs.unreadIDs.sorted()
         let buffer: DMABuffer
         do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }

@@ -203,12 +203,34 @@ public final class BlobStore {
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
         ioUnitBytes = io.geometry.blockSizeBytes
         blobs.reader = { [unowned self] id, root in self.readOnDemand(id, root: root) }
+        blobs.evictable = { [unowned self] id in self.letGo(id) }
     }
 
     // MARK: - Queries
 
     public var blobIDList: [BlobID] { blobs.ids.sorted() }
     public func blob(_ id: BlobID) -> BlobMetadata? { blobs[id] }
+    /// Blobs whose metadata stays in memory at most (0, the default: no limit). Past it,
+    /// clean blobs without an open handle are let go, oldest read first, and read again
+    /// on their next use (`BlobCache`). `blobfs mount -o metadata_cache=N` sets it.
+    public var metadataCacheLimit: Int {
+        get { blobs.limit }
+        set { blobs.limit = max(0, newValue) }
+    }
+    /// Blobs in memory, and how many times one was let go.
+    public var metadataCacheCount: Int { blobs.readCount }
+    public var metadataCacheEvictions: UInt64 { blobs.evictions }
+
+    /// The first page of `id`'s durable chain if the cache may let it go now (its chain is
+    /// then forgotten; reading it again brings it back): clean since the last checkpoint,
+    /// no open handle, not the super blob.
+    func letGo(_ id: BlobID) -> UInt32? {
+        guard !dirtyBlobs.contains(id), openHandles[id]?.isEmpty ?? true, id != superBlock.superBlobID,
+              let root = durableChains[id]?.first else { return nil }
+        durableChains[id] = nil
+        return root
+    }
+
     /// Whether `id`'s chain is in memory (or `id` is no blob): using it reads nothing.
     public func isRead(_ id: BlobID) -> Bool { blobs.unreadRoot(id) == nil }
     public var superBlobID: BlobID? { superBlock.superBlobID }

@@ -42,6 +42,10 @@ public struct FuseOptions: Sendable {
     /// One io_uring per reactor for the FUSE queues and the image's I/O (`ReactorRing`);
     /// `no_reactor_ring` gives each its own ring, woken through epoll (the earlier path).
     public var reactorRing = true
+    /// Blobs whose metadata (inodes, directory entries, extents) the daemon keeps in memory
+    /// at most (`metadata_cache=N`; 0: no limit): clean ones nobody has open are let go
+    /// past it and read again when next used.
+    public var metadataCache = 65_536
     public var mountOptions: [String] = []
     public init() {}
 
@@ -76,6 +80,11 @@ public struct FuseOptions: Sendable {
                     throw FSError(EINVAL, "mount option \(option): expected auto, io_uring or dev_fuse")
                 }
                 transport = chosen
+            case "metadata_cache":
+                guard let value, let count = Int(value), count >= 0, count == 0 || count >= 1024 else {
+                    throw FSError(EINVAL, "mount option \(option): expected a number of blobs, 0 (no limit) or at least 1024")
+                }
+                metadataCache = count
             case "max_write":
                 guard let value, let bytes = UInt32(value), bytes >= 4096, bytes <= 1 << 20 else {
                     throw FSError(EINVAL, "mount option \(option): expected 4096...1048576")

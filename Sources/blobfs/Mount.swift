@@ -23,7 +23,9 @@ struct Mount: UsageErrorsExitTwo {
             default_permissions is always on: the kernel checks permissions), entry_timeout=S, \
             attr_timeout=S, writeback_cache, direct_io, max_write=BYTES, warn_unanswered=S (log a request \
             held this long; default 30), discard (unmap freed clusters on the device as their release \
-            becomes durable; without it, fstrim MOUNTPOINT does it on demand), no_stats (keep no \
+            becomes durable; without it, fstrim MOUNTPOINT does it on demand), metadata_cache=N (keep \
+            at most N blobs' metadata in memory, default 65536, 0 no limit; more is read again on \
+            use), no_stats (keep no \
             per-request statistics), no_reactor_ring (the FUSE queues and the device each on an io_uring of \
             their own instead of one per reactor), control_socket=PATH and control_mode=OCTAL (the control socket \
             `blobfs status` asks; default derived from the mountpoint, 0600).
@@ -162,7 +164,7 @@ struct Mount: UsageErrorsExitTwo {
         let service: FileSystemService
         do {
             service = try FileSystemService(bdev: bdev, format: device.isRAM || format ? BlobStore.Options() : nil,
-                                            discard: options.discard)
+                                            discard: options.discard, metadataCache: options.metadataCache)
         } catch {
             return failed(Failure("\(device.text): \(error)", status: 1))
         }

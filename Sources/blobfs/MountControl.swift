@@ -184,6 +184,9 @@ final class MountControl: @unchecked Sendable {
         members.append(("space", space))
         members.append(("dirty_inodes", .int(Int64(fs.dirtyInodes))))
         members.append(("cached_inodes", .int(Int64(fs.cachedInodes))))
+        members.append(("metadata_cache", .object([("blobs", .int(Int64(fs.metadataCached))),
+                                                   ("limit", .int(Int64(fs.metadataCacheLimit))),
+                                                   ("evictions", .uint(fs.metadataEvictions))])))
         members.append(("open_files", .int(Int64(fs.openFiles))))
         members.append(("unflushed_commits", .bool(fs.unflushedCommits)))
         members.append(("last_checkpoint", checkpoint))
@@ -219,6 +222,9 @@ final class MountControl: @unchecked Sendable {
         let log = space["log"]
         lines.append(("", "log: \(log["pages_in_use"].uint) of \(log["pages"].uint) pages in use (\(percent(log["fill"].double)))"))
         lines.append(("", "inodes: \(space["inodes"]["used"].uint) of \(space["inodes"]["limit"].uint)"))
+        let cache = v["metadata_cache"]
+        lines.append(("", "metadata cache: \(cache["blobs"].int) blobs in memory"
+            + (cache["limit"].int == 0 ? " (no limit)" : " of at most \(cache["limit"].int)") + ", \(cache["evictions"].uint) let go"))
         lines.append(("dirty", "\(v["dirty_inodes"].int) inodes with attributes only in memory (of \(v["cached_inodes"].int) cached); "
             + "\(v["open_files"].int) open files; " + (v["unflushed_commits"].bool ? "commits waiting for a flush" : "every commit flushed")))
         let checkpoint = v["last_checkpoint"]

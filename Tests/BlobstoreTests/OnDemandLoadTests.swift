@@ -136,4 +136,41 @@ final class OnDemandLoadTests: XCTestCase {
         XCTAssertThrowsError(try store.createBlob()) { XCTAssertEqual($0 as? BlobStoreError, .readOnly) }
         XCTAssertFalse(Verifier.verify(io).isConsistent, "the verifier names it too")
     }
+
+    /// With a limit, blobs read past it are let go, oldest first, and read again on use;
+    /// changed ones and those with an open handle stay; a blob let go and then changed or
+    /// deleted supersedes or frees its chain as if it had stayed (the verifier finds no
+    /// leaked page after the checkpoint).
+    func testACacheLimitLetsCleanBlobsGoAndReadsThemAgain() throws {
+        let ids = try filled(1000)
+        let (store, _) = try BlobStore.load(io)
+        store.metadataCacheLimit = 200
+        let handle = try store.openBlob(ids[0], owner: reactor)
+        try store.setXattr(ids[1], name: "changed", value: [1])
+        for (index, id) in ids.enumerated() {
+            XCTAssertEqual(store.xattr(id, name: "n"), Array("\(index)".utf8))
+            XCTAssertLessThanOrEqual(store.metadataCacheCount, 200)
+        }
+        XCTAssertGreaterThan(store.metadataCacheEvictions, 700)
+        XCTAssertTrue(store.isRead(ids[0]), "an open handle keeps its blob")
+        XCTAssertTrue(store.isRead(ids[1]), "a changed blob stays until a checkpoint wrote it")
+        XCTAssertFalse(store.isRead(ids[2]))
+        // Let go, then changed, deleted, written: read again first.
+        try store.setXattr(ids[2], name: "changed", value: [2])
+        try store.deleteBlob(ids[3])
+        try store.write(blob: ids[4], offsetUnits: 0, data: bytes(4004))
+        try store.checkpoint()
+        for id in ids[5..<600] { _ = store.blob(id) }
+        XCTAssertFalse(store.isRead(ids[1]), "clean after the checkpoint: let go")
+        store.closeBlob(handle)
+        try store.unload()
+        let report = Verifier.verify(io)
+        XCTAssertTrue(report.isConsistent, "\(report.problems)")
+        let (again, _) = try BlobStore.load(io, readOnly: true)
+        XCTAssertEqual(again.xattr(ids[1], name: "changed"), [1])
+        XCTAssertEqual(again.xattr(ids[2], name: "changed"), [2])
+        XCTAssertNil(again.blob(ids[3]))
+        XCTAssertEqual(try again.read(blob: ids[4], offsetUnits: 0, countUnits: 1), bytes(4004))
+        XCTAssertEqual(again.blobCount, 999)
+    }
 }

@@ -12,6 +12,7 @@
 #      --log the daemon logs to syslog.
 #   4. a device error (the image's file system full) turns the store read-only: logged
 #      once, shown by status, every later write EROFS, nothing hangs.
+#   5. -o metadata_cache=1024: a walk of 3,000 files keeps at most 1,024 blobs in memory.
 # Every mount is unmounted and every daemon gone when this script ends, whatever happens.
 #   BLOBFS=path/to/blobfs (default .build/debug/blobfs)  GROW_OPS=20000
 set -uo pipefail
@@ -285,6 +286,26 @@ read_only() {
 check "a device error: read-only, logged once, shown by status, every write EROFS, nothing hangs" read_only
 show
 mountpoint -q "$work/small" && umount -l "$work/small"
+
+metadata_cache() {  # 3,000 files, 1,024 blobs' metadata at most: a walk reads, lets go, reads again
+  "$BLOBFS" mkfs "$work/c.img" --size 1G > /dev/null || return 1
+  "$BLOBFS" mount "$work/c.img" "$mnt" -o metadata_cache=1024 --log "$work/cache.log" > /dev/null || return 1
+  python3 -c "
+import os
+for d in range(3):
+    os.mkdir('$mnt/d%d' % d)
+    for i in range(1000):
+        with open('$mnt/d%d/f%d' % (d, i), 'w') as f: f.write(str(i))" || return 1
+  "$BLOBFS" unmount "$mnt" && "$BLOBFS" mount "$work/c.img" "$mnt" -o metadata_cache=1024 --log "$work/cache.log" > /dev/null || return 1
+  "$BLOBFS" status "$mnt" --json | json "s['metadata_cache']['blobs'] < 10 and s['metadata_cache']['limit'] == 1024" || return 1
+  for d in 0 1 2; do for i in 0 500 999; do [ "$(cat "$mnt/d$d/f$i")" = "$i" ] || { echo "d$d/f$i wrong"; return 1; }; done; done
+  [ "$(find "$mnt" -type f | xargs stat --format=%s | wc -l)" -eq 3000 ] || return 1
+  "$BLOBFS" status "$mnt" | grep "metadata cache"
+  "$BLOBFS" status "$mnt" --json | json "s['metadata_cache']['blobs'] <= 1024 and s['metadata_cache']['evictions'] > 0" || return 1
+  "$BLOBFS" unmount "$mnt" && "$BLOBCLI" fsck "$work/c.img"
+}
+check "-o metadata_cache=1024: a mount reads no file's metadata, a walk of 3,000 files keeps at most 1,024 in memory, data intact, fsck clean" metadata_cache
+show
 
 mountpoint -q "$mnt" && { echo "FAIL something is still mounted"; failed=$((failed + 1)); }
 [ -z "$(daemons)" ] || { echo "FAIL daemons left: $(daemons)"; failed=$((failed + 1)); }
