@@ -29,6 +29,10 @@ final class BlobCache {
     /// was let go: skipped then).
     private var order: [BlobID] = []
     private var orderHead = 0
+    /// In memory past which the next read evicts: the limit, or more after a pass that
+    /// could not get under it (every blob changed since the last checkpoint, or open), so
+    /// that reads do not each walk the whole order for nothing.
+    private var evictAbove = 0
     private(set) var evictions: UInt64 = 0
 
     subscript(id: BlobID) -> BlobMetadata? {
@@ -62,7 +66,7 @@ final class BlobCache {
     private func noteInMemory(_ id: BlobID) {
         guard limit > 0 else { return }
         order.append(id)
-        if read.count > limit && suspended == 0 { evict(downTo: limit - limit / 8, keeping: id) }
+        if read.count > Swift.max(limit, evictAbove) && suspended == 0 { evict(downTo: limit - limit / 8, keeping: id) }
     }
 
     /// Lets blobs go, oldest read first, until `target` are in memory or none of the
@@ -84,12 +88,14 @@ final class BlobCache {
             orderHead = 0
         }
         order += kept
+        evictAbove = read.count > target ? read.count + Swift.max(1, limit / 8) : limit
     }
 
     /// Until the matching `resumeEviction`, every blob read stays in memory.
     func suspendEviction() { suspended += 1 }
 
-    /// Ends a `suspendEviction`; the last one evicts what is over the limit.
+    /// Ends a `suspendEviction`; the last one evicts what is over the limit (a checkpoint
+    /// has just made every changed blob clean: worth a pass even after one that failed).
     func resumeEviction() {
         suspended -= 1
         if suspended == 0, limit > 0, read.count > limit, let last = order.last { evict(downTo: limit - limit / 8, keeping: last) }

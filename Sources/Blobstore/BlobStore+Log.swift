@@ -126,12 +126,27 @@ extension BlobStore {
             try writeLog(logged, applied: false)
             metadataLog.advance(past: logged)
             for record in records { try apply(record, replaying: false) }
+            checkpointIfTheCacheIsDirty()
             return
         }
         metadataLog.enqueue(logged, bytes: bytes)
         hasUnflushedCommits = true
         for record in records { try apply(record, replaying: false) }
         if metadataLog.pendingBytes >= Self.pendingLogLimit { try writePendingLog() }
+        checkpointIfTheCacheIsDirty()
+    }
+
+    /// With a metadata cache limit, blobs changed since the last checkpoint cannot be let
+    /// go: past half the limit of them, a checkpoint writes them (then they are clean and
+    /// the cache can shrink). Without it a large log let 160,000 creates keep every blob in
+    /// memory until the log filled. The transaction is committed either way: a checkpoint
+    /// that fails here is logged and tried again at the next commit (and with
+    /// `readOnlyOnDeviceError` the store has turned read-only).
+    private func checkpointIfTheCacheIsDirty() {
+        guard blobs.limit > 0, dirtyBlobs.count > blobs.limit / 2, !refusesChanges else { return }
+        do throws(BlobStoreError) { try checkpoint() } catch {
+            Log.logger("blobstore").warning("checkpoint for the metadata cache (\(dirtyBlobs.count) changed blobs) failed: \(error)")
+        }
     }
 
     /// Deferred mode: log record bytes held in memory before they are written.

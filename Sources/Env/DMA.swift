@@ -168,7 +168,11 @@ public final class DMAPool: @unchecked Sendable {
             }
         }
         if memory == nil {
-            let result = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
+            // Not populated: a page is faulted in on first use (the kernel's copy into a
+            // FUSE ring entry, an O_DIRECT read, a store), so 128 MiB of FUSE ring payload
+            // buffers that serve 4 KiB requests cost the pages they touch. VFIO pins what it
+            // maps (its map call faults the chunk in); uio needs hugepages.
+            let result = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             guard result != MAP_FAILED, let result else { throw SystemError("mmap(\(bytes) bytes of DMA memory)") }
             memory = result
         }

@@ -22,7 +22,7 @@ struct DumpMetadata: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            try store.readAllChains()
+            try opened.readAllChains()
             let owners = store.metadataPageOwners
             var progress = Progress("dump-md", total: owners.count)
             var rows: [[String]] = []

@@ -117,7 +117,7 @@ struct List: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            try store.readAllChains()
+            try opened.readAllChains()
             let ids = store.blobIDList
             var progress = Progress("list", total: ids.count)
             var rows: [[String]] = []
@@ -173,8 +173,7 @@ struct Show: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            guard let blob = store.blob(id) else {
-                if let failure = store.chainReadFailure { throw failure }
+            guard let blob = try opened.blob(id) else {
                 throw Failure("no blob \(id) in \(options.device)", status: 2)
             }
             let pages = store.chainPages(id)
@@ -248,8 +247,7 @@ struct Dump: ParsableCommand {
             let opened = try Opened(options.device, writable: false)
             defer { try? opened.close() }
             let store = opened.store
-            guard let blob = store.blob(id) else {
-                if let failure = store.chainReadFailure { throw failure }
+            guard let blob = try opened.blob(id) else {
                 throw Failure("no blob \(id) in \(options.device)", status: 2)
             }
             let fd = file == "-" ? 1 : Glibc.open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

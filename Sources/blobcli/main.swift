@@ -69,6 +69,19 @@ final class Opened {
         }
     }
 
+    /// Every blob's chain read (what walks them all: list, dump-md); one that cannot be
+    /// read is the store not loading (exit 2), as before chains were read on first use.
+    func readAllChains() throws {
+        do { try store.readAllChains() } catch { throw Failure("\(device.text): \(error)", status: 2) }
+    }
+
+    /// The blob's metadata; a chain that cannot be read exits 2 naming it.
+    func blob(_ id: BlobID) throws -> BlobMetadata? {
+        if let blob = store.blob(id) { return blob }
+        if let failure = store.chainReadFailure { throw Failure("\(device.text): \(failure)", status: 2) }
+        return nil
+    }
+
     /// Unloads cleanly (writable stores) and closes the device.
     func close() throws {
         defer {

@@ -173,4 +173,22 @@ final class OnDemandLoadTests: XCTestCase {
         XCTAssertEqual(try again.read(blob: ids[4], offsetUnits: 0, countUnits: 1), bytes(4004))
         XCTAssertEqual(again.blobCount, 999)
     }
+
+    /// Changed blobs cannot be let go: past half the limit of them a commit checkpoints,
+    /// so creating many more blobs than the limit keeps the cache near it.
+    func testChangedBlobsPastHalfTheLimitAreCheckpointed() throws {
+        _ = try filled(10)
+        let (store, _) = try BlobStore.load(io)
+        store.deferCommitFlush = true
+        store.metadataCacheLimit = 200
+        let checkpoints = store.checkpointCount
+        for index in 0..<1000 {
+            _ = try store.createBlob(xattrs: [(name: "n", value: Array("\(index)".utf8))])
+            XCTAssertLessThanOrEqual(store.metadataCacheCount, 210, "created \(index + 1)")
+        }
+        XCTAssertGreaterThanOrEqual(store.checkpointCount - checkpoints, 9, "a checkpoint per ~100 changed blobs")
+        try store.unload()
+        XCTAssertTrue(Verifier.verify(io).isConsistent)
+        XCTAssertEqual(try BlobStore.load(io, readOnly: true).0.blobCount, 1010)
+    }
 }
