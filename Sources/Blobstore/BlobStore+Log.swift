@@ -137,13 +137,15 @@ extension BlobStore {
     }
 
     /// With a metadata cache limit, blobs changed since the last checkpoint cannot be let
-    /// go: past half the limit of them, a checkpoint writes them (then they are clean and
-    /// the cache can shrink). Without it a large log let 160,000 creates keep every blob in
-    /// memory until the log filled. The transaction is committed either way: a checkpoint
-    /// that fails here is logged and tried again at the next commit (and with
-    /// `readOnlyOnDeviceError` the store has turned read-only).
+    /// go: past an eighth of the limit of them, a checkpoint writes them (then they are
+    /// clean and the cache can shrink; a checkpoint holds every changed chain encoded in
+    /// memory while it writes them, 4 KiB each, so fewer at a time keeps that peak small).
+    /// Without it a large log let 160,000 creates keep every blob in memory until the log
+    /// filled. The transaction is committed either way: a checkpoint that fails here is
+    /// logged and tried again at the next commit (and with `readOnlyOnDeviceError` the
+    /// store has turned read-only).
     private func checkpointIfTheCacheIsDirty() {
-        guard blobs.limit > 0, dirtyBlobs.count > blobs.limit / 2, !refusesChanges else { return }
+        guard blobs.limit > 0, dirtyBlobs.count > blobs.limit / 8, !refusesChanges else { return }
         do throws(BlobStoreError) { try checkpoint() } catch {
             Log.logger("blobstore").warning("checkpoint for the metadata cache (\(dirtyBlobs.count) changed blobs) failed: \(error)")
         }
