@@ -176,7 +176,7 @@ final class OnDemandLoadTests: XCTestCase {
 
     /// Changed blobs cannot be let go: past an eighth of the limit of them a commit checkpoints,
     /// so creating many more blobs than the limit keeps the cache near it.
-    func testChangedBlobsPastHalfTheLimitAreCheckpointed() throws {
+    func testChangedBlobsPastAnEighthOfTheLimitAreCheckpointed() throws {
         _ = try filled(10)
         let (store, _) = try BlobStore.load(io)
         store.deferCommitFlush = true
