@@ -44,14 +44,14 @@ public final class BdevSyncIO: BdevCompletionHandler {
         try wait()
     }
 
+    /// The most offsets `readScattered` joins into one read.
+    static let scatteredRunMax = 64
+
     /// Reads `countBlocks` blocks at each of `offsets` into consecutive slices of `buffer`
     /// (read `i` at byte `i * countBlocks * blockSize`), keeping up to the channel's queue
     /// depth in flight, offsets that follow each other on the device joined into one read
     /// (up to `scatteredRunMax`); returns when all have completed. The first error is
     /// thrown, after every submitted read has completed.
-    /// The most offsets `readScattered` joins into one read.
-    static let scatteredRunMax = 64
-
     public func readScattered(into buffer: borrowing DMABuffer, offsets: some Collection<UInt64>,
                               countBlocks: UInt64) throws(BdevError) {
         let bytes = Int(countBlocks) * geometry.blockSizeBytes

@@ -44,9 +44,11 @@ extension FileSystem {
     public func readDirectoryPlus(handle: UInt64, offset: UInt64, _ accept: (DirectoryEntry, Attributes?, UInt64) -> Bool) throws(FSError) {
         guard let entries = listings[handle] else { throw FSError(EBADF, "directory handle \(handle)") }
         var index = Int(min(offset, UInt64(entries.count)))
-        // The inodes a reply may hold, read together rather than one by one below
-        // (a no-op for those already read).
-        store.readChains(of: entries[index..<min(entries.count, index + 256)].lazy.map(\.ino.blobID))
+        // The inodes this reply and the next ones hold, read together rather than one by
+        // one below, when the first one is not in memory (entries 0 and 1 are . and ..).
+        if let first = entries[min(max(index, 2), entries.count)...].first, !store.isRead(first.ino.blobID) {
+            store.readChainsAhead(of: entries[index..<min(entries.count, index + Self.readAheadEntries)].lazy.map(\.ino.blobID))
+        }
         while index < entries.count {
             let entry = entries[index]
             let isDot = index < 2

@@ -24,9 +24,10 @@ extension FileSystem {
         return attributes(found.id, inode)
     }
 
-    /// Inodes read ahead after a lookup that has to read one from the device: the next
-    /// entries of its directory, in listing order, read in one batch (a walk of the tree,
-    /// `find | xargs stat`, looks them up next) rather than one device read each.
+    /// Inodes read ahead after a lookup or a READDIRPLUS that has to read one from the
+    /// device: the next entries of its directory, in listing order, read in one batch (a
+    /// walk of the tree, `find | xargs stat`, looks them up next) rather than one device
+    /// read each.
     static let readAheadEntries = 128
 
     private func readAhead(in directoryID: BlobID, from key: String) {
@@ -38,7 +39,7 @@ extension FileSystem {
             guard Key.entryName(entry.name) != nil, let decoded = Key.decodeEntry(entry.value), inodes[decoded.id] == nil else { continue }
             ids.append(decoded.id)
         }
-        store.readChains(of: ids)
+        store.readChainsAhead(of: ids)
     }
 
     /// The kernel dropped `count` references to `ino`.

@@ -16,9 +16,9 @@ final class BlobCache {
     private(set) var read: [BlobID: BlobMetadata] = [:]
     /// Unread blobs: the first page of each one's chain, from the table.
     private(set) var unread: [BlobID: UInt32] = [:]
-    /// Reads one unread blob's chain: its metadata, nil if it could not be read (the
-    /// reader reports why). Set by the store.
-    var reader: ((BlobID, UInt32) -> BlobMetadata?)?
+    /// Reads one unread blob's chain into the cache (`noteRead`); leaves it unread when it
+    /// cannot (the reader reports why). Set by the store.
+    var reader: ((BlobID) -> Void)?
     /// Blobs kept in memory at most (0: no limit).
     var limit = 0
     /// Whether the store lets `id` go now: the first page of its durable chain (the
@@ -55,12 +55,9 @@ final class BlobCache {
     }
 
     private func readIfUnread(_ id: BlobID) -> BlobMetadata? {
-        guard let root = unread[id], let reader else { return nil }
-        guard let blob = reader(id, root) else { return nil }
-        unread[id] = nil
-        read[id] = blob
-        noteInMemory(id)
-        return blob
+        guard unread[id] != nil, let reader else { return nil }
+        reader(id)
+        return read[id]
     }
 
     private func noteInMemory(_ id: BlobID) {
@@ -120,7 +117,6 @@ final class BlobCache {
     var readCount: Int { read.count }
     /// Every blob id in use, read or not.
     var ids: [BlobID] { Array(read.keys) + Array(unread.keys) }
-
 }
 
 extension BlobCache: Sequence {

@@ -44,7 +44,7 @@ extension BlobStore {
                                         metadataPagesInClusters: inClusters)
         switched = true
         adoptCheckpoint(next, chains: chains, metadataBits: persisted, superseded: superseded,
-                        supersededClusters: supersededClusters, allocatedClusterCount: UInt64(allocation.clusters.count))
+                        supersededClusters: supersededClusters)
     }
 
     /// What one checkpoint has handed out for its chains, in order (returned if it fails
@@ -187,7 +187,7 @@ extension BlobStore {
     /// The state after the switch to `next`: its chains and persisted metadata bitmap are
     /// the durable ones, every release so far is durable, superseded chains are free.
     private func adoptCheckpoint(_ next: SuperBlock, chains: [BlobID: [UInt32]], metadataBits: Bitmap, superseded: [UInt32],
-                                 supersededClusters: [UInt64], allocatedClusterCount: UInt64) {
+                                 supersededClusters: [UInt64]) {
         releases.unlogged = []
         let oldTailSequence = superBlock.logTailSequence
         superBlock = next

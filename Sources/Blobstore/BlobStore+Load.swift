@@ -202,22 +202,20 @@ extension BlobStore {
             roots += TablePage.decode(page, pageIndex: pageIndex, blobIDLimit: superBlock.blobIDLimit)
         }
         for (id, root) in roots { blobs.noteUnread(id, root: root) }
-        guard let inClusters = superBlock.metadataPagesInClusters else {
-            for (id, _) in roots { blobIDs.set(id.rawValue) }
-            try readEveryChain(deriving: true)
-            return
-        }
-        try readBitmaps()
-        guard blobIDs.setCount == UInt64(roots.count), roots.allSatisfy({ blobIDs[$0.id.rawValue] }) else {
-            // The table and the id bitmap disagree (a damaged store): trust neither bitmap,
-            // derive all three from the chains as a store without the count is loaded.
-            Log.logger("blobstore").warning("the blob table names \(roots.count) blobs, the blob-id bitmap \(blobIDs.setCount) (different ids): reading every chain to rebuild the bitmaps")
+        // The old load: every chain read, the bitmaps (empty until now) derived from them.
+        func deriveBitmaps() throws(BlobStoreError) {
             clusters = Bitmap(count: superBlock.clusterCount)
             metadataPageBits = Bitmap(count: superBlock.metadataPages.pageCount)
             blobIDs = Bitmap(count: superBlock.blobIDLimit)
             for (id, _) in roots { blobIDs.set(id.rawValue) }
             try readEveryChain(deriving: true)
-            return
+        }
+        guard let inClusters = superBlock.metadataPagesInClusters else { return try deriveBitmaps() }
+        try readBitmaps()
+        guard blobIDs.setCount == UInt64(roots.count), roots.allSatisfy({ blobIDs[$0.id.rawValue] }) else {
+            // The table and the id bitmap disagree (a damaged store): trust neither bitmap.
+            Log.logger("blobstore").warning("the blob table names \(roots.count) blobs, the blob-id bitmap \(blobIDs.setCount) (different ids): reading every chain to rebuild the bitmaps")
+            return try deriveBitmaps()
         }
         metadataPagesInClusterCount = inClusters
     }
@@ -243,52 +241,46 @@ extension BlobStore {
     }
 
     /// Reads the chains of those of `ids` not read yet, in one batch (all their pages of
-    /// each walk step in flight at once): for a caller about to use many blobs (a
-    /// directory listing with attributes), instead of one read after another on first
-    /// use. A failure is a failure on first use (`chainReadFailed`).
-    public func readChains(of ids: some Sequence<BlobID>) {
+    /// each walk step in flight at once): a blob's first use (`BlobCache.reader`), and a
+    /// caller about to use many blobs (a directory listing with attributes, a lookup's
+    /// read-ahead) instead of one read after another. A chain that cannot be read, or that
+    /// the bitmaps say is not there, makes the store refuse changes (`chainReadFailed`).
+    public func readChainsAhead(of ids: some Sequence<BlobID>) {
         let batch = ids.compactMap { id in blobs.unreadRoot(id).map { (id: id, root: $0) } }
-        guard !batch.isEmpty else { return }
-        do throws(BlobStoreError) {
-            let buffer: DMABuffer
-            do { buffer = try DMABuffer.allocate(bytes: min(batch.count, Self.chainReadBatch) * Self.pageBytes) } catch {
-                throw .device(.system(error))
-            }
-            for start in stride(from: 0, to: batch.count, by: Self.chainReadBatch) {
-                for (blob, chain) in try readChains(batch[start..<min(batch.count, start + Self.chainReadBatch)], buffer: buffer) {
-                    try account(blob, chain: chain, deriving: false)
-                    blobs.noteRead(blob)
-                    durableChains[blob.id] = chain
-                }
-            }
-        } catch {
-            chainReadFailed(error, "the metadata of \(batch.count) blobs")
+        do { try readIntoCache(batch, deriving: false) } catch {
+            chainReadFailed(error, batch.count == 1 ? "the metadata of blob \(batch[0].id)" : "the metadata of \(batch.count) blobs")
         }
     }
 
-    /// Reads the chain of every blob not read yet, a batch at a time (`readChains`: every
-    /// page of a batch's walk step in flight at once, so many small blobs are read at the
-    /// device's queue depth). `deriving`: the bitmaps are built from the chains (and a
-    /// page or cluster owned twice is refused); else each chain is checked against the
-    /// bitmaps read at load.
+    /// Reads the chain of every blob not read yet. `deriving`: the bitmaps are built from
+    /// the chains (and a page or cluster owned twice is refused); else each chain is
+    /// checked against the bitmaps read at load, and then that no cluster has two owners.
     func readEveryChain(deriving: Bool = false) throws(BlobStoreError) {
         guard !blobs.allRead else { return }
         // Every blob in memory at once (what the caller walks next); a cache limit
         // applies again after (`resumeEviction`).
         blobs.suspendEviction()
         defer { blobs.resumeEviction() }
-        let ids = blobs.unreadIDs.sorted()
+        try readIntoCache(blobs.unreadIDs.sorted().map { (id: $0, root: blobs.unreadRoot($0)!) }, deriving: deriving)
+        if !deriving { try checkSingleOwners() }
+    }
+
+    /// Reads `batch`'s chains `chainReadBatch` blobs at a time (`readChains`: every page
+    /// of a batch's walk step in flight at once, so many small blobs are read at the
+    /// device's queue depth), accounts each one (`account`) and puts it in the cache.
+    private func readIntoCache(_ batch: [(id: BlobID, root: UInt32)], deriving: Bool) throws(BlobStoreError) {
+        guard !batch.isEmpty else { return }
         let buffer: DMABuffer
-        do { buffer = try DMABuffer.allocate(bytes: Self.chainReadBatch * Self.pageBytes) } catch { throw .device(.system(error)) }
-        for batchStart in stride(from: 0, to: ids.count, by: Self.chainReadBatch) {
-            let batch = ids[batchStart..<min(ids.count, batchStart + Self.chainReadBatch)].map { (id: $0, root: blobs.unreadRoot($0)!) }
-            for (blob, chain) in try readChains(batch[...], buffer: buffer) {
+        do { buffer = try DMABuffer.allocate(bytes: min(batch.count, Self.chainReadBatch) * Self.pageBytes) } catch {
+            throw .device(.system(error))
+        }
+        for start in stride(from: 0, to: batch.count, by: Self.chainReadBatch) {
+            for (blob, chain) in try readChains(batch[start..<min(batch.count, start + Self.chainReadBatch)], buffer: buffer) {
                 try account(blob, chain: chain, deriving: deriving)
                 blobs.noteRead(blob)
                 durableChains[blob.id] = chain
             }
         }
-        if !deriving { try checkSingleOwners() }
     }
 
     /// With every chain read: no cluster is mapped by two blobs or holds a metadata page
@@ -310,23 +302,6 @@ extension BlobStore {
                     owned.set(cluster)
                 }
             }
-        }
-    }
-
-    /// One blob's chain, read on its first use (`BlobCache.reader`). A chain that cannot
-    /// be read, or that the bitmaps say is not there, makes the store refuse changes
-    /// (`chainReadFailed`): nil.
-    func readOnDemand(_ id: BlobID, root: UInt32) -> BlobMetadata? {
-        do throws(BlobStoreError) {
-            let buffer: DMABuffer
-            do { buffer = try DMABuffer.allocate(bytes: Self.pageBytes) } catch { throw .device(.system(error)) }
-            let (blob, chain) = try readChains([(id: id, root: root)][...], buffer: buffer)[0]
-            try account(blob, chain: chain, deriving: false)
-            durableChains[id] = chain
-            return blob
-        } catch {
-            chainReadFailed(error, "the metadata of blob \(id)")
-            return nil
         }
     }
 

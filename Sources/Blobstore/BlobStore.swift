@@ -202,7 +202,7 @@ public final class BlobStore {
         metadataLog = MetadataLog(superBlock)
         blocksPerPage = UInt64(Self.pageBytes / io.geometry.blockSizeBytes)
         ioUnitBytes = io.geometry.blockSizeBytes
-        blobs.reader = { [unowned self] id, root in self.readOnDemand(id, root: root) }
+        blobs.reader = { [unowned self] id in self.readChainsAhead(of: CollectionOfOne(id)) }
         blobs.evictable = { [unowned self] id in self.letGo(id) }
     }
 

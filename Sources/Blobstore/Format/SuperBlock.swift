@@ -84,8 +84,6 @@ public struct SuperBlock: Equatable, Sendable {
     /// recorded (a store written before the field existed). With it, a load knows the
     /// count without reading every chain (`BlobStore+Load`, chains read on demand).
     public var metadataPagesInClusters: UInt64?
-    /// The largest count the field holds (7 bytes).
-    public static let metadataPagesInClustersMax: UInt64 = (1 << 56) - 2
     /// What fits the slot after the fixed fields.
     public static let changedPagesMax = (checksumOffset - 212) / 4
 
